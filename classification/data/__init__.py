@@ -1,0 +1,1 @@
+"""Data preparation: COCO Camera Traps files, crops, classification datasets, splits."""
