@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
+from typing import NoReturn
 from collections.abc import Callable, Sequence
 
 from classification.errors import UserError
@@ -27,9 +29,31 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with abbreviations off, so a typo'd flag is an error and not a guess."""
+    """argparse with abbreviations off and one-line errors that suggest the flag meant.
+
+    A typo'd flag is an error (never a guess): ``error: unrecognized arguments:
+    --thread (did you mean --threads?)`` and exit code 2, without the usage block.
+    """
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def known_flags(self) -> list[str]:
+        """Every option string this parser accepts."""
+        return [flag for action in self._actions for flag in action.option_strings]
+
+    def suggest(self, message: str) -> str:
+        """Append "did you mean" for each unknown ``--flag`` in an argparse message."""
+        hints = []
+        for word in message.replace(",", " ").split():
+            if word.startswith("-") and word not in self.known_flags():
+                close = difflib.get_close_matches(word.split("=")[0], self.known_flags(), n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+        return f"{message} ({'; '.join(hints)})" if hints else message
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line (with a suggestion) and exit with code 2."""
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {self.suggest(message)} (see --help)\n")
