@@ -1,0 +1,613 @@
+"""Location-disjoint train/val/test splits: the GUIDE §3 score, vectorised, and its searches.
+
+Every ``(dataset, location)`` goes to exactly one split, so a classifier is never tested on
+backgrounds it was trained on. Candidates are scored as whole matrices: the crops of label
+``y`` in split ``s`` for ``B`` candidates are one ``(B, M) @ (M, Y)`` product, so 10,000
+candidates take milliseconds where the references' per-candidate pandas loops take minutes.
+
+Conventions (documented once here, relied on everywhere):
+
+- Splits are numbered ``0 = train, 1 = val, 2 = test`` (:data:`SPLIT_NAMES`).
+- ``fixed`` is an ``(M,)`` int8 array: ``-1`` marks a free location, ``0..2`` pins a
+  location to that split. A split that holds a pinned location is *closed*: free locations
+  never go to it. This is ``--match-test``: the old test locations are pinned to test and no
+  other location may join them, so free locations are shared between train and val only, by
+  the targets renormalised over the open splits (``f_train / (f_train + f_val)``, ...).
+  A split whose target fraction is 0 is closed too.
+- Empty splits: the held-out term ``Σ_y (N_sy/N_s − p_y)²`` is undefined when ``N_s = 0``
+  (the references divide by zero). An empty held-out split scores the largest value the
+  term can take for any non-empty split, ``1 + Σ_y p_y² − 2·min_y p_y``, so emptiness is
+  never preferred. A held-out split with target 0 is meant to be empty: its term is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from classification.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+FREE = -1
+JITTER = 0.03  # candidate sizes vary by U(-JITTER, JITTER) around the target, as the references do
+FRACTION_TOLERANCE = 0.05  # a split whose crop fraction is further than this from its target is reported
+IMPROVEMENT_TOLERANCE = 1e-12  # a move must lower the score by more than this (no float-noise cycling)
+_CHUNK_ELEMENTS = 1 << 20  # candidates x locations scored at once: bounds memory to a few tens of MB
+
+
+@dataclass(frozen=True, eq=False)
+class SplitProblem:
+    """Crops per (location, label): everything the split search needs, and nothing else."""
+
+    locations: list[tuple[str, str]]  # (dataset, location) keys, sorted; always strings
+    labels: list[str]  # sorted
+    counts: np.ndarray  # int64 (M, Y): crops of label y at location k
+
+    def __post_init__(self) -> None:
+        counts = np.array(self.counts, copy=True)
+        if counts.shape != (len(self.locations), len(self.labels)):
+            raise ValueError(f"counts has shape {counts.shape}, expected {(len(self.locations), len(self.labels))}")
+        if counts.size and not np.issubdtype(counts.dtype, np.integer):
+            raise ValueError(f"counts must be integers, got {counts.dtype}")
+        counts = counts.astype(np.int64)
+        if (counts < 0).any():
+            raise ValueError("counts must not be negative")
+        if list(self.locations) != sorted(set(self.locations)):
+            raise ValueError("locations must be sorted and unique")
+        if list(self.labels) != sorted(set(self.labels)):
+            raise ValueError("labels must be sorted and unique")
+        if counts.size and (counts.sum(axis=0) == 0).any():
+            raise ValueError(f"label {self.labels[int(np.argmin(counts.sum(axis=0)))]!r} has no crops")
+        counts.setflags(write=False)
+        object.__setattr__(self, "counts", counts)
+
+    @property
+    def n_locations(self) -> int:
+        """Number of (dataset, location) keys, ``M``."""
+        return len(self.locations)
+
+    @property
+    def n_labels(self) -> int:
+        """Number of labels, ``Y``."""
+        return len(self.labels)
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> SplitProblem:
+        """Count crops per (dataset, location) and label; one row of ``frame`` is one crop.
+
+        A null or empty dataset, location or label raises ``DataError``: the references drop
+        such rows silently, here the caller resolves missing locations first (issue 2 §1).
+        """
+        missing = [column for column in ("dataset", "location", "label") if column not in frame.columns]
+        if missing:
+            raise DataError(f"the crop table has no column {', '.join(missing)} (needs dataset, location, label)")
+        if len(frame) == 0:
+            raise DataError("the crop table is empty: no crops to split")
+        datasets = _text_values(frame, "dataset")
+        locations = _text_values(frame, "location")
+        labels = _text_values(frame, "label")
+        keys = list(zip(datasets, locations))
+        location_keys = sorted(set(keys))
+        label_names = sorted(set(labels))
+        location_index = {key: i for i, key in enumerate(location_keys)}
+        label_index = {name: i for i, name in enumerate(label_names)}
+        rows = np.fromiter((location_index[key] for key in keys), dtype=np.int64, count=len(keys))
+        columns = np.fromiter((label_index[name] for name in labels), dtype=np.int64, count=len(labels))
+        flat = np.bincount(rows * len(label_names) + columns, minlength=len(location_keys) * len(label_names))
+        return cls(location_keys, label_names, flat.reshape(len(location_keys), len(label_names)))
+
+
+def _text_values(frame: pd.DataFrame, column: str) -> list[str]:
+    """The column as Python strings; nulls, blanks and non-text values raise ``DataError``.
+
+    Integers become their decimal text; floats are refused, because a location read as a
+    float (``1.0``) has already lost its spelling (``"001"``): read CSVs with ``dtype=str``.
+    """
+    series = frame[column]
+    null = series.isna().to_numpy()
+    if null.any():
+        first = frame.index[np.flatnonzero(null)[0]]
+        raise DataError(
+            f"{int(null.sum())} crop(s) have no {column} (first at row {first!r}); "
+            f"resolve missing {column}s before building splits"
+        )
+    values: list[str] = []
+    for value in series.tolist():
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            text = str(value)
+        else:
+            raise DataError(
+                f"{column} {value!r} is a {type(value).__name__}, expected text "
+                "(read CSV files with dtype=str so that '001' stays '001')"
+            )
+        if not text.strip():
+            raise DataError(f"a crop has an empty {column}; resolve missing {column}s before building splits")
+        values.append(text)
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class SplitResult:
+    """One assignment of every location to a split, with its score and how it was found."""
+
+    assignment: np.ndarray  # (M,) int8 in {0, 1, 2}
+    score: float
+    method: str
+    candidates: int
+    improved_moves: int
+
+
+def target_fractions(val_frac: float, test_frac: float) -> np.ndarray:
+    """The targets ``[1 − v − t, v, t]``; a bad ``--val-frac``/``--test-frac`` is a ``UserError``."""
+    for flag, value in (("--val-frac", val_frac), ("--test-frac", test_frac)):
+        if not np.isfinite(value) or value < 0 or value >= 1:
+            raise UserError(f"{flag} must be at least 0 and below 1, got {value}")
+    if val_frac + test_frac >= 1:
+        raise UserError(f"--val-frac + --test-frac must be below 1 (train needs a share), got {val_frac} + {test_frac}")
+    return np.array([1.0 - val_frac - test_frac, val_frac, test_frac], dtype=np.float64)
+
+
+def _check_fractions(fractions: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Fractions as a float array of three non-negative values summing to 1."""
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or abs(f.sum() - 1.0) > 1e-9:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
+    return f
+
+
+def _check_fixed(problem: SplitProblem, fixed: np.ndarray | None) -> np.ndarray:
+    """``fixed`` as an (M,) int8 array in {-1, 0, 1, 2}; ``None`` means every location is free."""
+    if fixed is None:
+        return np.full(problem.n_locations, FREE, dtype=np.int8)
+    array = np.asarray(fixed)
+    if array.shape != (problem.n_locations,) or (array.size and (array.min() < FREE or array.max() > TEST)):
+        raise ValueError(f"fixed must be an ({problem.n_locations},) array of -1 (free) or a split 0..2")
+    return array.astype(np.int8)
+
+
+def open_splits(fixed: np.ndarray, fractions: Sequence[float] | np.ndarray) -> tuple[int, ...]:
+    """Splits that free locations may join: target above 0 and no pinned location (see module doc)."""
+    f = _check_fractions(fractions)
+    pinned = {int(s) for s in np.unique(np.asarray(fixed)) if s != FREE}
+    result = tuple(s for s in (TRAIN, VAL, TEST) if f[s] > 0 and s not in pinned)
+    if not result and (np.asarray(fixed) == FREE).any():
+        raise UserError("every split is pinned or has a target of 0: the free locations have nowhere to go")
+    return result
+
+
+def pin_test_locations(problem: SplitProblem, test_locations: Iterable[Sequence[str]]) -> np.ndarray:
+    """The ``fixed`` array for ``--match-test``: the given locations pinned to test, all others free.
+
+    Test locations that are not in the data are logged and ignored.
+    """
+    index = {key: i for i, key in enumerate(problem.locations)}
+    fixed = np.full(problem.n_locations, FREE, dtype=np.int8)
+    absent = []
+    for entry in test_locations:
+        key = (str(entry[0]), str(entry[1]))
+        if key in index:
+            fixed[index[key]] = TEST
+        else:
+            absent.append(key)
+    if absent:
+        log.warning("%d test location(s) to match are not in the data, e.g. %s", len(absent), absent[:5])
+    return fixed
+
+
+class _ScoreTerms:
+    """The per-split terms of the GUIDE §3 score, for any stack of count rows (..., Y)."""
+
+    def __init__(self, problem: SplitProblem, fractions: np.ndarray) -> None:
+        counts = problem.counts.astype(np.float64)
+        self.fractions = fractions
+        self.crops_per_label = counts.sum(axis=0)  # N_y
+        self.locations_per_label = (counts > 0).sum(axis=0).astype(np.float64)  # K_y
+        self.prior = self.crops_per_label / self.crops_per_label.sum()  # p_y
+        # Largest Σ_y (q_y − p_y)² over distributions q: q all on the rarest label.
+        self.empty_penalty = 1.0 + float(np.square(self.prior).sum()) - 2.0 * float(self.prior.min())
+
+    def split_term(self, split: int, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Score contribution of split ``split`` holding ``crops`` (N_sy) at ``present`` (K_sy) locations."""
+        f = self.fractions[split]
+        value = 2.0 * np.square(crops / self.crops_per_label - f).sum(axis=-1)
+        value += np.square(present / self.locations_per_label - f).sum(axis=-1)
+        if split != TRAIN and f > 0:
+            total = crops.sum(axis=-1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                held_out = np.square(crops / total - self.prior).sum(axis=-1)
+            value += 2.0 * np.where(total[..., 0] > 0, held_out, self.empty_penalty)
+        return value
+
+
+def _chunk_rows(n_locations: int, chunk_size: int | None) -> int:
+    """Candidates per block: ``chunk_size`` if given, else enough to fill ~1M cells."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        return chunk_size
+    return max(1, _CHUNK_ELEMENTS // max(n_locations, 1))
+
+
+def score_assignments(
+    problem: SplitProblem,
+    assignments: np.ndarray,
+    fractions: Sequence[float] | np.ndarray,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Scores (B,) of candidate assignments (B, M) by GUIDE §3's formula; lower is better.
+
+    ``S = Σ_s [2·Σ_y (N_sy/N_y − f_s)² + Σ_y (K_sy/K_y − f_s)²] + Σ_{val,test} 2·Σ_y (N_sy/N_s − p_y)²``,
+    with N_sy and K_sy for all candidates from two matrix products (train is the remainder).
+    """
+    f = _check_fractions(fractions)
+    candidates = np.asarray(assignments)
+    if candidates.ndim != 2 or candidates.shape[1] != problem.n_locations:
+        raise ValueError(f"assignments must have shape (B, {problem.n_locations}), got {candidates.shape}")
+    if candidates.size and (candidates.min() < TRAIN or candidates.max() > TEST):
+        raise ValueError("assignments must hold split numbers 0 (train), 1 (val) or 2 (test)")
+    terms = _ScoreTerms(problem, f)
+    counts = problem.counts.astype(np.float64)
+    weights = np.concatenate([counts, (counts > 0).astype(np.float64)], axis=1)  # (M, 2Y)
+    totals = np.concatenate([terms.crops_per_label, terms.locations_per_label])
+    n_labels = problem.n_labels
+    scores = np.empty(candidates.shape[0], dtype=np.float64)
+    step = _chunk_rows(problem.n_locations, chunk_size)
+    for start in range(0, candidates.shape[0], step):
+        block = candidates[start : start + step]
+        held = [(block == split).astype(np.float64) @ weights for split in (VAL, TEST)]
+        train = totals - held[0] - held[1]  # exact: integer-valued float64
+        score = terms.split_term(TRAIN, train[:, :n_labels], train[:, n_labels:])
+        for split, sums in zip((VAL, TEST), held):
+            score += terms.split_term(split, sums[:, :n_labels], sums[:, n_labels:])
+        scores[start : start + len(block)] = score
+    return scores
+
+
+def _candidate_sizes(n_free: int, shares: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+    """Locations per open split for each candidate: ``int(M_free·(share + U))``, the last takes the rest."""
+    sizes = np.zeros((jitter.shape[0], len(shares)), dtype=np.int64)
+    remaining = np.full(jitter.shape[0], n_free, dtype=np.int64)
+    for j in range(len(shares) - 1):
+        size = np.clip(np.trunc(n_free * (shares[j] + jitter[:, j])).astype(np.int64), 0, remaining)
+        sizes[:, j] = size
+        remaining -= size
+    sizes[:, -1] = remaining
+    return sizes
+
+
+def _single_result(problem: SplitProblem, assignment: np.ndarray, fractions: np.ndarray, method: str) -> SplitResult:
+    """A result for an assignment that is the only possible one (nothing free, or one open split)."""
+    score = float(score_assignments(problem, assignment[None, :], fractions)[0])
+    return SplitResult(assignment.astype(np.int8), score, method, 1, 0)
+
+
+def random_search(
+    problem: SplitProblem,
+    fractions: Sequence[float] | np.ndarray,
+    n_candidates: int = 10_000,
+    seed: int = 0,
+    fixed: np.ndarray | None = None,
+    chunk_size: int | None = None,
+) -> SplitResult:
+    """Best of ``n_candidates`` random location splits (GUIDE §3), seeded: same seed, same split.
+
+    Each candidate shuffles the free locations and cuts them at ``int(M_free·(f_s + U(-.03, .03)))``
+    per open split in order (the last open split takes the rest). The result does not depend
+    on ``chunk_size``: jitters are drawn first, then the shuffles block by block from one stream.
+    """
+    f = _check_fractions(fractions)
+    if n_candidates < 1:
+        raise UserError(f"the number of split candidates must be at least 1, got {n_candidates}")
+    pinned = _check_fixed(problem, fixed)
+    free = np.flatnonzero(pinned == FREE)
+    targets = open_splits(pinned, f) if free.size else ()
+    base = pinned.copy()
+    if free.size == 0 or len(targets) == 1:
+        base[free] = targets[0] if targets else FREE
+        return _single_result(problem, base, f, "random")
+    rng = np.random.default_rng(seed)
+    shares = f[list(targets)] / f[list(targets)].sum()
+    sizes = _candidate_sizes(free.size, shares, rng.uniform(-JITTER, JITTER, size=(n_candidates, len(targets) - 1)))
+    target_codes = np.asarray(targets, dtype=np.int8)
+    ranks = np.arange(free.size)
+    best_score, best = np.inf, base
+    step = _chunk_rows(problem.n_locations, chunk_size)
+    for start in range(0, n_candidates, step):
+        block_sizes = sizes[start : start + step]
+        position = np.zeros((len(block_sizes), free.size), dtype=np.int8)  # index into targets, in rank order
+        for bound in np.cumsum(block_sizes[:, :-1], axis=1).T:
+            position += ranks[None, :] >= bound[:, None]
+        block = np.repeat(base[None, :], len(block_sizes), axis=0)
+        block[:, free] = rng.permuted(target_codes[position], axis=1)  # one shuffle per candidate
+        scores = score_assignments(problem, block, f, chunk_size=len(block))
+        winner = int(np.argmin(scores))
+        if scores[winner] < best_score:
+            best_score, best = float(scores[winner]), block[winner].copy()
+    return SplitResult(best, best_score, "random", n_candidates, 0)
+
+
+class _LocalState:
+    """Per-split crop and presence sums of one assignment, updated as locations move."""
+
+    def __init__(self, problem: SplitProblem, assignment: np.ndarray, terms: _ScoreTerms) -> None:
+        self.terms = terms
+        self.crops = problem.counts.astype(np.float64)
+        self.present = (self.crops > 0).astype(np.float64)
+        self.assignment = assignment
+        self.split_crops = np.stack([self.crops[assignment == s].sum(axis=0) for s in range(3)])
+        self.split_present = np.stack([self.present[assignment == s].sum(axis=0) for s in range(3)])
+        self.values = np.array([terms.split_term(s, self.split_crops[s], self.split_present[s]) for s in range(3)])
+
+    def change(self, split: int, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Change of ``split``'s term when ``crops``/``present`` rows are added to it (negative rows remove)."""
+        new = self.terms.split_term(split, self.split_crops[split] + crops, self.split_present[split] + present)
+        return new - self.values[split]
+
+    def move(self, location: int, target: int) -> None:
+        """Move one location to ``target`` and update the sums and terms of both splits."""
+        source = int(self.assignment[location])
+        for split, sign in ((source, -1.0), (target, 1.0)):
+            self.split_crops[split] += sign * self.crops[location]
+            self.split_present[split] += sign * self.present[location]
+            self.values[split] = self.terms.split_term(split, self.split_crops[split], self.split_present[split])
+        self.assignment[location] = target
+
+
+def _best_step(state: _LocalState, location: int, free: np.ndarray, targets: tuple[int, ...]) -> tuple[float, int, int]:
+    """Best (score change, target split, swap partner or -1) for one location: a move or a swap."""
+    source = int(state.assignment[location])
+    crops, present = state.crops[location], state.present[location]
+    best = (-IMPROVEMENT_TOLERANCE, -1, -1)
+    for target in targets:
+        if target == source:
+            continue
+        delta = float(state.change(source, -crops, -present) + state.change(target, crops, present))
+        if delta < best[0]:
+            best = (delta, target, -1)
+    if source not in targets:
+        return best
+    for target in targets:
+        if target == source:
+            continue
+        partners = free[state.assignment[free] == target]
+        if partners.size == 0:
+            continue
+        crop_diff = state.crops[partners] - crops  # what the source split gains in a swap
+        present_diff = state.present[partners] - present
+        deltas = state.change(source, crop_diff, present_diff) + state.change(target, -crop_diff, -present_diff)
+        j = int(np.argmin(deltas))
+        if deltas[j] < best[0]:
+            best = (float(deltas[j]), target, int(partners[j]))
+    return best
+
+
+def improve_locally(
+    problem: SplitProblem,
+    result: SplitResult,
+    fractions: Sequence[float] | np.ndarray,
+    fixed: np.ndarray | None = None,
+    max_passes: int = 20,
+) -> SplitResult:
+    """Hill-climb from ``result``: move or swap free locations while the score drops.
+
+    Each pass visits the free locations in key order and applies, for each, the best single
+    move to another open split or swap with a location of another open split. Deterministic;
+    pinned locations never move; the returned score is never above the input's.
+    """
+    f = _check_fractions(fractions)
+    pinned = _check_fixed(problem, fixed)
+    assignment = np.asarray(result.assignment).astype(np.int8).copy()
+    if assignment.shape != (problem.n_locations,):
+        raise ValueError(f"result.assignment must have shape ({problem.n_locations},)")
+    if (pinned != FREE).any() and (assignment[pinned != FREE] != pinned[pinned != FREE]).any():
+        raise ValueError("result.assignment moves a pinned location")
+    free = np.flatnonzero(pinned == FREE)
+    if free.size == 0:
+        return result
+    targets = open_splits(pinned, f)
+    state = _LocalState(problem, assignment, _ScoreTerms(problem, f))
+    moves = 0
+    for _ in range(max_passes):
+        moves_before = moves
+        for location in free:
+            _, target, partner = _best_step(state, int(location), free, targets)
+            if target < 0:
+                continue
+            if partner >= 0:
+                state.move(partner, int(assignment[location]))
+            state.move(int(location), target)
+            moves += 1
+        if moves == moves_before:
+            break
+    if moves == 0:
+        return result
+    original = float(score_assignments(problem, np.asarray(result.assignment)[None, :], f)[0])
+    score = float(score_assignments(problem, assignment[None, :], f)[0])
+    if score > original:  # float noise on a flat score: keep what we were given
+        return result
+    return SplitResult(assignment, score, f"{result.method}+local", result.candidates, result.improved_moves + moves)
+
+
+def smallest_first(
+    problem: SplitProblem,
+    fractions: Sequence[float] | np.ndarray,
+    fixed: np.ndarray | None = None,
+) -> SplitResult:
+    """MegaDetector's greedy split, fixed: rarest labels first, their biggest locations to test, then val.
+
+    For each label in increasing crop count, its unassigned locations (most crops of that
+    label first, ties by key) go to test, then val, while that split holds less than its
+    target fraction of the label; the rest go to train. Closed splits are skipped.
+    """
+    f = _check_fractions(fractions)
+    pinned = _check_fixed(problem, fixed)
+    assignment = pinned.copy()
+    free = pinned == FREE
+    if not free.any():
+        return _single_result(problem, assignment, f, "smallest_first")
+    targets = open_splits(pinned, f)
+    fill_order = [s for s in (TEST, VAL, TRAIN) if s in targets]
+    held_out, last = fill_order[:-1], fill_order[-1]
+    counts = problem.counts
+    label_totals = counts.sum(axis=0)
+    split_totals = np.stack([counts[assignment == s].sum(axis=0) for s in range(3)])
+    for label in np.argsort(label_totals, kind="stable"):
+        candidates = np.flatnonzero((counts[:, label] > 0) & (assignment == FREE))
+        for location in candidates[np.lexsort((candidates, -counts[candidates, label]))]:
+            split = next((s for s in held_out if split_totals[s, label] < f[s] * label_totals[label]), last)
+            assignment[location] = split
+            split_totals[split] += counts[location]
+    assignment[assignment == FREE] = last  # locations without crops
+    return _single_result(problem, assignment, f, "smallest_first")
+
+
+def splits_to_json(problem: SplitProblem, assignment: np.ndarray) -> dict[str, list[list[str]]]:
+    """``{"train": [[dataset, location], ...], "val": [...], "test": [...]}``, each list sorted."""
+    assignment = np.asarray(assignment)
+    return {
+        name: [[dataset, location] for (dataset, location), s in zip(problem.locations, assignment) if s == split]
+        for split, name in enumerate(SPLIT_NAMES)
+    }
+
+
+def _location_entry(entry: object, where: str) -> tuple[str, str]:
+    """One ``[dataset, location]`` entry of a splits file, checked."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(v, str) for v in entry):
+        raise DataError(f"{where}: expected a [dataset, location] pair of strings, got {entry!r}")
+    return entry[0], entry[1]
+
+
+def assignment_from_splits(problem: SplitProblem, splits: Mapping[str, object], source: str) -> np.ndarray:
+    """Check a user's ``splits.json`` (``--splits-file``) against the data and return its (M,) assignment.
+
+    Every location of the data must be in exactly one split; locations of the file that are
+    not in the data are allowed (the data may have been filtered) and logged as a warning.
+    """
+    if not isinstance(splits, Mapping):
+        raise DataError(f"{source}: expected an object with keys train, val, test")
+    unknown = sorted(set(splits) - set(SPLIT_NAMES))
+    absent_keys = [name for name in SPLIT_NAMES if name not in splits]
+    if unknown or absent_keys:
+        problems = [f"unknown split(s) {unknown}"] * bool(unknown) + [f"missing split(s) {absent_keys}"] * bool(absent_keys)
+        raise DataError(f"{source}: {'; '.join(problems)} (keys must be train, val, test)")
+    index = {key: i for i, key in enumerate(problem.locations)}
+    assignment = np.full(problem.n_locations, FREE, dtype=np.int8)
+    seen: dict[tuple[str, str], str] = {}
+    extra: list[tuple[str, str]] = []
+    for split, name in enumerate(SPLIT_NAMES):
+        entries = splits[name]
+        if not isinstance(entries, list):
+            raise DataError(f"{source}: {name}: expected a list of [dataset, location] pairs")
+        for i, entry in enumerate(entries):
+            key = _location_entry(entry, f"{source}: {name}[{i}]")
+            if key in seen and seen[key] != name:
+                raise DataError(f"{source}: location {list(key)} is in both {seen[key]} and {name}")
+            seen[key] = name
+            if key in index:
+                assignment[index[key]] = split
+            elif key not in extra:
+                extra.append(key)
+    uncovered = [problem.locations[i] for i in np.flatnonzero(assignment == FREE)]
+    if uncovered:
+        shown = ", ".join(str(list(key)) for key in uncovered[:5])
+        more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
+        raise DataError(f"{source}: {len(uncovered)} location(s) of the data are in no split: {shown}{more}")
+    if extra:
+        log.warning("%s: %d location(s) are not in the data and are ignored, e.g. %s", source, len(extra), extra[:5])
+    return assignment
+
+
+def _fraction(part: float, whole: float) -> float:
+    """``part / whole``, 0 for an empty whole."""
+    return float(part) / float(whole) if whole else 0.0
+
+
+def build_split_report(
+    problem: SplitProblem,
+    assignment: np.ndarray,
+    fractions: Sequence[float] | np.ndarray,
+    dropped_labels: dict[str, int] | None = None,
+) -> dict:
+    """A JSON-able ``split_report.json``: sizes and class fractions per split against targets, score, warnings.
+
+    ``dropped_labels`` maps each label removed by ``--min-locs`` to the number of locations it was seen at.
+    """
+    f = _check_fractions(fractions)
+    assignment = np.asarray(assignment)
+    counts = problem.counts
+    label_totals = counts.sum(axis=0)
+    label_locations = (counts > 0).sum(axis=0)
+    in_split = [assignment == s for s in range(3)]
+    split_crops = np.stack([counts[mask].sum(axis=0) for mask in in_split])
+    split_locations = np.stack([(counts[mask] > 0).sum(axis=0) for mask in in_split])
+    total = int(label_totals.sum())
+    warnings: list[str] = []
+    splits = {}
+    for s, name in enumerate(SPLIT_NAMES):
+        fraction = _fraction(split_crops[s].sum(), total)
+        splits[name] = {
+            "n_locations": int(in_split[s].sum()),
+            "n_crops": int(split_crops[s].sum()),
+            "fraction": round(fraction, 4),
+            "target": round(float(f[s]), 4),
+        }
+        if f[s] > 0 and not in_split[s].any():
+            warnings.append(f"{name} is empty (target {f[s]:.2f})")
+        elif abs(fraction - f[s]) > FRACTION_TOLERANCE:
+            warnings.append(f"{name} holds {fraction:.1%} of the crops, target {f[s]:.0%}")
+    classes = {}
+    for y, label in enumerate(problem.labels):
+        classes[label] = {
+            "n_crops": int(label_totals[y]),
+            "n_locations": int(label_locations[y]),
+            **{
+                name: {
+                    "n_crops": int(split_crops[s, y]),
+                    "n_locations": int(split_locations[s, y]),
+                    "fraction": round(_fraction(split_crops[s, y], label_totals[y]), 4),
+                }
+                for s, name in enumerate(SPLIT_NAMES)
+            },
+        }
+        absent = [name for s, name in enumerate(SPLIT_NAMES) if f[s] > 0 and split_crops[s, y] == 0]
+        if absent:
+            warnings.append(f"class {label!r} is absent from {' and '.join(absent)}")
+    for label, n_locations in sorted((dropped_labels or {}).items()):
+        warnings.append(f"class {label!r} dropped: seen at {n_locations} location(s), below --min-locs")
+    score = float(score_assignments(problem, assignment[None, :], f)[0])
+    return {
+        "score": round(score, 6),
+        "targets": {name: round(float(f[s]), 4) for s, name in enumerate(SPLIT_NAMES)},
+        "splits": splits,
+        "classes": classes,
+        "dropped_labels": dict(sorted((dropped_labels or {}).items())),
+        "warnings": warnings,
+    }
+
+
+def format_split_report(report: dict) -> str:
+    """The report as an aligned text table for the terminal: splits, then classes, then warnings."""
+    names = list(SPLIT_NAMES)
+    lines = [f"{'split':<8}{'locations':>10}{'crops':>10}{'fraction':>10}{'target':>8}"]
+    for name in names:
+        row = report["splits"][name]
+        lines.append(f"{name:<8}{row['n_locations']:>10}{row['n_crops']:>10}{row['fraction']:>10.3f}{row['target']:>8.2f}")
+    width = max([5, *(len(label) for label in report["classes"])])
+    header = f"{'class':<{width}}{'crops':>8}{'locs':>6}" + "".join(f"{name:>15}" for name in names)
+    lines += ["", header]
+    for label, row in report["classes"].items():
+        cells = "".join(f"{row[name]['n_crops']:>8} {row[name]['fraction']:>5.2f} " for name in names)
+        lines.append(f"{label:<{width}}{row['n_crops']:>8}{row['n_locations']:>6}{cells}".rstrip())
+    targets = " / ".join(f"{report['targets'][name]:.2f}" for name in names)
+    lines += ["", f"score {report['score']:.4f} (lower is better; targets train/val/test {targets})"]
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Location-disjoint split search: the score against a naive loop, the searches' invariants,
+--match-test, user-supplied splits files, the report, and a run on the real MCT data."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from classification.data.splits import (
+    FREE,
+    SPLIT_NAMES,
+    TEST,
+    TRAIN,
+    VAL,
+    SplitProblem,
+    SplitResult,
+    assignment_from_splits,
+    build_split_report,
+    format_split_report,
+    improve_locally,
+    open_splits,
+    pin_test_locations,
+    random_search,
+    score_assignments,
+    smallest_first,
+    splits_to_json,
+    target_fractions,
+)
+from classification.errors import DataError, UserError
+
+FRACTIONS = np.array([0.7, 0.2, 0.1])
+
+
+def make_problem(n_locations: int, n_labels: int, seed: int) -> SplitProblem:
+    """A random skewed problem: few labels per location, every label present somewhere."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(rng.gamma(0.4, 15.0, size=(n_locations, n_labels)))
+    counts[rng.integers(0, n_locations, size=n_labels), np.arange(n_labels)] += 1
+    locations = [(f"ds{i % 2}", f"loc{i:04d}") for i in range(n_locations)]
+    return SplitProblem(sorted(locations), [f"label{j:03d}" for j in range(n_labels)], counts)
+
+
+def naive_score(problem: SplitProblem, assignment: np.ndarray, fractions: np.ndarray) -> float:
+    """GUIDE §3's score for one candidate, written the slow and obvious way."""
+    counts = problem.counts
+    n_y = counts.sum(axis=0)
+    k_y = (counts > 0).sum(axis=0)
+    prior = n_y / n_y.sum()
+    empty_penalty = 1 + sum(p * p for p in prior) - 2 * min(prior)
+    score = 0.0
+    for s in range(3):
+        f_s = fractions[s]
+        rows = [k for k in range(problem.n_locations) if assignment[k] == s]
+        n_sy = [sum(counts[k, y] for k in rows) for y in range(problem.n_labels)]
+        k_sy = [sum(1 for k in rows if counts[k, y] > 0) for y in range(problem.n_labels)]
+        score += 2 * sum((n_sy[y] / n_y[y] - f_s) ** 2 for y in range(problem.n_labels))
+        score += sum((k_sy[y] / k_y[y] - f_s) ** 2 for y in range(problem.n_labels))
+        if s in (VAL, TEST) and f_s > 0:
+            n_s = sum(n_sy)
+            if n_s == 0:
+                score += 2 * empty_penalty
+            else:
+                score += 2 * sum((n_sy[y] / n_s - prior[y]) ** 2 for y in range(problem.n_labels))
+    return score
+
+
+def assert_partition(problem: SplitProblem, assignment: np.ndarray) -> None:
+    """Every location in exactly one split, as splits.json shows it."""
+    assert assignment.shape == (problem.n_locations,)
+    assert set(np.unique(assignment)) <= {TRAIN, VAL, TEST}
+    splits = splits_to_json(problem, assignment)
+    keys = [tuple(entry) for name in SPLIT_NAMES for entry in splits[name]]
+    assert len(keys) == len(set(keys)) == problem.n_locations
+    assert set(keys) == set(problem.locations)
+
+
+@pytest.mark.parametrize(("n_locations", "n_labels", "seed"), [(12, 3, 0), (30, 7, 1), (25, 1, 2), (8, 5, 3)])
+def test_score_matches_a_naive_loop(n_locations: int, n_labels: int, seed: int) -> None:
+    problem = make_problem(n_locations, n_labels, seed)
+    rng = np.random.default_rng(seed)
+    candidates = rng.integers(0, 3, size=(40, n_locations))
+    candidates[0] = TRAIN  # val and test empty
+    candidates[1, :] = VAL  # train and test empty
+    for fractions in (FRACTIONS, np.array([0.8, 0.2, 0.0])):
+        fast = score_assignments(problem, candidates, fractions, chunk_size=7)
+        slow = [naive_score(problem, c, fractions) for c in candidates]
+        assert np.isfinite(fast).all()
+        np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_an_empty_held_out_split_scores_worse_than_any_non_empty_one() -> None:
+    problem = make_problem(10, 4, 5)
+    all_train = np.zeros((1, 10), dtype=np.int8)
+    one_in_val = all_train.copy()
+    one_in_val[0, int(np.argmax(problem.counts.sum(axis=1)))] = VAL
+    scores = score_assignments(problem, np.vstack([all_train, one_in_val]), FRACTIONS)
+    assert np.isfinite(scores).all() and scores[0] > scores[1]
+
+
+def test_the_ideal_split_scores_zero_and_the_search_finds_it() -> None:
+    counts = np.tile([[5, 3, 1]], (10, 1))  # ten identical locations: 6/2/2 locations is perfect
+    problem = SplitProblem([("d", f"{i}") for i in range(10)], ["a", "b", "c"], counts)
+    fractions = np.array([0.6, 0.2, 0.2])
+    ideal = np.array([[0] * 6 + [1] * 2 + [2] * 2])
+    skewed = np.array([[0] * 8 + [1] + [2]])
+    ideal_score, skewed_score = score_assignments(problem, np.vstack([ideal, skewed]), fractions)
+    assert ideal_score < 1e-20 < skewed_score
+    assert random_search(problem, fractions, n_candidates=500).score < 1e-20
+
+
+def test_same_seed_same_split_and_chunking_does_not_matter() -> None:
+    problem = make_problem(60, 8, 7)
+    first = random_search(problem, FRACTIONS, n_candidates=3000, seed=11)
+    again = random_search(problem, FRACTIONS, n_candidates=3000, seed=11, chunk_size=257)
+    assert np.array_equal(first.assignment, again.assignment) and first.score == again.score
+    others = [random_search(problem, FRACTIONS, n_candidates=3000, seed=s).assignment for s in (1, 2, 3)]
+    assert any(not np.array_equal(first.assignment, other) for other in others)
+
+
+def test_random_search_partitions_and_beats_its_own_candidates() -> None:
+    problem = make_problem(80, 10, 8)
+    result = random_search(problem, FRACTIONS, n_candidates=2000, seed=0)
+    assert_partition(problem, result.assignment)
+    assert result.assignment.dtype == np.int8
+    assert result.candidates == 2000 and result.method == "random"
+    assert result.score == pytest.approx(naive_score(problem, result.assignment, FRACTIONS), rel=1e-12)
+    assert result.score < random_search(problem, FRACTIONS, n_candidates=1, seed=0).score
+    sizes = np.bincount(result.assignment, minlength=3) / problem.n_locations
+    assert np.all(np.abs(sizes - FRACTIONS) < 0.1)
+
+
+def test_improve_locally_never_raises_the_score_and_is_deterministic() -> None:
+    problem = make_problem(50, 6, 9)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        start_assignment = rng.integers(0, 3, size=problem.n_locations).astype(np.int8)
+        start_score = float(score_assignments(problem, start_assignment[None], FRACTIONS)[0])
+        start = SplitResult(start_assignment, start_score, "given", 1, 0)
+        better = improve_locally(problem, start, FRACTIONS)
+        assert better.score <= start.score and better.improved_moves > 0
+        assert better.score == pytest.approx(naive_score(problem, better.assignment, FRACTIONS), rel=1e-12)
+        assert np.array_equal(better.assignment, improve_locally(problem, start, FRACTIONS).assignment)
+        assert_partition(problem, better.assignment)
+    searched = random_search(problem, FRACTIONS, n_candidates=1000)
+    assert improve_locally(problem, searched, FRACTIONS).score <= searched.score
+    local = improve_locally(problem, searched, FRACTIONS)
+    assert improve_locally(problem, local, FRACTIONS).score == pytest.approx(local.score, abs=1e-12)
+
+
+def test_improve_locally_leaves_pinned_locations_alone() -> None:
+    problem = make_problem(40, 5, 10)
+    fixed = np.full(problem.n_locations, FREE, dtype=np.int8)
+    fixed[:4] = TEST
+    result = random_search(problem, FRACTIONS, n_candidates=500, fixed=fixed)
+    better = improve_locally(problem, result, FRACTIONS, fixed=fixed)
+    assert better.score <= result.score
+    assert np.array_equal(np.flatnonzero(better.assignment == TEST), np.arange(4))
+    with pytest.raises(ValueError, match="pinned"):
+        moved = result.assignment.copy()
+        moved[0] = TRAIN
+        improve_locally(problem, SplitResult(moved, 0.0, "given", 1, 0), FRACTIONS, fixed=fixed)
+
+
+def test_match_test_reuses_the_test_set_without_leaking_or_growing_it() -> None:
+    problem = make_problem(60, 8, 12)
+    old_test = [list(problem.locations[i]) for i in (3, 17, 29, 41)] + [["elsewhere", "gone"]]
+    fixed = pin_test_locations(problem, old_test)
+    pinned = np.flatnonzero(fixed == TEST)
+    assert list(pinned) == [3, 17, 29, 41]
+    assert open_splits(fixed, FRACTIONS) == (TRAIN, VAL)
+    searched = random_search(problem, FRACTIONS, n_candidates=2000, seed=3, fixed=fixed)
+    for result in (searched, improve_locally(problem, searched, FRACTIONS, fixed=fixed), smallest_first(problem, FRACTIONS, fixed=fixed)):
+        assert_partition(problem, result.assignment)
+        assert np.array_equal(np.flatnonzero(result.assignment == TEST), pinned)
+    free_share = np.bincount(searched.assignment[fixed == FREE], minlength=3) / (fixed == FREE).sum()
+    assert free_share[VAL] == pytest.approx(0.2 / 0.9, abs=0.06)  # train/val renormalised over the free locations
+
+
+def test_smallest_first_fills_test_then_val_from_the_rarest_label() -> None:
+    #            rare  common
+    counts = [[4, 10], [3, 10], [2, 10], [1, 10], [0, 10], [0, 10], [0, 10], [0, 10], [0, 10], [0, 10]]
+    problem = SplitProblem([("d", f"{i}") for i in range(10)], ["common", "rare"], np.array(counts)[:, ::-1])
+    result = smallest_first(problem, FRACTIONS)
+    # rare (10 crops): its biggest location (4) goes to test (target 1), the next (3) to val (target 2),
+    # the rest to train; then common (100 crops): test already holds 10 = 10%, val 10 < 20 so one more.
+    assert list(result.assignment[:4]) == [TEST, VAL, TRAIN, TRAIN]
+    assert list(result.assignment[4:]) == [VAL] + [TRAIN] * 5
+    assert result.method == "smallest_first" and result.candidates == 1
+    assert result.score == pytest.approx(naive_score(problem, result.assignment, FRACTIONS), rel=1e-12)
+
+
+def test_smallest_first_covers_every_location_and_every_held_out_split() -> None:
+    problem = make_problem(120, 15, 13)
+    result = smallest_first(problem, FRACTIONS)
+    assert_partition(problem, result.assignment)
+    report = build_split_report(problem, result.assignment, FRACTIONS)
+    for label, row in report["classes"].items():
+        if row["n_locations"] >= 3:
+            assert row["val"]["n_crops"] > 0 and row["test"]["n_crops"] > 0, label
+
+
+def test_from_frame_keeps_numeric_looking_locations_as_distinct_strings() -> None:
+    frame = pd.DataFrame(
+        {
+            "dataset": ["ds", "ds", "ds", "ds", "other"],
+            "location": ["001", "1", "1", 1, "1"],
+            "label": ["fox", "fox", "deer", "deer", "fox"],
+        },
+        dtype=object,
+    )
+    problem = SplitProblem.from_frame(frame)
+    assert problem.locations == [("ds", "001"), ("ds", "1"), ("other", "1")]
+    assert problem.labels == ["deer", "fox"]
+    assert problem.counts.tolist() == [[0, 1], [2, 1], [0, 1]]
+    assert problem.counts.dtype == np.int64
+    result = random_search(problem, target_fractions(0.3, 0.3), n_candidates=50)
+    assert ["ds", "001"] in sum(splits_to_json(problem, result.assignment).values(), [])
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, "", "  "])
+def test_from_frame_rejects_a_missing_location(missing: object) -> None:
+    frame = pd.DataFrame({"dataset": ["ds", "ds"], "location": ["a", missing], "label": ["fox", "fox"]})
+    with pytest.raises(DataError, match="location"):
+        SplitProblem.from_frame(frame)
+
+
+def test_from_frame_rejects_float_locations_and_missing_columns() -> None:
+    with pytest.raises(DataError, match="dtype=str"):
+        SplitProblem.from_frame(pd.DataFrame({"dataset": ["ds"], "location": [1.0], "label": ["fox"]}))
+    with pytest.raises(DataError, match="label"):
+        SplitProblem.from_frame(pd.DataFrame({"dataset": ["ds"], "location": ["a"]}))
+
+
+def test_target_fractions_name_the_bad_flag() -> None:
+    assert target_fractions(0.2, 0.1).tolist() == pytest.approx([0.7, 0.2, 0.1])
+    with pytest.raises(UserError, match="--val-frac"):
+        target_fractions(-0.1, 0.1)
+    with pytest.raises(UserError, match="--test-frac"):
+        target_fractions(0.1, float("nan"))
+    with pytest.raises(UserError, match="--val-frac \\+ --test-frac"):
+        target_fractions(0.6, 0.4)
+
+
+def test_assignment_from_splits_round_trips_and_rejects_bad_files(caplog: pytest.LogCaptureFixture) -> None:
+    problem = make_problem(20, 4, 14)
+    assignment = random_search(problem, FRACTIONS, n_candidates=100).assignment
+    splits = json.loads(json.dumps(splits_to_json(problem, assignment)))
+    assert np.array_equal(assignment_from_splits(problem, splits, "splits.json"), assignment)
+
+    with caplog.at_level(logging.WARNING):
+        extra = {**splits, "test": splits["test"] + [["elsewhere", "x"]]}
+        assert np.array_equal(assignment_from_splits(problem, extra, "splits.json"), assignment)
+    assert "not in the data" in caplog.text
+
+    moved = splits["train"][0]
+    twice = {**splits, "val": splits["val"] + [moved]}
+    with pytest.raises(DataError, match=rf"splits.json: location \['{moved[0]}', '{moved[1]}'\] is in both train and val"):
+        assignment_from_splits(problem, twice, "splits.json")
+
+    missing = {**splits, "train": splits["train"][7:]}
+    with pytest.raises(DataError, match=r"splits.json: 7 location\(s\) .* in no split: .* and 2 more"):
+        assignment_from_splits(problem, missing, "splits.json")
+
+    with pytest.raises(DataError, match="keys must be train, val, test"):
+        assignment_from_splits(problem, {"train": [], "validation": []}, "splits.json")
+    with pytest.raises(DataError, match=r"splits.json: test\[0\]: expected a \[dataset, location\] pair"):
+        assignment_from_splits(problem, {**splits, "test": [["ds0", 12]]}, "splits.json")
+
+
+def test_report_warns_about_a_class_missing_from_val() -> None:
+    counts = np.array([[5, 1], [5, 0], [5, 0], [5, 0], [5, 0]])
+    problem = SplitProblem([("d", str(i)) for i in range(5)], ["common", "rare"], counts)
+    assignment = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN])
+    report = build_split_report(problem, assignment, target_fractions(0.2, 0.2), dropped_labels={"unicorn": 1})
+    assert "class 'rare' is absent from val and test" in report["warnings"]
+    assert any("unicorn" in warning for warning in report["warnings"])
+    assert report["splits"]["val"] == {"n_locations": 1, "n_crops": 5, "fraction": pytest.approx(5 / 26, abs=1e-4), "target": 0.2}
+    assert report["classes"]["rare"]["train"]["fraction"] == 1.0
+    assert report["score"] == pytest.approx(naive_score(problem, assignment, target_fractions(0.2, 0.2)), abs=1e-6)
+    json.dumps(report)
+    table = format_split_report(report)
+    assert "rare" in table and "warning: class 'rare' is absent from val and test" in table
+
+    lopsided = build_split_report(problem, np.array([TRAIN, TRAIN, TRAIN, TRAIN, VAL]), target_fractions(0.2, 0.2))
+    assert "test is empty (target 0.20)" in lopsided["warnings"]
+    assert any(w.startswith("train holds") for w in lopsided["warnings"])
+
+
+def mct_frame(cct_path) -> pd.DataFrame:
+    """One row per box of the MCT CCT: a sequence without a location becomes its own group."""
+    cct = json.loads(cct_path.read_text())
+    images = {image["id"]: image for image in cct["images"]}
+    names = {category["id"]: category["name"] for category in cct["categories"]}
+    rows = []
+    for annotation in cct["annotations"]:
+        image = images[annotation["image_id"]]
+        location = image.get("location")
+        rows.append(("mct", location if location is not None else f"seq_{image['seq_id']}", names[annotation["category_id"]], image["seq_id"]))
+    return pd.DataFrame(rows, columns=["dataset", "location", "label", "seq_id"])
+
+
+def test_real_mct_splits_are_location_disjoint_and_reproducible(shared_data) -> None:
+    frame = mct_frame(shared_data / "mct" / "mct_cct.json")
+    problem = SplitProblem.from_frame(frame)
+    assert problem.counts.sum() == len(frame)  # no crop lost, the 150 location-less images included
+    fractions = target_fractions(0.2, 0.1)
+    runs = [improve_locally(problem, random_search(problem, fractions, seed=0), fractions) for _ in range(2)]
+    assert np.array_equal(runs[0].assignment, runs[1].assignment) and runs[0].score == runs[1].score
+    assert runs[0].score <= random_search(problem, fractions, seed=0).score
+    assert_partition(problem, runs[0].assignment)
+    split_of = dict(zip(problem.locations, runs[0].assignment))
+    frame["split"] = [split_of[key] for key in zip(frame["dataset"], frame["location"])]
+    assert (frame.groupby("location")["split"].nunique() == 1).all()
+    assert (frame.groupby("seq_id")["split"].nunique() == 1).all()
+
+
+def test_pinning_every_split_leaves_free_locations_nowhere_to_go() -> None:
+    problem = make_problem(6, 2, 15)
+    fixed = np.array([TRAIN, VAL, TEST, FREE, FREE, FREE], dtype=np.int8)
+    with pytest.raises(UserError, match="nowhere to go"):
+        random_search(problem, FRACTIONS, n_candidates=10, fixed=fixed)
+    everything = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN, VAL], dtype=np.int8)
+    result = random_search(problem, FRACTIONS, n_candidates=10, fixed=everything)
+    assert np.array_equal(result.assignment, everything) and result.candidates == 1
