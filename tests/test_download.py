@@ -1,0 +1,384 @@
+"""Downloading the images a CCT lists, against a real HTTP server on 127.0.0.1.
+
+The server serves a temp folder of small real JPEGs; a handler subclass injects faults
+(HTTP 500/429, a body cut short, no Content-Length, a stalled body) per path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classification.data.download import FAILURES_FILE, download_images, image_url
+from classification.errors import DataError, UserError
+from tests.conftest import REPO_ROOT, run_entry_point
+
+SCRIPT = "utils/download_images.py"
+FILE_NAMES = ["loc1/a.jpg", "loc1/b.jpg", "loc 2/c d.jpg", "e.jpg"]
+FAST = {"backoff_seconds": 0.01, "timeout": 5.0, "progress": False}
+
+
+@dataclass
+class FaultServer:
+    """A running server: where it is, what it was asked, and the faults to inject."""
+
+    root: Path
+    base_url: str = ""
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    # path -> actions consumed one per GET ("500", "429", "truncate")
+    faults: dict[str, list[str]] = field(default_factory=dict)
+    # path -> action on every GET ("500", "truncate", "stall"), or "*" for every path
+    always: dict[str, str] = field(default_factory=dict)
+    no_length: bool = False
+    stalled: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def gets(self, file_name: str | None = None) -> int:
+        return sum(
+            1 for method, path in self.requests if method == "GET" and (file_name is None or path == f"/images/{file_name}")
+        )
+
+    def next_action(self, path: str) -> str | None:
+        with self.lock:
+            if path in self.always or "*" in self.always:
+                return self.always.get(path, self.always.get("*"))
+            queue = self.faults.get(path)
+            return queue.pop(0) if queue else None
+
+
+class FaultyHandler(SimpleHTTPRequestHandler):
+    """SimpleHTTPRequestHandler that records requests and injects the server's faults."""
+
+    state: FaultServer
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base class)
+        pass
+
+    def _path(self) -> str:
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+
+    def do_HEAD(self) -> None:
+        self.state.requests.append(("HEAD", self._path()))
+        if self.state.no_length:
+            return self._send_without_length(body=False)
+        super().do_HEAD()
+
+    def do_GET(self) -> None:
+        path = self._path()
+        self.state.requests.append(("GET", path))
+        action = self.state.next_action(path)
+        if action in ("500", "429"):
+            self.send_error(int(action))
+        elif action in ("truncate", "stall"):
+            data = (self.state.root / path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            if action == "stall":
+                self.state.stalled.set()
+                self.state.release.wait(10)
+            self.close_connection = True  # the body ends early: the client sees EOF
+        elif self.state.no_length:
+            self._send_without_length(body=True)
+        else:
+            super().do_GET()
+
+    def _send_without_length(self, body: bool) -> None:
+        file = self.state.root / self._path().lstrip("/")
+        if not file.is_file():
+            return self.send_error(404)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()  # no Content-Length: the body ends when the connection closes
+        if body:
+            self.wfile.write(file.read_bytes())
+        self.close_connection = True
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[FaultServer]:
+    root = tmp_path / "server"
+    images = root / "images"
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(FILE_NAMES):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(24 + 8 * i, 32 + 4 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / name, quality=90)
+    state = FaultServer(root=root)
+    handler = type("Handler", (FaultyHandler,), {"state": state})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/images"
+    try:
+        yield state
+    finally:
+        state.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def write_cct(path: Path, file_names: list[str]) -> Path:
+    images = [{"id": f"img{i}", "file_name": name, "width": 32, "height": 24} for i, name in enumerate(file_names)]
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return path
+
+
+@pytest.fixture
+def cct(tmp_path: Path) -> Path:
+    return write_cct(tmp_path / "cct.json", FILE_NAMES)
+
+
+def assert_identical(server: FaultServer, out: Path, file_names: list[str] = FILE_NAMES) -> None:
+    for name in file_names:
+        assert (out / name).read_bytes() == (server.root / "images" / name).read_bytes(), name
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*.tmp")] if folder.exists() else []
+
+
+# --------------------------------------------------------------------------- happy path and resume
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_downloads_every_image_with_identical_bytes(server: FaultServer, cct: Path, tmp_path: Path, slash: str) -> None:
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url + slash, threads=4, **FAST)
+    assert (report.total, report.downloaded, report.skipped, report.failed) == (4, 4, 0, 0)
+    assert report.bytes_downloaded == sum((server.root / "images" / n).stat().st_size for n in FILE_NAMES)
+    assert_identical(server, out)
+    assert not (out / FAILURES_FILE).exists()
+    assert temp_files(out) == []
+
+
+def test_second_run_skips_everything_without_fetching_bodies(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    download_images(cct, out, server.base_url, **FAST)
+    server.requests.clear()
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in FILE_NAMES}
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert (report.downloaded, report.skipped, report.failed) == (0, 4, 0)
+    assert server.gets() == 0
+    assert sorted(path for _, path in server.requests) == sorted(f"/images/{n}" for n in FILE_NAMES)
+    assert {name: (out / name).stat().st_mtime_ns for name in FILE_NAMES} == mtimes
+
+
+def test_overwrite_downloads_again(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    download_images(cct, out, server.base_url, **FAST)
+    report = download_images(cct, out, server.base_url, overwrite=True, **FAST)
+    assert (report.downloaded, report.skipped) == (4, 0)
+    assert_identical(server, out)
+
+
+def test_incomplete_local_file_is_downloaded_again(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    download_images(cct, out, server.base_url, **FAST)
+    full = (out / "loc1/b.jpg").read_bytes()
+    (out / "loc1/b.jpg").write_bytes(full[:100])  # e.g. left by another tool
+    server.requests.clear()
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert (report.downloaded, report.skipped) == (1, 3)
+    assert server.gets() == 1 and server.gets("loc1/b.jpg") == 1
+    assert_identical(server, out)
+
+
+def test_without_content_length_a_file_that_decodes_is_complete(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    server.no_length = True
+    out = tmp_path / "out"
+    assert download_images(cct, out, server.base_url, **FAST).downloaded == 4
+    assert_identical(server, out)
+    server.requests.clear()
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert (report.downloaded, report.skipped) == (0, 4) and server.gets() == 0
+    data = (out / "e.jpg").read_bytes()
+    (out / "e.jpg").write_bytes(data[: len(data) // 2])  # no longer decodes
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert (report.downloaded, report.skipped) == (1, 3) and server.gets("e.jpg") == 1
+    assert_identical(server, out)
+
+
+def test_file_names_are_url_quoted_and_base_url_query_is_kept() -> None:
+    assert image_url("http://h/x", "a b/c#1.jpg") == "http://h/x/a%20b/c%231.jpg"
+    assert image_url("http://h/x/", "a.jpg") == "http://h/x/a.jpg"
+    assert image_url("http://h", "a.jpg") == "http://h/a.jpg"
+    assert image_url("https://h/c?sv=1&sig=x", "d/a.jpg") == "https://h/c/d/a.jpg?sv=1&sig=x"
+
+
+def test_duplicate_file_names_are_downloaded_once(server: FaultServer, tmp_path: Path) -> None:
+    cct = write_cct(tmp_path / "dup.json", ["e.jpg", "e.jpg", "loc1/a.jpg"])
+    report = download_images(cct, tmp_path / "out", server.base_url, **FAST)
+    assert (report.total, report.downloaded) == (2, 2) and server.gets("e.jpg") == 1
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "truncate"])
+def test_transient_fault_twice_is_retried_and_ends_correct(
+    server: FaultServer, cct: Path, tmp_path: Path, fault: str
+) -> None:
+    server.faults["/images/loc1/a.jpg"] = [fault, fault]
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url, retries=3, **FAST)
+    assert (report.downloaded, report.failed) == (4, 0)
+    assert server.gets("loc1/a.jpg") == 3
+    assert_identical(server, out)
+    assert temp_files(out) == []
+
+
+def test_persistent_500_fails_after_retries(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    server.always["/images/e.jpg"] = "500"
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url, retries=2, **FAST)
+    assert (report.downloaded, report.failed) == (3, 1)
+    assert report.failures[0].file_name == "e.jpg" and "HTTP 500" in report.failures[0].reason
+    assert "after 2 retries" in report.failures[0].reason
+    assert server.gets("e.jpg") == 3
+    assert not (out / "e.jpg").exists()
+
+
+def test_404_is_not_retried_and_is_reported(server: FaultServer, tmp_path: Path) -> None:
+    cct = write_cct(tmp_path / "cct.json", [*FILE_NAMES, "gone/missing.jpg"])
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url, retries=3, **FAST)
+    assert (report.downloaded, report.failed) == (4, 1)
+    assert server.gets("gone/missing.jpg") == 1
+    assert "missing on the server (HTTP 404" in report.failures[0].reason
+    assert report.failures_csv == out / FAILURES_FILE
+    assert not (out / "gone/missing.jpg").exists()
+
+
+def test_truncated_body_never_leaves_a_partial_file(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    server.always["/images/loc1/b.jpg"] = "truncate"
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url, retries=2, **FAST)
+    assert (report.downloaded, report.failed) == (3, 1)
+    assert "incomplete body" in report.failures[0].reason
+    assert server.gets("loc1/b.jpg") == 3
+    assert not (out / "loc1/b.jpg").exists()
+    assert temp_files(out) == []
+
+
+def test_truncated_body_keeps_the_previous_file_intact_on_overwrite(
+    server: FaultServer, cct: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    download_images(cct, out, server.base_url, **FAST)
+    before = (out / "loc1/b.jpg").read_bytes()
+    server.always["/images/loc1/b.jpg"] = "truncate"
+    report = download_images(cct, out, server.base_url, overwrite=True, retries=1, **FAST)
+    assert report.failed == 1
+    assert (out / "loc1/b.jpg").read_bytes() == before
+    assert temp_files(out) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+def test_killed_mid_download_leaves_no_file_under_the_final_name(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    cct = write_cct(tmp_path / "cct.json", ["e.jpg"])
+    out = tmp_path / "out"
+    server.always["/images/e.jpg"] = "stall"  # half the body, then hang
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / SCRIPT), "--coco-file", str(cct), "--output-dir", str(out),
+         "--base-url", server.base_url, "--threads", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert server.stalled.wait(30), "the client never started the download"
+        deadline = time.monotonic() + 10
+        while not temp_files(out) and time.monotonic() < deadline:  # the half body is being written
+            time.sleep(0.02)
+        assert temp_files(out), "the half body never reached a temporary file"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(30)
+    assert not (out / "e.jpg").exists()
+    server.always.clear()
+    server.release.set()
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert report.downloaded == 1
+    assert_identical(server, out, ["e.jpg"])
+
+
+# --------------------------------------------------------------------------- bad input and the entry point
+
+
+@pytest.mark.parametrize("bad", ["../evil.jpg", "a/../../evil.jpg", "/etc/evil.jpg", "C:/evil.jpg", ""])
+def test_unsafe_file_name_is_rejected_before_downloading(server: FaultServer, tmp_path: Path, bad: str) -> None:
+    cct = write_cct(tmp_path / "cct.json", ["e.jpg", bad])
+    with pytest.raises(DataError, match=r"images\[1\]\.file_name") as error:
+        download_images(cct, tmp_path / "out", server.base_url, **FAST)
+    assert "\n" not in str(error.value)
+    assert server.requests == []
+    assert not (tmp_path / "evil.jpg").exists()
+
+
+def test_bad_settings_are_user_errors(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--base-url"):
+        download_images(cct, tmp_path / "out", "ftp://example.org/x", **FAST)
+    with pytest.raises(UserError, match="--threads"):
+        download_images(cct, tmp_path / "out", server.base_url, threads=0, **FAST)
+
+
+def test_entry_point_reports_404_with_exit_code_1(server: FaultServer, tmp_path: Path) -> None:
+    cct = write_cct(tmp_path / "cct.json", [*FILE_NAMES, "gone/missing.jpg"])
+    out = tmp_path / "out"
+    result = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", out, "--base-url", server.base_url + "/")
+    assert result.returncode == 1, result.stderr
+    assert "4 downloaded" in result.stdout and "1 failed" in result.stdout
+    assert "gone/missing.jpg" in result.stdout
+    with open(out / FAILURES_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file_name"] for row in rows] == ["gone/missing.jpg"]
+    assert "404" in rows[0]["reason"]
+    assert_identical(server, out)
+
+    # once the server has the file, a re-run fetches only it, exits 0 and removes the stale list
+    (server.root / "images/gone").mkdir()
+    (server.root / "images/gone/missing.jpg").write_bytes((server.root / "images/e.jpg").read_bytes())
+    server.requests.clear()
+    result = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", out, "--base-url", server.base_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 downloaded" in result.stdout and "4 skipped" in result.stdout
+    assert server.gets() == 1
+    assert not (out / FAILURES_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ['{"images": [', None])
+def test_entry_point_bad_json_is_one_line_and_exit_2(tmp_path: Path, content: str | None) -> None:
+    cct = tmp_path / "cct.json"
+    if content is not None:
+        cct.write_text(content)
+    result = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", tmp_path / "out", "--base-url", "http://127.0.0.1:9/")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(cct) in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_entry_point_typo_flag_exits_2(tmp_path: Path) -> None:
+    result = run_entry_point(SCRIPT, "--coco", "x.json", "--output-dir", tmp_path, "--base-url", "http://h/")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
