@@ -54,6 +54,14 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"{word}: did you mean {close[0]}?")
         return f"{message} ({'; '.join(hints)})" if hints else message
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
+        """Report unknown ``--flags`` first: a typo matters more than what it left missing."""
+        argv = list(sys.argv[1:] if args is None else args)
+        unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in self.known_flags()]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(argv, namespace)
+
     def error(self, message: str) -> NoReturn:
         """Print one line (with a suggestion) and exit with code 2."""
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {self.suggest(message)} (see --help)\n")

@@ -1,0 +1,299 @@
+"""Build the classification dataset and its location-disjoint splits.
+
+Input: crops and their metadata, from the crops manifest that
+``utils/crop_detections.py`` writes, or (the seed's interface) from the CCT file the
+crops were made from. Output, in the formats MegaDetector's and animl-ml's tools read:
+``classification_ds.csv``, ``label_index.json``, ``splits.json``,
+``classification_cct.json``, ``{train,val,test}_cct.json`` and ``split_report.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, resolve_missing_locations
+from classification.data.crops import crop_file_name
+from classification.data.splits import (
+    SPLIT_NAMES,
+    SplitProblem,
+    SplitResult,
+    assignment_from_splits,
+    build_split_report,
+    format_split_report,
+    improve_locally,
+    pin_test_locations,
+    random_search,
+    score_assignments,
+    smallest_first,
+    splits_to_json,
+    target_fractions,
+)
+from classification.errors import DataError, UserError
+from classification.io import atomic_open, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
+MODES = ("csv", "cct", "splits")
+SplitMethod = Literal["random", "smallest_first"]
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """Everything ``create_classification_dataset`` needs besides the output folder."""
+
+    crops_dir: Path
+    cct_json: Path | None = None
+    crops_manifest: Path | None = None
+    modes: Collection[str] = MODES
+    min_locs: int = 1
+    val_frac: float = 0.2
+    test_frac: float = 0.1
+    method: SplitMethod = "random"
+    seed: int = 123
+    candidates: int = 10_000
+    improve: bool = True
+    match_test: tuple[Path, Path] | None = None
+    splits_file: Path | None = None
+    missing_locations: MissingLocationRule = "sequence"
+
+
+@dataclass
+class DatasetReport:
+    """What went into the dataset and what was left out, and why."""
+
+    crops: int = 0
+    missing_crop_files: int = 0
+    unlabelled_crops: int = 0
+    dropped_labels: dict[str, int] = field(default_factory=dict)
+    split_report: dict[str, Any] | None = None
+
+
+def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd.DataFrame:
+    """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found{hint}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    missing = sorted(set(required) - set(frame.columns))
+    if missing:
+        raise DataError(f"{path}: missing columns {', '.join(missing)}")
+    return frame
+
+
+def read_crops_manifest(path: Path) -> pd.DataFrame:
+    """The crops manifest written by ``utils/crop_detections.py``."""
+    hint = " (run utils/crop_detections.py first, or pass --cct-json)"
+    return read_string_csv(path, ("crop_path", "dataset", "location", "label"), hint)
+
+
+def crops_frame_from_cct(data: CCT, crops_dir: Path, dataset: str) -> pd.DataFrame:
+    """One row per boxed annotation, in the manifest's columns, whether or not its crop exists."""
+    names = category_names(data)
+    images = {image["id"]: image for image in data["images"]}
+    rows = []
+    for annotation in data["annotations"]:
+        if annotation.get("bbox") is None:
+            continue
+        image = images[annotation["image_id"]]
+        rows.append(
+            {
+                "crop_path": crop_file_name(image["file_name"], str(annotation["id"])),
+                "image_id": str(image["id"]),
+                "annotation_id": str(annotation["id"]),
+                "dataset": str(image.get("dataset") or dataset),
+                "location": image["location"],
+                "seq_id": str(image.get("seq_id") or ""),
+                "datetime": str(image.get("datetime") or ""),
+                "label": names[annotation["category_id"]],
+                "confidence": "",
+            }
+        )
+    return pd.DataFrame(rows, columns=["crop_path", "image_id", "annotation_id", "dataset", "location",
+                                       "seq_id", "datetime", "label", "confidence"], dtype=str)
+
+
+def load_crops(options: DatasetOptions, report: DatasetReport) -> pd.DataFrame:
+    """Crops with labels and locations, from the CCT (seed interface) or the crops manifest."""
+    if options.cct_json is not None:
+        data, location_report = resolve_missing_locations(load_cct(options.cct_json), options.missing_locations)
+        log.info("%s: %s", options.cct_json, location_report.summary())
+        frame = crops_frame_from_cct(data, options.crops_dir, options.cct_json.stem)
+    else:
+        frame = read_crops_manifest(options.crops_manifest or options.crops_dir / "crops_manifest.csv")
+        if (frame["location"] == "").any():
+            raise DataError("crops manifest: rows without a location (re-run utils/crop_detections.py)")
+    exists = np.array([(options.crops_dir / path).is_file() for path in frame["crop_path"]], dtype=bool)
+    report.missing_crop_files = int((~exists).sum())
+    if report.missing_crop_files:
+        examples = ", ".join(frame.loc[~exists, "crop_path"].head(3))
+        log.warning("%d crops listed but not found under %s (e.g. %s): left out; run utils/crop_detections.py",
+                    report.missing_crop_files, options.crops_dir, examples)
+    frame = frame[exists]
+    labelled = frame["label"].str.strip() != ""
+    report.unlabelled_crops = int((~labelled).sum())
+    if report.unlabelled_crops:
+        log.warning("%d crops have no label (MegaDetector output without --labels-cct): left out", report.unlabelled_crops)
+    return frame[labelled].reset_index(drop=True)
+
+
+def drop_rare_labels(frame: pd.DataFrame, min_locs: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop labels seen at fewer than ``min_locs`` (dataset, location) pairs; report each one."""
+    locations_per_label = frame.groupby("label")[["dataset", "location"]].apply(lambda g: len(g.drop_duplicates()))
+    rare = locations_per_label[locations_per_label < min_locs]
+    for label, n_locations in rare.items():
+        n_crops = int((frame["label"] == label).sum())
+        log.warning("label %r: %d crops at %d locations < --min-locs %d: dropped", label, n_crops, n_locations, min_locs)
+    return frame[~frame["label"].isin(rare.index)].reset_index(drop=True), {str(k): int(v) for k, v in rare.items()}
+
+
+def warn_split_sequences(frame: pd.DataFrame) -> None:
+    """Warn when one sequence spans several locations: splitting by location would cut it."""
+    with_seq = frame[frame["seq_id"].fillna("") != ""] if "seq_id" in frame else frame.iloc[:0]
+    spans = with_seq.groupby(["dataset", "seq_id"])["location"].nunique()
+    if (spans > 1).any():
+        log.warning("%d sequences span more than one location (e.g. %s): check the locations",
+                    int((spans > 1).sum()), spans[spans > 1].index[0])
+
+
+def label_index(labels: Collection[str]) -> dict[str, str]:
+    """``{"0": "agouti", "1": "bird_spec", ...}``, sorted by name."""
+    return {str(i): name for i, name in enumerate(sorted(set(labels)))}
+
+
+def dataset_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """``classification_ds.csv``: path, dataset, location, dataset_class, confidence, label."""
+    return pd.DataFrame(
+        {
+            "path": frame["crop_path"],
+            "dataset": frame["dataset"],
+            "location": frame["location"],
+            "dataset_class": frame["label"],
+            "confidence": 1.0,
+            "label": frame["label"],
+        }
+    )
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    """Write a CSV atomically."""
+    with atomic_open(path) as handle:
+        frame.to_csv(handle, index=False)
+
+
+def fixed_test_locations(problem: SplitProblem, match_test: tuple[Path, Path], frame: pd.DataFrame) -> np.ndarray:
+    """``--match-test CSV SPLITS``: pin an earlier run's test locations to test, and only those.
+
+    Earlier test crops that this dataset lacks are counted and reported.
+    """
+    old_csv, old_splits_path = match_test
+    old_splits = read_json(old_splits_path)
+    if not isinstance(old_splits, dict) or not isinstance(old_splits.get("test"), list):
+        raise DataError(f"{old_splits_path}: expected {{\"test\": [[dataset, location], ...], ...}}")
+    fixed = pin_test_locations(problem, old_splits["test"])
+    old_test = {(str(d), str(loc)) for d, loc in old_splits["test"]}
+    old = read_dataset_csv(old_csv)
+    is_old_test = [(d, loc) in old_test for d, loc in zip(old["dataset"], old["location"])]
+    missing = set(old.loc[is_old_test, "path"]) - set(frame["crop_path"])
+    if missing:
+        log.warning("--match-test: %d of the earlier test crops are not in this dataset (e.g. %s)", len(missing), sorted(missing)[0])
+    return fixed
+
+
+def read_dataset_csv(path: Path) -> pd.DataFrame:
+    """A ``classification_ds.csv``."""
+    return read_string_csv(path, DATASET_COLUMNS)
+
+
+def choose_splits(problem: SplitProblem, frame: pd.DataFrame, options: DatasetOptions) -> SplitResult:
+    """Search (or read) the split assignment of every location."""
+    fractions = target_fractions(options.val_frac, options.test_frac)
+    if options.splits_file is not None:
+        assignment = assignment_from_splits(problem, read_json(options.splits_file), str(options.splits_file))
+        score = float(score_of(problem, assignment, fractions))
+        return SplitResult(assignment=assignment, score=score, method="file", candidates=0, improved_moves=0)
+    fixed = fixed_test_locations(problem, options.match_test, frame) if options.match_test else None
+    if options.method == "random":
+        result = random_search(problem, fractions, n_candidates=options.candidates, seed=options.seed, fixed=fixed)
+    elif options.method == "smallest_first":
+        result = smallest_first(problem, fractions, fixed=fixed)
+    else:
+        raise UserError(f"--method: unknown method {options.method!r} (random or smallest_first)")
+    if options.improve:
+        result = improve_locally(problem, result, fractions, fixed=fixed)
+    return result
+
+
+def score_of(problem: SplitProblem, assignment: np.ndarray, fractions: np.ndarray) -> float:
+    """The score of one assignment."""
+    return float(score_assignments(problem, assignment[None, :], fractions)[0])
+
+
+def crops_cct(frame: pd.DataFrame, labels: dict[str, str]) -> CCT:
+    """``classification_cct.json``: a CCT whose images are the crops, one annotation each."""
+    ids = {name: int(i) for i, name in labels.items()}
+    images, annotations = [], []
+    for row in frame.itertuples(index=False):
+        image = {"id": row.crop_path, "file_name": row.crop_path, "dataset": row.dataset, "location": row.location}
+        for key in ("seq_id", "datetime"):
+            value = getattr(row, key, "")
+            if isinstance(value, str) and value:
+                image[key] = value
+        images.append(image)
+        annotations.append({"id": row.crop_path, "image_id": row.crop_path, "category_id": ids[row.label]})
+    categories = [{"id": int(i), "name": name} for i, name in labels.items()]
+    return {"info": {"description": "crops of the classification dataset"}, "images": images,
+            "annotations": annotations, "categories": categories}
+
+
+def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> DatasetReport:
+    """Write the dataset files that ``options.modes`` ask for into ``output_dir``."""
+    unknown = sorted(set(options.modes) - set(MODES))
+    if unknown:
+        raise UserError(f"--mode: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
+    report = DatasetReport()
+    frame = load_crops(options, report)
+    frame, report.dropped_labels = drop_rare_labels(frame, options.min_locs)
+    if frame.empty:
+        raise DataError("no labelled crops left to build a dataset from (see the warnings above)")
+    report.crops = len(frame)
+    warn_split_sequences(frame)
+    labels = label_index(frame["label"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if "csv" in options.modes:
+        write_csv_atomic(output_dir / "classification_ds.csv", dataset_table(frame))
+        write_json_atomic(output_dir / "label_index.json", labels)
+    if "cct" in options.modes:
+        write_json_atomic(output_dir / "classification_cct.json", crops_cct(frame, labels))
+    if "splits" in options.modes:
+        problem = SplitProblem.from_frame(frame[["dataset", "location", "label"]])
+        result = choose_splits(problem, frame, options)
+        fractions = target_fractions(options.val_frac, options.test_frac)
+        report.split_report = build_split_report(problem, result.assignment, fractions, report.dropped_labels)
+        report.split_report.update(method=result.method, candidates=result.candidates,
+                                   improved_moves=result.improved_moves, seed=options.seed)
+        splits = splits_to_json(problem, result.assignment)
+        write_json_atomic(output_dir / "splits.json", splits)
+        write_json_atomic(output_dir / "split_report.json", report.split_report)
+        if "cct" in options.modes:
+            write_split_ccts(output_dir, frame, labels, splits)
+        log.info("%s", format_split_report(report.split_report))
+    return report
+
+
+def write_split_ccts(output_dir: Path, frame: pd.DataFrame, labels: dict[str, str], splits: dict[str, list]) -> None:
+    """``{train,val,test}_cct.json``: the crops CCT cut by split (animl-ml's notebook, as a function)."""
+    keys = list(zip(frame["dataset"], frame["location"]))
+    for split in SPLIT_NAMES:
+        members = {tuple(pair) for pair in splits[split]}
+        rows = frame[[key in members for key in keys]]
+        write_json_atomic(output_dir / f"{split}_cct.json", crops_cct(rows, labels))

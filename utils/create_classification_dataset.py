@@ -1,0 +1,76 @@
+"""Build classification_ds.csv, label_index.json, splits.json and CCT files from crops.
+
+    python utils/create_classification_dataset.py data/processed/mct \
+        --mode csv cct splits --crops-dir data/interim/crops \
+        --cct-json data/interim/clean_cct.json --min-locs 3 \
+        --val-frac 0.2 --test-frac 0.1 --method random
+
+Splits keep every (dataset, location) in one split; ``random`` keeps the best of
+``--candidates`` scored candidates (GUIDE section 3), then improves it locally.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from classification.cli import ArgumentParser, run_main
+from classification.data.dataset import MODES, DatasetOptions, create_classification_dataset
+from classification.errors import UserError
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="folder for the dataset files")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="which outputs to write")
+    parser.add_argument("--crops-dir", type=Path, required=True, help="folder of crops (utils/crop_detections.py)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--cct-json", type=Path, help="CCT the crops were made from (one crop per boxed annotation)")
+    source.add_argument("--crops-manifest", type=Path, help="crops manifest CSV (default: CROPS_DIR/crops_manifest.csv)")
+    parser.add_argument("--min-locs", type=int, default=1, help="drop labels seen at fewer locations")
+    parser.add_argument("--val-frac", type=float, default=0.2, help="target fraction of crops in val")
+    parser.add_argument("--test-frac", type=float, default=0.1, help="target fraction of crops in test")
+    parser.add_argument("--method", choices=["random", "smallest_first"], default="random", help="split search")
+    parser.add_argument("--seed", type=int, default=123, help="random seed: same seed, same splits")
+    parser.add_argument("--candidates", type=int, default=10_000, help="candidates scored by --method random")
+    parser.add_argument("--no-improve", action="store_true", help="skip the local improvement after the search")
+    parser.add_argument("--match-test", nargs=2, type=Path, metavar=("CSV", "SPLITS"),
+                        help="reuse the test locations of an earlier classification_ds.csv and splits.json")
+    parser.add_argument("--splits-file", type=Path, help="use this splits.json as is (validated)")
+    parser.add_argument("--missing-locations", choices=["sequence", "image", "drop"], default="sequence",
+                        help="with --cct-json: images without a location grouped by sequence, by image, or dropped")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.splits_file and args.match_test:
+        raise UserError("--splits-file and --match-test: give one or the other")
+    if args.candidates < 1:
+        raise UserError(f"--candidates: must be at least 1, got {args.candidates}")
+    options = DatasetOptions(
+        crops_dir=args.crops_dir,
+        cct_json=args.cct_json,
+        crops_manifest=args.crops_manifest,
+        modes=args.mode,
+        min_locs=args.min_locs,
+        val_frac=args.val_frac,
+        test_frac=args.test_frac,
+        method=args.method,
+        seed=args.seed,
+        candidates=args.candidates,
+        improve=not args.no_improve,
+        match_test=tuple(args.match_test) if args.match_test else None,
+        splits_file=args.splits_file,
+        missing_locations=args.missing_locations,
+    )
+    report = create_classification_dataset(args.output_dir, options)
+    print(f"{report.crops} crops written to {args.output_dir}"
+          f" ({report.missing_crop_files} missing crop files, {report.unlabelled_crops} unlabelled,"
+          f" {len(report.dropped_labels)} labels dropped by --min-locs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
