@@ -1,0 +1,1 @@
+"""Training: config-driven experiments, checkpoints with exact resume, tracking."""
