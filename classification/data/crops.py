@@ -1,0 +1,714 @@
+"""Crop detections out of camera-trap images: geometry, decoding, atomic writes, manifest.
+
+``crop_detections`` reads a CCT file with boxes or MegaDetector output (see
+``classification.data.detections``), decodes each source image once for all of its
+boxes, writes one JPEG per box to ``<crops_dir>/<file_name>___crop_<annotation id>.jpg``
+and lists every crop in ``<crops_dir>/crops_manifest.csv``.
+
+Geometry (``CropGeometry``). Boxes are in the displayed image, i.e. after the EXIF
+orientation is applied. A box is first rounded to whole pixels (half up: ``floor(v +
+0.5)`` for ``x``, ``y``, ``x + w``, ``y + h``) and clipped to the image, keeping at
+least one pixel. Then:
+
+- ``square``: side ``s = max(w, h)`` of the clipped box, centred on it (an odd excess
+  puts the extra pixel right/below), then shifted so that it stays inside the image:
+  ``left`` in ``[0, W - s]``. Only along an axis where ``s > W`` (or ``H``) is the
+  square centred on the image, the outside black. The references clamp with ``W - w``
+  instead of ``W - s``, so their squares near the right/bottom edge hang off the image
+  and fill with black; ours never do unless the image is smaller than the square.
+- ``pad``: the clipped box exactly, pasted centred on an ``s x s`` black canvas
+  (aspect ratio kept).
+
+Boxes in pixels: MegaDetector's normalised boxes are multiplied by the displayed size
+of the file; CCT boxes are taken as they are, or scaled when the file is not the size
+the CCT's ``width``/``height`` say (a resized copy; counted in the report).
+
+``max_size``: crops are stored at ``min(s, max_size)`` pixels a side (Lanczos). When
+every crop of an image is downscaled, the JPEG is decoded at 1/2, 1/4 or 1/8 scale
+(``Image.draft``) only if the smallest crop still has ``s / factor >= max_size``
+source pixels, so nothing is lost; crops are then resampled from their exact
+(sub-pixel) box in the reduced image.
+
+Re-runs skip crops that exist (``check_crops_valid``: that also decode; invalid ones
+are redone). Existing crops made with another strategy are refused, not mixed.
+
+Robustness: EXIF orientation is applied; CMYK, grayscale, 16-bit, palette and alpha
+images become RGB; an image that is missing, truncated or unreadable is skipped and
+listed with the reason, and the run goes on. Crops are written atomically, so a crop
+left half-written by a killed process never exists under its final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import io
+import logging
+import math
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from classification.data.cct import MissingLocationRule, read_image_size
+from classification.data.detections import (
+    DEFAULT_DETECTOR_CATEGORIES,
+    DEFAULT_THRESHOLD,
+    Box,
+    CropRequest,
+    ImageRequest,
+    InputReport,
+    detection_id,
+    read_crop_requests,
+)
+from classification.errors import DataError, UserError
+from classification.io import atomic_open, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CropStrategy = Literal["square", "pad"]
+CROP_STRATEGIES = ("square", "pad")
+MANIFEST_NAME = "crops_manifest.csv"
+MANIFEST_COLUMNS = (
+    "crop_path", "image_id", "annotation_id", "file_name", "bbox_x", "bbox_y", "bbox_w", "bbox_h",
+    "dataset", "location", "seq_id", "datetime", "label", "confidence", "crop_strategy",
+)
+DOWNLOAD_RETRIES = 2
+DOWNLOAD_TIMEOUT_S = 60
+MAX_LOGGED_FAILURES = 10
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+_OUR_CROP = re.compile(r"^(?P<file>.+)___crop_(?P<id>[^/]+)\.jpg$")
+_MEGADETECTOR_CROP = re.compile(r"^(?P<file>.+)___crop(?P<index>\d+)_(?P<detector>[^/]*)\.jpg$")
+
+
+class ImageError(Exception):
+    """A source image that cannot be used (missing, truncated, unreadable): skipped and logged."""
+
+
+# ---------------------------------------------------------------- crop names
+
+
+def crop_file_name(file_name: str, annotation_id: str) -> str:
+    """The crop's path relative to the crops folder: ``<file_name>___crop_<annotation id>.jpg``."""
+    annotation_id = str(annotation_id)
+    if not annotation_id or "/" in annotation_id or "\\" in annotation_id:
+        raise DataError(f"annotation id {annotation_id!r} cannot name a crop file (empty or contains a path separator)")
+    return f"{file_name.replace(chr(92), '/')}___crop_{annotation_id}.jpg"
+
+
+def parse_crop_file_name(name: str) -> tuple[str, str]:
+    """``(file_name, annotation_id)`` from our crop name or MegaDetector's ``<file>___cropNN_<detector>.jpg``.
+
+    MegaDetector's ``NN`` is the detection's index in the image, which is the
+    annotation id ``det<NN>`` that this module gives it. Anything else is a ``ValueError``.
+    """
+    name = name.replace("\\", "/")
+    match = _OUR_CROP.match(name)
+    if match:
+        return match["file"], match["id"]
+    match = _MEGADETECTOR_CROP.match(name)
+    if match:
+        return match["file"], detection_id(int(match["index"]))
+    raise ValueError(f"not a crop file name: {name!r}")
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Copy ``region`` (left, top, right, bottom) of the image to ``offset`` on a black ``side`` x ``side`` canvas."""
+
+    region: tuple[int, int, int, int]
+    side: int
+    offset: tuple[int, int]
+
+
+def round_half_up(value: float) -> int:
+    """Round to the nearest integer, halves up (unlike Python's banker's ``round``)."""
+    return math.floor(value + 0.5)
+
+
+def clip_box(bbox: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of an ``[x, y, w, h]`` box rounded and clipped to the image, at least 1 px."""
+    x, y, w, h = bbox
+    left = min(max(round_half_up(x), 0), width - 1)
+    top = min(max(round_half_up(y), 0), height - 1)
+    right = min(max(round_half_up(x + w), left + 1), width)
+    bottom = min(max(round_half_up(y + h), top + 1), height)
+    return left, top, right, bottom
+
+
+def _place_window(start: int, length: int, side: int, limit: int) -> int:
+    """Start of a ``side`` window centred on ``[start, start + length)`` and kept inside ``[0, limit]``.
+
+    A window longer than ``limit`` is centred on the whole axis instead.
+    """
+    if side > limit:
+        return (limit - side) // 2
+    return min(max(start - (side - length) // 2, 0), limit - side)
+
+
+def square_geometry(bbox: Box, width: int, height: int) -> CropGeometry:
+    """The ``square`` strategy: an ``s = max(w, h)`` square on the box, inside the image when it fits."""
+    left, top, right, bottom = clip_box(bbox, width, height)
+    side = max(right - left, bottom - top)
+    x0 = _place_window(left, right - left, side, width)
+    y0 = _place_window(top, bottom - top, side, height)
+    region = (max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height))
+    return CropGeometry(region, side, (region[0] - x0, region[1] - y0))
+
+
+def pad_geometry(bbox: Box, width: int, height: int) -> CropGeometry:
+    """The ``pad`` strategy: the exact clipped box, centred on a black ``max(w, h)`` square."""
+    left, top, right, bottom = clip_box(bbox, width, height)
+    w, h = right - left, bottom - top
+    side = max(w, h)
+    return CropGeometry((left, top, right, bottom), side, ((side - w) // 2, (side - h) // 2))
+
+
+def crop_geometry(bbox: Box, width: int, height: int, strategy: CropStrategy) -> CropGeometry:
+    """The geometry of one crop under ``strategy``."""
+    return square_geometry(bbox, width, height) if strategy == "square" else pad_geometry(bbox, width, height)
+
+
+def extract_crop(image: Image.Image, geometry: CropGeometry) -> Image.Image:
+    """The crop's pixels: the region, on a black square canvas where it does not fill it."""
+    piece = image.crop(geometry.region)
+    if piece.size == (geometry.side, geometry.side):
+        return piece
+    canvas = Image.new("RGB", (geometry.side, geometry.side))
+    canvas.paste(piece, geometry.offset)
+    return canvas
+
+
+def render_crop(image: Image.Image, geometry: CropGeometry, target: int, scale: tuple[float, float]) -> Image.Image:
+    """The crop at ``target`` pixels a side from an image decoded at ``scale`` of full resolution.
+
+    ``geometry`` is in full-resolution pixels. Without scaling this is ``extract_crop``;
+    otherwise the region is resampled (Lanczos) straight from its exact sub-pixel box.
+    """
+    if target == geometry.side and scale == (1.0, 1.0):
+        return extract_crop(image, geometry)
+    factor = target / geometry.side
+    left, top, right, bottom = geometry.region
+    x_off, y_off = round(geometry.offset[0] * factor), round(geometry.offset[1] * factor)
+    size = (max(1, min(round((right - left) * factor), target - x_off)), max(1, min(round((bottom - top) * factor), target - y_off)))
+    source_box = (left * scale[0], top * scale[1], right * scale[0], bottom * scale[1])
+    piece = image.resize(size, Image.Resampling.LANCZOS, box=source_box)
+    if piece.size == (target, target):
+        return piece
+    canvas = Image.new("RGB", (target, target))
+    canvas.paste(piece, (x_off, y_off))
+    return canvas
+
+
+def box_reference_size(request: ImageRequest) -> tuple[float, float] | None:
+    """The size a request's boxes are relative to: 1 x 1 (normalised), the CCT's width x height, or unknown."""
+    if request.normalized:
+        return 1.0, 1.0
+    if request.width and request.height:
+        return float(request.width), float(request.height)
+    return None
+
+
+def pixel_box(bbox: Box, request: ImageRequest, size: tuple[int, int]) -> Box:
+    """The box in pixels of the displayed image of ``size``.
+
+    MegaDetector boxes are fractions of the image. CCT boxes are pixels of the CCT's
+    ``width`` x ``height``; a file of another size (a resized copy) gets them scaled.
+    """
+    reference = box_reference_size(request)
+    if reference is None or reference == size:
+        return bbox
+    scale_x, scale_y = size[0] / reference[0], size[1] / reference[1]
+    return bbox[0] * scale_x, bbox[1] * scale_y, bbox[2] * scale_x, bbox[3] * scale_y
+
+
+def is_resized_copy(request: ImageRequest, size: tuple[int, int]) -> bool:
+    """True when a CCT image's file is not the size its width/height say (its boxes get scaled)."""
+    reference = box_reference_size(request)
+    return not request.normalized and reference is not None and reference != size
+
+
+def stored_side(side: int, max_size: int | None) -> int:
+    """The side a crop is stored at: its own, or ``max_size`` when that is smaller."""
+    return side if max_size is None else min(side, max_size)
+
+
+def draft_factor(sides: list[int], max_size: int | None, raw_size: tuple[int, int]) -> int:
+    """The largest JPEG decoding scale (1, 2, 4 or 8) that still gives every crop ``max_size`` pixels.
+
+    Only when every crop of the image is downscaled to ``max_size`` can the image be
+    decoded smaller: the factor keeps ``side / factor >= max_size`` for the smallest
+    crop, so each stored crop is still resampled from at least as many pixels as it has.
+    """
+    if max_size is None or not sides:
+        return 1
+    for factor in (8, 4, 2):
+        if min(sides) / factor >= max_size and min(raw_size) // factor >= 2:
+            return factor
+    return 1
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """Width and height after the EXIF orientation, from the header (nothing decoded)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: CMYK, grayscale (L, LA, 16-bit), palette and alpha images converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        high_byte = np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(high_byte).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(image: Image.Image, factor: int) -> Image.Image:
+    """Decode (at ``1/factor`` scale when ``factor > 1``), apply the EXIF orientation, make RGB."""
+    if factor > 1:
+        image.draft("RGB", (image.width // factor, image.height // factor))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
+
+
+def image_url(base_url: str, file_name: str) -> str:
+    """``base_url`` joined with ``file_name``; a query string (e.g. a SAS token) is kept at the end."""
+    parts = urllib.parse.urlsplit(base_url)
+    path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(file_name)}"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+def fetch_image(url: str, retries: int = DOWNLOAD_RETRIES) -> bytes:
+    """The bytes at ``url``, retrying network errors and 5xx answers; failing is an ``ImageError``."""
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == retries:
+                raise ImageError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            if attempt == retries:
+                raise ImageError(f"cannot download {url}: {getattr(error, 'reason', error)}") from None
+        time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- options, records, report
+
+
+@dataclass(frozen=True)
+class CropOptions:
+    """How to crop; the command line's flags."""
+
+    crop_strategy: CropStrategy = "square"
+    threads: int = 1
+    threshold: float = DEFAULT_THRESHOLD
+    detector_categories: tuple[str, ...] = DEFAULT_DETECTOR_CATEGORIES
+    labels_cct: Path | None = None
+    max_size: int | None = None
+    missing_locations: MissingLocationRule = "sequence"
+    dataset: str | None = None
+    quality: int = 90
+    check_crops_valid: bool = False
+    images_base_url: str | None = None
+    save_full_images: bool = False
+    logdir: Path | None = None
+    progress: bool | None = None
+
+    def validate(self) -> None:
+        """Raise a one-line ``UserError`` for a value out of range."""
+        if self.crop_strategy not in CROP_STRATEGIES:
+            raise UserError(f"--crop-strategy must be one of {', '.join(CROP_STRATEGIES)}, got {self.crop_strategy!r}")
+        if self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.max_size is not None and self.max_size < 1:
+            raise UserError(f"--max-size must be at least 1, got {self.max_size}")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be between 1 and 100, got {self.quality}")
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """One row of the crops manifest: a crop that exists after the run, and where it came from."""
+
+    crop_path: str
+    image_id: str
+    annotation_id: str
+    file_name: str
+    bbox_x: str
+    bbox_y: str
+    bbox_w: str
+    bbox_h: str
+    dataset: str
+    location: str
+    seq_id: str
+    datetime: str
+    label: str
+    confidence: str
+    crop_strategy: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A source image whose crops could not be made."""
+
+    file: str
+    reason: str
+
+
+@dataclass
+class ImageOutcome:
+    """What happened to the crops of one image."""
+
+    records: list[CropRecord] = field(default_factory=list)
+    new: int = 0
+    skipped: int = 0
+    redone: int = 0
+    invalid_removed: int = 0
+    failed_crops: int = 0
+    drafted: bool = False
+    resized_copy: bool = False
+    failure: Failure | None = None
+
+
+@dataclass
+class CropReport:
+    """Counts and failures of one run (the manifest lists the crops)."""
+
+    input: InputReport
+    crops_dir: Path
+    crops_requested: int = 0
+    new: int = 0
+    skipped: int = 0
+    redone: int = 0
+    invalid_removed: int = 0
+    failed_crops: int = 0
+    drafted_images: int = 0
+    resized_copies: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    manifest: Path | None = None
+    log_file: Path | None = None
+
+    def add(self, outcome: ImageOutcome) -> None:
+        """Count one image's outcome."""
+        self.new += outcome.new
+        self.skipped += outcome.skipped
+        self.redone += outcome.redone
+        self.invalid_removed += outcome.invalid_removed
+        self.failed_crops += outcome.failed_crops
+        self.drafted_images += outcome.drafted
+        self.resized_copies += outcome.resized_copy
+        if outcome.failure is not None:
+            self.failures.append(outcome.failure)
+
+    def counts(self) -> dict[str, int | float]:
+        """Every count, for the JSON log."""
+        return {
+            "images": self.input.images,
+            "crops_requested": self.crops_requested,
+            "new": self.new,
+            "skipped_existing": self.skipped,
+            "redone_invalid": self.redone,
+            "invalid_removed": self.invalid_removed,
+            "failed_images": len(self.failures),
+            "failed_crops": self.failed_crops,
+            "drafted_images": self.drafted_images,
+            "resized_copies": self.resized_copies,
+            "annotations_without_box": self.input.annotations_without_box,
+            "detections_below_threshold": self.input.detections_below_threshold,
+            "detections_other_category": self.input.detections_other_category,
+            "detections_in_skipped_images": self.input.detections_in_skipped_images,
+            "skipped_images": len(self.input.skipped_images),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def lines(self) -> list[str]:
+        """Human-readable summary of the cropping (the input's summary is ``input.lines()``)."""
+        rate = (self.new + self.redone) / self.seconds if self.seconds > 0 else 0.0
+        out = [
+            f"crops: {self.crops_requested} requested: {self.new} new, {self.skipped} skipped (existing),"
+            f" {self.redone} redone (invalid); {len(self.failures)} images failed ({self.failed_crops} crops)"
+        ]
+        if self.invalid_removed:
+            out.append(f"  {self.invalid_removed} invalid crops removed (their image failed)")
+        if self.resized_copies:
+            out.append(f"  {self.resized_copies} images differ in size from the CCT's width/height: their boxes were scaled")
+        out.append(f"  {self.seconds:.1f} s, {rate:.1f} crops/s written; {self.drafted_images} images decoded at reduced scale")
+        if self.manifest is not None:
+            out.append(f"manifest: {self.manifest}")
+        if self.log_file is not None:
+            out.append(f"log: {self.log_file}")
+        return out
+
+
+# ---------------------------------------------------------------- one image
+
+
+def is_valid_image(path: Path) -> bool:
+    """True when ``path`` decodes completely."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except DECODE_ERRORS:
+        return False
+
+
+def crop_status(path: Path, check_valid: bool) -> Literal["missing", "valid", "invalid"]:
+    """Whether a crop must be made: it is missing, or (only when checked) does not decode."""
+    if not path.is_file():
+        return "missing"
+    if check_valid and not is_valid_image(path):
+        return "invalid"
+    return "valid"
+
+
+def open_source(request: ImageRequest, images_dir: Path, options: CropOptions) -> Image.Image:
+    """Open the source image (header only): from ``images_dir``, else from the base URL."""
+    path = images_dir / request.file_name
+    source: Path | io.BytesIO = path
+    if not path.is_file():
+        if options.images_base_url is None:
+            raise ImageError(f"image not found: {path}")
+        data = fetch_image(image_url(options.images_base_url, request.file_name))
+        if options.save_full_images:
+            try:
+                write_bytes_atomic(path, data)
+            except OSError as error:
+                raise UserError(f"cannot save downloaded image {path}: {error}") from None
+        source = io.BytesIO(data)
+    try:
+        return Image.open(source)
+    except DECODE_ERRORS as error:
+        raise ImageError(f"cannot open: {error}") from None
+
+
+def save_jpeg(image: Image.Image, path: Path, quality: int) -> None:
+    """Write a JPEG atomically; a write error (disk full, permissions) stops the run."""
+    try:
+        with atomic_open(path, "wb") as handle:
+            image.save(handle, format="JPEG", quality=quality)
+    except OSError as error:
+        raise UserError(f"cannot write crop {path}: {error}") from None
+
+
+def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path]], images_dir: Path, options: CropOptions) -> tuple[tuple[int, int], bool]:
+    """Decode the image once and write each crop in ``todo``; returns the displayed size and whether it was drafted."""
+    with open_source(request, images_dir, options) as image:
+        try:
+            full_size = displayed_size(image)
+            geometries = [
+                crop_geometry(pixel_box(crop.bbox, request, full_size), *full_size, options.crop_strategy)
+                for crop, _ in todo
+            ]
+            factor = draft_factor([g.side for g in geometries], options.max_size, image.size)
+            decoded = decode_image(image, factor)
+        except DECODE_ERRORS as error:
+            raise ImageError(f"cannot decode: {error}") from None
+        scale = (decoded.width / full_size[0], decoded.height / full_size[1])
+        for geometry, (_, path) in zip(geometries, todo):
+            crop = render_crop(decoded, geometry, stored_side(geometry.side, options.max_size), scale)
+            save_jpeg(crop, path, options.quality)
+    return full_size, factor > 1
+
+
+def known_size(request: ImageRequest, images_dir: Path) -> tuple[int, int] | None:
+    """The displayed size without decoding: from the file's header, else from the CCT, else unknown."""
+    try:
+        return read_image_size(images_dir / request.file_name)
+    except DECODE_ERRORS:
+        if request.width and request.height:
+            return int(request.width), int(request.height)
+        return None
+
+
+def _number(value: float) -> str:
+    """A coordinate with at most two decimals and no trailing zeros."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def crop_record(request: ImageRequest, crop: CropRequest, crop_path: str, size: tuple[int, int] | None, strategy: str) -> CropRecord:
+    """The manifest row of one crop; the box in displayed pixels (empty when MegaDetector's image size is unknown)."""
+    if size is not None:
+        box = [_number(v) for v in pixel_box(crop.bbox, request, size)]
+    else:
+        box = [""] * 4 if request.normalized else [_number(v) for v in crop.bbox]
+    return CropRecord(
+        crop_path, request.image_id, crop.annotation_id, request.file_name, *box,
+        request.dataset, request.location, request.seq_id, request.datetime, crop.label,
+        "" if crop.confidence is None else str(crop.confidence), strategy,
+    )
+
+
+def crop_image(request: ImageRequest, crops_dir: Path, images_dir: Path, options: CropOptions) -> ImageOutcome:
+    """Make the missing (or invalid) crops of one image; an unusable image becomes a ``Failure``."""
+    names = [crop_file_name(request.file_name, crop.annotation_id) for crop in request.crops]
+    status = [crop_status(crops_dir / name, options.check_crops_valid) for name in names]
+    todo = [(crop, crops_dir / name) for crop, name, s in zip(request.crops, names, status) if s != "valid"]
+    outcome = ImageOutcome()
+    size = None
+    if todo:
+        try:
+            size, outcome.drafted = write_crops(request, todo, images_dir, options)
+        except ImageError as error:
+            outcome.failure = Failure(request.file_name, str(error))
+    if size is None:
+        size = known_size(request, images_dir)
+    outcome.resized_copy = size is not None and is_resized_copy(request, size)
+    for crop, name, s in zip(request.crops, names, status):
+        if s == "valid":
+            outcome.skipped += 1
+        elif outcome.failure is None:
+            outcome.new += s == "missing"
+            outcome.redone += s == "invalid"
+        else:
+            outcome.failed_crops += 1
+            if s == "invalid":
+                (crops_dir / name).unlink(missing_ok=True)
+                outcome.invalid_removed += 1
+            continue
+        outcome.records.append(crop_record(request, crop, name, size, options.crop_strategy))
+    return outcome
+
+
+# ---------------------------------------------------------------- the run
+
+
+def show_progress(options: CropOptions) -> bool:
+    """Progress bar on unless asked otherwise or stderr is not a terminal."""
+    return options.progress if options.progress is not None else sys.stderr.isatty()
+
+
+def crop_all(requests: list[ImageRequest], crops_dir: Path, images_dir: Path, options: CropOptions) -> Iterator[ImageOutcome]:
+    """Crop every image on ``options.threads`` worker threads, yielding outcomes as they finish."""
+    executor = ThreadPoolExecutor(max_workers=options.threads)
+    try:
+        futures = [executor.submit(crop_image, request, crops_dir, images_dir, options) for request in requests]
+        with tqdm(total=len(futures), unit="image", desc="cropping", disable=not show_progress(options)) as bar:
+            for future in as_completed(futures):
+                yield future.result()
+                bar.update()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def write_manifest(records: list[CropRecord], path: Path) -> None:
+    """Write the crops manifest CSV atomically, sorted by crop path; every value is text."""
+    with atomic_open(path, "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for record in sorted(records, key=lambda r: r.crop_path):
+            writer.writerow([getattr(record, name) for name in MANIFEST_COLUMNS])
+
+
+def write_run_log(report: CropReport, logdir: Path, arguments: dict[str, object]) -> Path:
+    """Write ``crop_detections_<UTC time>.json``: arguments, counts, every failure and skipped image."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+    path = Path(logdir) / f"crop_detections_{stamp}.json"
+    write_json_atomic(
+        path,
+        {
+            "arguments": arguments,
+            "counts": report.counts(),
+            "summary": report.input.lines() + report.lines(),
+            "failures": [asdict(f) for f in report.failures],
+            "skipped_images": [asdict(s) for s in report.input.skipped_images],
+            "missing_locations": asdict(report.input.missing_locations) if report.input.missing_locations else None,
+        },
+    )
+    return path
+
+
+def check_same_strategy(manifest: Path, strategy: str) -> None:
+    """Refuse to mix strategies: existing crops are skipped by name, so they would keep the old one."""
+    if not manifest.is_file():
+        return
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        found = {row.get("crop_strategy") for row in csv.DictReader(handle)} - {strategy, None, ""}
+    if found:
+        raise UserError(
+            f"{manifest.parent} holds crops made with --crop-strategy {', '.join(sorted(found))} (see {manifest.name});"
+            f" crop into another folder for --crop-strategy {strategy}"
+        )
+
+
+def log_failures(failures: list[Failure]) -> None:
+    """Log the first failures, one line each, and how many more the JSON log holds."""
+    for failure in failures[:MAX_LOGGED_FAILURES]:
+        log.warning("skipped %s: %s", failure.file, failure.reason)
+    if len(failures) > MAX_LOGGED_FAILURES:
+        log.warning("... and %d more failed images (all listed in the --logdir log)", len(failures) - MAX_LOGGED_FAILURES)
+
+
+def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options: CropOptions = CropOptions()) -> CropReport:
+    """Crop every wanted box of ``input_json`` into ``crops_dir`` and write the manifest (and a log).
+
+    Existing crops are skipped (``check_crops_valid``: decoded, and redone when invalid).
+    """
+    options.validate()
+    crops_dir, images_dir = Path(crops_dir), Path(images_dir)
+    if not images_dir.is_dir() and options.images_base_url is None:
+        raise UserError(f"--images-dir {images_dir}: folder not found")
+    if options.save_full_images and options.images_base_url is None:
+        log.warning("--save-full-images has no effect without --images-base-url")
+    check_same_strategy(crops_dir / MANIFEST_NAME, options.crop_strategy)
+    started = time.perf_counter()
+    requests, input_report = read_crop_requests(
+        input_json,
+        labels_cct=options.labels_cct,
+        dataset=options.dataset,
+        threshold=options.threshold,
+        detector_categories=options.detector_categories,
+        missing_locations=options.missing_locations,
+    )
+    for line in input_report.lines():
+        log.info("%s", line)
+    report = CropReport(input=input_report, crops_dir=crops_dir, crops_requested=input_report.boxes)
+    records: list[CropRecord] = []
+    for outcome in crop_all(requests, crops_dir, images_dir, options):
+        report.add(outcome)
+        records += outcome.records
+    report.failures.sort(key=lambda f: f.file)
+    log_failures(report.failures)
+    report.manifest = crops_dir / MANIFEST_NAME
+    write_manifest(records, report.manifest)
+    report.seconds = time.perf_counter() - started
+    if options.logdir is not None:
+        arguments = {"input_json": str(input_json), "crops_dir": str(crops_dir), "images_dir": str(images_dir)}
+        arguments.update({f.name: _jsonable(getattr(options, f.name)) for f in fields(options)})
+        report.log_file = write_run_log(report, options.logdir, arguments)
+    return report
+
+
+def _jsonable(value: object) -> object:
+    """Paths and tuples as JSON values."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
