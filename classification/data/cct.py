@@ -217,12 +217,13 @@ def errors_only(problems: Iterable[Problem]) -> list[Problem]:
     return [p for p in problems if p.severity == "error"]
 
 
-def load_cct(path: str | Path) -> CCT:
+def load_cct(path: str | Path, data: Any | None = None) -> CCT:
     """Read and validate a CCT file; the first error becomes a one-line ``DataError``.
 
+    Pass ``data`` when the JSON is already parsed (``path`` then only names it in errors).
     Warnings (missing sizes, missing locations) are logged once as a count, not raised.
     """
-    data = read_json(path)
+    data = read_json(path) if data is None else data
     problems = validate_cct(data)
     errors = errors_only(problems)
     if errors:

@@ -396,7 +396,7 @@ def read_crop_requests(
     if detect_format(data, input_json) == "cct":
         if labels_cct is not None:
             raise UserError(f"--labels-cct joins labels to MegaDetector output, but {input_json} is a CCT file")
-        requests, report = cct_box_requests(load_cct(input_json), default_dataset, missing_locations)
+        requests, report = cct_box_requests(load_cct(input_json, data), default_dataset, missing_locations)
     else:
         md = load_megadetector(input_json, data)
         labels = load_cct(labels_cct) if labels_cct is not None else None
