@@ -41,7 +41,6 @@ left half-written by a killed process never exists under its final name.
 from __future__ import annotations
 
 import csv
-import http.client
 import io
 import logging
 import math
@@ -49,8 +48,6 @@ import re
 import sys
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
@@ -73,6 +70,8 @@ from classification.data.detections import (
     detection_id,
     read_crop_requests,
 )
+from classification.data.download import fetch_bytes, image_url
+from classification.data.images import DECODE_ERRORS, is_valid_image
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, write_bytes_atomic, write_json_atomic
 
@@ -88,7 +87,6 @@ MANIFEST_COLUMNS = (
 DOWNLOAD_RETRIES = 2
 DOWNLOAD_TIMEOUT_S = 60
 MAX_LOGGED_FAILURES = 10
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 _OUR_CROP = re.compile(r"^(?P<file>.+)___crop_(?P<id>[^/]+)\.jpg$")
 _MEGADETECTOR_CROP = re.compile(r"^(?P<file>.+)___crop(?P<index>\d+)_(?P<detector>[^/]*)\.jpg$")
@@ -292,29 +290,6 @@ def decode_image(image: Image.Image, factor: int) -> Image.Image:
     return to_rgb(image)
 
 
-def image_url(base_url: str, file_name: str) -> str:
-    """``base_url`` joined with ``file_name``; a query string (e.g. a SAS token) is kept at the end."""
-    parts = urllib.parse.urlsplit(base_url)
-    path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(file_name)}"
-    return urllib.parse.urlunsplit(parts._replace(path=path))
-
-
-def fetch_image(url: str, retries: int = DOWNLOAD_RETRIES) -> bytes:
-    """The bytes at ``url``, retrying network errors and 5xx answers; failing is an ``ImageError``."""
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                return response.read()
-        except urllib.error.HTTPError as error:
-            if error.code < 500 or attempt == retries:
-                raise ImageError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-            if attempt == retries:
-                raise ImageError(f"cannot download {url}: {getattr(error, 'reason', error)}") from None
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
 # ---------------------------------------------------------------- options, records, report
 
 
@@ -469,16 +444,6 @@ class CropReport:
 # ---------------------------------------------------------------- one image
 
 
-def is_valid_image(path: Path) -> bool:
-    """True when ``path`` decodes completely."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except DECODE_ERRORS:
-        return False
-
-
 def crop_status(path: Path, check_valid: bool) -> Literal["missing", "valid", "invalid"]:
     """Whether a crop must be made: it is missing, or (only when checked) does not decode."""
     if not path.is_file():
@@ -495,7 +460,11 @@ def open_source(request: ImageRequest, images_dir: Path, options: CropOptions) -
     if not path.is_file():
         if options.images_base_url is None:
             raise ImageError(f"image not found: {path}")
-        data = fetch_image(image_url(options.images_base_url, request.file_name))
+        url = image_url(options.images_base_url, request.file_name)
+        try:
+            data = fetch_bytes(url, retries=DOWNLOAD_RETRIES, timeout=DOWNLOAD_TIMEOUT_S)
+        except OSError as error:
+            raise ImageError(str(error)) from None
         if options.save_full_images:
             try:
                 write_bytes_atomic(path, data)

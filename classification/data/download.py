@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import http.client
 import logging
-import os
 import sys
 import threading
 import urllib.error
@@ -42,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Literal, TypeVar
 
-from PIL import Image
 from tqdm import tqdm
 
 from classification.errors import DataError, UserError
+from classification.data.images import is_valid_image
 from classification.io import atomic_open, read_json
 
 log = logging.getLogger(__name__)
@@ -239,14 +238,24 @@ def _remote_size(url: str, timeout: float, retries: int, backoff_seconds: float,
         return None
 
 
-def _decodes_as_image(path: Path) -> bool:
-    """Whether ``path`` is an image that PIL can fully decode (a truncated JPEG is not)."""
+def fetch_bytes(url: str, retries: int = 2, timeout: float = 60.0, backoff_seconds: float = 0.5) -> bytes:
+    """The whole body at ``url`` in memory, with the same retry rules; a failure raises ``OSError``."""
+
+    def get() -> bytes:
+        with _open(url, "GET", timeout) as response:
+            expected = _content_length(response.headers)
+            try:
+                body = response.read()
+            except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
+                raise _Retryable(f"network error while reading: {type(error).__name__}: {error}") from None
+            if expected is not None and len(body) != expected:
+                raise _Retryable(f"incomplete body: received {len(body)} of {expected} bytes")
+            return body
+
     try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except Exception:  # noqa: BLE001 (any decoder failure means "not complete")
-        return False
+        return _with_retries(get, retries, backoff_seconds, threading.Event())
+    except _Permanent as error:
+        raise OSError(f"cannot download {url}: {error}") from None
 
 
 def _fetch(url: str, destination: Path, timeout: float, stop: threading.Event) -> int:
@@ -294,7 +303,7 @@ def _is_complete(destination: Path, url: str, settings: _Settings) -> bool:
     size = _remote_size(url, settings.timeout, settings.retries, settings.backoff_seconds, settings.stop)
     if size is not None:
         return destination.stat().st_size == size
-    return _decodes_as_image(destination)
+    return is_valid_image(destination)
 
 
 def _download_one(file_name: str, settings: _Settings) -> tuple[Outcome, int, str]:
