@@ -1,0 +1,505 @@
+"""Training data: samples from a dataset folder or an image folder, fast decoding, transforms, loaders.
+
+Two kinds of ``data_root``:
+
+- a dataset folder written by ``utils/create_classification_dataset.py``:
+  ``classification_ds.csv`` (paths relative to ``crops_dir``), ``label_index.json`` and
+  ``splits.json``; a sample belongs to the split of its ``(dataset, location)``;
+- an image folder with one sub-folder per class, either split into ``train/ val/ test/``
+  sub-folders (``data_root/<split>/<class>/*.jpg``) or not split at all (the whole folder
+  is the train split).
+
+Determinism: the order of samples is a pure function of ``(seed, epoch)``
+(``EpochSampler``) and the augmentation of one sample a pure function of ``(seed,
+epoch, index)`` (``CropDataset``), so batches do not depend on the number of workers,
+on the order in which workers run, or on resuming in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from classification.data.crops import to_rgb
+from classification.data.dataset import read_string_csv
+from classification.data.images import DECODE_ERRORS
+from classification.data.splits import SPLIT_NAMES
+from classification.errors import DataError, UserError
+from classification.io import read_json
+
+if TYPE_CHECKING:
+    from classification.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+DATASET_CSV = "classification_ds.csv"
+LABEL_INDEX_JSON = "label_index.json"
+SPLITS_JSON = "splits.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_CROP_SCALE = 0.6  # RandomResizedCrop keeps at least this fraction of the area
+Augmentation = Literal["none", "light", "strong"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image: its file, class index, and the location it was taken at."""
+
+    path: Path
+    label: int
+    location: str
+    dataset: str
+
+
+# ---------------------------------------------------------------- samples
+
+
+def is_dataset_folder(data_root: Path) -> bool:
+    """True for a folder made by ``create_classification_dataset.py``, False for an image folder."""
+    return (data_root / DATASET_CSV).is_file()
+
+
+def split_folders(data_root: Path, train_split: str = "train") -> list[str]:
+    """The split sub-folders (``train``, ``val``, ``test``, ``train_split``) of an image folder; empty when not split.
+
+    A flat image folder whose classes include one named like a split is read as split.
+    """
+    names = dict.fromkeys((*SPLIT_NAMES, train_split))
+    return [name for name in names if (data_root / name).is_dir()]
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted names of the class sub-folders of ``folder`` (hidden folders ignored)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{folder}: no class sub-folders (expected one folder of images per class)")
+    return names
+
+
+def image_folder_root(data_root: Path, split: str, train_split: str = "train") -> Path:
+    """The folder holding the class folders of ``split`` in an image folder; UserError for a split it lacks."""
+    available = split_folders(data_root, train_split)
+    if available and (data_root / split).is_dir():
+        return data_root / split
+    if not available and split == train_split:
+        return data_root
+    shown = ", ".join(available) if available else f"{train_split} (the whole folder; it has no train/ val/ test/ sub-folders)"
+    raise UserError(f"{data_root}: no split {split!r} in this image folder (available: {shown})")
+
+
+def load_label_index(data_root: Path, train_split: str = "train") -> dict[int, str]:
+    """``{0: "agouti", ...}`` from ``label_index.json``, or from the sorted class folders of an image folder."""
+    data_root = Path(data_root)
+    if not is_dataset_folder(data_root):
+        return dict(enumerate(class_folders(image_folder_root(data_root, train_split, train_split))))
+    path = data_root / LABEL_INDEX_JSON
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a non-empty object {{\"0\": \"name\", ...}}")
+    try:
+        index = {int(key): str(name) for key, name in raw.items()}
+    except ValueError:
+        raise DataError(f"{path}: keys must be class numbers \"0\", \"1\", ...") from None
+    if sorted(index) != list(range(len(index))):
+        raise DataError(f"{path}: class numbers must be 0..{len(index) - 1} without gaps")
+    if len(set(index.values())) != len(index):
+        raise DataError(f"{path}: a class name appears twice")
+    return dict(sorted(index.items()))
+
+
+def available_splits(config: ExperimentConfig) -> list[str]:
+    """The split names ``build_samples`` accepts for this ``data_root``."""
+    data_root = Path(config.data_root)
+    if is_dataset_folder(data_root):
+        splits = read_json(data_root / SPLITS_JSON)
+        return list(splits) if isinstance(splits, dict) else []
+    return split_folders(data_root, config.train_split) or [config.train_split]
+
+
+def read_split_keys(path: Path, split: str) -> set[tuple[str, str]]:
+    """The ``(dataset, location)`` pairs of ``split`` in ``splits.json``."""
+    splits = read_json(path)
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: expected an object {{\"train\": [[dataset, location], ...], ...}}")
+    if split not in splits:
+        raise UserError(f"{path}: no split {split!r} (available: {', '.join(map(str, splits)) or 'none'})")
+    try:
+        return {(str(dataset), str(location)) for dataset, location in splits[split]}
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {split}: expected a list of [dataset, location] pairs") from None
+
+
+def dataset_folder_samples(data_root: Path, crops_dir: Path, split: str) -> list[Sample]:
+    """Samples of ``split`` from ``classification_ds.csv``, ``label_index.json`` and ``splits.json``."""
+    csv_path = data_root / DATASET_CSV
+    frame = read_string_csv(csv_path, ("path", "dataset", "location", "label"))
+    name_to_index = {name: i for i, name in load_label_index(data_root).items()}
+    unknown = sorted(set(frame["label"]) - set(name_to_index))
+    if unknown:
+        raise DataError(f"{csv_path}: label {unknown[0]!r} is not in {data_root / LABEL_INDEX_JSON}"
+                        + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    keys = read_split_keys(data_root / SPLITS_JSON, split)
+    in_split = pd.Series([key in keys for key in zip(frame["dataset"], frame["location"])], index=frame.index, dtype=bool)
+    rows = frame[in_split]
+    return [
+        Sample(crops_dir / path, name_to_index[label], location, dataset)
+        for path, label, location, dataset in zip(rows["path"], rows["label"], rows["location"], rows["dataset"])
+    ]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files (jpg, jpeg, png; any case) under ``folder``, sorted, hidden files left out."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def image_folder_samples(data_root: Path, split: str, train_split: str) -> list[Sample]:
+    """Samples of ``split`` from ``data_root[/<split>]/<class>/*.jpg``; classes from the train split's folders."""
+    label_index = load_label_index(data_root, train_split)
+    name_to_index = {name: i for i, name in label_index.items()}
+    root = image_folder_root(data_root, split, train_split)
+    samples = []
+    for name in class_folders(root):
+        if name not in name_to_index:
+            raise DataError(f"{root / name}: class {name!r} has no folder in the {train_split} split "
+                            f"({image_folder_root(data_root, train_split, train_split)})")
+        samples += [Sample(path, name_to_index[name], "", data_root.name) for path in image_files(root / name)]
+    return samples
+
+
+def build_samples(config: ExperimentConfig, split: str) -> list[Sample]:
+    """The samples of ``split`` (e.g. ``"train"``) of ``config.data_root``, in file order."""
+    data_root = Path(config.data_root)
+    if is_dataset_folder(data_root):
+        samples = dataset_folder_samples(data_root, Path(config.resolved_crops_dir()), split)
+    else:
+        samples = image_folder_samples(data_root, split, config.train_split)
+    if not samples:
+        log.warning("%s: split %r has no images", data_root, split)
+    return samples
+
+
+# ---------------------------------------------------------------- images and transforms
+
+
+class ImageLoadError(OSError):
+    """An image that is missing, truncated or not an image: the sample is skipped."""
+
+
+def use_accimage() -> bool:
+    """True when torchvision's image backend is set to accimage (conda-only; optional)."""
+    return torchvision.get_image_backend() == "accimage"
+
+
+def load_accimage(path: Path) -> Tensor:
+    """Decode with accimage (libjpeg-turbo) into a uint8 CHW image; EXIF orientation is not applied."""
+    import accimage  # noqa: PLC0415 - only when the user selected the backend
+
+    try:
+        image = accimage.Image(str(path))
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"{path}: {error}") from None
+    array = np.zeros((image.channels, image.height, image.width), dtype=np.uint8)
+    image.copyto(array)
+    return torchvision.tv_tensors.Image(torch.from_numpy(array))
+
+
+def load_image(path: Path, target_size: int | None = None) -> Image.Image:
+    """Decode an image as RGB with its EXIF orientation applied.
+
+    A JPEG at least twice ``target_size`` on its short side is decoded at 1/2, 1/4 or
+    1/8 scale (``Image.draft``), never below ``target_size``: about twice as fast and,
+    as the transforms shrink it to ``target_size`` anyway, nothing is lost.
+    """
+    try:
+        with Image.open(path) as image:
+            if target_size and image.format == "JPEG" and min(image.size) >= 2 * target_size:
+                image.draft("RGB", (target_size, target_size))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(image)
+    except DECODE_ERRORS as error:
+        raise ImageLoadError(f"{path}: {error}") from None
+
+
+def decode_size(image_size: int, augmentation: Augmentation, train: bool) -> int:
+    """Smallest short side to decode at so that the transforms never upsample a drafted image."""
+    if train and augmentation != "none":
+        return math.ceil(image_size / math.sqrt(MIN_CROP_SCALE * 3 / 4))  # smallest RandomResizedCrop side
+    return image_size
+
+
+def build_transforms(image_size: int, augmentation: Augmentation, train: bool) -> v2.Compose:
+    """Image -> normalised float tensor (3, size, size); train presets: none, light, strong.
+
+    Crops are square, so evaluation resizes to ``(size, size)`` (nothing cut off).
+    ``light``: random resized crop (60-100 % of the area), flip, mild colour jitter;
+    ``strong``: also TrivialAugmentWide and random erasing.
+    """
+    if augmentation not in ("none", "light", "strong"):
+        raise UserError(f"augmentation: unknown preset {augmentation!r} (none, light, strong)")
+    if not train or augmentation == "none":
+        geometry: list[v2.Transform] = [v2.Resize((image_size, image_size), antialias=True)]
+    else:
+        geometry = [
+            v2.RandomResizedCrop(image_size, scale=(MIN_CROP_SCALE, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+        if augmentation == "strong":
+            geometry.append(v2.TrivialAugmentWide())
+    tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    erasing = [v2.RandomErasing(p=0.25)] if train and augmentation == "strong" else []
+    return v2.Compose(geometry + tensor + erasing)
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``seed`` and ``keys`` (e.g. epoch, index)."""
+    state = np.random.SeedSequence([seed % 2**64, *keys]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class CropDataset(Dataset):
+    """Samples -> ``(image tensor or None, label, index)``; a file that cannot be read gives None.
+
+    The transform of item ``index`` in ``epoch`` runs under its own torch seed (inside
+    ``fork_rng``, so the caller's random state is untouched): the same item always gives
+    the same tensor, whichever worker makes it and whenever.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: v2.Transform, seed: int,
+                 decode_size: int | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.decode_size = decode_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the augmentation randomness of ``epoch`` from now on."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        """The file behind item ``index`` (for the one warning about a skipped image)."""
+        return str(self.samples[index].path)
+
+    def read(self, index: int) -> Image.Image | Tensor:
+        """Decode item ``index`` (accimage when torchvision's backend says so, else PIL)."""
+        path = self.samples[index].path
+        return load_accimage(path) if use_accimage() else load_image(path, self.decode_size)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, int]:
+        label = self.samples[index].label
+        try:
+            image = self.read(index)
+        except OSError:
+            return None, label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, self.epoch, index))
+            tensor = self.transform(image)
+        return tensor.as_subclass(Tensor), label, index
+
+
+@dataclass
+class Batch:
+    """A collated batch; ``skipped`` lists the dataset indices whose image could not be read."""
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+    skipped: list[int]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def pin_memory(self) -> Batch:
+        """Pinned copies of the tensors (called by the DataLoader when ``pin_memory=True``)."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
+
+
+def collate_skip_none(items: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
+    """Stack the readable items; list the unreadable ones in ``skipped`` (a batch may end up empty)."""
+    kept = [item for item in items if item[0] is not None]
+    skipped = [index for image, _, index in items if image is None]
+    images = torch.stack([image for image, _, _ in kept]) if kept else torch.empty(0)
+    labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
+    indices = torch.tensor([index for _, _, index in kept], dtype=torch.int64)
+    return Batch(images, labels, indices, skipped)
+
+
+class SkippedImages:
+    """Warns once per unreadable file (in the main process, from ``Batch.skipped``) and counts them."""
+
+    def __init__(self, dataset: CropDataset) -> None:
+        self.dataset = dataset
+        self.seen: set[int] = set()
+
+    def record(self, indices: Sequence[int]) -> None:
+        """Warn about each index not seen before."""
+        for index in indices:
+            if index not in self.seen:
+                self.seen.add(index)
+                path = Path(self.dataset.describe(index))
+                reason = "unreadable image" if path.exists() else "file not found"
+                log.warning("skipped %s (%s); training goes on without it", path, reason)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+
+# ---------------------------------------------------------------- balancing and sampling
+
+
+def label_weights(labels: Sequence[int], weights: Sequence[float] | None = None) -> np.ndarray:
+    """MegaDetector's per-sample weights: ``w_i <- w_i * (n / c) / sum_{label_j = label_i} w_j``.
+
+    Each of the ``c`` labels present then carries the same total weight ``n / c``, so a
+    weighted sampler draws every class equally often.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(labels) == 0:
+        return w
+    present, inverse = np.unique(labels, return_inverse=True)
+    per_label = np.bincount(inverse, weights=w, minlength=len(present))
+    return w * (len(labels) / len(present)) / per_label[inverse]
+
+
+def class_weights_for_loss(labels: Sequence[int], num_classes: int) -> Tensor:
+    """Inverse class frequency, normalised to mean 1 over the classes present (absent classes: 1)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes].astype(np.float64)
+    weights = np.ones(num_classes)
+    present = counts > 0
+    if present.any():
+        inverse = 1.0 / counts[present]
+        weights[present] = inverse / inverse.mean()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class EpochSampler(Sampler[int]):
+    """Dataset indices for one epoch, a pure function of ``(seed, epoch)``, sharded for DDP.
+
+    ``shuffle``: a permutation; ``weights``: ``n`` draws with replacement; else in order.
+    Like ``DistributedSampler``, the list is padded (by repeating its start) to a multiple
+    of ``world_size`` and rank ``r`` takes ``[r::world_size]``; ``pad=False`` leaves
+    ranks uneven (exact evaluation). ``set_start(k)`` skips this rank's first ``k``
+    indices, to resume mid-epoch; ``set_epoch`` resets it to 0.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, weights: Sequence[float] | np.ndarray | None = None,
+                 rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"{len(weights)} weights for {n} samples")
+        self.n = n
+        self.shuffle = shuffle
+        self.seed = seed
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch``, from its beginning."""
+        self.epoch = epoch
+        self.start = 0
+
+    def set_start(self, batch_offset_samples: int) -> None:
+        """Skip the first ``batch_offset_samples`` indices of this rank (already trained on)."""
+        if not 0 <= batch_offset_samples <= self.rank_size():
+            raise ValueError(f"start {batch_offset_samples} outside 0..{self.rank_size()}")
+        self.start = batch_offset_samples
+
+    def epoch_order(self) -> Tensor:
+        """All ranks' indices of this epoch, before padding."""
+        if self.n == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        if self.shuffle:
+            return torch.randperm(self.n, generator=generator)
+        return torch.arange(self.n)
+
+    def padded_size(self) -> int:
+        """Length of the epoch's list after padding to a multiple of ``world_size``."""
+        return math.ceil(self.n / self.world_size) * self.world_size if self.pad else self.n
+
+    def rank_size(self) -> int:
+        """Indices this rank gets in a whole epoch."""
+        return len(range(self.rank, self.padded_size(), self.world_size))
+
+    def rank_indices(self) -> list[int]:
+        """This rank's indices of the epoch, from ``start``."""
+        order = self.epoch_order()
+        extra = self.padded_size() - self.n
+        if extra and self.n:
+            order = torch.cat([order, order.repeat(math.ceil(extra / self.n))[:extra]])
+        return order[self.rank::self.world_size][self.start:].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices())
+
+    def __len__(self) -> int:
+        return self.rank_size() - self.start
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: bool, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader of ``Batch``es: shuffled (or label-balanced) for training, in order otherwise.
+
+    Training shards are padded like ``DistributedSampler``; evaluation shards are not, so
+    every sample is scored exactly once. ``pin_memory`` defaults to "CUDA is used".
+    """
+    dataset = CropDataset(samples, build_transforms(config.image_size, config.augmentation, train), config.seed,
+                          decode_size(config.image_size, config.augmentation, train))
+    weights = label_weights([s.label for s in samples]) if train and config.balancing == "sampler" else None
+    sampler = EpochSampler(len(samples), shuffle=train, seed=config.seed, weights=weights, rank=rank,
+                           world_size=world_size, pad=train)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and str(config.device) != "cpu"
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(config.seed % 2**63),  # leaves the global torch RNG alone
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
+    """Point a loader from ``build_loader`` at ``epoch`` (order and augmentation), skipping ``start`` samples."""
+    loader.dataset.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_start(start)
