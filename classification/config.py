@@ -1,0 +1,308 @@
+"""The experiment config: one ``config.yml`` per experiment folder, validated with types.
+
+animl-ml's flat keys (``seed, device, num_workers, data_root, crops_dir, num_classes,
+image_size, num_epochs, batch_size, learning_rate, weight_decay``) work unchanged; every
+newer option has a default, so a config stays short. An unknown key, a wrong type or an
+impossible value is one line naming the file and the key (with a "did you mean" for typos).
+Relative paths: ``data_root`` and ``weights_file`` resolve against the config file's
+folder, ``crops_dir`` against ``data_root`` (animl-ml's ``crops_dir: crops`` means
+``<data_root>/crops``). animl-ml's ``image_size: [224, 224]`` is read as 224.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import json
+import platform
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from classification.errors import DataError, UserError
+from classification.io import write_json_atomic, write_text_atomic
+
+MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
+# Fields that may change between a run and its resume without changing what has been
+# trained so far: where things run and are logged, how often checkpoints are kept, where
+# the (same) data lives, and how long/patiently to go on (train longer by raising
+# num_epochs; the learning-rate schedule is then computed over the new length).
+RESUMABLE_FIELDS = frozenset({
+    "device", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
+    "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
+    "data_root", "crops_dir", "weights_file",
+})
+VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
+
+
+class ExperimentConfig(BaseModel):
+    """Every option of a training run; unknown keys are errors (no silent typos)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # animl-ml keys
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    num_workers: int = Field(2, ge=0)
+    data_root: Path
+    crops_dir: Path | None = None
+    num_classes: int | None = Field(None, ge=2)
+    image_size: int = Field(224, ge=8)
+    num_epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    # model
+    architecture: str = "resnet18"
+    pretrained: bool = True
+    weights_file: Path | None = None
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    # optimisation
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    lr_step_size: int = Field(30, ge=1)
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augmentation: Literal["none", "light", "strong"] = "light"
+    balancing: Literal["none", "sampler", "loss"] = "none"
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    deterministic: bool = True
+    # selection, early stopping, EMA
+    monitor: str = "val_top1"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # checkpoints and logging
+    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_keep_last: int = Field(2, ge=0)
+    comet: Literal["auto", "online", "offline", "off"] = "auto"
+    comet_project: str | None = None
+    experiment_name: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    log_sample_predictions: int = Field(8, ge=0)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square_size(cls, value: Any) -> Any:
+        """animl-ml writes ``[224, 224]``; crops are square, so one side is enough."""
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            if value[0] != value[1]:
+                raise ValueError(f"crops are square: give one size, got {list(value)}")
+            return value[0]
+        return value
+
+    @field_validator("comet", "amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads an unquoted ``off``/``on`` as false/true: take them as the words meant."""
+        if value is False:
+            return "off"
+        if value is True:
+            return {"comet": "auto", "channels_last": "on"}.get(info.field_name or "", value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        """auto, cpu, mps, cuda or cuda:N."""
+        index = value.split(":", 1)[1] if value.startswith("cuda:") else "0"
+        if value not in ("auto", "cpu", "mps", "cuda") and not (value.startswith("cuda:") and index.isdigit()):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("monitor")
+    @classmethod
+    def _check_monitor(cls, value: str) -> str:
+        """One of the validation metrics that best.pt and early stopping can follow."""
+        if value not in MONITOR_METRICS:
+            raise ValueError(f"expected one of {', '.join(MONITOR_METRICS)}, got {value!r}{did_you_mean(value, MONITOR_METRICS)}")
+        return value
+
+    @field_validator("architecture", "train_split", "val_split")
+    @classmethod
+    def _check_not_empty(cls, value: str) -> str:
+        """Names that must not be blank."""
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def resolved_crops_dir(self) -> Path:
+        """The folder the dataset CSV's paths are relative to (``data_root`` unless set)."""
+        return self.crops_dir if self.crops_dir is not None else self.data_root
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean X?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+TYPE_NAMES = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "text",
+    "path": "a path", "dict": "a mapping", "list": "a list",
+}
+
+
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key: problem`` in words a user reads without the docs."""
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key{did_you_mean(key, list(ExperimentConfig.model_fields))}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "literal_error":
+        choices = list(error.get("ctx", {}).get("expected", "").replace("'", "").replace(" or ", ", ").split(", "))
+        return f"{key}: expected one of {', '.join(choices)}, got {value!r}{did_you_mean(str(value), choices)}"
+    if kind == "value_error":
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    family = kind.split("_")[0]
+    if family in TYPE_NAMES and (kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith("int_from")):
+        return f"{key}: expected {TYPE_NAMES[family]}, got {value!r}"
+    message = error["msg"].replace("Input should be", "must be")
+    return f"{key}: {message}, got {value!r}"
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a config.yml file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise DataError(f"{path}: not valid YAML: {problem}{where}") from None
+    if data is None:
+        raise DataError(f"{path}: empty config (data_root at least is required)")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``lr=0.1`` is a number, ``x=null`` is None)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text}: expected key=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"--set {text}: the value is not valid YAML") from None
+
+
+def absolute_path(value: Any, base: Path) -> Any:
+    """A path string made absolute (``~`` expanded, relative to ``base``); anything else unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_paths(data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """``data_root`` and ``weights_file`` against the config's folder, then ``crops_dir`` against ``data_root``."""
+    resolved = dict(data)
+    for key in ("data_root", "weights_file"):
+        resolved[key] = absolute_path(resolved.get(key), config_dir)
+    data_root = resolved.get("data_root")
+    if isinstance(data_root, str) and data_root.strip():
+        resolved["crops_dir"] = absolute_path(resolved.get("crops_dir"), Path(data_root))
+    return {k: v for k, v in resolved.items() if k in data or v is not None}
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read, override (``key=value``), resolve paths and validate a config.yml."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    for key in data:
+        if not isinstance(key, str):
+            raise DataError(f"{path}: {key!r}: keys must be names, not {type(key).__name__}")
+    for override in overrides:
+        key, value = parse_override(override)
+        data[key] = value
+    data = resolve_paths(data, path.resolve().parent)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        problems = "; ".join(describe_error(e) for e in errors)
+        raise DataError(f"{path}: {problems}") from None
+
+
+def check_num_classes(config: ExperimentConfig, label_index: Mapping[int, str], config_path: Path | None = None) -> None:
+    """A config that states ``num_classes`` must agree with the dataset's label_index.json."""
+    if config.num_classes is not None and config.num_classes != len(label_index):
+        where = f"{config_path}: " if config_path else ""
+        raise DataError(
+            f"{where}num_classes: {config.num_classes}, but {config.data_root / 'label_index.json'} has "
+            f"{len(label_index)} labels; remove num_classes (it is read from the dataset) or fix it")
+
+
+def hashed_fields(config: ExperimentConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that decide what training computes (everything but ``RESUMABLE_FIELDS``)."""
+    values = config.to_dict() if isinstance(config, ExperimentConfig) else dict(config)
+    return {k: v for k, v in sorted(values.items()) if k not in RESUMABLE_FIELDS}
+
+
+def config_hash(config: ExperimentConfig | Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``hashed_fields``: equal hashes, same training."""
+    canonical = json.dumps(hashed_fields(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def config_changes(old: Mapping[str, Any], new: ExperimentConfig) -> list[str]:
+    """``key: old -> new`` for every hashed field that differs (for the resume refusal)."""
+    before, after = hashed_fields(old), hashed_fields(new)
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide the results (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str], overrides: Sequence[str] = (),
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``resolved_config.yml`` and ``run_info.json`` (versions, command line, start time).
+
+    Nothing from the environment is recorded, so no key or token can end up in them.
+    """
+    header = "# written at the start of each run: the config as validated, defaults and --set overrides included\n"
+    write_text_atomic(run_dir / "resolved_config.yml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    info = {
+        "command": [sys.executable, *argv],
+        "overrides": list(overrides),
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "config_hash": config_hash(config),
+        **(extra or {}),
+    }
+    write_json_atomic(run_dir / "run_info.json", info)
