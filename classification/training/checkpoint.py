@@ -1,0 +1,205 @@
+"""Checkpoints: one dict with everything needed to continue a run exactly, saved atomically.
+
+``runs/<model>/<experiment>/checkpoints/`` holds ``<epoch>.pt`` (every
+``checkpoint_every`` epochs, the newest ``checkpoint_keep_last`` kept; 0 keeps all),
+``last.pt`` (always the newest state, also the mid-epoch state saved on SIGINT/SIGTERM)
+and ``best.pt`` (the epoch with the best monitored metric). Each file is written to a
+temporary file in the same folder, fsynced and moved into place with ``os.replace``: a
+crash or ``kill -9`` leaves the previous complete file, never a half-written one.
+
+Everything in a checkpoint is a tensor or a plain Python value, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs on load). Keys: ``model, optimizer,
+scheduler, scaler, ema, ema_num_updates, epoch, step, batch_in_epoch, partial_train_metrics,
+best_metric, best_epoch, early_stopping_counter, rng, label_index, config_hash, comet_key,
+config, format``. ``epoch`` is the last *completed* epoch (1-based); ``batch_in_epoch`` > 0
+marks a mid-epoch state: that many batches of epoch ``epoch + 1`` are done.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from classification.errors import DataError, UserError
+from classification.io import write_bytes_atomic
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINTS_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+NUMBERED = re.compile(r"^(\d+)\.pt$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints``."""
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+# ---------------------------------------------------------------- random states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy (legacy global) and torch CPU/CUDA random states, as tensors and plain values."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back the random states saved by ``capture_rng_state`` (CUDA only when the same GPUs exist)."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(x) for x in python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def serialize(checkpoint: Mapping[str, Any]) -> bytes:
+    """The checkpoint as ``torch.save`` bytes (serialised once, written to several names)."""
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], directory: Path, names: list[str]) -> list[Path]:
+    """Write ``checkpoint`` atomically under each of ``names`` (e.g. ``["3.pt", "last.pt"]``)."""
+    data = serialize({"format": CHECKPOINT_FORMAT, **checkpoint})
+    paths = [Path(directory) / name for name in names]
+    for path in paths:
+        write_bytes_atomic(path, data)
+    return paths
+
+
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete temporary files that a killed process left half-written (``.<name>.<random>.tmp``)."""
+    removed = sorted(Path(directory).glob(".*.pt.*.tmp")) if Path(directory).is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the ``<epoch>.pt`` files in ``directory``, oldest first."""
+    if not Path(directory).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := NUMBERED.match(p.name))]
+    return sorted(found)
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all); last/best stay."""
+    numbered = numbered_checkpoints(directory)
+    if keep_last <= 0 or len(numbered) <= keep_last:
+        return []
+    removed = [path for _, path in numbered[:-keep_last]]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def checkpoint_names(epoch: int, every: int, is_best: bool, is_final: bool) -> list[str]:
+    """Which files an end-of-epoch checkpoint goes to: ``<epoch>.pt`` every ``every`` epochs and
+    at the final epoch, ``best.pt`` when the monitored metric improved, ``last.pt`` always (last,
+    so that ``last.pt`` never points past a numbered file a crash did not finish)."""
+    names = [f"{epoch}.pt"] if epoch % every == 0 or is_final else []
+    return names + ([BEST] if is_best else []) + [LAST]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint dict, loaded on the CPU with ``weights_only=True``; an unreadable file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and torch errors all mean "not a checkpoint"
+        raise DataError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise DataError(f"{path}: not a training checkpoint of this framework (no 'model' entry)")
+    return checkpoint
+
+
+def checkpoint_position(path: Path) -> tuple[int, int] | None:
+    """``(epoch, batch_in_epoch)`` of a checkpoint (memory-mapped: tensors are not read), None if unreadable."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["epoch"]), int(checkpoint.get("batch_in_epoch", 0))
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not a candidate
+        return None
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The most advanced of ``last.pt``, ``best.pt`` and the highest ``<epoch>.pt`` (``last.pt`` on a tie).
+
+    One save writes several files one after the other, so a ``kill -9`` between two of them
+    leaves the newest state in ``<epoch>.pt`` or ``best.pt`` and an older ``last.pt``.
+    """
+    directory = Path(directory)
+    numbered = numbered_checkpoints(directory)
+    candidates = [directory / LAST, directory / BEST] + ([numbered[-1][1]] if numbered else [])
+    positions = [(position, -rank, path) for rank, path in enumerate(candidates)
+                 if path.is_file() and (position := checkpoint_position(path)) is not None]
+    return max(positions)[2] if positions else None
+
+
+def repair_best(directory: Path, checkpoint: Mapping[str, Any], source: Path) -> bool:
+    """Rewrite ``best.pt`` from ``source`` when a crash kept it from being written (the epoch resumed
+    from is its own best epoch, and ``best.pt`` holds another); True when it did."""
+    epoch, best_epoch = checkpoint["epoch"], checkpoint.get("best_epoch")
+    if best_epoch != epoch or checkpoint.get("batch_in_epoch", 0) or source.name == BEST:
+        return False
+    best = Path(directory) / BEST
+    if checkpoint_position(best) == (epoch, 0):
+        return False
+    write_bytes_atomic(best, source.read_bytes())
+    return True
+
+
+def available_checkpoints(run_dir: Path) -> list[str]:
+    """Names of the checkpoints in ``<run_dir>/checkpoints``: numbered by epoch, then best and last."""
+    directory = checkpoints_dir(run_dir)
+    named = [name for name in (BEST, LAST) if (directory / name).is_file()]
+    return [path.name for _, path in numbered_checkpoints(directory)] + named
+
+
+def resolve_checkpoint(run_dir: Path, name: str | Path) -> Path:
+    """``last``, ``best``, ``200``, ``200.pt`` (in ``<run_dir>/checkpoints``) or a path, to an existing file."""
+    text = str(name).strip()
+    directory = checkpoints_dir(run_dir)
+    if text in ("last", "best"):
+        candidate = directory / f"{text}.pt"
+    elif text.isdigit():
+        candidate = directory / f"{int(text)}.pt"
+    elif NUMBERED.match(text) or text in (LAST, BEST):
+        candidate = directory / text
+    else:
+        candidate = Path(text).expanduser()
+    if candidate.is_file():
+        return candidate
+    present = available_checkpoints(run_dir)
+    listing = ", ".join(present) if present else "none"
+    raise UserError(f"{candidate}: checkpoint not found (checkpoints in {directory}: {listing})")

@@ -1,0 +1,280 @@
+"""Training runs on a tiny real dataset (demo images -> crops -> dataset): outputs, options, checkpoints.
+
+The helpers here (``build_dataset``, ``write_run``, ``train_command``) are shared with
+test_resume.py and test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from classification.config import load_config
+from classification.data.crops import CropOptions, crop_detections
+from classification.data.dataset import DatasetOptions, create_classification_dataset
+from classification.demo import make_demo_dataset
+from classification.errors import DataError, UserError
+from classification.training.checkpoint import (
+    capture_rng_state,
+    checkpoint_names,
+    load_checkpoint,
+    newest_checkpoint,
+    prune_checkpoints,
+    repair_best,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from classification.training.data import build_samples
+from classification.training.engine import is_improvement, lr_factor, seed_everything, train
+from classification.training.models import build_model, head_name
+from tests.conftest import REPO_ROOT
+from tests.test_config import ANIML_CONFIG
+
+TINY: dict[str, Any] = {
+    "architecture": "timm:test_efficientnet", "pretrained": False, "image_size": 32, "batch_size": 8,
+    "num_workers": 0, "comet": "off", "learning_rate": 0.05, "num_epochs": 2, "log_sample_predictions": 4,
+}
+
+
+def build_dataset(root: Path, n_locations: int = 6, sequences: int = 3, frames: int = 2) -> Path:
+    """Demo camera-trap images cropped and split by the library's own pipeline; crops in ``<dataset>/crops``."""
+    cct = make_demo_dataset(root / "raw", n_locations, sequences, frames, seed=0)
+    dataset = root / "dataset"
+    crop_detections(cct, dataset / "crops", root / "raw" / "images", CropOptions(crop_strategy="pad", max_size=64))
+    create_classification_dataset(dataset, DatasetOptions(crops_dir=dataset / "crops", cct_json=cct, val_frac=0.25,
+                                                          test_frac=0.2, candidates=500, seed=0))
+    return dataset
+
+
+def write_run(run_dir: Path, dataset: Path, **options: Any) -> Path:
+    """``run_dir/config.yml`` for a tiny model on ``dataset``; ``options`` override ``TINY``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"data_root": str(dataset), "crops_dir": "crops", **TINY, **options}
+    path = run_dir / "config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """One thread per process (fast and reproducible on 2 cores), no Comet key unless given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def train_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "classifier" / "train.py"), "--config", str(config), *args]
+
+
+def run_train(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run classifier/train.py as a user would (from the run folder, so no .env of the repo is read)."""
+    return subprocess.run(train_command(config, *args), capture_output=True, text=True, cwd=config.parent,
+                          env=train_env(**env), timeout=600)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested checkpoint structures (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, Mapping):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("data"))
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_two_epoch_run_writes_everything_and_no_secret(dataset: Path, tmp_path: Path) -> None:
+    secret = "c0met-key-that-must-never-be-written-123"
+    config = write_run(tmp_path / "runs" / "tiny" / "baseline", dataset, comet="offline")
+    result = run_train(config, "--set", "learning_rate=0.02", COMET_API_KEY=secret)
+    assert result.returncode == 0, result.stderr
+    run_dir = config.parent
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1.pt", "2.pt", "best.pt", "last.pt"]
+    rows = read_metrics(run_dir)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    for column in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top3", "val_macro_f1", "val_weighted_f1",
+                   "val_ece", "val_recall_deer", "val_precision_bird", "lr", "epoch_seconds", "images_per_second"):
+        assert math.isfinite(float(rows[-1][column])), column
+    assert yaml.safe_load((run_dir / "resolved_config.yml").read_text())["learning_rate"] == 0.02
+    info = yaml.safe_load((run_dir / "run_info.json").read_text())
+    assert info["overrides"] == ["learning_rate=0.02"] and "--set" in info["command"]
+    archives = list((run_dir / "comet").glob("*.zip"))
+    assert len(archives) == 1
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")  # weights_only=True
+    assert checkpoint["epoch"] == 2 and checkpoint["batch_in_epoch"] == 0 and checkpoint["comet_key"] == archives[0].stem
+    assert checkpoint["label_index"] == {"0": "bird", "1": "deer", "2": "rabbit", "3": "wild_boar"}
+    assert checkpoint["config"]["learning_rate"] == 0.02 and checkpoint["ema"] is None
+    for path in run_dir.rglob("*"):  # the key is in the environment, and nowhere in the run folder
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+            if path.suffix == ".zip":
+                with zipfile.ZipFile(path) as archive:
+                    assert all(secret.encode() not in archive.read(name) for name in archive.namelist())
+
+
+def test_options_freeze_ema_adamw_balanced_loss(dataset: Path, tmp_path: Path) -> None:
+    config = load_config(write_run(tmp_path / "run", dataset, optimizer="adamw", learning_rate=0.01, lr_schedule="step",
+                                   lr_step_size=1, lr_gamma=0.5, warmup_epochs=1, label_smoothing=0.1, balancing="loss",
+                                   ema_decay=0.9, freeze_backbone_epochs=1, augmentation="strong", monitor="val_loss"))
+    result = train(config, tmp_path / "run")
+    assert result.epochs_completed == 2 and result.exit_code == 0 and result.best_epoch in (1, 2)
+    seed_everything(config.seed)
+    initial = build_model(config.architecture, 4, pretrained=False).state_dict()
+    head = head_name(build_model(config.architecture, 4, pretrained=False)) + "."
+    first, second = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"{n}.pt") for n in (1, 2))
+    parameters = {name for name, _ in build_model(config.architecture, 4, pretrained=False).named_parameters()}
+    backbone = [name for name in parameters if not name.startswith(head)]
+    assert all(torch.equal(first["model"][name], initial[name]) for name in backbone)  # frozen in epoch 1
+    assert not torch.equal(first["model"][head + "weight"], initial[head + "weight"])  # the head trained
+    assert not all(torch.equal(second["model"][name], initial[name]) for name in backbone)  # thawed in epoch 2
+    assert "exp_avg_sq" in next(iter(second["optimizer"]["state"].values()))  # AdamW
+    assert second["ema"] is not None and second["ema_num_updates"] == second["step"]
+    assert not torch.equal(second["ema"][head + "weight"], second["model"][head + "weight"])
+    rows = read_metrics(tmp_path / "run")
+    assert float(rows[0]["lr"]) == pytest.approx(0.01 * 0.5)  # warm-up done, then halved once per epoch
+    assert math.isfinite(float(rows[1]["train_loss"]))
+
+
+def test_animl_config_and_num_classes_check(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "resnet-18" / "baseline"
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.yml"
+    config.write_text(ANIML_CONFIG.format(data_root=dataset))  # crops_dir: crops, num_classes: 9, device cuda:3
+    fast = ["--set", "device=cpu", "--set", "num_workers=0", "--set", "num_epochs=1", "--set", "image_size=[32, 32]",
+            "--set", "batch_size=16", "--set", "architecture=timm:test_efficientnet", "--set", "pretrained=false",
+            "--set", "comet=off"]
+    result = run_train(config, *fast)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {config}: num_classes: 9, but {dataset / 'label_index.json'} has 4 labels; "
+        "remove num_classes (it is read from the dataset) or fix it"]
+    result = run_train(config, *fast, "--set", "num_classes=4")
+    assert result.returncode == 0, result.stderr
+    assert [row["epoch"] for row in read_metrics(run_dir)] == ["1"]
+
+
+def test_unreadable_images_are_skipped_and_reported_once(dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    config = load_config(write_run(tmp_path / "run", copy, batch_size=4))
+    train_paths = [sample.path for sample in build_samples(config, "train")]
+    truncated, missing = train_paths[0], train_paths[1]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    missing.unlink()
+    with caplog.at_level(logging.WARNING):
+        result = train(config, tmp_path / "run")
+    assert result.epochs_completed == 2
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert sorted(warnings) == sorted([f"skipped {truncated} (unreadable image); training goes on without it",
+                                       f"skipped {missing} (file not found); training goes on without it"])
+    rows = read_metrics(tmp_path / "run")
+    assert float(rows[-1]["skipped_images"]) == 2
+    assert all(math.isfinite(float(row["train_loss"])) for row in rows)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_names_and_keep_policy(tmp_path: Path) -> None:
+    assert checkpoint_names(4, every=2, is_best=True, is_final=False) == ["4.pt", "best.pt", "last.pt"]
+    assert checkpoint_names(5, every=2, is_best=False, is_final=False) == ["last.pt"]
+    assert checkpoint_names(5, every=2, is_best=False, is_final=True) == ["5.pt", "last.pt"]
+    for epoch in range(1, 8):
+        save_checkpoint({"model": {"w": torch.tensor([float(epoch)])}}, tmp_path, checkpoint_names(epoch, 2, epoch == 3, epoch == 7))
+        prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["6.pt", "7.pt", "best.pt", "last.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["model"]["w"].item() == 3.0
+    assert prune_checkpoints(tmp_path, keep_last=0) == []  # 0 keeps all
+
+
+def test_resolve_and_load_checkpoint(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    save_checkpoint({"model": {}}, directory, ["200.pt", "last.pt"])
+    for name in ("last", "last.pt", "200", "200.pt", str(directory / "200.pt")):
+        assert resolve_checkpoint(tmp_path, name).is_file()
+    with pytest.raises(UserError, match=r"best\.pt: checkpoint not found \(checkpoints in .*: 200\.pt, last\.pt\)"):
+        resolve_checkpoint(tmp_path, "best")
+    broken = directory / "broken.pt"
+    broken.write_bytes((directory / "200.pt").read_bytes()[:50])
+    with pytest.raises(DataError, match="not a readable checkpoint"):
+        load_checkpoint(broken)
+    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*"))
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # a cached Gaussian is part of NumPy's state
+    save_checkpoint({"model": {}, "rng": capture_rng_state()}, tmp_path, ["last.pt"])
+    expected = (random.random(), np.random.normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    got = (random.random(), np.random.normal(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------- schedule and selection
+
+
+def test_learning_rate_schedules(tmp_path: Path) -> None:
+    config = load_config(write_run(tmp_path, tmp_path, num_epochs=10, warmup_epochs=2))
+    assert [lr_factor(s, 5, config) for s in range(3)] == [0.1, 0.2, 0.3]  # linear warm-up over 2 epochs of 5 steps
+    assert lr_factor(10, 5, config) == 1.0 and lr_factor(49, 5, config) == pytest.approx(0.0, abs=1e-2)
+    step = config.model_copy(update={"lr_schedule": "step", "lr_step_size": 3, "lr_gamma": 0.5, "warmup_epochs": 0})
+    assert [lr_factor(e * 5, 5, step) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+    assert lr_factor(33, 5, config.model_copy(update={"lr_schedule": "constant"})) == 1.0
+
+
+def test_monitor_direction() -> None:
+    assert is_improvement(0.5, None, "val_top1") and is_improvement(0.6, 0.5, "val_top1")
+    assert not is_improvement(0.5, 0.5, "val_top1") and not is_improvement(float("nan"), None, "val_top1")
+    assert is_improvement(0.4, 0.5, "val_loss") and not is_improvement(0.6, 0.5, "val_loss")
+
+
+def test_resume_picks_the_newest_checkpoint_after_a_cut_short_save(tmp_path: Path) -> None:
+    """kill -9 between writing 3.pt and last.pt: 3.pt is the state to resume from, and best.pt is repaired."""
+    state = {"model": {}, "best_epoch": 3, "batch_in_epoch": 0}
+    save_checkpoint({**state, "epoch": 2, "best_epoch": 2}, tmp_path, ["2.pt", "best.pt", "last.pt"])
+    save_checkpoint({**state, "epoch": 3}, tmp_path, ["3.pt"])  # ... and killed here
+    assert newest_checkpoint(tmp_path) == tmp_path / "3.pt"
+    assert repair_best(tmp_path, load_checkpoint(tmp_path / "3.pt"), tmp_path / "3.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+    save_checkpoint({**state, "epoch": 3, "batch_in_epoch": 5}, tmp_path, ["last.pt"])  # a signal in epoch 4
+    assert newest_checkpoint(tmp_path) == tmp_path / "last.pt"
+    save_checkpoint({**state, "epoch": 4}, tmp_path, ["4.pt", "best.pt", "last.pt"])
+    assert newest_checkpoint(tmp_path) == tmp_path / "last.pt"  # a tie goes to last.pt
+    assert newest_checkpoint(tmp_path / "none") is None
