@@ -1,0 +1,107 @@
+"""Classifier results back into MegaDetector's batch-output format (what Timelapse and other tools load).
+
+The output is the input MegaDetector file with two additions, as in MegaDetector's own
+classification scripts: ``classification_categories`` (``{"0": "agouti", ...}``, the
+model's label index) and, on every detection whose crop was classified,
+``classifications: [["<class id>", prob], ...]`` (top-k, most probable first). Every
+other field, and every detection that was not classified, is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from classification.data.dataset import read_crops_manifest
+from classification.data.detections import load_megadetector
+from classification.errors import DataError
+from classification.evaluation.report import topk_of
+from classification.io import write_json_atomic
+
+_DETECTION_ID = re.compile(r"^det(?P<index>\d+)$")
+PROBABILITY_DECIMALS = 4
+
+
+def detection_index(annotation_id: str) -> int:
+    """The detection's index in its image from the crop's annotation id (``det07`` -> 7)."""
+    match = _DETECTION_ID.match(annotation_id)
+    if match is None:
+        raise DataError(f"crops manifest: annotation id {annotation_id!r} is not a MegaDetector detection (det<N>)")
+    return int(match["index"])
+
+
+def classification_categories(label_names: Sequence[str]) -> dict[str, str]:
+    """``{"0": name, ...}`` in label-index order."""
+    return {str(i): name for i, name in enumerate(label_names)}
+
+
+def top_classifications(row: pd.Series, class_ids: dict[str, str], topk: int) -> list[list[Any]]:
+    """``[["<class id>", prob], ...]`` of one prediction row, most probable first."""
+    pairs = []
+    for k in range(1, topk + 1):
+        name = row[f"top{k}_label"]
+        if name not in class_ids:
+            raise DataError(f"predictions: {row['path']}: top{k}_label {name!r} is not one of the model's classes")
+        pairs.append([class_ids[name], round(float(row[f"top{k}_prob"]), PROBABILITY_DECIMALS)])
+    return sorted(pairs, key=lambda pair: -pair[1])
+
+
+def crop_detections(manifest: pd.DataFrame) -> dict[str, tuple[str, int]]:
+    """Crop path -> (MegaDetector ``file`` with ``/`` separators, detection index)."""
+    return {row.crop_path: (row.file_name, detection_index(row.annotation_id))
+            for row in manifest.itertuples(index=False)}
+
+
+def add_classifications(
+    md: dict[str, Any], predictions: pd.DataFrame, manifest: pd.DataFrame, label_names: Sequence[str], topk: int
+) -> dict[str, Any]:
+    """A copy of ``md`` with ``classification_categories`` and each classified detection's ``classifications``."""
+    output = copy.deepcopy(md)
+    images = {image["file"].replace("\\", "/"): image for image in output["images"]}
+    class_ids = {name: key for key, name in classification_categories(label_names).items()}
+    locate = crop_detections(manifest)
+    for row in predictions.to_dict("records"):
+        if row["path"] not in locate:
+            raise DataError(f"predictions: {row['path']}: not in the crops manifest (crops of another MegaDetector file?)")
+        file, index = locate[row["path"]]
+        image = images.get(file)
+        if image is None:
+            raise DataError(f"crops manifest: {row['path']}: image {file!r} is not in the MegaDetector file")
+        detections = image.get("detections") or []
+        if index >= len(detections):
+            raise DataError(f"crops manifest: {row['path']}: {file!r} has no detection {index} in the MegaDetector file")
+        detections[index]["classifications"] = top_classifications(pd.Series(row), class_ids, topk)
+    output["classification_categories"] = classification_categories(label_names)
+    return output
+
+
+def write_megadetector_classifications(
+    md_json: Path,
+    predictions: pd.DataFrame,
+    crops_manifest: Path | pd.DataFrame,
+    output_path: Path,
+    topk: int = 3,
+    *,
+    label_names: Sequence[str],
+    classifier: str | None = None,
+) -> dict[str, Any]:
+    """Write ``md_json`` plus the classifications of its crops to ``output_path`` (atomically); return it.
+
+    ``predictions`` has one row per classified crop (``path`` = the crop's path in the
+    manifest); ``topk`` is capped at the number of top-k columns the table has.
+    """
+    md = load_megadetector(Path(md_json))
+    manifest = crops_manifest if isinstance(crops_manifest, pd.DataFrame) else read_crops_manifest(Path(crops_manifest))
+    missing = {"file_name", "annotation_id"} - set(manifest.columns)
+    if missing:
+        raise DataError(f"crops manifest: missing columns {', '.join(sorted(missing))}")
+    output = add_classifications(md, predictions, manifest, label_names, min(topk, topk_of(predictions)))
+    if classifier is not None:
+        output.setdefault("info", {})["classifier"] = classifier
+    write_json_atomic(output_path, output)
+    return output

@@ -1,0 +1,374 @@
+"""Predict with a trained checkpoint: a split of the dataset, a folder of images, a CCT file, or MegaDetector crops.
+
+``run_prediction`` writes ``predictions.csv`` (one row per image; see
+``classification.evaluation.report``), ``skipped.csv`` (images that could not be read:
+never a crash), ``prediction_info.json`` and, when true labels are known, ``metrics.json``
+and the plots. For MegaDetector input it also writes the MegaDetector file with each
+classified detection's ``classifications``. The default output folder is
+``<run_dir>/predictions/<split or input name>_<checkpoint name>/``.
+
+Unlike animl-ml (which scored val for ``--split test``), ``--split`` scores exactly that
+split. The model's classes come from the checkpoint; a dataset whose ``label_index.json``
+differs from it is refused rather than silently mislabelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from classification.config import ExperimentConfig, describe_error, load_config
+from classification.data.cct import category_names, load_cct
+from classification.data.crops import MANIFEST_NAME
+from classification.data.dataset import read_crops_manifest, write_csv_atomic
+from classification.data.detections import load_megadetector
+from classification.errors import DataError, UserError
+from classification.evaluation.megadetector import write_megadetector_classifications
+from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
+from classification.io import write_json_atomic
+from classification.training.checkpoint import load_checkpoint, resolve_checkpoint
+from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
+from classification.training.engine import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last
+from classification.training.models import build_model
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = -1  # Sample.label of an image whose true class is not known
+
+
+@dataclass
+class PredictionInput:
+    """What to predict: samples (label -1 when unknown), their true label names, and the folder paths are relative to."""
+
+    name: str
+    samples: list[Sample]
+    true_labels: list[str]  # "" when unknown; may be a name the model does not know
+    root: Path
+    megadetector: Path | None = None
+    manifest: pd.DataFrame | None = None
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded from a checkpoint, with what it needs to predict."""
+
+    model: nn.Module
+    label_names: list[str]
+    checkpoint: Path
+    architecture: str
+    image_size: int
+    epoch: int | None
+    weights: str  # "ema" or "model"
+
+
+@dataclass
+class PredictionResult:
+    """Where the outputs went and what came out."""
+
+    output_dir: Path
+    predictions_path: Path
+    predictions: pd.DataFrame
+    skipped: list[str]
+    metrics: dict[str, Any] | None
+    images_per_second: float
+    megadetector_output: Path | None = None
+
+
+# ---------------------------------------------------------------- the model
+
+
+def label_names_of(checkpoint: dict[str, Any], path: Path) -> list[str]:
+    """Class names in index order from the checkpoint's ``label_index`` (``{"0": name, ...}``)."""
+    index = checkpoint.get("label_index")
+    if not isinstance(index, dict) or sorted(int(k) for k in index) != list(range(len(index))):
+        raise DataError(f"{path}: the checkpoint has no valid label_index")
+    return [str(index[key]) for key in sorted(index, key=int)]
+
+
+def load_trained_model(path: Path, config: ExperimentConfig) -> TrainedModel:
+    """Build the checkpoint's architecture (no download) and load its EMA weights when present, else its weights."""
+    checkpoint = load_checkpoint(path)
+    label_names = label_names_of(checkpoint, path)
+    saved = checkpoint.get("config") or {}
+    architecture = str(saved.get("architecture", config.architecture))
+    image_size = int(saved.get("image_size", config.image_size))
+    if (architecture, image_size) != (config.architecture, config.image_size):
+        log.warning("%s: trained as %s at %d px (the config says %s at %d px): using the checkpoint's",
+                    path, architecture, image_size, config.architecture, config.image_size)
+    model = build_model(architecture, len(label_names), pretrained=False)
+    weights = "ema" if checkpoint.get("ema") is not None else "model"
+    try:
+        model.load_state_dict(checkpoint[weights])
+    except RuntimeError as error:
+        raise DataError(f"{path}: weights do not fit {architecture} ({str(error).splitlines()[0]})") from None
+    epoch = checkpoint.get("epoch")
+    return TrainedModel(model.eval(), label_names, path, architecture, image_size,
+                        int(epoch) if epoch is not None else None, weights)
+
+
+def check_label_index(dataset_index: dict[int, str], label_names: Sequence[str], where: Path, checkpoint: Path) -> None:
+    """Refuse a dataset whose classes are not the checkpoint's (its label numbers would mean other classes)."""
+    if dataset_index != dict(enumerate(label_names)):
+        raise DataError(f"{where}: label index ({len(dataset_index)} classes: {', '.join(list(dataset_index.values())[:5])}...) "
+                        f"differs from the one {checkpoint} was trained with ({len(label_names)} classes: "
+                        f"{', '.join(label_names[:5])}...)")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def labelled_samples(paths: Sequence[Path], true_labels: Sequence[str], locations: Sequence[str], datasets: Sequence[str],
+                     label_names: Sequence[str]) -> list[Sample]:
+    """Samples whose label is the model's class number, or -1 when unknown to the model."""
+    index = {name: i for i, name in enumerate(label_names)}
+    return [Sample(Path(p), index.get(t, UNKNOWN), loc, ds) for p, t, loc, ds in zip(paths, true_labels, locations, datasets)]
+
+
+def split_input(config: ExperimentConfig, split: str, model: TrainedModel) -> PredictionInput:
+    """Exactly the samples of ``split`` of the config's dataset (after checking its label index)."""
+    check_label_index(load_label_index(config.data_root, config.train_split), model.label_names, config.data_root, model.checkpoint)
+    samples = build_samples(config, split)
+    if not samples:
+        raise DataError(f"{config.data_root}: split {split!r} has no images")
+    root = config.resolved_crops_dir() if (Path(config.data_root) / "classification_ds.csv").is_file() else config.data_root
+    return PredictionInput(split, samples, [model.label_names[s.label] for s in samples], Path(root))
+
+
+def folder_input(images_dir: Path, model: TrainedModel) -> PredictionInput:
+    """Every image under ``images_dir``; labelled by class sub-folder when each image sits in one named after a class."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir}: folder not found")
+    files = image_files(images_dir)
+    if not files:
+        raise DataError(f"{images_dir}: no images (.jpg, .jpeg, .png) in this folder or below")
+    folders = [f.relative_to(images_dir).parts[0] if len(f.relative_to(images_dir).parts) > 1 else "" for f in files]
+    labelled = all(name in model.label_names for name in folders)
+    log.info("%s: %d images, %s", images_dir, len(files),
+             "labelled by their class folders" if labelled else "no labels (not all in folders named after the model's classes)")
+    true_labels = folders if labelled else [""] * len(files)
+    samples = labelled_samples(files, true_labels, [""] * len(files), [images_dir.name] * len(files), model.label_names)
+    return PredictionInput(images_dir.name, samples, true_labels, images_dir)
+
+
+def cct_input(cct_path: Path, root: Path, model: TrainedModel) -> PredictionInput:
+    """The images of a CCT file (relative to ``root``), labelled when an image has exactly one category."""
+    data = load_cct(cct_path)
+    names = category_names(data)
+    labels: dict[Any, set[str]] = {}
+    for annotation in data["annotations"]:
+        labels.setdefault(annotation["image_id"], set()).add(names[annotation["category_id"]])
+    images = data["images"]
+    true_labels = [next(iter(labels[im["id"]])) if len(labels.get(im["id"], ())) == 1 else "" for im in images]
+    samples = labelled_samples([root / im["file_name"] for im in images], true_labels,
+                               [str(im.get("location") or "") for im in images],
+                               [str(im.get("dataset") or Path(cct_path).stem) for im in images], model.label_names)
+    return PredictionInput(Path(cct_path).stem, samples, true_labels, root)
+
+
+def megadetector_input(md_path: Path, crops_dir: Path, model: TrainedModel) -> PredictionInput:
+    """The crops of ``md_path``'s detections listed in ``crops_dir/crops_manifest.csv`` (by utils/crop_detections.py)."""
+    md = load_megadetector(md_path)
+    manifest = read_crops_manifest(Path(crops_dir) / MANIFEST_NAME)
+    files = {image["file"].replace("\\", "/") for image in md["images"]}
+    ours = manifest[manifest["file_name"].isin(files)].reset_index(drop=True) if "file_name" in manifest else manifest.iloc[:0]
+    if ours.empty:
+        raise DataError(f"{Path(crops_dir) / MANIFEST_NAME}: no crops of {md_path} (run utils/crop_detections.py {md_path} {crops_dir} ...)")
+    true_labels = ours["label"].tolist()
+    samples = labelled_samples([Path(crops_dir) / p for p in ours["crop_path"]], true_labels, ours["location"].tolist(),
+                               ours["dataset"].tolist(), model.label_names)
+    return PredictionInput(Path(md_path).stem, samples, true_labels, Path(crops_dir), Path(md_path), ours)
+
+
+# ---------------------------------------------------------------- predicting
+
+
+@dataclass
+class Scores:
+    """Per kept sample: dataset index, top-k class numbers and probabilities, and the true label's probability."""
+
+    indices: np.ndarray
+    top_classes: np.ndarray
+    top_probs: np.ndarray
+    true_probs: np.ndarray
+    skipped: list[int]
+    images_per_second: float
+
+
+@torch.inference_mode()
+def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
+                  topk: int) -> Scores:
+    """Softmax probabilities of every readable sample, batched, with eval transforms; unreadable ones listed."""
+    loader = build_loader(config.model_copy(update={"image_size": model.image_size}), samples, train=False)
+    network = model.model.to(device)
+    channels_last = uses_channels_last(config, device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(config, device)
+    k = min(topk, len(model.label_names))
+    parts: list[tuple[torch.Tensor, ...]] = []
+    skipped: list[int] = []
+    started, seen = time.perf_counter(), 0
+    with progress_bar(len(loader), 0, "predict", DistributedContext()) as bar:
+        for batch in loader:
+            skipped += batch.skipped
+            if len(batch):
+                images = batch.images.to(device, non_blocking=True)
+                images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    probabilities = torch.softmax(network(images).float(), dim=1).cpu()
+                values, classes = probabilities.topk(k, dim=1)
+                labels = batch.labels.clamp(min=0)
+                true = torch.where(batch.labels >= 0, probabilities.gather(1, labels[:, None])[:, 0], torch.nan)
+                parts.append((batch.indices, classes, values, true))
+                seen += len(batch)
+            bar.update(1)
+            bar.set_postfix(img_per_s=f"{seen / max(time.perf_counter() - started, 1e-9):.1f}")
+    rate = seen / max(time.perf_counter() - started, 1e-9)
+    if not parts:
+        return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), sorted(skipped), rate)
+    indices, classes, values, true = (torch.cat(column).numpy() for column in zip(*parts))
+    order = np.argsort(indices, kind="stable")  # input order, whatever order the loader gave
+    return Scores(indices[order], classes[order], values[order], true[order], sorted(skipped), rate)
+
+
+def relative_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` with ``/`` separators, or absolute when outside it."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def predictions_table(source: PredictionInput, scores: Scores, label_names: Sequence[str]) -> pd.DataFrame:
+    """The predictions.csv table, in input order, readable samples only."""
+    k = scores.top_classes.shape[1]
+    names = np.asarray(label_names, dtype=object)
+    table: dict[str, Any] = {
+        "path": [relative_path(source.samples[i].path, source.root) for i in scores.indices],
+        "dataset": [source.samples[i].dataset for i in scores.indices],
+        "location": [source.samples[i].location for i in scores.indices],
+        "true_label": [source.true_labels[i] for i in scores.indices],
+        "true_prob": scores.true_probs.astype(float),
+        "pred_label": names[scores.top_classes[:, 0]],
+        "confidence": scores.top_probs[:, 0].astype(float),
+    }
+    for j in range(k):
+        table[f"top{j + 1}_label"] = names[scores.top_classes[:, j]]
+    for j in range(k):
+        table[f"top{j + 1}_prob"] = scores.top_probs[:, j].astype(float)
+    return pd.DataFrame(table, columns=prediction_columns(k))
+
+
+def skipped_table(source: PredictionInput, skipped: Sequence[int]) -> pd.DataFrame:
+    """``skipped.csv``: path and reason of every image that could not be read."""
+    paths = [source.samples[i].path for i in skipped]
+    return pd.DataFrame({"path": [relative_path(p, source.root) for p in paths],
+                         "reason": ["unreadable image" if p.exists() else "file not found" for p in paths]},
+                        columns=["path", "reason"])
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def resolve_config(config_path_or_config: str | Path | ExperimentConfig, run_dir: Path | None) -> tuple[ExperimentConfig, Path]:
+    """The config and the experiment folder (the config file's folder unless ``run_dir`` is given)."""
+    if isinstance(config_path_or_config, ExperimentConfig):
+        if run_dir is None:
+            raise UserError("run_prediction: pass run_dir with a config object (the experiment folder)")
+        return config_path_or_config, Path(run_dir)
+    path = Path(config_path_or_config)
+    return load_config(path), Path(run_dir) if run_dir is not None else path.resolve().parent
+
+
+def with_overrides(config: ExperimentConfig, **overrides: Any) -> ExperimentConfig:
+    """``config`` with the options given on the command line (validated like the config file)."""
+    updates = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return ExperimentConfig.model_validate({**config.model_dump(), **updates}) if updates else config
+    except ValidationError as error:
+        problems = (describe_error(e).split(": ", 1) for e in error.errors())
+        raise UserError("; ".join(f"--{key.replace('_', '-')}: {problem}" for key, problem in problems)) from None
+
+
+def build_input(config: ExperimentConfig, model: TrainedModel, split: str | None, images_dir: Path | None,
+                cct: Path | None, megadetector: Path | None, crops_dir: Path | None) -> PredictionInput:
+    """The one input asked for: a split, an image folder, a CCT file, or MegaDetector output with its crops."""
+    given = [name for name, value in (("split", split), ("images", images_dir), ("cct", cct), ("megadetector", megadetector))
+             if value is not None]
+    if len(given) != 1:
+        raise UserError(f"give exactly one input among --split, --images, --cct, --megadetector (got {len(given)})")
+    if split is not None:
+        return split_input(config, split, model)
+    if images_dir is not None:
+        return folder_input(Path(images_dir).resolve(), model)
+    if cct is not None:
+        return cct_input(Path(cct), Path(crops_dir).resolve() if crops_dir is not None else config.resolved_crops_dir(), model)
+    if crops_dir is None:
+        raise UserError("--megadetector needs --crops-dir: the folder utils/crop_detections.py wrote its crops to")
+    return megadetector_input(Path(megadetector), Path(crops_dir).resolve(), model)  # type: ignore[arg-type]
+
+
+def run_prediction(
+    config_path_or_config: str | Path | ExperimentConfig,
+    checkpoint: str | Path,
+    split: str | None = None,
+    images_dir: Path | None = None,
+    cct: Path | None = None,
+    megadetector: Path | None = None,
+    output_dir: Path | None = None,
+    batch_size: int | None = None,
+    topk: int = 3,
+    device: str | None = None,
+    crops_dir: Path | None = None,
+    run_dir: Path | None = None,
+) -> PredictionResult:
+    """Predict one input with one checkpoint and write the outputs (see the module docstring)."""
+    if topk < 1:
+        raise UserError(f"--topk must be at least 1, got {topk}")
+    config, run_dir = resolve_config(config_path_or_config, run_dir)
+    config = with_overrides(config, batch_size=batch_size, device=device)
+    checkpoint_path = resolve_checkpoint(run_dir, checkpoint)
+    model = load_trained_model(checkpoint_path, config)
+    source = build_input(config, model, split, images_dir, cct, megadetector, crops_dir)
+    output_dir = Path(output_dir) if output_dir is not None else run_dir / "predictions" / f"{source.name}_{checkpoint_path.stem}"
+    torch_device = select_device(config.device, DistributedContext())
+    scores = score_samples(model, source.samples, config, torch_device, topk)
+    predictions = predictions_table(source, scores, model.label_names)
+    skipped = skipped_table(source, scores.skipped)
+    log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
+             len(predictions), scores.images_per_second, torch_device, len(skipped))
+    info = {
+        "input": source.name, "images_root": str(source.root), "checkpoint": str(checkpoint_path), "epoch": model.epoch,
+        "architecture": model.architecture, "image_size": model.image_size, "weights": model.weights,
+        "device": str(torch_device), "n_images": len(source.samples), "n_predicted": len(predictions),
+        "n_skipped": len(skipped), "images_per_second": round(scores.images_per_second, 2), "topk": topk,
+        "label_names": model.label_names,
+    }
+    predictions_path = write_predictions(predictions, output_dir / "predictions.csv")
+    write_csv_atomic(output_dir / "skipped.csv", skipped)
+    write_json_atomic(output_dir / "prediction_info.json", info)
+    metrics = None
+    if not scored_rows(predictions, model.label_names).empty:
+        metrics = evaluate_predictions(predictions, model.label_names, output_dir, images_root=source.root, extra={"prediction": info})
+        log.info("top-1 %.4f, top-3 %s, macro F1 %.4f on %d labelled images -> %s", metrics["top1"],
+                 "n/a" if metrics["top3"] is None else f"{metrics['top3']:.4f}", metrics["macro_f1"], metrics["n_scored"],
+                 output_dir / "metrics.json")
+    md_output = None
+    if source.megadetector is not None:
+        md_output = output_dir / f"{source.megadetector.stem}_classified.json"
+        write_megadetector_classifications(source.megadetector, predictions, source.manifest, md_output, topk,
+                                           label_names=model.label_names, classifier=f"{model.architecture} {checkpoint_path}")
+    log.info("predictions: %s", predictions_path)
+    return PredictionResult(output_dir, predictions_path, predictions, skipped["path"].tolist(), metrics,
+                            scores.images_per_second, md_output)

@@ -1,0 +1,190 @@
+"""The predictions table and its evaluation: metrics.json and the PNG plots.
+
+``predictions.csv`` has one row per image: ``path, dataset, location, true_label,
+true_prob, pred_label, confidence, top1_label..topK_label, top1_prob..topK_prob``
+(``true_label``/``true_prob`` empty when the label is unknown). The figures are computed
+by ``classification.training.metrics.MetricAccumulator``, the same code that scores
+validation during training: the table's probabilities are turned back into a (N, C)
+probability matrix (top-k and true-label probabilities exact, the rest of each row's mass
+spread evenly over the other classes), which gives exact top-1, top-3 (when K >= 3),
+loss, per-class figures, confusion matrix and calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from classification.data.dataset import read_string_csv, write_csv_atomic
+from classification.errors import DataError
+from classification.evaluation.plots import write_evaluation_plots
+from classification.io import write_json_atomic
+from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator
+
+log = logging.getLogger(__name__)
+
+BASE_COLUMNS = ["path", "dataset", "location", "true_label", "true_prob", "pred_label", "confidence"]
+MISTAKES_PER_CLASS = 6
+PROBABILITY_DECIMALS = 6
+_TOPK_LABEL = re.compile(r"^top(\d+)_label$")
+
+
+def topk_columns(topk: int) -> list[str]:
+    """``top1_label..topK_label, top1_prob..topK_prob``."""
+    return [f"top{k}_label" for k in range(1, topk + 1)] + [f"top{k}_prob" for k in range(1, topk + 1)]
+
+
+def prediction_columns(topk: int) -> list[str]:
+    """Every column of ``predictions.csv``, in order."""
+    return BASE_COLUMNS + topk_columns(topk)
+
+
+def topk_of(predictions: pd.DataFrame) -> int:
+    """K of a predictions table: how many ``top<k>_label`` columns it has."""
+    ks = sorted(int(m[1]) for m in map(_TOPK_LABEL.match, predictions.columns) if m)
+    if not ks or ks != list(range(1, len(ks) + 1)):
+        raise DataError("predictions: expected columns top1_label..topK_label")
+    return len(ks)
+
+
+def probability_columns(predictions: pd.DataFrame) -> list[str]:
+    """The columns that hold probabilities."""
+    return ["confidence", "true_prob"] + [f"top{k}_prob" for k in range(1, topk_of(predictions) + 1)]
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A ``predictions.csv``: text columns as strings, probabilities as floats (NaN when empty)."""
+    frame = read_string_csv(Path(path), ["path", "true_label", "pred_label", "confidence", "top1_label", "top1_prob"])
+    if "true_prob" not in frame:
+        frame["true_prob"] = ""
+    for column in probability_columns(frame):
+        frame[column] = pd.to_numeric(frame[column].replace("", np.nan), errors="raise").astype(float)
+    return frame
+
+
+def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
+    """Write a predictions table to CSV atomically (probabilities to 6 decimals)."""
+    write_csv_atomic(Path(path), predictions.round({c: PROBABILITY_DECIMALS for c in probability_columns(predictions)}))
+    return Path(path)
+
+
+def scored_rows(predictions: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFrame:
+    """Rows whose true label is one of the model's classes (the rows metrics are computed on)."""
+    return predictions[predictions["true_label"].isin(list(label_names))]
+
+
+def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str]) -> np.ndarray:
+    """(N, C) probabilities: the table's top-k and true-label values, the remaining mass spread evenly."""
+    index = {name: i for i, name in enumerate(label_names)}
+    rows = np.arange(len(scored))
+    probabilities = np.zeros((len(scored), len(label_names)))
+    known = np.zeros_like(probabilities, dtype=bool)
+    for k in range(1, topk_of(scored) + 1):
+        columns = scored[f"top{k}_label"].map(index)
+        if columns.isna().any():
+            raise DataError(f"predictions: top{k}_label {scored[f'top{k}_label'][columns.isna()].iloc[0]!r} is not a model class")
+        probabilities[rows, columns.to_numpy(int)] = scored[f"top{k}_prob"].to_numpy(float)
+        known[rows, columns.to_numpy(int)] = True
+    true_prob = scored["true_prob"].to_numpy(float)
+    has_true = ~np.isnan(true_prob)
+    true_columns = scored["true_label"].map(index).to_numpy(int)
+    probabilities[rows[has_true], true_columns[has_true]] = true_prob[has_true]
+    known[rows[has_true], true_columns[has_true]] = True
+    rest = np.clip(1.0 - probabilities.sum(axis=1), 0.0, None)
+    unknown = (~known).sum(axis=1)
+    share = np.divide(rest, unknown, out=np.zeros_like(rest), where=unknown > 0)
+    return np.where(known, probabilities, share[:, None])
+
+
+def accumulate(scored: pd.DataFrame, label_names: Sequence[str]) -> MetricAccumulator:
+    """A ``MetricAccumulator`` fed with the table's rows (loss = mean cross-entropy of the true label)."""
+    probabilities = torch.from_numpy(probability_matrix(scored, label_names))
+    targets = torch.as_tensor(scored["true_label"].map({n: i for i, n in enumerate(label_names)}).to_numpy(int, copy=True))
+    true_probabilities = probabilities[torch.arange(len(targets)), targets]
+    accumulator = MetricAccumulator(len(label_names))
+    loss_sum = float(-torch.log(true_probabilities.clamp(min=1e-12)).sum())
+    accumulator.update(torch.log(probabilities.clamp(min=1e-300)), targets, loss_sum)
+    return accumulator
+
+
+def per_location_accuracy(scored: pd.DataFrame) -> pd.DataFrame:
+    """Top-1 accuracy per (dataset, location), most images first; empty without locations."""
+    columns = ["dataset", "location", "n", "top1"]
+    if "location" not in scored or not (scored["location"] != "").any():
+        return pd.DataFrame(columns=columns)
+    frame = scored.assign(correct=(scored["pred_label"] == scored["true_label"]).astype(float),
+                          dataset=scored["dataset"] if "dataset" in scored else "")
+    table = frame.groupby(["dataset", "location"]).agg(n=("correct", "size"), top1=("correct", "mean")).reset_index()
+    return table.sort_values(["n", "dataset", "location"], ascending=[False, True, True]).reset_index(drop=True)[columns]
+
+
+def most_confident_mistakes(predictions: pd.DataFrame, per_class: int = MISTAKES_PER_CLASS) -> pd.DataFrame:
+    """Up to ``per_class`` wrong predictions per true class, most confident first; classes in name order."""
+    known = predictions[predictions["true_label"] != ""]
+    wrong = known[known["pred_label"] != known["true_label"]]
+    ordered = wrong.sort_values(["true_label", "confidence", "path"], ascending=[True, False, True], kind="stable")
+    return ordered.groupby("true_label", sort=False).head(per_class).reset_index(drop=True)
+
+
+def compute_metrics(predictions: pd.DataFrame, label_names: Sequence[str]) -> dict[str, Any]:
+    """Every figure of metrics.json from a predictions table with true labels."""
+    scored = scored_rows(predictions, label_names)
+    known = predictions[predictions["true_label"] != ""]
+    if scored.empty:
+        raise DataError("predictions: no row has a true label among the model's classes: nothing to evaluate")
+    if len(known) > len(scored):
+        others = sorted(set(known["true_label"]) - set(label_names))
+        log.warning("%d predictions have true labels the model does not know (%s): not scored",
+                    len(known) - len(scored), ", ".join(others[:5]))
+    accumulator = accumulate(scored, label_names)
+    metrics = accumulator.compute(list(label_names))
+    metrics["top3"] = metrics["top3"] if topk_of(predictions) >= 3 or len(label_names) <= topk_of(predictions) else None
+    metrics.update(
+        n_predictions=len(predictions),
+        n_scored=len(scored),
+        n_unknown_label=len(known) - len(scored),
+        label_names=list(label_names),
+        calibration={"n_bins": CALIBRATION_BINS, "bins": accumulator.calibration_bins()},
+        per_location=per_location_accuracy(scored).to_dict("records"),
+    )
+    return metrics
+
+
+def evaluate_predictions(
+    predictions: pd.DataFrame,
+    label_names: list[str],
+    output_dir: Path,
+    images_root: Path | None = None,
+    mistakes_per_class: int = MISTAKES_PER_CLASS,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compute the metrics, write ``metrics.json`` and the PNG plots into ``output_dir``; return the metrics.
+
+    ``images_root``: the folder the table's paths are relative to (for the mistakes grid);
+    ``extra``: more fields for metrics.json (what was predicted, with which checkpoint).
+    """
+    metrics = {**(extra or {}), **compute_metrics(predictions, label_names)}
+    mistakes = most_confident_mistakes(scored_rows(predictions, label_names), mistakes_per_class)
+    plots = write_evaluation_plots(metrics, mistakes, label_names, Path(output_dir), images_root, mistakes_per_class)
+    metrics["plots"] = {name: path.name for name, path in plots.items()}
+    write_json_atomic(Path(output_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """The headline figures of a metrics.json as a one-column table."""
+    keys = ["n_scored", "top1", "top3", "macro_precision", "macro_recall", "macro_f1",
+            "weighted_precision", "weighted_recall", "weighted_f1", "loss", "ece"]
+    return pd.DataFrame({"value": pd.Series([metrics.get(key) for key in keys], index=keys, dtype=object)})
+
+
+def per_class_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """precision, recall, f1, support per class, from a metrics.json."""
+    return pd.DataFrame.from_dict(metrics["per_class"], orient="index")[["precision", "recall", "f1", "support"]]

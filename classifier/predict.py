@@ -1,0 +1,55 @@
+"""Predict with a trained checkpoint: a split, a folder of images, a CCT file, or MegaDetector crops.
+
+    python classifier/predict.py --config runs/resnet-18/baseline/config.yml --checkpoint 200.pt --split val
+    python classifier/predict.py --config ... --checkpoint best --images new_photos/
+    python classifier/predict.py --config ... --checkpoint best --cct data/processed/mct/test_cct.json
+    python classifier/predict.py --config ... --checkpoint last --megadetector md_output.json --crops-dir crops/
+
+--checkpoint: <epoch>.pt, last, best, or a path. --split scores exactly that split.
+Outputs (default: <experiment>/predictions/<input>_<checkpoint>/): predictions.csv,
+skipped.csv, prediction_info.json; with known labels metrics.json and PNG plots; with
+--megadetector also <md file>_classified.json (MegaDetector format with classifications).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from classification.cli import ArgumentParser, run_main
+from classification.evaluation.predict import run_prediction
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="runs/<model>/<experiment>/config.yml")
+    parser.add_argument("--checkpoint", default="best", help="<epoch>.pt, last, best, or a checkpoint path")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a split of the config's dataset: train, val or test")
+    source.add_argument("--images", type=Path, help="every image under this folder (labels from class sub-folders, if named so)")
+    source.add_argument("--cct", type=Path, help="the images of a CCT file, e.g. the dataset's test_cct.json (labels from it)")
+    source.add_argument("--megadetector", type=Path, help="MegaDetector output whose crops are in --crops-dir")
+    parser.add_argument("--crops-dir", type=Path,
+                        help="--megadetector: the crops folder of utils/crop_detections.py; --cct: the folder its file names "
+                             "are relative to (default: the config's crops_dir)")
+    parser.add_argument("--output-dir", type=Path, help="default: <experiment>/predictions/<input>_<checkpoint>/")
+    parser.add_argument("--batch-size", type=int, help="default: the config's batch_size")
+    parser.add_argument("--topk", type=int, default=3, help="top-k labels and probabilities per image")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's device)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
+                            megadetector=args.megadetector, crops_dir=args.crops_dir, output_dir=args.output_dir,
+                            batch_size=args.batch_size, topk=args.topk, device=args.device)
+    print(f"{len(result.predictions)} predictions in {result.output_dir}"
+          + (f" (top-1 {result.metrics['top1']:.4f})" if result.metrics else "")
+          + (f"; {len(result.skipped)} unreadable images listed in skipped.csv" if result.skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
