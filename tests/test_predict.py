@@ -234,3 +234,24 @@ def test_evaluate_notebook_is_stored_clean_with_demo_defaults() -> None:
     assert "parameters" in code[0].metadata["tags"] and "os.environ.get" in code[0].source
     assert '"../runs/resnet-18/demo"' in code[0].source and '"../runs/resnet-18/demo/predictions/test_best"' in code[0].source
     assert (REPO_ROOT / "runs" / "resnet-18" / "demo" / "config.yml").is_file()
+
+
+def test_run_notebook_entry_point_saves_the_executed_evaluation(trained: TrainedRun, kernel_env: None,
+                                                                 tmp_path: Path) -> None:
+    import nbformat
+
+    from tests.conftest import run_entry_point
+
+    output = run_prediction(trained.config, "best", split="val").output_dir
+    executed = tmp_path / "evaluate_results.ipynb"
+    result = run_entry_point("utils/run_notebook.py", "notebooks/evaluate_results.ipynb", "--output", executed,
+                             "--set", f"RUN_DIR={trained.run_dir}", "--set", f"PREDICTIONS_DIR={output}")
+    assert result.returncode == 0, result.stderr
+    notebook = nbformat.read(executed, as_version=4)
+    assert len(png_outputs(cell(notebook, "plots"))) == len(PLOTS)
+    assert "2 epochs" in outputs_text(cell(notebook, "load"))
+    failed = run_entry_point("utils/run_notebook.py", "notebooks/evaluate_results.ipynb", "--output",
+                             tmp_path / "failed.ipynb", "--set", f"RUN_DIR={tmp_path / 'missing'}")
+    assert failed.returncode == 2 and not (tmp_path / "failed.ipynb").exists()
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert "a cell failed: FileNotFoundError" in line and "metrics.csv" in line and "Traceback" not in failed.stderr
