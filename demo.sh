@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a fresh machine: install everything into .venv, then run the whole
-# pipeline on the generated demo data. Re-running reuses the environment and skips
-# crops that exist. Outputs: data/raw/demo, data/interim/demo, data/processed/demo.
+# pipeline on the generated demo data. Re-running reuses the environment, skips
+# crops that exist and resumes training. Outputs: data/raw/demo, data/interim/demo,
+# data/processed/demo and runs/resnet-18/demo.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,4 +37,12 @@ echo "== 5. classification dataset and location-disjoint splits"
 "$PY" utils/create_classification_dataset.py "$PROCESSED" --mode csv cct splits \
     --crops-dir "$INTERIM/crops" --cct-json "$INTERIM/clean_cct.json" --min-locs 2 \
     --val-frac 0.2 --test-frac 0.2 --method random --seed 0
-echo "== done: dataset in $PROCESSED (classification_ds.csv, label_index.json, splits.json, split_report.json)"
+RUN=runs/resnet-18/demo
+echo "== 6. train (resumes when re-run; an offline Comet archive in $RUN/comet without a COMET_API_KEY)"
+"$PY" classifier/train.py --config "$RUN/config.yml"
+echo "== 7. predict and evaluate the test split with the best checkpoint"
+"$PY" classifier/predict.py --config "$RUN/config.yml" --checkpoint best --split test
+echo "== 8. the evaluation notebook, executed headless"
+"$PY" utils/run_notebook.py notebooks/evaluate_results.ipynb --output "$RUN/evaluate_results.ipynb" \
+    --set RUN_DIR="$RUN" --set PREDICTIONS_DIR="$RUN/predictions/test_best"
+echo "== done: dataset in $PROCESSED; model, metrics.csv, predictions and evaluate_results.ipynb in $RUN"
