@@ -1,24 +1,40 @@
-"""The README's data-preparation commands on the real MCT subset, end to end."""
+"""The README's commands on the real MCT subset, end to end: CCT -> crops -> splits -> model -> predictions -> notebook."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
+import yaml
 
-from tests.conftest import run_entry_point
+from tests.conftest import SHARED_DATA, run_entry_point
+from tests.test_notebooks import cell, kernel_env, outputs_text, png_outputs  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_mct_clean_crop_dataset(shared_data: Path, tmp_path: Path) -> None:
-    mct = shared_data / "mct"
-    source = json.loads((mct / "mct_cct.json").read_text())
-    boxed = [a for a in source["annotations"] if "bbox" in a]
-    no_location_images = {i["id"] for i in source["images"] if i["location"] is None}
+@dataclass(frozen=True)
+class MctRun:
+    """The MCT subset after the data-preparation commands."""
+
+    source: dict
+    clean: Path
+    crops: Path
+    dataset: Path
+    steps: list[tuple]
+
+
+@pytest.fixture(scope="module")
+def mct(tmp_path_factory: pytest.TempPathFactory) -> MctRun:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (a fresh clone without ../shared)")
+    mct = SHARED_DATA / "mct"
+    tmp_path = tmp_path_factory.mktemp("mct")
     clean, crops, out = tmp_path / "clean.json", tmp_path / "crops", tmp_path / "ds"
-
     steps = [
         ("utils/clean_cct.py", mct / "mct_cct.json", clean, "--dataset", "mct"),
         ("utils/crop_detections.py", clean, crops, "--images-dir", mct / "images", "--crop-strategy", "square",
@@ -29,18 +45,50 @@ def test_mct_clean_crop_dataset(shared_data: Path, tmp_path: Path) -> None:
     for step in steps:
         result = run_entry_point(*step)
         assert result.returncode == 0, f"{step[0]}: {result.stderr}"
+    return MctRun(json.loads((mct / "mct_cct.json").read_text()), clean, crops, out, steps)
 
-    table = pd.read_csv(out / "classification_ds.csv", dtype=str, keep_default_na=False)
+
+def test_mct_clean_crop_dataset(mct: MctRun, tmp_path: Path) -> None:
+    boxed = [a for a in mct.source["annotations"] if "bbox" in a]
+    no_location_images = {i["id"] for i in mct.source["images"] if i["location"] is None}
+    table = pd.read_csv(mct.dataset / "classification_ds.csv", dtype=str, keep_default_na=False)
     assert len(table) == len(boxed) == 1108  # every box is one crop, none lost
     ids = {a["id"] for a in boxed if a["image_id"] in no_location_images}
     from_unlocated = table[table["location"].str.startswith("nolocation_seq_")]
     assert len(from_unlocated) == len(ids) > 0  # the unlocated images are kept, grouped by sequence
-    splits = {k: {tuple(p) for p in v} for k, v in json.loads((out / "splits.json").read_text()).items()}
+    splits = {k: {tuple(p) for p in v} for k, v in json.loads((mct.dataset / "splits.json").read_text()).items()}
     assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"] or splits["val"] & splits["test"])
     assert splits["train"] | splits["val"] | splits["test"] == set(zip(table["dataset"], table["location"]))
 
-    again = run_entry_point(*steps[1])
+    again = run_entry_point(*mct.steps[1])
     assert again.returncode == 0 and f"{len(boxed)} requested: 0 new, {len(boxed)} skipped" in again.stdout + again.stderr
-    rerun = run_entry_point(steps[2][0], tmp_path / "ds2", *steps[2][2:])
+    rerun = run_entry_point(mct.steps[2][0], tmp_path / "ds2", *mct.steps[2][2:])
     assert rerun.returncode == 0
-    assert (tmp_path / "ds2" / "splits.json").read_bytes() == (out / "splits.json").read_bytes()
+    assert (tmp_path / "ds2" / "splits.json").read_bytes() == (mct.dataset / "splits.json").read_bytes()
+
+
+def test_mct_train_predict_test_split_and_evaluation_notebook(mct: MctRun, kernel_env: None, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny" / "mct"
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.yml"
+    config.write_text(yaml.safe_dump({
+        "data_root": str(mct.dataset), "crops_dir": str(mct.crops), "architecture": "timm:test_efficientnet",
+        "pretrained": False, "image_size": 32, "batch_size": 32, "num_epochs": 1, "num_workers": 0, "comet": "offline"}))
+    trained = run_entry_point("classifier/train.py", "--config", config)
+    assert trained.returncode == 0, trained.stderr
+    predicted = run_entry_point("classifier/predict.py", "--config", config, "--checkpoint", "1.pt", "--split", "test")
+    assert predicted.returncode == 0, predicted.stderr
+    output = run_dir / "predictions" / "test_1"
+    table = pd.read_csv(mct.dataset / "classification_ds.csv", dtype=str, keep_default_na=False)
+    test_keys = {tuple(p) for p in json.loads((mct.dataset / "splits.json").read_text())["test"]}
+    expected = {p for p, d, loc in zip(table["path"], table["dataset"], table["location"]) if (d, loc) in test_keys}
+    assert set(pd.read_csv(output / "predictions.csv", dtype=str)["path"]) == expected
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["n_scored"] == len(expected) and 0.0 <= metrics["top1"] <= 1.0
+    executed = run_dir / "evaluate_results.ipynb"
+    result = run_entry_point("utils/run_notebook.py", "notebooks/evaluate_results.ipynb", "--output", executed,
+                             "--set", f"RUN_DIR={run_dir}", "--set", f"PREDICTIONS_DIR={output}")
+    assert result.returncode == 0, result.stderr
+    notebook = nbformat.read(executed, as_version=4)
+    assert "1 epochs" in outputs_text(cell(notebook, "load"))
+    assert len(png_outputs(cell(notebook, "plots"))) == len(metrics["plots"]) > 0
