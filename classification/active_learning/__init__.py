@@ -1,0 +1,1 @@
+"""Active learning: scores, selection strategies, label-tool round trips and the labelling loop."""
