@@ -1,0 +1,703 @@
+"""Active-learning selection strategies: which unlabelled pool items to send for labelling next.
+
+Every strategy is a pure, deterministic function of ``(inputs, budget, seed, options)``. It never
+picks a labelled or excluded item, never picks an item twice, returns every available item when
+fewer than ``budget`` are left, and breaks ties by pool index (the smaller index first). A missing
+input, an unknown strategy or an unknown option is a one-line ``UserError``.
+
+Distances are Euclidean. k_center and coral compute them in float32 as ``|x|² + |c|² − 2 x·c``
+in chunk × chunk blocks (never an n×n matrix): float32 keeps a 100,000 × 512 pool at 200 MB and the
+matrix products twice as fast as float64. Near-ties closer than float32's proven rounding bound
+are settled with float64 differences, so the picks are those of exact arithmetic (embeddings are
+first rounded to float32). See docs/active_learning_strategies.md for formulas and figures.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from classification.active_learning.scores import SCORE_FUNCTIONS, check_score_name, uncertainty_scores
+from classification.errors import UserError
+
+STRATEGIES: tuple[str, ...] = ("random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse")
+
+DEFAULT_CHUNK_SIZE = 2048  # rows (and centres) per distance block: a block is at most 2048² float32 = 16 MB
+DEFAULT_MAX_ITERATIONS = 20  # Lloyd iterations for informative_diverse's k-means (stops early once stable)
+
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "random": (),
+    "least_confidence": (),
+    "margin": (),
+    "entropy": (),
+    "k_center": ("chunk_size",),
+    "coral": ("score", "diversity_weight", "chunk_size"),
+    "informative_diverse": ("n_clusters", "max_iterations", "chunk_size"),
+}
+
+_SINGLE_REFRESHES = 4  # argmax: refresh only the leader's rivals this many times, then the top stale keys too
+_FIRST_BATCH = 64
+_ONE_CALL_PAIRS = 4096  # a refresh of at most this many (row, centre) pairs is one matrix product
+_EXACT_BACKLOG = 32  # a cached float64 distance this many centres behind is recomputed instead of updated
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """What a strategy may look at; index i is the same pool item in every array."""
+
+    labelled: np.ndarray  # bool (n,): already labelled: never picked; k-center/coral start from them
+    excluded: np.ndarray | None = None  # bool (n,): requested earlier but not labelled yet, or unusable: never picked
+    probabilities: np.ndarray | None = None  # float (n, C) predicted class probabilities
+    embeddings: np.ndarray | None = None  # float (n, d)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One chosen pool item and why it was chosen."""
+
+    index: int  # pool index
+    score: float | None  # the uncertainty score that counted (None for random / k_center)
+    distance: float | None  # distance to the nearest labelled-or-already-picked item when chosen (k_center, coral)
+    cluster: int | None  # cluster id (informative_diverse), else None
+    reason: str  # one human-readable line
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The picks of one strategy, in the order chosen."""
+
+    strategy: str
+    picks: tuple[Pick, ...]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The picks' pool indices, in order (int64)."""
+        return np.array([pick.index for pick in self.picks], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- entry point and checks
+
+
+def select(strategy: str, inputs: SelectionInputs, budget: int, seed: int, **options: Any) -> Selection:
+    """Choose up to ``budget`` pool items to label next with the named strategy."""
+    check_strategy_name(strategy)
+    check_options(strategy, options)
+    if strategy == "random":
+        return select_random(inputs, budget, seed)
+    if strategy in SCORE_FUNCTIONS:
+        return select_top_scores(inputs, budget, score=strategy)
+    if strategy == "k_center":
+        return select_k_center(inputs, budget, seed, **options)
+    if strategy == "coral":
+        return select_coral(inputs, budget, seed, **options)
+    return select_informative_diverse(inputs, budget, seed, **options)
+
+
+def _unknown(kind: str, name: object, known: tuple[str, ...] | list[str]) -> UserError:
+    """A one-line error naming the known choices and the closest one."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UserError(f"unknown {kind} {name!r} (known: {', '.join(known) or 'none'}){hint}")
+
+
+def check_strategy_name(strategy: str) -> str:
+    """Return ``strategy`` if it is known; otherwise a one-line ``UserError`` with a suggestion."""
+    if strategy not in STRATEGIES:
+        raise _unknown("active-learning strategy", strategy, STRATEGIES)
+    return strategy
+
+
+def check_options(strategy: str, options: dict[str, Any]) -> None:
+    """Reject options the strategy does not take (typos fail instead of being ignored)."""
+    allowed = OPTIONS[check_strategy_name(strategy)]
+    for name in options:
+        if name not in allowed:
+            raise _unknown(f"option for strategy {strategy!r}:", name, allowed)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """An integer option or argument that must be at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise UserError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_weight(value: object) -> float:
+    """The coral diversity weight: a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+        raise UserError(f"diversity_weight: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _mask(value: object, name: str, n: int | None) -> np.ndarray:
+    """A boolean mask of shape (n,); index arrays and wrong lengths are refused."""
+    mask = np.asarray(value)
+    if mask.dtype != np.bool_ or mask.ndim != 1 or (n is not None and mask.size != n):
+        expected = f"({n},)" if n is not None else "(n,)"
+        raise UserError(f"{name}: expected a boolean mask of shape {expected}, got {mask.dtype} array of shape {mask.shape}")
+    return mask
+
+
+def available_items(inputs: SelectionInputs) -> np.ndarray:
+    """Pool indices that may be picked (neither labelled nor excluded), ascending (int64)."""
+    labelled = _mask(inputs.labelled, "labelled", None)
+    if inputs.excluded is None:
+        return np.flatnonzero(~labelled).astype(np.int64)
+    excluded = _mask(inputs.excluded, "excluded", labelled.size)
+    return np.flatnonzero(~(labelled | excluded)).astype(np.int64)
+
+
+def _scores(inputs: SelectionInputs, strategy: str, name: str, rows: np.ndarray) -> np.ndarray:
+    """The named uncertainty score of the given pool rows (only these rows are validated)."""
+    if inputs.probabilities is None:
+        raise UserError(f"strategy {strategy!r} needs predicted probabilities (SelectionInputs.probabilities)")
+    probabilities = np.asarray(inputs.probabilities)
+    n = np.asarray(inputs.labelled).size
+    if probabilities.ndim != 2 or probabilities.shape[0] != n:
+        raise UserError(f"probabilities: expected shape ({n}, classes), got {probabilities.shape}")
+    return uncertainty_scores(probabilities[rows], name)
+
+
+def _embeddings(inputs: SelectionInputs, strategy: str, rows: np.ndarray) -> np.ndarray:
+    """The embeddings as float32 (n, d); the given rows must be finite."""
+    if inputs.embeddings is None:
+        raise UserError(f"strategy {strategy!r} needs embeddings (SelectionInputs.embeddings)")
+    raw = np.asarray(inputs.embeddings)
+    n = np.asarray(inputs.labelled).size
+    if raw.ndim != 2 or raw.shape[0] != n or raw.shape[1] < 1 or not np.issubdtype(raw.dtype, np.number):
+        raise UserError(f"embeddings: expected a numeric array of shape ({n}, dim), got {raw.dtype} {raw.shape}")
+    x = np.asarray(raw, dtype=np.float32)
+    row_sums = x.sum(axis=1)  # NaN or inf anywhere in a row makes its sum non-finite
+    bad = rows[~np.isfinite(row_sums[rows])]
+    if bad.size:
+        raise UserError(f"embeddings: {bad.size} rows contain NaN or infinite values (first: pool index {bad[0]})")
+    return x
+
+
+def _selection(strategy: str, picks: list[Pick]) -> Selection:
+    """Freeze the picks (and check the no-duplicate rule the strategies guarantee)."""
+    assert len({pick.index for pick in picks}) == len(picks), "a strategy picked an item twice"
+    return Selection(strategy=strategy, picks=tuple(picks))
+
+
+# ---------------------------------------------------------------- random and top-k by score
+
+
+def select_random(inputs: SelectionInputs, budget: int, seed: int) -> Selection:
+    """Uniformly random available items, drawn with ``np.random.default_rng(seed)``."""
+    budget = _check_int("budget", budget, 0)
+    seed = _check_int("seed", seed, 0)
+    available = available_items(inputs)
+    k = min(budget, available.size)
+    order = np.random.default_rng(seed).permutation(available.size)[:k]
+    picks = [
+        Pick(int(available[p]), None, None, None, f"random draw {rank + 1} of {k} from {available.size} available (seed {seed})")
+        for rank, p in enumerate(order)
+    ]
+    return _selection("random", picks)
+
+
+def select_top_scores(inputs: SelectionInputs, budget: int, score: str = "margin") -> Selection:
+    """The ``budget`` available items with the highest uncertainty ``score``, highest first."""
+    budget = _check_int("budget", budget, 0)
+    check_score_name(score)
+    available = available_items(inputs)
+    u = _scores(inputs, score, score, available)
+    order = np.argsort(-u, kind="stable")[:budget]  # stable: equal scores keep pool-index order
+    picks = [
+        Pick(int(available[p]), float(u[p]), None, None, f"{score} {u[p]:.3f} (rank {rank + 1} of {available.size})")
+        for rank, p in enumerate(order)
+    ]
+    return _selection(score, picks)
+
+
+# ---------------------------------------------------------------- distances to the covered set
+
+Key = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (positions, squared distances) -> keys, non-decreasing in d²
+
+
+class _Coverage:
+    """Squared distance (float32) from each candidate to its nearest centre (labelled ∪ picked), refreshed lazily.
+
+    ``bound[i]`` is the minimum over centres ``[0, checked[i])``, reached at centre ``nearest[i]``;
+    ``second[i]`` is the runner-up. Later centres can only lower ``bound``, so it is an upper bound
+    that becomes exact once ``checked[i] == n_centres``: a greedy step only refreshes the candidates
+    whose bound could still beat the leader (lazy evaluation).
+    """
+
+    def __init__(self, x: np.ndarray, candidates: np.ndarray, capacity: int, chunk_size: int) -> None:
+        self.x = x
+        self.candidates = candidates
+        self.chunk_size = chunk_size
+        self.sq_norms = np.full(candidates.size, np.nan, dtype=np.float32)  # computed on a row's first refresh
+        self.bound = np.full(candidates.size, np.inf, dtype=np.float32)
+        self.second = np.full(candidates.size, np.inf, dtype=np.float32)
+        self.nearest = np.zeros(candidates.size, dtype=np.int64)
+        self.checked = np.zeros(candidates.size, dtype=np.int64)
+        self.exact = np.full(candidates.size, np.nan)  # float64 d² over centres [0, exact_checked), once needed
+        self.exact_checked = np.zeros(candidates.size, dtype=np.int64)
+        self.centres = np.empty((capacity, x.shape[1]), dtype=np.float32)
+        self.centre_sq_norms = np.empty(capacity, dtype=np.float32)
+        self.n_centres = 0
+
+    def add_centres(self, rows: np.ndarray) -> None:
+        """Append pool rows to the centres (copied, so refreshes read one compact block)."""
+        for start in range(0, rows.size, self.chunk_size):
+            block = self.x[rows[start : start + self.chunk_size]]
+            end = self.n_centres + block.shape[0]
+            self.centres[self.n_centres : end] = block
+            self.centre_sq_norms[self.n_centres : end] = np.einsum("ij,ij->i", block, block)
+            self.n_centres = end
+
+    def remove(self, position: int) -> None:
+        """Take a picked candidate out: its bound becomes −inf and it is never refreshed again."""
+        self.bound[position] = -np.inf
+        self.checked[position] = np.iinfo(np.int64).max
+
+    def is_fresh(self, position: int) -> bool:
+        """Whether the candidate's bound already counts every centre."""
+        return bool(self.checked[position] >= self.n_centres)
+
+    def refresh(self, positions: np.ndarray) -> None:
+        """Make the bounds of ``positions`` exact: one product when small, else grouped by similar backlogs."""
+        positions = positions[self.checked[positions] < self.n_centres]
+        if positions.size == 0:
+            return
+        backlog = self.n_centres - self.checked[positions]
+        if positions.size * int(backlog.max()) <= _ONE_CALL_PAIRS:
+            self._update(positions)
+            return
+        backlog_class = np.frexp(backlog.astype(np.float64))[1]
+        for group in np.unique(backlog_class):
+            self._update(positions[backlog_class == group])
+
+    def refresh_all(self) -> None:
+        """Make every remaining candidate's bound exact."""
+        self.refresh(np.flatnonzero(self.checked < self.n_centres))
+
+    def _update(self, positions: np.ndarray) -> None:
+        """Count the centres each of ``positions`` has not counted yet, in chunk × chunk blocks."""
+        first = int(self.checked[positions].min())
+        mixed = bool((self.checked[positions] > first).any())
+        step = self.chunk_size
+        for r in range(0, positions.size, step):
+            pos = positions[r : r + step]
+            rows = self.x[self.candidates[pos]]
+            new = np.isnan(self.sq_norms[pos])
+            if new.any():
+                self.sq_norms[pos[new]] = np.einsum("ij,ij->i", rows[new], rows[new])
+            best, nearest, second = self.bound[pos], self.nearest[pos], self.second[pos]
+            lines = np.arange(pos.size)
+            for c in range(first, self.n_centres, step):
+                end = min(c + step, self.n_centres)
+                d2 = rows @ self.centres[c:end].T
+                d2 *= -2.0
+                d2 += self.sq_norms[pos, None]
+                d2 += self.centre_sq_norms[None, c:end]
+                if mixed:  # a centre a candidate has already counted is not counted twice
+                    d2[np.arange(c, end)[None, :] < self.checked[pos, None]] = np.inf
+                closest = np.argmin(d2, axis=1)
+                block_best = d2[lines, closest]
+                d2[lines, closest] = np.inf
+                block_second = d2.min(axis=1)
+                improved = block_best < best
+                second = np.where(improved, np.minimum(best, block_second), np.minimum(second, block_best))
+                nearest = np.where(improved, closest + c, nearest)
+                best = np.where(improved, block_best, best)
+            self.bound[pos], self.nearest[pos], self.second[pos] = np.maximum(best, 0.0), nearest, second
+        self.checked[positions] = self.n_centres
+
+    def exact_sq_distances(self, positions: np.ndarray, tolerance: float) -> np.ndarray:
+        """float64 squared distances of fresh ``positions`` to their nearest centre, cached per candidate.
+
+        A cached value only needs the few centres added since; a new one comes from the float32
+        nearest centre when the runner-up trails by more than 2·tolerance (then it is the true
+        nearest), else from every centre whose float32 d² is within 2·tolerance of the nearest.
+        """
+        backlog = self.n_centres - self.exact_checked[positions]
+        cached = ~np.isnan(self.exact[positions]) & (backlog <= _EXACT_BACKLOG)
+        behind = positions[cached & (backlog > 0)]
+        for start in np.unique(self.exact_checked[behind]):
+            pos = behind[self.exact_checked[behind] == start]
+            added = np.arange(start, self.n_centres)
+            d2 = self._exact_pairs(np.repeat(pos, added.size), np.tile(added, pos.size))
+            self.exact[pos] = np.minimum(self.exact[pos], d2.reshape(pos.size, added.size).min(axis=1))
+        new = positions[~cached]
+        self.exact[new] = self._exact_pairs(new, self.nearest[new])
+        unsure = new[self.second[new] - self.bound[new] <= 2 * tolerance]
+        if unsure.size:
+            self.exact[unsure] = self._exact_in_band(unsure, tolerance)
+        self.exact_checked[positions] = self.n_centres
+        return self.exact[positions]
+
+    def _exact_pairs(self, positions: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """float64 squared distance from candidate ``positions[i]`` to centre ``centres[i]``, by differences."""
+        out = np.empty(positions.size)
+        step = max(1, self.chunk_size**2 // self.x.shape[1])  # a batch of pairs is at most chunk² float64 values
+        for start in range(0, positions.size, step):
+            rows = self.x[self.candidates[positions[start : start + step]]].astype(np.float64)
+            out[start : start + step] = ((rows - self.centres[centres[start : start + step]]) ** 2).sum(axis=1)
+        return out
+
+    def _exact_in_band(self, positions: np.ndarray, tolerance: float) -> np.ndarray:
+        """float64 minimum over the centres whose float32 d² is within 2·tolerance of the (fresh) bound."""
+        best = np.full(positions.size, np.inf)
+        ceiling = self.bound[positions].astype(np.float64) + 2 * tolerance
+        for r in range(0, positions.size, self.chunk_size):
+            pos = positions[r : r + self.chunk_size]
+            rows = self.x[self.candidates[pos]]
+            for c in range(0, self.n_centres, self.chunk_size):
+                end = min(c + self.chunk_size, self.n_centres)
+                d2 = self.sq_norms[pos, None] - 2.0 * (rows @ self.centres[c:end].T)
+                d2 += self.centre_sq_norms[None, c:end]
+                line, column = np.nonzero(d2 <= ceiling[r : r + pos.size, None])
+                np.minimum.at(best, r + line, self._exact_pairs(pos[line], c + column))
+        return best
+
+
+class _FarthestPoint:
+    """Exact greedy argmax over candidates of a key of their distance to labelled ∪ picked.
+
+    Every candidate's distance is kept in float32 (``fast``). float32 d² is within ``tolerance``
+    of the exact value (the rounding bound ``(dim + 8)·2⁻²⁴·(|x| + |c|)²``), so only candidates
+    whose float32 key could reach the leader's are rivals; when there are several, their
+    float64 distances decide. The picks are those of exact arithmetic on the float32 embeddings.
+    """
+
+    def __init__(self, x: np.ndarray, available: np.ndarray, labelled: np.ndarray, capacity: int, chunk_size: int) -> None:
+        self.fast = _Coverage(x, available, capacity, chunk_size)
+        self.fast.add_centres(labelled)
+        self.positions = np.arange(available.size)
+        self.n_alive = available.size
+        self.n_picked = 0
+        self.n_labelled = labelled.size
+        max_norm = float(np.sqrt(_max_sq_norm(x, np.concatenate([available, labelled]), chunk_size))) * (1 + 1e-3)
+        self.tolerance = (x.shape[1] + 8) * 2.0**-24 * (2 * max_norm) ** 2
+
+    def add(self, position: int) -> None:
+        """Make a candidate a centre (it was picked)."""
+        self.fast.add_centres(self.fast.candidates[[position]])
+        self.fast.remove(position)
+        self.n_alive -= 1
+        self.n_picked += 1
+
+    def start(self) -> None:
+        """Compute every candidate's float32 distance to the centres so far (chunked matrix products)."""
+        self.fast.refresh_all()
+
+    def exact_sq_distance(self, position: int) -> float:
+        """The float64 squared distance of one candidate to its nearest centre."""
+        self.fast.refresh(np.array([position]))
+        return float(self.fast.exact_sq_distances(np.array([position]), self.tolerance)[0])
+
+    def argmax(self, key: Key) -> tuple[int, float]:
+        """The candidate with the largest exact key and its squared distance (float64 when it was needed).
+
+        Lazy evaluation: ``keys`` are upper bounds (a stale bound only counts older centres). The
+        leader and its rivals, every candidate whose key could come within rounding of it, are
+        refreshed until all of them are fresh: the others cannot beat the leader, so the exact
+        winner is among the rivals. If leaders keep falling, the top stale keys are refreshed in
+        growing batches.
+        """
+        fast, tolerance = self.fast, self.tolerance
+        keys = key(self.positions, fast.bound)
+        batch = _FIRST_BATCH
+        for attempt in itertools.count():
+            leader = int(np.argmax(keys))
+            lowest = key(np.array([leader]), fast.bound[[leader]].astype(np.float64) - tolerance)[0]
+            rivals = np.flatnonzero(key(self.positions, fast.bound.astype(np.float64) + tolerance) >= lowest)
+            stale = rivals[fast.checked[rivals] < fast.n_centres]
+            if stale.size == 0:  # the leader is a rival too, so it is fresh
+                break
+            if attempt >= _SINGLE_REFRESHES:
+                if 2 * batch >= self.n_alive:
+                    stale = np.flatnonzero(fast.checked < fast.n_centres)
+                else:
+                    stale, batch = np.union1d(stale, np.argpartition(keys, -batch)[-batch:]), 4 * batch
+            fast.refresh(stale)
+            keys[stale] = key(stale, fast.bound[stale])
+        if rivals.size == 1:
+            return leader, float(fast.bound[leader])
+        exact = fast.exact_sq_distances(rivals, tolerance)
+        best = int(np.argmax(key(rivals, exact)))
+        return int(rivals[best]), float(exact[best])
+
+    def covered_by(self) -> str:
+        """'the labelled set', 'the labelled set and 3 earlier picks' or 'the 3 earlier picks'."""
+        picked = f"{self.n_picked} earlier pick{'s' if self.n_picked != 1 else ''}"
+        if self.n_labelled and self.n_picked:
+            return f"the labelled set and {picked}"
+        return "the labelled set" if self.n_labelled else f"the {picked}"
+
+
+def _max_sq_norm(x: np.ndarray, rows: np.ndarray, chunk_size: int) -> float:
+    """The largest squared norm among the given rows (float64)."""
+    largest = 0.0
+    for start in range(0, rows.size, chunk_size):
+        block = x[rows[start : start + chunk_size]].astype(np.float64)
+        largest = max(largest, float(np.einsum("ij,ij->i", block, block).max()))
+    return largest
+
+
+def _distance_key(positions: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """k_center's key: the squared distance itself."""
+    return d2
+
+
+def _random_start(greedy: _FarthestPoint, available: np.ndarray, seed: int) -> int:
+    """With nothing labelled, k-center starts from ``available[default_rng(seed).integers(len(available))]``."""
+    first = int(np.random.default_rng(seed).integers(available.size))
+    greedy.add(first)
+    return first
+
+
+# ---------------------------------------------------------------- k-center greedy
+
+
+def select_k_center(inputs: SelectionInputs, budget: int, seed: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Selection:
+    """k-center greedy (coreset, Sener & Savarese 2018): repeatedly pick the item farthest from labelled ∪ picked.
+
+    With nothing labelled the first pick is ``available[default_rng(seed).integers(len(available))]``.
+    Exactly the picks of the plain algorithm in exact arithmetic, but a step only refreshes the
+    distances that could still beat the leader (see ``_Coverage`` and ``_FarthestPoint``).
+    """
+    budget = _check_int("budget", budget, 0)
+    seed = _check_int("seed", seed, 0)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    available = available_items(inputs)
+    labelled = np.flatnonzero(np.asarray(inputs.labelled)).astype(np.int64)
+    x = _embeddings(inputs, "k_center", np.concatenate([available, labelled]))
+    k = min(budget, available.size)
+    picks: list[Pick] = []
+    if k == 0:
+        return _selection("k_center", picks)
+    greedy = _FarthestPoint(x, available, labelled, labelled.size + k, chunk_size)
+    if labelled.size == 0:
+        first = _random_start(greedy, available, seed)
+        picks.append(Pick(int(available[first]), None, None, None, f"random start (nothing labelled; seed {seed})"))
+    if len(picks) < k:
+        greedy.start()
+    while len(picks) < k:
+        position, d2 = greedy.argmax(_distance_key)
+        distance = float(np.sqrt(d2))
+        reason = f"farthest from {greedy.covered_by()}: distance {distance:.2f}"
+        picks.append(Pick(int(available[position]), None, distance, None, reason))
+        greedy.add(position)
+    return _selection("k_center", picks)
+
+
+# ---------------------------------------------------------------- coral: uncertainty + diversity
+
+
+def select_coral(
+    inputs: SelectionInputs,
+    budget: int,
+    seed: int,
+    score: str = "margin",
+    diversity_weight: float = 0.5,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Selection:
+    """Greedy uncertainty + diversity: each step picks the argmax of ``(1 − w)·u(x) + w·d(x)/d_max``.
+
+    ``u`` is the normalised uncertainty ``score`` (in [0, 1]), ``d(x)`` the current distance to the
+    nearest labelled-or-picked item and ``d_max`` its current maximum over available items, so both
+    terms lie in [0, 1]; ``w = diversity_weight``. w = 0 is top-k by ``score``, w = 1 is k_center.
+    With nothing labelled there is no distance yet: the first pick is the most uncertain item
+    (w < 1) or, at w = 1 where every item ties, k_center's seeded random start.
+    """
+    budget = _check_int("budget", budget, 0)
+    seed = _check_int("seed", seed, 0)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    w = _check_weight(diversity_weight)
+    check_score_name(score)
+    available = available_items(inputs)
+    labelled = np.flatnonzero(np.asarray(inputs.labelled)).astype(np.int64)
+    u = _scores(inputs, "coral", score, available)
+    x = _embeddings(inputs, "coral", np.concatenate([available, labelled]))
+    k = min(budget, available.size)
+    picks: list[Pick] = []
+    if k == 0:
+        return _selection("coral", picks)
+    greedy = _FarthestPoint(x, available, labelled, labelled.size + k, chunk_size)
+    if labelled.size == 0:
+        if w == 1.0:
+            first, why = _random_start(greedy, available, seed), f"random start (nothing labelled; seed {seed})"
+        else:
+            first, why = int(np.argmax(u)), "the most uncertain (nothing labelled yet)"
+            greedy.add(first)
+        picks.append(Pick(int(available[first]), float(u[first]), None, None, f"coral: {score} {u[first]:.3f}, {why}"))
+    if len(picks) < k:
+        greedy.start()
+    while len(picks) < k:
+        farthest, _ = greedy.argmax(_distance_key)
+        d_max = float(np.sqrt(greedy.exact_sq_distance(farthest)))
+        position, d2 = greedy.argmax(_coral_key(u, w, d_max))
+        distance = float(np.sqrt(d2))
+        share = distance / d_max if d_max > 0 else 0.0
+        reason = (
+            f"coral: {score} {u[position]:.3f}, distance {distance:.2f} ({share:.2f} of the largest), "
+            f"combined {(1 - w) * u[position] + w * share:.3f} (diversity weight {w:g})"
+        )
+        picks.append(Pick(int(available[position]), float(u[position]), distance, None, reason))
+        greedy.add(position)
+    return _selection("coral", picks)
+
+
+def _coral_key(u: np.ndarray, w: float, d_max: float) -> Key:
+    """``(1 − w)·u + w·d/d_max`` (float64) of given positions from squared distances; −inf stays −inf."""
+
+    def key(positions: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        d2 = np.asarray(d2, dtype=np.float64)
+        gone = d2 == -np.inf
+        diversity = np.sqrt(np.maximum(d2, 0.0)) / d_max if d_max > 0 else np.zeros(d2.shape)
+        return np.where(gone, -np.inf, (1.0 - w) * u[positions] + w * diversity)
+
+    return key
+
+
+# ---------------------------------------------------------------- informative & diverse (clustered margin)
+
+
+def kmeans(x: np.ndarray, n_clusters: int, seed: int, max_iterations: int, chunk_size: int) -> np.ndarray:
+    """Cluster the rows of ``x`` (float32) with seeded k-means++ and Lloyd iterations; returns labels (int64)."""
+    rng = np.random.default_rng(seed)
+    sq_norms = np.empty(x.shape[0], dtype=np.float32)
+    for start in range(0, x.shape[0], chunk_size):
+        block = x[start : start + chunk_size]
+        sq_norms[start : start + block.shape[0]] = np.einsum("ij,ij->i", block, block)
+    centres = _kmeans_plus_plus(x, sq_norms, n_clusters, rng)
+    labels = np.full(x.shape[0], -1, dtype=np.int64)
+    for _ in range(max_iterations):
+        new_labels = _nearest_centre(x, sq_norms, centres, chunk_size)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        centres = _cluster_means(x, labels, centres, chunk_size)
+    return labels
+
+
+def _kmeans_plus_plus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each next centre drawn with probability ∝ squared distance to the chosen ones."""
+    chosen = [int(rng.integers(x.shape[0]))]
+    d2 = _sq_distances(x, sq_norms, x[chosen[0]])
+    for _ in range(1, k):
+        total = float(d2.sum(dtype=np.float64))
+        if total <= 0.0:  # every row sits on a centre already: any unchosen row will do
+            chosen.append(int(rng.choice(np.setdiff1d(np.arange(x.shape[0]), chosen))))
+        else:
+            chosen.append(int(rng.choice(x.shape[0], p=d2.astype(np.float64) / total)))
+        d2 = np.minimum(d2, _sq_distances(x, sq_norms, x[chosen[-1]]))
+    return x[chosen].astype(np.float32)
+
+
+def _sq_distances(x: np.ndarray, sq_norms: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Squared distance of every row of ``x`` to one centre (one matrix-vector product), clipped at 0."""
+    return np.maximum(sq_norms - 2.0 * (x @ centre) + np.float32(centre @ centre), 0.0)
+
+
+def _nearest_centre(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Index of the nearest centre of every row; a block holds at most chunk_size² distances."""
+    centre_sq = np.einsum("ij,ij->i", centres, centres)
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    step = max(chunk_size, chunk_size**2 // centres.shape[0])  # few, large products: small ones thread badly
+    for start in range(0, x.shape[0], step):
+        end = min(start + step, x.shape[0])
+        d2 = centre_sq[None, :] - 2.0 * (x[start:end] @ centres.T) + sq_norms[start:end, None]
+        labels[start:end] = np.argmin(d2, axis=1)
+    return labels
+
+
+def _cluster_means(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Mean of each cluster's rows (sorted block sums, added in float64); an empty cluster keeps its centre.
+
+    No matrix product: a one-hot product with few clusters threads badly on a busy machine.
+    """
+    k = previous.shape[0]
+    sums = np.zeros((k, x.shape[1]))
+    step = 4 * chunk_size
+    for start in range(0, x.shape[0], step):
+        block_labels = labels[start : start + step]
+        order = np.argsort(block_labels, kind="stable")
+        present, first = np.unique(block_labels[order], return_index=True)
+        sums[present] += np.add.reduceat(x[start : start + step][order], first, axis=0)
+    counts = np.bincount(labels, minlength=k)
+    centres = previous.copy()
+    filled = counts > 0
+    centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return centres
+
+
+def cluster_quotas(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Split ``budget`` over clusters in proportion to their sizes (largest remainder), capped by size.
+
+    A capped cluster's leftover goes to the others by the same rule, so the quotas sum to
+    ``min(budget, sizes.sum())``. Equal remainders go to the lower cluster id.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    quotas = np.zeros_like(sizes)
+    remaining = min(int(budget), int(sizes.sum()))
+    while remaining > 0:
+        open_ = np.flatnonzero(quotas < sizes)
+        weights = sizes[open_]
+        base, remainder = np.divmod(remaining * weights, weights.sum())  # exact integer proportions
+        extra = remaining - int(base.sum())
+        order = np.lexsort((open_, -remainder))[:extra]
+        base[order] += 1
+        quotas[open_] += np.minimum(base, sizes[open_] - quotas[open_])
+        remaining = min(int(budget), int(sizes.sum())) - int(quotas.sum())
+    return quotas
+
+
+def select_informative_diverse(
+    inputs: SelectionInputs,
+    budget: int,
+    seed: int,
+    n_clusters: int | None = None,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Selection:
+    """Norouzzadeh et al. (2021)'s informative & diverse: the highest-margin items of each k-means cluster.
+
+    The available items are clustered (seeded k-means++ + Lloyd); each cluster gets a quota in
+    proportion to its size (``cluster_quotas``) and fills it with its highest-margin items. The
+    default ``n_clusters`` is the number of classes, as in the sampler they used (Google's
+    active-learning ``informative_diverse.py``), at most the number of available items. Picks are
+    ordered round-robin: every cluster's best, then every cluster's second best, ...
+    """
+    budget = _check_int("budget", budget, 0)
+    seed = _check_int("seed", seed, 0)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    max_iterations = _check_int("max_iterations", max_iterations, 1)
+    if n_clusters is not None:
+        n_clusters = _check_int("n_clusters", n_clusters, 1)
+    available = available_items(inputs)
+    u = _scores(inputs, "informative_diverse", "margin", available)
+    x = _embeddings(inputs, "informative_diverse", available)
+    if min(budget, available.size) == 0:
+        return _selection("informative_diverse", [])
+    k = min(n_clusters or np.asarray(inputs.probabilities).shape[1], available.size)
+    labels = kmeans(x[available], k, seed, max_iterations, chunk_size)
+    sizes = np.bincount(labels, minlength=k)
+    quotas = cluster_quotas(sizes, budget)
+    chosen: list[tuple[int, int, int]] = []  # (rank in cluster, cluster, position)
+    for cluster in np.flatnonzero(quotas):
+        members = np.flatnonzero(labels == cluster)
+        best = members[np.argsort(-u[members], kind="stable")[: quotas[cluster]]]
+        chosen += [(rank, int(cluster), int(p)) for rank, p in enumerate(best)]
+    picks = [
+        Pick(
+            int(available[p]),
+            float(u[p]),
+            None,
+            cluster,
+            f"margin {u[p]:.3f} (rank {rank + 1} of {sizes[cluster]} in cluster {cluster}, quota {quotas[cluster]})",
+        )
+        for rank, cluster, p in sorted(chosen)
+    ]
+    return _selection("informative_diverse", picks)
