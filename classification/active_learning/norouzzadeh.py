@@ -1,0 +1,297 @@
+"""Norouzzadeh et al.'s (2021) deep active learning loop, simulated with a labelled pool (``camera_trap_al``).
+
+An embedding network trained with triplet loss maps every image to a vector; each
+round an MLP trained on the labelled embeddings scores the unlabelled pool, a
+selection strategy picks ``active_batch`` images, the pool's folder labels play the
+person who labels them, the MLP is retrained, and the embedding network is re-tuned
+every ``retune_every`` new labels. Accuracy is measured on a held-out
+``validation_data`` folder; the original reported accuracy on the remaining pool,
+which changes with every round and is biased by the selection itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from classification.active_learning.strategies import STRATEGIES, Selection, SelectionInputs, select
+from classification.active_learning.triplet import (
+    DEFAULT_MARGIN,
+    MINING,
+    EmbeddedImages,
+    EmbeddingNetwork,
+    MLPClassifier,
+    embed,
+    predict_proba,
+    seeded,
+    train_embedding,
+    train_mlp,
+)
+from classification.errors import DataError, UserError
+from classification.io import atomic_open
+from classification.training.data import Sample, class_folders, derived_seed, image_files
+
+log = logging.getLogger(__name__)
+
+HISTORY_CSV = "history.csv"
+SKIPPED_CSV = "skipped_images.csv"
+EMBEDDING_WEIGHTS = "embedding.pt"
+TOP_K = 3
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class SelectedImage:
+    """One image picked in a round: its file, the oracle's label, and why the strategy picked it."""
+
+    path: Path
+    true_label: str
+    score: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round: labels used after it, whether the embedding was re-tuned, and held-out metrics."""
+
+    round: int
+    labels_used: int
+    new_labels: int
+    retuned_embedding: bool
+    validation_images: int
+    validation_accuracy: float
+    validation_top3: float
+    recall: Mapping[str, float]
+    selected: tuple[SelectedImage, ...]
+
+    def row(self) -> dict[str, Any]:
+        """The ``history.csv`` row: scalars, then ``recall_<class>`` columns."""
+        scalars = {name: getattr(self, name) for name in ("round", "labels_used", "new_labels", "retuned_embedding",
+                                                           "validation_images", "validation_accuracy", "validation_top3")}
+        return scalars | {f"recall_{name}": value for name, value in self.recall.items()}
+
+
+@dataclass
+class ActiveLearningHistory:
+    """One ``RoundRecord`` per round, the unreadable files, and the final embedding network and MLP."""
+
+    class_names: tuple[str, ...]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    skipped: tuple[Path, ...] = ()
+    network: EmbeddingNetwork | None = None
+    mlp: MLPClassifier | None = None
+
+    def frame(self) -> pd.DataFrame:
+        """The history as a table, one row per round."""
+        return pd.DataFrame([record.row() for record in self.rounds])
+
+    def write(self, output_dir: str | Path) -> None:
+        """Write ``history.csv`` and ``skipped_images.csv`` into ``output_dir`` (atomically)."""
+        output_dir = Path(output_dir)
+        with atomic_open(output_dir / HISTORY_CSV) as handle:
+            self.frame().to_csv(handle, index=False)
+        with atomic_open(output_dir / SKIPPED_CSV) as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path"])
+            writer.writerows([str(path)] for path in self.skipped)
+
+
+def write_selection(path: Path, selected: Sequence[SelectedImage]) -> None:
+    """``selected_round_<k>.csv``: path, true_label, score, reason (atomically)."""
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true_label", "score", "reason"])
+        writer.writerows([str(s.path), s.true_label, "" if s.score is None else s.score, s.reason] for s in selected)
+
+
+# ---------------------------------------------------------------- data
+
+
+def folder_samples(folder: str | Path, name_to_index: Mapping[str, int], option: str) -> list[Sample]:
+    """Samples of an image folder with one sub-folder per class; a class unknown to ``train_data`` is a DataError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{option}: {folder}: folder not found")
+    samples = []
+    for name in class_folders(folder):
+        if name not in name_to_index:
+            raise DataError(f"{option}: {folder / name}: class {name!r} is not a class of train_data "
+                            f"(known: {', '.join(name_to_index)})")
+        samples += [Sample(path, name_to_index[name], "", folder.name) for path in image_files(folder / name)]
+    if not samples:
+        raise DataError(f"{option}: {folder}: no images (jpg, jpeg, png) in its class folders")
+    return samples
+
+
+def check_options(active_batch: int, strategy: str, num_rounds: int, retune_every: int, mining: str) -> None:
+    """One-line UserError for an option out of range or unknown."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"active_learning_strategy: unknown {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if mining not in MINING:
+        raise UserError(f"mining: unknown {mining!r} (choose from {', '.join(MINING)})")
+    for name, value in (("active_batch", active_batch), ("num_rounds", num_rounds), ("retune_every", retune_every)):
+        if value < 1:
+            raise UserError(f"{name}: must be at least 1, got {value}")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def validation_metrics(probabilities: np.ndarray, labels: np.ndarray,
+                       class_names: Sequence[str]) -> tuple[float, float, dict[str, float]]:
+    """Top-1 and top-3 accuracy and per-class recall (NaN for a class absent from validation)."""
+    if len(labels) == 0:
+        return float("nan"), float("nan"), {name: float("nan") for name in class_names}
+    predicted = probabilities.argmax(1)
+    k = min(TOP_K, probabilities.shape[1])
+    top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    recall = {name: float((predicted[labels == c] == c).mean()) if (labels == c).any() else float("nan")
+              for c, name in enumerate(class_names)}
+    return float((predicted == labels).mean()), float((top_k == labels[:, None]).any(1).mean()), recall
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Pool:
+    """The candidate images (initial labelled set, then the unlabelled pool), their oracle labels and state."""
+
+    samples: list[Sample]
+    labelled: np.ndarray
+    embeddings: EmbeddedImages | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The true class of every candidate."""
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def usable(self) -> np.ndarray:
+        """Labelled candidates whose image could be read: what the models train on."""
+        return self.labelled & self.embeddings.readable
+
+
+def load_folders(train_data: str | Path, unlabelled_data: str | Path,
+                 validation_data: str | Path) -> tuple[tuple[str, ...], Pool, list[Sample]]:
+    """Class names (train's sorted folders), the candidates (train labelled, pool not) and the validation samples."""
+    if not Path(train_data).is_dir():
+        raise UserError(f"train_data: {train_data}: folder not found")
+    class_names = tuple(class_folders(Path(train_data)))
+    name_to_index = {name: i for i, name in enumerate(class_names)}
+    train = folder_samples(train_data, name_to_index, "train_data")
+    candidates = train + folder_samples(unlabelled_data, name_to_index, "unlabelled_data")
+    validation = folder_samples(validation_data, name_to_index, "validation_data")
+    return class_names, Pool(candidates, np.arange(len(candidates)) < len(train)), validation
+
+
+def select_round(pool: Pool, mlp: MLPClassifier, strategy: str, budget: int, seed: int,
+                 options: Mapping[str, Any]) -> Selection:
+    """The strategy's picks among the readable unlabelled candidates, from the MLP's probabilities."""
+    inputs = SelectionInputs(labelled=pool.labelled.copy(), excluded=~pool.embeddings.readable,
+                             probabilities=predict_proba(mlp, pool.embeddings.vectors),
+                             embeddings=pool.embeddings.vectors)
+    selection = select(strategy, inputs, budget, seed, **dict(options))
+    picked = selection.indices
+    if pool.labelled[picked].any() or len(set(picked.tolist())) != len(picked):
+        raise RuntimeError(f"strategy {strategy!r} picked a labelled image or one image twice")
+    return selection
+
+
+def run_active_learning(train_data: str | Path, unlabelled_data: str | Path, validation_data: str | Path,
+                        active_batch: int = 100, active_learning_strategy: str = "margin",
+                        num_rounds: int = 5, retune_every: int = 1000, embedding_dim: int = 128,
+                        architecture: str = "resnet18", pretrained: bool = True, weights_file: Path | None = None,
+                        image_size: int = 224, mining: str = "semi_hard", output_dir: str | Path | None = None,
+                        seed: int = 0, *, margin: float = DEFAULT_MARGIN, embedding_epochs: int = 10,
+                        retune_epochs: int = 3, classes_per_batch: int = 16, images_per_class: int = 4,
+                        embedding_lr: float = 1e-3, mlp_epochs: int = 100, mlp_hidden: int = 256,
+                        batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
+                        strategy_options: Mapping[str, Any] | None = None) -> ActiveLearningHistory:
+    """Run ``num_rounds`` rounds of simulated active learning; return (and write) the per-round history.
+
+    ``train_data`` is the initial labelled set, ``unlabelled_data`` the pool (its class
+    folders are the oracle), ``validation_data`` the held-out set every round is scored
+    on (not the remaining pool, as in the original). The embedding is tuned on
+    ``train_data`` for ``embedding_epochs`` first (0: use it as loaded).
+    """
+    check_options(active_batch, active_learning_strategy, num_rounds, retune_every, mining)
+    class_names, pool, validation = load_folders(train_data, unlabelled_data, validation_data)
+    output = Path(output_dir) if output_dir is not None else None
+
+    with seeded(seed):
+        network = EmbeddingNetwork(architecture, embedding_dim, pretrained, weights_file)
+    tune = dict(image_size=image_size, classes_per_batch=classes_per_batch, images_per_class=images_per_class,
+                margin=margin, mining=mining, learning_rate=embedding_lr, device=device, num_workers=num_workers)
+    encode = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers)
+    history = ActiveLearningHistory(class_names)
+    unreadable: dict[Path, None] = {}
+
+    def tune_and_embed(epochs: int, tune_seed: int) -> EmbeddedImages:
+        """Tune the network on the usable labelled images, then embed the candidates and validation."""
+        if epochs > 0:
+            labelled = [pool.samples[i] for i in np.flatnonzero(pool.labelled if pool.embeddings is None else pool.usable())]
+            trained = train_embedding(network, labelled, epochs, seed=tune_seed, **tune)
+            unreadable.update(dict.fromkeys(trained.skipped))
+        pool.embeddings = embed(network, [s.path for s in pool.samples], **encode)
+        held_out = embed(network, [s.path for s in validation], **encode)
+        unreadable.update(dict.fromkeys(pool.embeddings.skipped + held_out.skipped))
+        return held_out
+
+    def fit_mlp(round_index: int) -> MLPClassifier:
+        """A fresh MLP on the usable labelled embeddings."""
+        usable = pool.usable()
+        if not usable.any():
+            raise DataError(f"train_data: {train_data}: none of its images could be read")
+        return train_mlp(pool.embeddings.vectors[usable], pool.labels[usable], len(class_names), hidden=mlp_hidden,
+                         epochs=mlp_epochs, seed=derived_seed(seed, 10, round_index))
+
+    held_out = tune_and_embed(embedding_epochs, derived_seed(seed, 0))
+    mlp = fit_mlp(0)
+    since_tune = 0
+    validation_labels = np.array([s.label for s in validation], dtype=np.int64)
+    for round_index in range(1, num_rounds + 1):
+        available = int((~pool.labelled & pool.embeddings.readable).sum())
+        if available == 0:
+            log.warning("round %d: the unlabelled pool is used up; stopping after %d rounds", round_index, round_index - 1)
+            break
+        selection = select_round(pool, mlp, active_learning_strategy, min(active_batch, available),
+                                 derived_seed(seed, 20, round_index) % 2**32, strategy_options or {})
+        picked = [int(i) for i in selection.indices]
+        pool.labelled[picked] = True  # the oracle: the pool's folder labels
+        since_tune += len(picked)
+        retuned = since_tune >= retune_every
+        if retuned:
+            held_out = tune_and_embed(retune_epochs, derived_seed(seed, 30, round_index))
+            since_tune = 0
+        mlp = fit_mlp(round_index)
+        readable = held_out.readable
+        accuracy, top3, recall = validation_metrics(predict_proba(mlp, held_out.vectors[readable]),
+                                                    validation_labels[readable], class_names)
+        selected = tuple(SelectedImage(pool.samples[p.index].path, class_names[pool.samples[p.index].label],
+                                       p.score, p.reason) for p in selection.picks)
+        record = RoundRecord(round_index, int(pool.usable().sum()), len(picked), retuned, int(readable.sum()),
+                             accuracy, top3, recall, selected)
+        history.rounds.append(record)
+        history.skipped = tuple(unreadable)
+        log.info("round %d: %d labels, validation accuracy %.4f (top-3 %.4f)%s", round_index, record.labels_used,
+                 accuracy, top3, ", embedding re-tuned" if retuned else "")
+        if output is not None:
+            write_selection(output / f"selected_round_{round_index}.csv", selected)
+            history.write(output)
+    history.skipped = tuple(unreadable)
+    history.network, history.mlp = network, mlp
+    if output is not None:
+        history.write(output)
+        with atomic_open(output / EMBEDDING_WEIGHTS, "wb") as handle:  # reusable as weights_file
+            torch.save(network.backbone.state_dict(), handle)
+    return history
