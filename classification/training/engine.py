@@ -737,6 +737,9 @@ def run_epochs(config: ExperimentConfig, run_dir: Path, trainer: Trainer, data: 
         final = epoch == config.num_epochs or stop_early
         if context.is_main:
             log.info(format_epoch(epoch, config.num_epochs, row, config.monitor))
+            if not math.isfinite(row["train_loss"]):
+                log.warning("epoch %d: the training loss is %s: training diverged; lower learning_rate (now %g) "
+                            "or add warmup_epochs", epoch, row["train_loss"], config.learning_rate)
             tracker.log_epoch(epoch, row)  # before the checkpoint: a resumed run rewrites this row, never loses it
             tracker.log_confusion_matrix(val["confusion"], label_names, epoch)
             if final:
