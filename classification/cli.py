@@ -41,8 +41,12 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def known_flags(self) -> list[str]:
-        """Every option string this parser accepts."""
-        return [flag for action in self._actions for flag in action.option_strings]
+        """Every option string this parser (or one of its sub-commands) accepts."""
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                flags += [flag for sub in action.choices.values() for flag in sub.known_flags()]
+        return flags
 
     def suggest(self, message: str) -> str:
         """Append "did you mean" for each unknown ``--flag`` in an argparse message."""

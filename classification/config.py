@@ -4,9 +4,10 @@ animl-ml's flat keys (``seed, device, num_workers, data_root, crops_dir, num_cla
 image_size, num_epochs, batch_size, learning_rate, weight_decay``) work unchanged; every
 newer option has a default, so a config stays short. An unknown key, a wrong type or an
 impossible value is one line naming the file and the key (with a "did you mean" for typos).
-Relative paths: ``data_root`` and ``weights_file`` resolve against the config file's
-folder, ``crops_dir`` against ``data_root`` (animl-ml's ``crops_dir: crops`` means
-``<data_root>/crops``). animl-ml's ``image_size: [224, 224]`` is read as 224.
+Relative paths: ``data_root``, ``weights_file`` and ``active_learning.pool`` resolve
+against the config file's folder, ``crops_dir`` against ``data_root`` (animl-ml's
+``crops_dir: crops`` means ``<data_root>/crops``). animl-ml's ``image_size: [224, 224]``
+is read as 224. ``--set`` takes dotted keys for sections (``active_learning.strategy=k_center``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,71 @@ MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macr
 RESUMABLE_FIELDS = frozenset({
     "device", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
     "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
-    "data_root", "crops_dir", "weights_file",
+    "data_root", "crops_dir", "weights_file", "active_learning",
 })
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
+LABEL_TOOLS = ("timelapse", "label_studio")
+
+
+class SimulationConfig(BaseModel):
+    """Active learning with the known answers as the person: accuracy against labels, per strategy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategies: list[str] = ["random", "margin", "entropy", "k_center", "coral"]
+    seeds: list[int] = [0, 1, 2]
+    rounds: int = Field(5, ge=1)
+    initial_fraction: float = Field(0.1, gt=0, lt=1)  # of the train split, labelled at the start (per seed)
+    retrain: Literal["head", "full"] = "head"  # head: an MLP on fixed embeddings each round; full: the whole CNN
+    head_epochs: int = Field(200, ge=1)
+
+    @field_validator("strategies")
+    @classmethod
+    def _check_strategies(cls, value: list[str]) -> list[str]:
+        """Known strategy names, each once."""
+        for name in value:
+            _check_strategy_name(name)
+        if not value or len(set(value)) != len(value):
+            raise ValueError("give each strategy once, at least one")
+        return value
+
+
+class ActiveLearningConfig(BaseModel):
+    """The ``active_learning:`` section of an experiment: pool, strategy, batch per round, label tool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool: Path | None = None  # folder of unlabelled images (sub-folders allowed); relative to the config's folder
+    strategy: str = "margin"
+    batch_size: int = Field(100, ge=1)  # images a person labels per round
+    label_tool: Literal["timelapse", "label_studio"] = "timelapse"
+    seed: int = Field(0, ge=0)
+    eval_split: str = "test"  # held-out split of the experiment's dataset that every round is scored on
+    initial_checkpoint: str = "best"  # round 0's model: this checkpoint of the experiment
+    diversity_weight: float = Field(0.5, ge=0, le=1)  # coral: 0 = uncertainty only, 1 = diversity only
+    n_clusters: int | None = Field(None, ge=1)  # informative_diverse
+    num_epochs: int | None = Field(None, ge=1)  # epochs of each retrain (default: the experiment's num_epochs)
+    warm_start: bool = False  # retrain from the previous round's weights instead of the experiment's start
+    pool_location: str = "pool"  # location of labelled pool images in the round datasets
+    label_studio_project: str | None = None  # project title (default: "<experiment> round <k>")
+    label_studio_document_root: Path | None = None  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the pool)
+    timelapse_label_column: str = "Species"
+    lightly_outputs: bool = True  # also write Lightly's predictions and embeddings.csv for each selection
+    simulation: SimulationConfig = SimulationConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, value: str) -> str:
+        return _check_strategy_name(value)
+
+
+def _check_strategy_name(name: str) -> str:
+    """A selection strategy of ``classification.active_learning.strategies``."""
+    from classification.active_learning.strategies import STRATEGIES
+
+    if name not in STRATEGIES:
+        raise ValueError(f"expected one of {', '.join(STRATEGIES)}, got {name!r}{did_you_mean(name, STRATEGIES)}")
+    return name
 
 
 class ExperimentConfig(BaseModel):
@@ -90,6 +153,8 @@ class ExperimentConfig(BaseModel):
     train_split: str = "train"
     val_split: str = "val"
     log_sample_predictions: int = Field(8, ge=0)
+    # active learning (classifier/active_learning.py)
+    active_learning: ActiveLearningConfig = ActiveLearningConfig()
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -162,7 +227,7 @@ def describe_error(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        return f"{key}: unknown key{did_you_mean(key, list(ExperimentConfig.model_fields))}"
+        return f"{key}: unknown key{did_you_mean(str(error['loc'][-1]), known_keys(error['loc'][:-1]))}"
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "literal_error":
@@ -175,6 +240,17 @@ def describe_error(error: Mapping[str, Any]) -> str:
         return f"{key}: expected {TYPE_NAMES[family]}, got {value!r}"
     message = error["msg"].replace("Input should be", "must be")
     return f"{key}: {message}, got {value!r}"
+
+
+def known_keys(section: Sequence[Any]) -> list[str]:
+    """The keys allowed at ``section`` (e.g. ``("active_learning",)``) of the config."""
+    model: type[BaseModel] = ExperimentConfig
+    for name in section:
+        annotation = model.model_fields[str(name)].annotation if str(name) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -210,6 +286,16 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"--set {text}: the value is not valid YAML") from None
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key`` ``a.b`` (sections created as needed)."""
+    *sections, last = key.split(".")
+    for name in sections:
+        existing = data.get(name)
+        data[name] = dict(existing) if isinstance(existing, dict) else {}
+        data = data[name]
+    data[last] = value
+
+
 def absolute_path(value: Any, base: Path) -> Any:
     """A path string made absolute (``~`` expanded, relative to ``base``); anything else unchanged."""
     if not isinstance(value, str) or not value.strip():
@@ -219,13 +305,18 @@ def absolute_path(value: Any, base: Path) -> Any:
 
 
 def resolve_paths(data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
-    """``data_root`` and ``weights_file`` against the config's folder, then ``crops_dir`` against ``data_root``."""
+    """``data_root``, ``weights_file`` and the active-learning folders against the config's folder, then
+    ``crops_dir`` against ``data_root``."""
     resolved = dict(data)
     for key in ("data_root", "weights_file"):
         resolved[key] = absolute_path(resolved.get(key), config_dir)
     data_root = resolved.get("data_root")
     if isinstance(data_root, str) and data_root.strip():
         resolved["crops_dir"] = absolute_path(resolved.get("crops_dir"), Path(data_root))
+    section = resolved.get("active_learning")
+    if isinstance(section, dict):
+        resolved["active_learning"] = {**section, **{key: absolute_path(section[key], config_dir) for key in
+                                                      ("pool", "label_studio_document_root") if key in section}}
     return {k: v for k, v in resolved.items() if k in data or v is not None}
 
 
@@ -238,7 +329,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
             raise DataError(f"{path}: {key!r}: keys must be names, not {type(key).__name__}")
     for override in overrides:
         key, value = parse_override(override)
-        data[key] = value
+        set_dotted(data, key, value)
     data = resolve_paths(data, path.resolve().parent)
     try:
         return ExperimentConfig.model_validate(data)
