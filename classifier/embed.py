@@ -1,0 +1,61 @@
+"""Embed a folder of images (penultimate features) with a trained checkpoint or any backbone.
+
+    python classifier/embed.py --images data/pool --output-dir data/pool_embeddings \
+        --config runs/resnet-18/baseline/config.yml --checkpoint best
+    python classifier/embed.py --images data/pool --output-dir data/pool_embeddings --architecture resnet50
+
+Writes embeddings.npy, files.csv (the row order), Lightly's embeddings.csv
+(filenames, embedding_0..N-1, labels, al_score), skipped.csv and, with a checkpoint,
+probabilities.npy. Resumable: chunks already embedded (in <output-dir>/chunks/) are reused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from classification.active_learning.embeddings import DEFAULT_CHUNK_SIZE, backbone_config, embed_folder
+from classification.active_learning.scores import SCORE_FUNCTIONS
+from classification.cli import ArgumentParser, run_main
+from classification.config import load_config
+from classification.errors import UserError
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of images (sub-folders allowed)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where the embeddings go")
+    parser.add_argument("--config", type=Path, help="an experiment's config.yml (with --checkpoint)")
+    parser.add_argument("--checkpoint", help="<epoch>.pt, last, best or a path: embed with this trained model")
+    parser.add_argument("--architecture", help="embed with this torchvision/timm backbone instead of a checkpoint")
+    parser.add_argument("--no-pretrained", action="store_true", help="with --architecture: random weights, not ImageNet's")
+    parser.add_argument("--image-size", type=int, default=224, help="with --architecture")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--score", default="margin", choices=sorted(SCORE_FUNCTIONS), help="the al_score column")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.checkpoint is None) == (args.architecture is None):
+        raise UserError("give either --config with --checkpoint (a trained model) or --architecture (a backbone)")
+    if args.checkpoint is not None:
+        if args.config is None:
+            raise UserError("--checkpoint needs --config (the experiment whose checkpoints/ it names)")
+        config = load_config(args.config).model_copy(update={"batch_size": args.batch_size, "num_workers": args.num_workers,
+                                                             "device": args.device})
+        run_dir = args.config.resolve().parent
+    else:
+        config, run_dir = backbone_config(args.architecture, args.image_size, args.batch_size, args.num_workers, args.device), None
+    result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, not args.no_pretrained,
+                          args.score, args.chunk_size)
+    print(f"{result.embedded} images embedded, {result.skipped} skipped -> {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
