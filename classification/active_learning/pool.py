@@ -1,0 +1,108 @@
+"""Try active learning on a dataset that is already labelled: hide most of its train split in a pool.
+
+``carve_pool`` keeps a stratified ``labelled_fraction`` of the train split as the labelled
+start, copies the rest of the train crops (without labels) into a pool folder, and writes
+a new dataset folder whose train split is the labelled start and whose val and test
+splits are the original ones (so held-out figures stay comparable). The hidden labels go
+to ``<output dataset>/pool_answers.csv`` (``path,label``; never inside the pool), which ``answer_requests`` turns into the
+export a person would have made in Timelapse: a way to run the whole loop unattended,
+in the demo and the tests. The pool keeps the crops' folders (relative paths), so two
+cameras' equal file names never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from classification.active_learning.labels import normalize_path
+from classification.active_learning.store import write_frame_atomic
+from classification.active_learning.timelapse import timelapse_row
+from classification.data.dataset import read_string_csv
+from classification.errors import DataError, UserError
+from classification.io import read_json, write_json_atomic
+from classification.training.data import DATASET_CSV, LABEL_INDEX_JSON, SPLITS_JSON, read_split_keys
+
+ANSWERS_FILE = "pool_answers.csv"
+
+
+@dataclass(frozen=True)
+class CarvedPool:
+    """The new dataset folder, the pool folder and how many crops went where."""
+
+    dataset_dir: Path
+    pool_dir: Path
+    answers: Path
+    labelled: int
+    pooled: int
+
+
+def stratified_keep(labels: pd.Series, fraction: float, seed: int) -> np.ndarray:
+    """A seeded ``fraction`` of each label (at least one of each) as a boolean mask."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels.to_numpy() == label)
+        count = max(1, int(round(fraction * len(members))))
+        keep[rng.choice(members, size=min(count, len(members)), replace=False)] = True
+    return keep
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (a copy across file systems); an existing target is kept."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: Path, labelled_fraction: float = 0.2,
+               seed: int = 0, train_split: str = "train") -> CarvedPool:
+    """Split the train split of ``dataset_dir`` into a labelled start (new dataset) and an unlabelled pool."""
+    if not 0 < labelled_fraction < 1:
+        raise UserError(f"--labelled-fraction must be between 0 and 1, got {labelled_fraction}")
+    frame = read_string_csv(Path(dataset_dir) / DATASET_CSV, ("path", "dataset", "location", "label"))
+    train_keys = read_split_keys(Path(dataset_dir) / SPLITS_JSON, train_split)
+    in_train = np.array([key in train_keys for key in zip(frame["dataset"], frame["location"])], dtype=bool)
+    if not in_train.any():
+        raise DataError(f"{dataset_dir}: the {train_split} split has no crops to carve a pool from")
+    keep = np.ones(len(frame), dtype=bool)
+    keep[in_train] = stratified_keep(frame["label"][in_train], labelled_fraction, seed)
+    pooled = frame[~keep]
+    for path in pooled["path"]:
+        source = Path(crops_dir) / path
+        if not source.is_file():
+            raise DataError(f"{source}: crop listed in {Path(dataset_dir) / DATASET_CSV} not found (check --crops-dir)")
+        link_or_copy(source, Path(pool_dir) / path)
+    kept = frame[keep].copy()
+    kept["path"] = [str((Path(crops_dir) / path).resolve()) for path in kept["path"]]
+    output_dir = Path(output_dir)
+    write_frame_atomic(output_dir / DATASET_CSV, kept)
+    write_json_atomic(output_dir / LABEL_INDEX_JSON, read_json(Path(dataset_dir) / LABEL_INDEX_JSON))
+    write_json_atomic(output_dir / SPLITS_JSON, read_json(Path(dataset_dir) / SPLITS_JSON))
+    answers = output_dir / ANSWERS_FILE
+    write_frame_atomic(answers, pooled[["path", "label"]].reset_index(drop=True))
+    return CarvedPool(output_dir, Path(pool_dir), answers, int(keep[in_train].sum()), len(pooled))
+
+
+def answer_requests(request_csv: Path, answers_csv: Path, output_csv: Path, label_column: str = "Species") -> int:
+    """A Timelapse export (``File, RelativePath, <label column>``) answering a request CSV from known labels."""
+    request = read_string_csv(Path(request_csv), ("File", "RelativePath"))
+    answers = read_string_csv(Path(answers_csv), ("path", "label"))
+    truth = dict(zip(answers["path"].map(normalize_path), answers["label"]))
+    rows = []
+    for file_name, folder in zip(request["File"], request["RelativePath"]):
+        path = normalize_path(f"{folder}/{file_name}")
+        if path not in truth:
+            raise DataError(f"{answers_csv}: no answer for {path} (requested in {request_csv})")
+        rows.append([*timelapse_row(path), truth[path]])
+    write_frame_atomic(Path(output_csv), pd.DataFrame(rows, columns=["File", "RelativePath", label_column]))
+    return len(rows)

@@ -1,0 +1,360 @@
+"""The active-learning loop as a person runs it: select -> label -> import -> retrain -> evaluate, on real files.
+
+A tiny demo dataset is built by the pipeline, most of its train split is hidden in a pool
+(utils/make_al_pool.py) and round 0 is trained once per module; each test works on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from classification.active_learning.labels import ReceivedLabel
+from classification.active_learning.loop import open_experiment, select_round
+from classification.active_learning.store import append_labels, effective_labels, read_labels
+from classification.config import load_config
+from classification.errors import UserError
+from tests.conftest import REPO_ROOT
+from tests.test_train import build_dataset, run_train, train_env, write_run
+
+pytestmark = pytest.mark.slow  # trains tiny models (a few seconds each)
+BATCH = 4
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    """An experiment with an active-learning section, its pool and the pool's hidden labels."""
+
+    config: Path
+    pool: Path
+    answers: Path
+    dataset: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.parent
+
+    @property
+    def al(self) -> Path:
+        return self.run_dir / "active_learning"
+
+    def round(self, k: int) -> Path:
+        return self.al / f"round_{k}"
+
+
+def run_script(script: str, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """An entry point as a user runs it (one torch thread, no Comet key)."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=env or train_env(), timeout=600)
+
+
+def al(command: str, run: LoopRun, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_script("classifier/active_learning.py", command, "--config", run.config, *args, env=env)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_round_0(tmp_path_factory: pytest.TempPathFactory) -> LoopRun:
+    root = tmp_path_factory.mktemp("al")
+    dataset = build_dataset(root / "data", n_locations=6, sequences=4, frames=2)
+    carved, pool = root / "data" / "dataset_al", root / "data" / "pool"
+    ok(run_script("utils/make_al_pool.py", dataset, carved, pool, "--crops-dir", dataset / "crops",
+                  "--labelled-fraction", "0.3", "--seed", "0"))
+    config = write_run(root / "runs" / "tiny" / "al", carved, crops_dir=None, num_epochs=2, learning_rate=0.01,
+                       active_learning={"pool": "../../../data/pool", "batch_size": BATCH, "strategy": "margin"})
+    ok(run_train(config))
+    return LoopRun(config, pool, carved / "pool_answers.csv", carved)
+
+
+@pytest.fixture
+def loop(trained_round_0: LoopRun, tmp_path: Path) -> LoopRun:
+    """A copy of the trained experiment and its data (tests change them)."""
+    source_root = trained_round_0.config.parents[3]
+    shutil.copytree(source_root, tmp_path / "root")
+    relocate = lambda path: tmp_path / "root" / path.relative_to(source_root)  # noqa: E731
+    config = relocate(trained_round_0.config)
+    values = yaml.safe_load(config.read_text())
+    values["data_root"] = str(relocate(Path(values["data_root"])))
+    config.write_text(yaml.safe_dump(values, sort_keys=False))
+    return LoopRun(config, relocate(trained_round_0.pool), relocate(trained_round_0.answers), relocate(trained_round_0.dataset))
+
+
+def answer(run: LoopRun, k: int, labels: dict[str, str] | None = None) -> Path:
+    """The Timelapse export a person makes for round ``k`` (the hidden labels, or ``labels``)."""
+    export = run.round(k) / "export.csv"
+    ok(run_script("utils/answer_requests.py", run.round(k) / "timelapse_request.csv", run.answers, "--output", export))
+    if labels:
+        frame = pd.read_csv(export, dtype=str, keep_default_na=False)
+        paths = (frame["RelativePath"].str.replace("\\", "/") + "/" + frame["File"]).str.lstrip("/")
+        frame["Species"] = [labels.get(p, s) for p, s in zip(paths, frame["Species"])]
+        frame.to_csv(export, index=False)
+    return export
+
+
+def split_paths(dataset: Path, split: str) -> set[str]:
+    frame = pd.read_csv(dataset / "classification_ds.csv", dtype=str, keep_default_na=False)
+    keys = {tuple(k) for k in json.loads((dataset / "splits.json").read_text())[split]}
+    return {p for p, d, loc in zip(frame["path"], frame["dataset"], frame["location"]) if (d, loc) in keys}
+
+
+def test_three_timelapse_rounds_with_held_out_accuracy(loop: LoopRun) -> None:
+    answers = dict(pd.read_csv(loop.answers, dtype=str).itertuples(index=False, name=None))
+    pool = {p.relative_to(loop.pool).as_posix() for p in loop.pool.rglob("*.jpg")}
+    assert set(answers) == pool and len(pool) >= 3 * BATCH
+    test_paths = split_paths(loop.dataset, "test")
+    ok(al("evaluate", loop, "--round", "0"))
+    selected: list[str] = []
+    for k in (1, 2, 3):
+        result = ok(al("select", loop))
+        assert f"round {k}: {BATCH} images selected with margin" in result.stdout
+        picks = pd.read_csv(loop.round(k) / "selection.csv", dtype={"path": str})
+        assert len(picks) == BATCH and list(picks["rank"]) == list(range(1, BATCH + 1))
+        assert set(picks["path"]) <= pool and not set(picks["path"]) & set(selected)  # never picked twice
+        assert all(reason.startswith("margin") for reason in picks["reason"])
+        assert picks["score"].is_monotonic_decreasing  # the most uncertain first
+        request = pd.read_csv(loop.round(k) / "timelapse_request.csv", dtype=str, keep_default_na=False)
+        assert list(request.columns) == ["File", "RelativePath", "Selected"] and len(request) == BATCH
+        if k == 1:
+            assert "already selected" in ok(al("select", loop)).stdout  # a second select shows the same round
+        selected += list(picks["path"])
+
+        export = answer(loop, k)
+        assert f"{BATCH} new labels stored" in ok(al("import", loop, "--file", export)).stdout
+        if k == 1:
+            assert f"0 new labels stored ({BATCH} already stored)" in ok(al("import", loop, "--file", export)).stdout
+        assert effective_labels(read_labels(loop.al / "labels.csv")) == {p: answers[p] for p in selected}
+
+        ok(al("retrain", loop))
+        round_data = loop.round(k) / "dataset"
+        trained_on = split_paths(round_data, "train")
+        assert {str(loop.pool / p) for p in selected} <= trained_on  # every label so far, in the train split
+        assert len(trained_on) == len(split_paths(loop.dataset, "train")) + len(selected)
+        assert split_paths(round_data, "test") == test_paths  # the held-out split never changes
+        ok(al("evaluate", loop))
+        metrics = json.loads((loop.round(k) / "metrics.json").read_text())
+        assert metrics["pool_labels"] == len(selected) and metrics["eval_split"] == "test"
+        predicted = pd.read_csv(loop.round(k) / "evaluation" / "predictions.csv", dtype=str)
+        assert set(predicted["path"]) == test_paths and metrics["eval_images"] == len(test_paths)
+
+    history = pd.read_csv(loop.al / "history.csv")
+    assert list(history["round"]) == [0, 1, 2, 3] and list(history["pool_labels"]) == [0, BATCH, 2 * BATCH, 3 * BATCH]
+    status = ok(al("status", loop)).stdout
+    assert "next: python classifier/active_learning.py select" in status
+    assert status.splitlines()[4].split()[:5] == ["3", str(BATCH), str(BATCH), str(3 * BATCH), "yes"]
+
+
+def test_status_and_errors_guide_the_person(loop: LoopRun, tmp_path: Path) -> None:
+    status = ok(al("status", loop)).stdout
+    assert "next: python classifier/active_learning.py evaluate" in status  # round 0 trained, not evaluated
+    ok(al("select", loop))
+    status = ok(al("status", loop)).stdout
+    assert f"next: label round 1's {BATCH} images in Timelapse (timelapse_request.csv)" in status
+    refused = al("retrain", loop)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: round 1: none of its {BATCH} images has a label yet")
+    missing = al("import", loop, "--file", tmp_path / "nope.csv")
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.csv: export file not found")
+    typo = al("select", loop, "--set", "active_learning.strategy=k_centre")
+    assert typo.returncode == 2 and "active_learning.strategy: expected one of" in typo.stderr
+    assert "(did you mean k_center?)" in typo.stderr and "Traceback" not in typo.stderr
+    unknown = al("status", loop, "--set", "active_learning.batchsize=3")
+    assert "active_learning.batchsize: unknown key (did you mean batch_size?)" in unknown.stderr
+    no_pool = al("select", loop, "--set", f"active_learning.pool={tmp_path / 'nowhere'}")
+    assert no_pool.returncode == 2 and "active_learning.pool: folder not found" in no_pool.stderr
+
+
+def test_select_before_round_0_is_trained(trained_round_0: LoopRun, tmp_path: Path) -> None:
+    config = write_run(tmp_path / "runs" / "x" / "untrained", trained_round_0.dataset, crops_dir=None,
+                       active_learning={"pool": str(trained_round_0.pool)})
+    result = run_script("classifier/active_learning.py", "select", "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {config.parent}: no model yet (no checkpoint 'best'); train round 0 first: "
+        f"python classifier/train.py --config {config}")
+
+
+def test_every_strategy_selects_from_the_pool_only(loop: LoopRun) -> None:
+    for strategy in ("k_center", "coral", "informative_diverse", "random", "entropy", "least_confidence"):
+        result = select_round(open_experiment(loop.config, [f"active_learning.strategy={strategy}"]))
+        picks = pd.read_csv(loop.round(1) / "selection.csv", dtype={"path": str})
+        assert result.round == 1 and len(picks) == BATCH and picks["path"].is_unique, strategy
+        assert all((loop.pool / p).is_file() for p in picks["path"])
+        if strategy in ("k_center", "coral"):
+            assert picks["distance"].notna().all()  # diversity starts from the labelled train split
+        if strategy == "informative_diverse":
+            assert picks["cluster"].notna().all()
+        info = json.loads((loop.round(1) / "selection.json").read_text())
+        assert info["strategy"] == strategy and info["selected"] == BATCH
+        lightly = loop.round(1) / "lightly"
+        assert json.loads((lightly / ".lightly" / "predictions" / "tasks.json").read_text()) == ["classification"]
+        assert pd.read_csv(lightly / "embeddings.csv").columns[-1] == "al_score"
+        shutil.rmtree(loop.round(1))  # discard the selection, to select again with the next strategy
+
+
+def test_a_changed_label_is_kept_and_retraining_with_it_needs_overwrite(loop: LoopRun) -> None:
+    ok(al("select", loop))
+    ok(al("import", loop, "--file", answer(loop, 1)))
+    ok(al("retrain", loop))
+    first = pd.read_csv(loop.round(1) / "selection.csv", dtype={"path": str})["path"].iloc[0]
+    names = json.loads((loop.dataset / "label_index.json").read_text()).values()
+    truth = effective_labels(read_labels(loop.al / "labels.csv"))[first]
+    other = next(name for name in names if name != truth)
+    result = ok(al("import", loop, "--file", answer(loop, 1, {first: other})))
+    assert "1 new labels stored" in result.stdout
+    rows = read_labels(loop.al / "labels.csv")
+    assert len(rows) == BATCH + 1 and effective_labels(rows)[first] == other  # the old row is kept; the new one wins
+    refused = al("retrain", loop)
+    assert refused.returncode == 2 and "labels were imported after this round's model was started" in refused.stderr
+    ok(al("retrain", loop, "--overwrite"))
+    assert list((loop.round(1) / "model" / "archive").iterdir())  # the earlier model was moved, not deleted
+    frame = pd.read_csv(loop.round(1) / "dataset" / "classification_ds.csv", dtype=str)
+    assert frame.loc[frame["path"] == str(loop.pool / first), "label"].tolist() == [other]
+
+
+def test_a_kill_during_import_loses_nothing(loop: LoopRun) -> None:
+    ok(al("select", loop))
+    export = answer(loop, 1)
+    command = [sys.executable, str(REPO_ROOT / "classifier" / "active_learning.py"), "import", "--config",
+               str(loop.config), "--file", str(export)]
+    labels_file = loop.al / "labels.csv"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        process = subprocess.Popen(command, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 4.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += process.returncode == -signal.SIGKILL
+        if labels_file.exists():  # whatever moment it died: the stored labels are whole and right
+            rows = read_labels(labels_file)
+            assert len(rows) in (0, BATCH) and rows["imported_utc"].str.len().min() > 0
+        ok(al("import", loop, "--file", export))  # and importing again always completes them
+        assert len(read_labels(labels_file)) == BATCH
+        labels_file.unlink()
+    assert kills >= 1, "no import was killed mid-run (they all finished first)"
+    assert len(list((loop.round(1) / "imports").iterdir())) >= 3  # every export read was kept first
+
+
+def test_labels_store_semantics(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    a, b = ReceivedLabel("cam1/x.jpg", "deer", "ann", "timelapse:1"), ReceivedLabel("cam2/x.jpg", "bird", "", "t:1")
+    assert append_labels(path, [a, b], 1) == 2
+    assert append_labels(path, [a, b], 1) == 0  # the same labels again: nothing
+    flipped = ReceivedLabel("cam1/x.jpg", "rabbit", "ann", "timelapse:2")
+    assert append_labels(path, [flipped], 2) == 1 and effective_labels(read_labels(path))["cam1/x.jpg"] == "rabbit"
+    assert append_labels(path, [a], 3) == 1 and effective_labels(read_labels(path))["cam1/x.jpg"] == "deer"  # flipped back
+    assert read_labels(path)["round"].tolist() == ["1", "1", "2", "3"]
+
+
+def test_config_section_paths_and_overrides(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "m" / "e"
+    run.mkdir(parents=True)
+    (run / "config.yml").write_text("data_root: data\nactive_learning:\n  pool: ../pool\n  strategy: coral\n")
+    config = load_config(run / "config.yml", ["active_learning.batch_size=7", "active_learning.simulation.rounds=2"])
+    assert config.active_learning.pool == (tmp_path / "runs" / "m" / "pool").resolve()
+    assert (config.active_learning.batch_size, config.active_learning.simulation.rounds) == (7, 2)
+    assert config.active_learning.strategy == "coral" and config.active_learning.label_tool == "timelapse"
+    with pytest.raises(UserError, match=r"active_learning\.simulation\.strategies: expected one of .* \(did you mean margin\?\)"):
+        load_config(run / "config.yml", ["active_learning.simulation.strategies=[random, margn]"])
+
+
+def test_embed_entry_point_matches_predict_and_resumes(loop: LoopRun, tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    shutil.copytree(loop.pool, pool)
+    broken = pool / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    out = tmp_path / "embeddings"
+    ok(run_script("classifier/embed.py", "--images", pool, "--output-dir", out, "--config", loop.config,
+                  "--checkpoint", "best", "--chunk-size", "5", "--num-workers", "0"))
+    files = pd.read_csv(out / "files.csv", dtype=str)["path"].tolist()
+    embeddings, probabilities = np.load(out / "embeddings.npy"), np.load(out / "probabilities.npy")
+    assert len(files) == len(embeddings) == len(probabilities) == len(list(loop.pool.rglob("*.jpg")))
+    assert pd.read_csv(out / "skipped.csv")["path"].tolist() == ["broken.jpg"]
+    lightly = pd.read_csv(out / "embeddings.csv")
+    assert list(lightly["filenames"]) == files and lightly.shape[1] == embeddings.shape[1] + 3
+    ok(run_script("classifier/predict.py", "--config", loop.config, "--checkpoint", "best", "--images", pool,
+                  "--output-dir", tmp_path / "predicted"))
+    predicted = pd.read_csv(tmp_path / "predicted" / "predictions.csv", dtype=str).set_index("path")
+    names = json.loads((loop.dataset / "label_index.json").read_text())
+    assert [names[str(i)] for i in probabilities.argmax(axis=1)] == predicted.loc[files, "pred_label"].tolist()
+    np.testing.assert_allclose(probabilities.max(axis=1), predicted.loc[files, "confidence"].astype(float), atol=1e-5)
+    chunks = sorted((out / "chunks").glob("chunk_*.npz"))
+    assert len(chunks) == -(-(len(files) + 1) // 5)
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    ok(run_script("classifier/embed.py", "--images", pool, "--output-dir", out, "--config", loop.config,
+                  "--checkpoint", "best", "--chunk-size", "5", "--num-workers", "0"))
+    assert [c.stat().st_mtime_ns for c in chunks] == stamps  # resumed: every chunk reused
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), embeddings)
+
+
+def test_simulation_curves_per_strategy(loop: LoopRun) -> None:
+    args = ("--strategies", "random", "margin", "k_center", "--seeds", "0", "1", "--rounds", "2", "--batch-size", "3",
+            "--set", "active_learning.simulation.head_epochs=30", "--set", "active_learning.simulation.initial_fraction=0.2")
+    result = ok(al("simulate", loop, *args))
+    out = loop.al / "simulation"
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 3 * 2 * 3
+    for seed, group in curves.groupby("seed"):
+        start = group[group["round"] == 0]
+        assert start["top1"].nunique() == 1 and start["labels"].nunique() == 1  # every strategy starts alike
+        for _, curve in group.groupby("strategy"):
+            assert list(curve["labels"]) == [start["labels"].iloc[0] + 3 * r for r in range(3)]
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["strategy"]) == {"random", "margin", "k_center"}
+    assert summary.loc[summary["strategy"] == "random", "labels_to_reach_random_final"].iloc[0] <= curves["labels"].max()
+    assert Image.open(out / "curves.png").size[0] > 300 and "labels_to_reach_random_final" in result.stdout
+    again = ok(al("simulate", loop, *args))  # resumed from the saved curves
+    pd.testing.assert_frame_equal(pd.read_csv(out / "curves.csv"), curves)
+    assert again.stdout == result.stdout
+
+
+def test_label_studio_round_trip_in_the_loop(loop: LoopRun, label_studio_server, tmp_path: Path) -> None:  # noqa: ANN001
+    import httpx
+
+    from tests.test_label_tools import annotate
+
+    server = label_studio_server
+    pool = server.document_root / f"pool_{os.getpid()}_{tmp_path.name}"
+    shutil.copytree(loop.pool, pool)
+    env = train_env(LABEL_STUDIO_URL=server.url, LABEL_STUDIO_API_KEY=server.token)
+    settings = ["--set", f"active_learning.pool={pool}", "--set", "active_learning.label_tool=label_studio",
+                "--set", f"active_learning.label_studio_document_root={server.document_root}"]
+    ok(al("select", loop, *settings, env=env))
+    project = json.loads((loop.round(1) / "label_studio.json").read_text())
+    assert project["tasks_imported"] and project["tasks"] == BATCH
+    ok(al("select", loop, *settings, env=env))  # again: the same project, no second import
+    headers = {"Authorization": f"Token {server.token}"}
+    tasks = httpx.get(f"{server.url}/api/tasks", params={"project": project["project_id"], "page_size": 100},
+                      headers=headers, timeout=30).json()["tasks"]
+    assert len(tasks) == BATCH
+    answers = dict(pd.read_csv(loop.answers, dtype=str).itertuples(index=False, name=None))
+    picks = pd.read_csv(loop.round(1) / "selection.csv", dtype={"path": str})["path"].tolist()
+    by_path = {task["data"]["path"]: task["id"] for task in tasks}
+    assert sorted(by_path) == sorted(picks)
+    image = httpx.get(server.url + tasks[0]["data"]["image"], headers=headers, timeout=30)
+    assert image.status_code == 200 and image.content == (pool / tasks[0]["data"]["path"]).read_bytes()
+    for path in picks[:-1]:
+        annotate(server, by_path[path], 1, answers[path])
+    annotate(server, by_path[picks[-1]], 1, None)  # the person skipped one
+    result = ok(al("import", loop, *settings, env=env))
+    assert f"{BATCH - 1} labelled, 1 skipped" in result.stdout and "1 requested images still without a label" in result.stdout
+    assert effective_labels(read_labels(loop.al / "labels.csv")) == {p: answers[p] for p in picks[:-1]}
+    assert list((loop.round(1) / "imports").glob("*_label_studio_project_*.json"))  # the export was kept
