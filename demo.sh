@@ -2,7 +2,7 @@
 # One command for a fresh machine: install everything into .venv, then run the whole
 # pipeline on the generated demo data. Re-running reuses the environment, skips
 # crops that exist and resumes training. Outputs: data/raw/demo, data/interim/demo,
-# data/processed/demo and runs/resnet-18/demo.
+# data/processed/demo{,_al}, runs/resnet-18/demo and runs/resnet-18/demo-al.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -45,4 +45,23 @@ echo "== 7. predict and evaluate the test split with the best checkpoint"
 echo "== 8. the evaluation notebook, executed headless"
 "$PY" utils/run_notebook.py notebooks/evaluate_results.ipynb --output "$RUN/evaluate_results.ipynb" \
     --set RUN_DIR="$RUN" --set PREDICTIONS_DIR="$RUN/predictions/test_best"
-echo "== done: dataset in $PROCESSED; model, metrics.csv, predictions and evaluate_results.ipynb in $RUN"
+
+AL_RUN=runs/resnet-18/demo-al
+AL_ROUND="$AL_RUN/active_learning/round_1"
+echo "== 9. active learning: hide 70% of the train split in an unlabelled pool, train round 0 on the rest"
+"$PY" utils/make_al_pool.py "$PROCESSED" data/processed/demo_al "$INTERIM/pool" --crops-dir "$INTERIM/crops" \
+    --labelled-fraction 0.3 --seed 0
+"$PY" classifier/train.py --config "$AL_RUN/config.yml"
+if [ ! -f "$AL_ROUND/metrics.json" ]; then
+    echo "== 10. one round: select -> label (answered from the hidden labels) -> import -> retrain -> evaluate"
+    "$PY" classifier/active_learning.py evaluate --config "$AL_RUN/config.yml" --round 0
+    "$PY" classifier/active_learning.py select --config "$AL_RUN/config.yml"
+    "$PY" utils/answer_requests.py "$AL_ROUND/timelapse_request.csv" data/processed/demo_al/pool_answers.csv \
+        --output "$AL_ROUND/demo_timelapse_export.csv"
+    "$PY" classifier/active_learning.py import --config "$AL_RUN/config.yml" --file "$AL_ROUND/demo_timelapse_export.csv"
+    "$PY" classifier/active_learning.py retrain --config "$AL_RUN/config.yml"
+    "$PY" classifier/active_learning.py evaluate --config "$AL_RUN/config.yml"
+fi
+"$PY" classifier/active_learning.py status --config "$AL_RUN/config.yml"
+echo "== done: dataset in $PROCESSED; model, metrics.csv, predictions and evaluate_results.ipynb in $RUN;"
+echo "   active learning in $AL_RUN/active_learning (history.csv: held-out accuracy per round)"
