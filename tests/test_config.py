@@ -171,3 +171,12 @@ def test_yaml_on_off_words(tmp_path: Path) -> None:
     assert (config.comet, config.amp, config.channels_last) == ("off", "off", "on")
     assert load_config(write_config(tmp_path, "data_root: d\ncomet: on\n")).comet == "auto"
     assert "amp: expected one of off, bf16, fp16, got True" in load_error(tmp_path, "data_root: d\namp: on\n")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "runs").glob("*/*/config.yml")),
+                         ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
+    config = load_config(path)  # no typo, wrong type or impossible value in what the repository ships
+    assert config.data_root.is_absolute() and config.data_root.parent.name in ("processed", "interim")
+    if config.active_learning.pool is not None:
+        assert config.active_learning.pool.is_absolute()
