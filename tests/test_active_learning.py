@@ -358,3 +358,19 @@ def test_label_studio_round_trip_in_the_loop(loop: LoopRun, label_studio_server,
     assert f"{BATCH - 1} labelled, 1 skipped" in result.stdout and "1 requested images still without a label" in result.stdout
     assert effective_labels(read_labels(loop.al / "labels.csv")) == {p: answers[p] for p in picks[:-1]}
     assert list((loop.round(1) / "imports").glob("*_label_studio_project_*.json"))  # the export was kept
+
+
+def test_simulation_with_full_retraining(loop: LoopRun) -> None:
+    from classification.active_learning.simulation import settings_with, simulate
+
+    experiment = open_experiment(loop.config)
+    settings = settings_with(experiment.al.simulation, strategies=["margin"], seeds=[0], rounds=1, retrain="full",
+                             initial_fraction=0.2)
+    result = simulate(experiment, settings, budget=3)
+    assert list(result.curves["round"]) == [0, 1] and result.curves["labels"].diff().iloc[1] == 3
+    seed_dir = result.output_dir / "seed_0" / "margin"
+    for k in (0, 1):  # the whole CNN was trained in each round, on that round's labels
+        model = seed_dir / f"round_{k}" / "model"
+        assert (model / "checkpoints" / "best.pt").is_file()
+        trained_on = pd.read_csv(seed_dir / f"round_{k}" / "dataset" / "classification_ds.csv", dtype=str)
+        assert (trained_on["dataset"] == "train").sum() == result.curves["labels"].iloc[k]
