@@ -35,16 +35,17 @@ from classification.active_learning.triplet import (
     train_embedding,
     train_mlp,
 )
+from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
 from classification.io import atomic_open
 from classification.training.data import Sample, class_folders, derived_seed, image_files
+from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
 HISTORY_CSV = "history.csv"
 SKIPPED_CSV = "skipped_images.csv"
 EMBEDDING_WEIGHTS = "embedding.pt"
-TOP_K = 3
 
 
 # ---------------------------------------------------------------- results
@@ -98,8 +99,7 @@ class ActiveLearningHistory:
     def write(self, output_dir: str | Path) -> None:
         """Write ``history.csv`` and ``skipped_images.csv`` into ``output_dir`` (atomically)."""
         output_dir = Path(output_dir)
-        with atomic_open(output_dir / HISTORY_CSV) as handle:
-            self.frame().to_csv(handle, index=False)
+        write_csv_atomic(output_dir / HISTORY_CSV, self.frame())
         with atomic_open(output_dir / SKIPPED_CSV) as handle:
             writer = csv.writer(handle)
             writer.writerow(["path"])
@@ -152,12 +152,9 @@ def validation_metrics(probabilities: np.ndarray, labels: np.ndarray,
     """Top-1 and top-3 accuracy and per-class recall (NaN for a class absent from validation)."""
     if len(labels) == 0:
         return float("nan"), float("nan"), {name: float("nan") for name in class_names}
-    predicted = probabilities.argmax(1)
-    k = min(TOP_K, probabilities.shape[1])
-    top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    recall = {name: float((predicted[labels == c] == c).mean()) if (labels == c).any() else float("nan")
-              for c, name in enumerate(class_names)}
-    return float((predicted == labels).mean()), float((top_k == labels[:, None]).any(1).mean()), recall
+    result = accumulate_probabilities(probabilities, labels, len(class_names)).compute(class_names)
+    recall = {name: figures["recall"] if figures["support"] else float("nan") for name, figures in result["per_class"].items()}
+    return result["top1"], result["top3"], recall
 
 
 # ---------------------------------------------------------------- the loop

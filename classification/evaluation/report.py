@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.errors import DataError
 from classification.evaluation.plots import write_evaluation_plots
 from classification.io import write_json_atomic
-from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator
+from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator, accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +104,8 @@ def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str]) -> np.n
 
 def accumulate(scored: pd.DataFrame, label_names: Sequence[str]) -> MetricAccumulator:
     """A ``MetricAccumulator`` fed with the table's rows (loss = mean cross-entropy of the true label)."""
-    probabilities = torch.from_numpy(probability_matrix(scored, label_names))
-    targets = torch.as_tensor(scored["true_label"].map({n: i for i, n in enumerate(label_names)}).to_numpy(int, copy=True))
-    true_probabilities = probabilities[torch.arange(len(targets)), targets]
-    accumulator = MetricAccumulator(len(label_names))
-    loss_sum = float(-torch.log(true_probabilities.clamp(min=1e-12)).sum())
-    accumulator.update(torch.log(probabilities.clamp(min=1e-300)), targets, loss_sum)
-    return accumulator
+    targets = scored["true_label"].map({n: i for i, n in enumerate(label_names)}).to_numpy(int, copy=True)
+    return accumulate_probabilities(probability_matrix(scored, label_names), targets, len(label_names))
 
 
 def per_location_accuracy(scored: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 CALIBRATION_BINS = 15
@@ -183,6 +184,18 @@ class MetricAccumulator:
             }
             for i in range(CALIBRATION_BINS)
         ]
+
+
+def accumulate_probabilities(probabilities: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
+                             num_classes: int) -> MetricAccumulator:
+    """A ``MetricAccumulator`` fed with class probabilities (loss = mean cross-entropy of the true class)."""
+    probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    accumulator = MetricAccumulator(num_classes)
+    true_probabilities = probabilities[torch.arange(len(targets)), targets]
+    loss_sum = float(-torch.log(true_probabilities.clamp(min=1e-12)).sum())
+    accumulator.update(torch.log(probabilities.clamp(min=1e-300)), targets, loss_sum)
+    return accumulator
 
 
 def scalar_metrics(result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
