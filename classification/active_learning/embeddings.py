@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from classification.config import ExperimentConfig
+from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, read_json, write_json_atomic
 from classification.training.data import Sample, build_loader
@@ -176,12 +177,10 @@ def write_embedding_outputs(output_dir: Path, relative_paths: Sequence[str], res
         written.append(output_dir / "probabilities.npy")
         with atomic_open(written[-1], "wb") as handle:
             np.save(handle, result.probabilities)
-    with atomic_open(written[1], "w") as handle:
-        pd.DataFrame({"path": names}).to_csv(handle, index=False, lineterminator="\n")
+    write_csv_atomic(written[1], pd.DataFrame({"path": names}))
     kept_labels = None if labels is None else [labels[i] for i in result.kept]
     write_embeddings_csv(written[2], names, result.embeddings, kept_labels, al_scores)
-    with atomic_open(written[3], "w") as handle:
-        pd.DataFrame({"path": [relative_paths[i] for i in result.skipped]}).to_csv(handle, index=False, lineterminator="\n")
+    write_csv_atomic(written[3], pd.DataFrame({"path": [relative_paths[i] for i in result.skipped]}))
     return written
 
 

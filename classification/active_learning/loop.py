@@ -40,7 +40,7 @@ from classification.active_learning.strategies import Selection, SelectionInputs
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
 from classification.errors import DataError, UserError
 from classification.evaluation.predict import labelled_samples, load_trained_model, run_prediction
-from classification.data.dataset import read_string_csv
+from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import (
@@ -270,7 +270,7 @@ def select_round(experiment: Experiment) -> SelectResult:
     if experiment.al.lightly_outputs:
         write_lightly_outputs(experiment, files, pool, kept_paths)
     write_json_atomic(files.selection_info, info)
-    store.write_frame_atomic(files.selection, table)  # last: the selection is made
+    write_csv_atomic(files.selection, table)  # last: the selection is made
     handoff = handoff_to_label_tool(experiment, files, table["path"].tolist())
     return SelectResult(number, table, False, handoff, f"round {number}: {len(table)} images selected with {info['strategy']}")
 
@@ -462,7 +462,7 @@ def write_round_dataset(experiment: Experiment, files: store.RoundFiles, labels:
         if name != config.train_split and [POOL_DATASET, al.pool_location] in splits[name]:
             raise DataError(f"{experiment.config_path}: active_learning.pool_location: {al.pool_location!r} is also a "
                             f"location of the {name} split")
-    store.write_frame_atomic(files.dataset / "classification_ds.csv", frame)
+    write_csv_atomic(files.dataset / "classification_ds.csv", frame)
     write_json_atomic(files.dataset / "label_index.json", {str(i): name for i, name in enumerate(experiment.label_names)})
     write_json_atomic(files.dataset / "splits.json", splits)
     write_json_atomic(files.dataset / "labels_used.json", {"pool_labels": len(pool_rows), "fingerprint": labels_fingerprint(labels)})

@@ -21,9 +21,8 @@ import numpy as np
 import pandas as pd
 
 from classification.active_learning.labels import normalize_path
-from classification.active_learning.store import write_frame_atomic
 from classification.active_learning.timelapse import timelapse_row
-from classification.data.dataset import read_string_csv
+from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.errors import DataError, UserError
 from classification.io import read_json, write_json_atomic
 from classification.training.data import DATASET_CSV, LABEL_INDEX_JSON, SPLITS_JSON, read_split_keys
@@ -85,11 +84,11 @@ def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: P
     kept = frame[keep].copy()
     kept["path"] = [str((Path(crops_dir) / path).resolve()) for path in kept["path"]]
     output_dir = Path(output_dir)
-    write_frame_atomic(output_dir / DATASET_CSV, kept)
+    write_csv_atomic(output_dir / DATASET_CSV, kept)
     write_json_atomic(output_dir / LABEL_INDEX_JSON, read_json(Path(dataset_dir) / LABEL_INDEX_JSON))
     write_json_atomic(output_dir / SPLITS_JSON, read_json(Path(dataset_dir) / SPLITS_JSON))
     answers = output_dir / ANSWERS_FILE
-    write_frame_atomic(answers, pooled[["path", "label"]].reset_index(drop=True))
+    write_csv_atomic(answers, pooled[["path", "label"]].reset_index(drop=True))
     return CarvedPool(output_dir, Path(pool_dir), answers, int(keep[in_train].sum()), len(pooled))
 
 
@@ -104,5 +103,5 @@ def answer_requests(request_csv: Path, answers_csv: Path, output_csv: Path, labe
         if path not in truth:
             raise DataError(f"{answers_csv}: no answer for {path} (requested in {request_csv})")
         rows.append([*timelapse_row(path), truth[path]])
-    write_frame_atomic(Path(output_csv), pd.DataFrame(rows, columns=["File", "RelativePath", label_column]))
+    write_csv_atomic(Path(output_csv), pd.DataFrame(rows, columns=["File", "RelativePath", label_column]))
     return len(rows)

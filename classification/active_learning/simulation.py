@@ -37,12 +37,12 @@ import pandas as pd
 import torch
 import yaml
 
-from classification.active_learning import store
 from classification.active_learning.embeddings import describe_model_file, embed_samples
 from classification.active_learning.loop import Experiment, strategy_options
 from classification.active_learning.strategies import SelectionInputs, select
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import SimulationConfig, load_config
+from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
 from classification.evaluation.predict import load_trained_model
 from classification.io import write_json_atomic, write_text_atomic
@@ -130,7 +130,7 @@ def write_subset_dataset(folder: Path, data: SimulationData, labelled: np.ndarra
             rows.append([str(sample.path), split, "all", label_names[sample.label], "", label_names[sample.label]])
         splits[split] = [[split, "all"]]
     frame = pd.DataFrame(rows, columns=["path", "dataset", "location", "dataset_class", "confidence", "label"])
-    store.write_frame_atomic(folder / "classification_ds.csv", frame)
+    write_csv_atomic(folder / "classification_ds.csv", frame)
     write_json_atomic(folder / "label_index.json", {str(i): name for i, name in enumerate(label_names)})
     write_json_atomic(folder / "splits.json", splits)
 
@@ -287,13 +287,13 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
                 rows = head_curve(experiment, data, strategy, seed, start, features, settings, budget)
             else:
                 rows = full_curve(experiment, data, strategy, seed, start, seed_dir / strategy, settings, budget)
-            store.write_frame_atomic(curve_file, pd.DataFrame(rows, columns=CURVE_COLUMNS))
+            write_csv_atomic(curve_file, pd.DataFrame(rows, columns=CURVE_COLUMNS))
             all_rows += rows
     curves = pd.DataFrame(all_rows, columns=CURVE_COLUMNS)
     means, summary = summarise(curves)
-    store.write_frame_atomic(output_dir / "curves.csv", curves)
-    store.write_frame_atomic(output_dir / "curves_mean.csv", means)
-    store.write_frame_atomic(output_dir / "summary.csv", summary)
+    write_csv_atomic(output_dir / "curves.csv", curves)
+    write_csv_atomic(output_dir / "curves_mean.csv", means)
+    write_csv_atomic(output_dir / "summary.csv", summary)
     write_json_atomic(output_dir / "summary.json", {
         "settings": settings.model_dump(), "batch_size": budget, "eval_split": experiment.al.eval_split,
         "train_images": len(data.train), "held_out_images": len(data.held_out),

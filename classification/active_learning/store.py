@@ -29,9 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from classification.active_learning.labels import ReceivedLabel
-from classification.data.dataset import read_string_csv
+from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.errors import DataError
-from classification.io import atomic_open, read_json
+from classification.io import read_json
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ["path", "label", "annotator", "source", "round", "imported_utc"]
@@ -46,12 +46,6 @@ ROUND_NAME = re.compile(r"^round_(\d+)$")
 def utc_now() -> str:
     """The current UTC time, to the second, ISO 8601."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_frame_atomic(path: Path, frame: pd.DataFrame) -> None:
-    """A CSV written atomically, with ``\\n`` line ends."""
-    with atomic_open(path, "w") as handle:
-        frame.to_csv(handle, index=False, lineterminator="\n")
 
 
 # ---------------------------------------------------------------- labels
@@ -80,7 +74,7 @@ def append_labels(path: Path, received: Sequence[ReceivedLabel], round_number: i
             latest[(label.path, label.annotator)] = label.label
             new.append([label.path, label.label, label.annotator, label.source, str(round_number), stamp])
     if new:
-        write_frame_atomic(path, pd.concat([rows, pd.DataFrame(new, columns=LABEL_COLUMNS)], ignore_index=True))
+        write_csv_atomic(path, pd.concat([rows, pd.DataFrame(new, columns=LABEL_COLUMNS)], ignore_index=True))
     return len(new)
 
 
@@ -179,5 +173,5 @@ def read_metrics(files: RoundFiles) -> dict | None:
 def write_history(al_root: Path, rows: Iterable[dict]) -> Path:
     """``history.csv``: one row per evaluated round."""
     path = al_root / HISTORY_FILE
-    write_frame_atomic(path, pd.DataFrame(list(rows)))
+    write_csv_atomic(path, pd.DataFrame(list(rows)))
     return path
