@@ -272,7 +272,7 @@ def test_config_section_paths_and_overrides(tmp_path: Path) -> None:
     assert config.active_learning.pool == (tmp_path / "runs" / "m" / "pool").resolve()
     assert (config.active_learning.batch_size, config.active_learning.simulation.rounds) == (7, 2)
     assert config.active_learning.strategy == "coral" and config.active_learning.label_tool == "timelapse"
-    with pytest.raises(UserError, match=r"active_learning\.simulation\.strategies: expected one of .* \(did you mean margin\?\)"):
+    with pytest.raises(UserError, match=r"active_learning\.simulation\.strategies\[1\]: expected one of .* got 'margn' \(did you mean margin\?\)"):
         load_config(run / "config.yml", ["active_learning.simulation.strategies=[random, margn]"])
 
 
