@@ -43,16 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.checkpoint is None) == (args.architecture is None):
         raise UserError("give either --config with --checkpoint (a trained model) or --architecture (a backbone)")
-    if args.checkpoint is not None:
-        if args.config is None:
-            raise UserError("--checkpoint needs --config (the experiment whose checkpoints/ it names)")
+    if args.config is not None:
         config = load_config(args.config).model_copy(update={"batch_size": args.batch_size, "num_workers": args.num_workers,
                                                              "device": args.device})
         run_dir = args.config.resolve().parent
     else:
-        config, run_dir = backbone_config(args.architecture, args.image_size, args.batch_size, args.num_workers, args.device), None
-    result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, not args.no_pretrained,
-                          args.score, args.chunk_size)
+        config = backbone_config(args.architecture or "", args.image_size, args.batch_size, args.num_workers, args.device,
+                                 pretrained=not args.no_pretrained)
+        run_dir = None
+    result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, args.score, args.chunk_size)
     print(f"{result.embedded} images embedded, {result.skipped} skipped -> {result.output_dir}")
     return 0
 

@@ -30,9 +30,13 @@ from classification.config import ExperimentConfig
 from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, read_json, write_json_atomic
-from classification.training.data import Sample, build_loader
-from classification.training.engine import DistributedContext, progress_bar
-from classification.training.models import forward_features, head_module
+from classification.active_learning.lightly import write_embeddings_csv
+from classification.active_learning.scores import uncertainty_scores
+from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model
+from classification.training.checkpoint import resolve_checkpoint
+from classification.training.data import Sample, build_loader, image_files
+from classification.training.engine import DistributedContext, progress_bar, select_device
+from classification.training.models import build_model, forward_features, head_module
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +170,6 @@ def combine_chunks(chunks: list[dict[str, np.ndarray]], with_probabilities: bool
 def write_embedding_outputs(output_dir: Path, relative_paths: Sequence[str], result: PoolEmbeddings,
                             labels: Sequence[int] | None = None, al_scores: np.ndarray | None = None) -> list[Path]:
     """``embeddings.npy``, ``probabilities.npy``, ``files.csv`` (row order), Lightly's ``embeddings.csv``, ``skipped.csv``."""
-    from classification.active_learning.lightly import write_embeddings_csv
-
     output_dir.mkdir(parents=True, exist_ok=True)
     names = [relative_paths[i] for i in result.kept]
     written = [output_dir / "embeddings.npy", output_dir / "files.csv", output_dir / "embeddings.csv", output_dir / "skipped.csv"]
@@ -190,6 +192,15 @@ def describe_model_file(path: Path) -> str:
     return json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
 
 
+def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: ExperimentConfig,
+                          cache_dir: Path | None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
+    """Embeddings and probabilities of ``samples`` with a trained checkpoint, at the size it was trained at."""
+    model = load_trained_model(checkpoint, config)
+    config = config.model_copy(update={"image_size": model.image_size})
+    device = select_device(config.device, DistributedContext())
+    return embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint), chunk_size)
+
+
 @dataclass
 class EmbeddingRun:
     """What ``embed_folder`` wrote and how many images it embedded or skipped."""
@@ -200,51 +211,45 @@ class EmbeddingRun:
     skipped: int
 
 
-def backbone_config(architecture: str, image_size: int, batch_size: int, num_workers: int, device: str) -> ExperimentConfig:
+def backbone_config(architecture: str, image_size: int, batch_size: int, num_workers: int, device: str,
+                    pretrained: bool) -> ExperimentConfig:
     """A minimal config for embedding with a backbone by name (no dataset involved)."""
     return ExperimentConfig(data_root=Path("."), architecture=architecture, image_size=image_size, batch_size=batch_size,
-                            num_workers=num_workers, device=device, pretrained=False)
+                            num_workers=num_workers, device=device, pretrained=pretrained)
+
+
+def unlabelled_samples(images_dir: Path) -> list[Sample]:
+    """Every image under ``images_dir``, without labels."""
+    files = image_files(images_dir)
+    if not files:
+        raise DataError(f"{images_dir}: no images (.jpg, .jpeg, .png) in this folder or below")
+    return labelled_samples(files, [""] * len(files), [""] * len(files), [images_dir.name] * len(files), [])
 
 
 def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, run_dir: Path | None = None,
-                 checkpoint: str | None = None, pretrained: bool = True, score: str = "margin",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> EmbeddingRun:
+                 checkpoint: str | None = None, score: str = "margin", chunk_size: int = DEFAULT_CHUNK_SIZE) -> EmbeddingRun:
     """Embed every image under ``images_dir`` with a trained checkpoint of ``run_dir`` (embeddings, probabilities
     and an ``al_score``) or, without a checkpoint, with ``config.architecture`` as a backbone (embeddings only)."""
-    from classification.active_learning.scores import uncertainty_scores
-    from classification.evaluation.predict import folder_input, load_trained_model
-    from classification.training.checkpoint import resolve_checkpoint
-    from classification.training.engine import select_device
-    from classification.training.models import build_model
-
-    images_dir = Path(images_dir).resolve()
-    device = select_device(config.device, DistributedContext())
+    images_dir, output_dir = Path(images_dir).resolve(), Path(output_dir)
     if checkpoint is not None:
         if run_dir is None:
             raise UserError("--checkpoint needs --config (the experiment whose checkpoints/ it names)")
         path = resolve_checkpoint(run_dir, checkpoint)
-        trained = load_trained_model(path, config)
-        source = folder_input(images_dir, trained)
-        model, model_id, labels = trained.model, describe_model_file(path), [max(s.label, 0) for s in source.samples]
-        config = config.model_copy(update={"image_size": trained.image_size})
+        samples = folder_input(images_dir, load_trained_model(path, config)).samples
+        result = embed_with_checkpoint(path, samples, config, output_dir / "chunks", chunk_size)
+        labels: list[int] | None = [max(s.label, 0) for s in samples]
+        al_scores = uncertainty_scores(result.probabilities, score) if len(result) else None
     else:
-        from classification.evaluation.predict import PredictionInput, labelled_samples
-        from classification.training.data import image_files
-
-        files = image_files(images_dir)
-        if not files:
-            raise DataError(f"{images_dir}: no images (.jpg, .jpeg, .png) in this folder or below")
-        samples = labelled_samples(files, [""] * len(files), [""] * len(files), [images_dir.name] * len(files), [])
-        source = PredictionInput(images_dir.name, samples, [""] * len(files), images_dir)
-        model = build_model(config.architecture, 1, pretrained)
-        model_id, labels = f"{config.architecture} pretrained={pretrained}", None
-    relative = [s.path.relative_to(images_dir).as_posix() for s in source.samples]
-    result = embed_samples(model, source.samples, config, device, checkpoint is not None,
-                           Path(output_dir) / "chunks", model_id, chunk_size)
-    al_scores = uncertainty_scores(result.probabilities, score) if result.probabilities is not None and len(result) else None
-    files_written = write_embedding_outputs(Path(output_dir), relative, result, labels, al_scores)
+        samples = unlabelled_samples(images_dir)
+        device = select_device(config.device, DistributedContext())
+        model = build_model(config.architecture, 1, config.pretrained)
+        result = embed_samples(model, samples, config, device, False, output_dir / "chunks",
+                               f"{config.architecture} pretrained={config.pretrained}", chunk_size)
+        labels, al_scores = None, None
+    relative = [s.path.relative_to(images_dir).as_posix() for s in samples]
+    files_written = write_embedding_outputs(output_dir, relative, result, labels, al_scores)
     for index in result.skipped:
-        log.warning("skipped %s (unreadable image)", source.samples[index].path)
+        log.warning("skipped %s (unreadable image)", samples[index].path)
     log.info("%d images embedded (%d-d) -> %s; %d skipped", len(result), result.embeddings.shape[1] if len(result) else 0,
              output_dir, len(result.skipped))
-    return EmbeddingRun(Path(output_dir), files_written, len(result), len(result.skipped))
+    return EmbeddingRun(output_dir, files_written, len(result), len(result.skipped))

@@ -22,6 +22,8 @@ of ``runs/<model>/<experiment>/active_learning/`` (see ``store.py``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,14 +35,24 @@ import pandas as pd
 import yaml
 
 from classification.active_learning import store
-from classification.active_learning.embeddings import PoolEmbeddings, describe_model_file, embed_samples
+from classification.active_learning.embeddings import PoolEmbeddings, embed_with_checkpoint
+from classification.active_learning.label_studio import (
+    LabelStudioClient,
+    build_tasks,
+    load_label_studio_settings,
+    parse_label_studio_rows,
+    read_json_min,
+    write_tasks_json,
+)
 from classification.active_learning.labels import LabelImport
+from classification.active_learning.lightly import write_embeddings_csv, write_lightly_predictions
 from classification.active_learning.scores import uncertainty_scores
 from classification.active_learning.strategies import Selection, SelectionInputs, select
+from classification.active_learning.timelapse import read_timelapse_export, write_request_csv
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
 from classification.errors import DataError, UserError
-from classification.evaluation.predict import labelled_samples, load_trained_model, run_prediction
-from classification.data.dataset import read_string_csv, write_csv_atomic
+from classification.evaluation.predict import labelled_samples, run_prediction
+from classification.data.dataset import DATASET_COLUMNS, read_string_csv, write_csv_atomic, write_dataset_folder
 from classification.io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import (
@@ -51,7 +63,7 @@ from classification.training.data import (
     is_dataset_folder,
     load_label_index,
 )
-from classification.training.engine import DistributedContext, TrainResult, select_device, train
+from classification.training.engine import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +196,8 @@ class SelectResult:
 
 def embed_for_selection(experiment: Experiment, number: int, samples: list[Sample], name: str) -> PoolEmbeddings:
     """Embeddings and probabilities of ``samples`` with the model of round ``number - 1`` (cached per round)."""
-    checkpoint = model_checkpoint(experiment, number - 1)
-    model = load_trained_model(checkpoint, experiment.config)
-    config = experiment.config.model_copy(update={"image_size": model.image_size})
-    device = select_device(config.device, DistributedContext())
-    return embed_samples(model.model, samples, config, device, True, experiment.round(number).embeddings / name,
-                         describe_model_file(checkpoint))
+    return embed_with_checkpoint(model_checkpoint(experiment, number - 1), samples, experiment.config,
+                                 experiment.round(number).embeddings / name)
 
 
 def check_finite(probabilities: np.ndarray, checkpoint: Path) -> None:
@@ -277,8 +285,6 @@ def select_round(experiment: Experiment) -> SelectResult:
 
 def write_lightly_outputs(experiment: Experiment, files: store.RoundFiles, pool: PoolEmbeddings, kept_paths: list[str]) -> None:
     """Lightly's predictions and ``embeddings.csv`` (with a margin ``al_score``) of the pool, for Lightly users."""
-    from classification.active_learning.lightly import write_embeddings_csv, write_lightly_predictions
-
     assert pool.probabilities is not None
     folder = files.root / "lightly"
     write_lightly_predictions(folder, "classification", kept_paths, pool.probabilities, experiment.label_names)
@@ -306,13 +312,9 @@ def document_root_prefix(experiment: Experiment) -> str:
 def handoff_to_label_tool(experiment: Experiment, files: store.RoundFiles, paths: list[str]) -> list[Path]:
     """Timelapse: the request CSV. Label Studio: a tasks file, and a project on the server when one is configured."""
     if experiment.al.label_tool == "timelapse":
-        from classification.active_learning.timelapse import write_request_csv
-
         request = files.root / "timelapse_request.csv"
         write_request_csv(request, paths)
         return [request]
-    from classification.active_learning.label_studio import load_label_studio_settings, write_tasks_json
-
     tasks = files.root / "label_studio_tasks.json"
     write_tasks_json(tasks, paths, document_root_prefix(experiment))
     if load_label_studio_settings().api_key is None:
@@ -324,8 +326,6 @@ def handoff_to_label_tool(experiment: Experiment, files: store.RoundFiles, paths
 
 def create_label_studio_project(experiment: Experiment, files: store.RoundFiles, paths: list[str]) -> Path:
     """A Label Studio project for the round with its images as tasks, once (its id kept in ``label_studio.json``)."""
-    from classification.active_learning.label_studio import LabelStudioClient, build_tasks
-
     state = read_json(files.label_studio) if files.label_studio.is_file() else {}
     if state.get("tasks_imported"):
         return files.label_studio
@@ -375,11 +375,7 @@ def read_export(experiment: Experiment, files: store.RoundFiles, export: Path | 
         copy = files.imports / f"{stamp}_{export.name}"
         write_bytes_atomic(copy, export.read_bytes())  # kept before anything is stored
         if experiment.al.label_tool == "timelapse":
-            from classification.active_learning.timelapse import read_timelapse_export
-
             return read_timelapse_export(copy, experiment.label_names, requested, experiment.al.timelapse_label_column), copy
-        from classification.active_learning.label_studio import read_json_min
-
         return read_json_min(copy, experiment.label_names, requested, document_root_prefix(experiment)), copy
     if experiment.al.label_tool == "timelapse":
         raise UserError("import: give --file, the CSV exported from Timelapse (File, RelativePath and the label column)")
@@ -388,10 +384,6 @@ def read_export(experiment: Experiment, files: store.RoundFiles, export: Path | 
 
 def read_label_studio_project(experiment: Experiment, files: store.RoundFiles, requested: list[str], stamp: str) -> tuple[LabelImport, Path]:
     """Export the round's Label Studio project (``JSON_MIN``), keep the export, read its labels."""
-    import json
-
-    from classification.active_learning.label_studio import LabelStudioClient, parse_label_studio_rows
-
     if not files.label_studio.is_file():
         raise UserError(f"{files.label_studio}: no Label Studio project for round {files.number}; give --file with an "
                         "export (JSON_MIN) or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY and run select again")
@@ -437,13 +429,11 @@ def dataset_rows(config: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, list
             keys[key] = None
             rows.append([str(sample.path), key[0], key[1], label_index[sample.label], "", label_index[sample.label]])
         splits[split] = [list(key) for key in keys]
-    return pd.DataFrame(rows, columns=["path", "dataset", "location", "dataset_class", "confidence", "label"]), splits
+    return pd.DataFrame(rows, columns=DATASET_COLUMNS), splits
 
 
 def labels_fingerprint(labels: dict[str, str]) -> str:
     """A hash of the pool labels a model is trained with (to refuse resuming it with other labels)."""
-    import hashlib
-
     text = "\n".join(f"{path}\t{label}" for path, label in sorted(labels.items()))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -462,22 +452,30 @@ def write_round_dataset(experiment: Experiment, files: store.RoundFiles, labels:
         if name != config.train_split and [POOL_DATASET, al.pool_location] in splits[name]:
             raise DataError(f"{experiment.config_path}: active_learning.pool_location: {al.pool_location!r} is also a "
                             f"location of the {name} split")
-    write_csv_atomic(files.dataset / "classification_ds.csv", frame)
-    write_json_atomic(files.dataset / "label_index.json", {str(i): name for i, name in enumerate(experiment.label_names)})
-    write_json_atomic(files.dataset / "splits.json", splits)
+    write_dataset_folder(files.dataset, frame, experiment.label_names, splits)
     write_json_atomic(files.dataset / "labels_used.json", {"pool_labels": len(pool_rows), "fingerprint": labels_fingerprint(labels)})
 
 
-def round_config(experiment: Experiment, files: store.RoundFiles) -> dict[str, Any]:
-    """The round's config.yml: the experiment's, on the round dataset, without the loop's own section."""
+def write_derived_config(experiment: Experiment, model_dir: Path, data_root: Path, header: str,
+                         **updates: Any) -> ExperimentConfig:
+    """``model_dir/config.yml``: the experiment's config on another dataset (the loop's own section left out,
+    ``active_learning.num_epochs`` as the epochs), with ``updates``; returns it loaded and validated."""
     values = experiment.config.to_dict()
     values.pop("active_learning", None)
-    values.update({"data_root": str(files.dataset.resolve()), "crops_dir": None,
-                   "num_epochs": experiment.al.num_epochs or experiment.config.num_epochs,
-                   "experiment_name": f"{experiment.run_dir.parent.name}/{experiment.run_dir.name} AL round {files.number}"})
-    if experiment.al.warm_start:
-        values["weights_file"] = str(model_checkpoint(experiment, files.number - 1).resolve())
-    return {key: value for key, value in values.items() if value is not None}
+    values.update({"data_root": str(Path(data_root).resolve()), "crops_dir": None,
+                   "num_epochs": experiment.al.num_epochs or experiment.config.num_epochs, **updates})
+    kept = {key: value for key, value in values.items() if value is not None}
+    write_text_atomic(model_dir / "config.yml", f"# {header}\n" + yaml.safe_dump(kept, sort_keys=False))
+    return load_config(model_dir / "config.yml")
+
+
+def round_config(experiment: Experiment, files: store.RoundFiles) -> ExperimentConfig:
+    """The round's config.yml: the experiment's, on the round dataset (warm-started when asked)."""
+    weights = str(model_checkpoint(experiment, files.number - 1).resolve()) if experiment.al.warm_start else None
+    name = f"{experiment.run_dir.parent.name}/{experiment.run_dir.name} AL round {files.number}"
+    updates = {"experiment_name": name, **({"weights_file": weights} if weights else {})}
+    return write_derived_config(experiment, files.model, files.dataset, "written by classifier/active_learning.py "
+                                "retrain: the experiment's config on this round's data", **updates)
 
 
 def retrain_round(experiment: Experiment, number: int | None = None, overwrite: bool = False) -> TrainResult:
@@ -498,9 +496,7 @@ def retrain_round(experiment: Experiment, number: int | None = None, overwrite: 
                         "with them using --overwrite (the earlier model is moved to model/archive/)")
     restart = changed or (overwrite and files.model.is_dir())
     write_round_dataset(experiment, files, labels)
-    config_text = "# written by classifier/active_learning.py retrain: the experiment's config on this round's data\n"
-    write_text_atomic(files.model / "config.yml", config_text + yaml.safe_dump(round_config(experiment, files), sort_keys=False))
-    config = load_config(files.model / "config.yml")
+    config = round_config(experiment, files)
     if restart:
         files.done.unlink(missing_ok=True)
     has_run = (files.model / "checkpoints").is_dir() or (files.model / "metrics.csv").is_file()

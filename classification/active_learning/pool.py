@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from classification.active_learning.labels import normalize_path
 from classification.active_learning.timelapse import timelapse_row
-from classification.data.dataset import read_string_csv, write_csv_atomic
+from classification.data.dataset import read_string_csv, write_csv_atomic, write_dataset_folder
 from classification.errors import DataError, UserError
-from classification.io import read_json, write_json_atomic
-from classification.training.data import DATASET_CSV, LABEL_INDEX_JSON, SPLITS_JSON, read_split_keys
+from classification.io import read_json
+from classification.training.data import DATASET_CSV, SPLITS_JSON, load_label_index, read_split_keys
 
 ANSWERS_FILE = "pool_answers.csv"
 
@@ -41,15 +43,16 @@ class CarvedPool:
     pooled: int
 
 
-def stratified_keep(labels: pd.Series, fraction: float, seed: int) -> np.ndarray:
-    """A seeded ``fraction`` of each label (at least one of each) as a boolean mask."""
+def stratified_mask(labels: Sequence[Any], fraction: float, seed: int) -> np.ndarray:
+    """A seeded ``fraction`` of each label's items (at least one of each label), as a boolean mask."""
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    keep = np.zeros(len(labels), dtype=bool)
-    for label in sorted(set(labels)):
-        members = np.flatnonzero(labels.to_numpy() == label)
+    chosen = np.zeros(len(labels), dtype=bool)
+    for label in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == label)
         count = max(1, int(round(fraction * len(members))))
-        keep[rng.choice(members, size=min(count, len(members)), replace=False)] = True
-    return keep
+        chosen[rng.choice(members, size=min(count, len(members)), replace=False)] = True
+    return chosen
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -74,7 +77,7 @@ def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: P
     if not in_train.any():
         raise DataError(f"{dataset_dir}: the {train_split} split has no crops to carve a pool from")
     keep = np.ones(len(frame), dtype=bool)
-    keep[in_train] = stratified_keep(frame["label"][in_train], labelled_fraction, seed)
+    keep[in_train] = stratified_mask(frame["label"][in_train].tolist(), labelled_fraction, seed)
     pooled = frame[~keep]
     for path in pooled["path"]:
         source = Path(crops_dir) / path
@@ -84,9 +87,8 @@ def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: P
     kept = frame[keep].copy()
     kept["path"] = [str((Path(crops_dir) / path).resolve()) for path in kept["path"]]
     output_dir = Path(output_dir)
-    write_csv_atomic(output_dir / DATASET_CSV, kept)
-    write_json_atomic(output_dir / LABEL_INDEX_JSON, read_json(Path(dataset_dir) / LABEL_INDEX_JSON))
-    write_json_atomic(output_dir / SPLITS_JSON, read_json(Path(dataset_dir) / SPLITS_JSON))
+    index = load_label_index(Path(dataset_dir))
+    write_dataset_folder(output_dir, kept, [index[i] for i in range(len(index))], read_json(Path(dataset_dir) / SPLITS_JSON))
     answers = output_dir / ANSWERS_FILE
     write_csv_atomic(answers, pooled[["path", "label"]].reset_index(drop=True))
     return CarvedPool(output_dir, Path(pool_dir), answers, int(keep[in_train].sum()), len(pooled))

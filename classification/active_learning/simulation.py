@@ -34,22 +34,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
+from matplotlib.figure import Figure
+from pydantic import ValidationError
 
-from classification.active_learning.embeddings import describe_model_file, embed_samples
-from classification.active_learning.loop import Experiment, strategy_options
+from classification.active_learning.embeddings import embed_with_checkpoint
+from classification.active_learning.loop import Experiment, strategy_options, write_derived_config
+from classification.active_learning.pool import stratified_mask
 from classification.active_learning.strategies import SelectionInputs, select
 from classification.active_learning.triplet import predict_proba, train_mlp
-from classification.config import SimulationConfig, load_config
-from classification.data.dataset import write_csv_atomic
+from classification.config import SimulationConfig, describe_error
+from classification.data.dataset import DATASET_COLUMNS, write_csv_atomic, write_dataset_folder
 from classification.errors import DataError, UserError
-from classification.evaluation.predict import load_trained_model
-from classification.io import write_json_atomic, write_text_atomic
+from classification.evaluation.plots import save_figure
+from classification.io import write_json_atomic
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_samples
-from classification.training.engine import DistributedContext, select_device, train
-from classification.training.metrics import MetricAccumulator
+from classification.training.engine import train
+from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +98,9 @@ def load_simulation_data(experiment: Experiment) -> SimulationData:
     return SimulationData(train_samples, val or held_out, held_out, len(experiment.label_names))
 
 
-def initial_labelled(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
-    """A stratified random start: ``fraction`` of each class (at least one image of every class present)."""
-    rng = np.random.default_rng(seed)
-    chosen = np.zeros(len(labels), dtype=bool)
-    for label in range(num_classes):
-        members = np.flatnonzero(labels == label)
-        if len(members):
-            count = max(1, int(round(fraction * len(members))))
-            chosen[rng.choice(members, size=min(count, len(members)), replace=False)] = True
-    return chosen
-
-
 def top1_and_macro_f1(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, float]:
     """Held-out top-1 and macro F1 (the framework's own metric definitions)."""
-    accumulator = MetricAccumulator(num_classes)
-    logits = torch.log(torch.as_tensor(probabilities, dtype=torch.float64).clamp_min(1e-12))
-    accumulator.update(logits, torch.as_tensor(labels), 0.0)
-    result = accumulator.compute()
+    result = accumulate_probabilities(probabilities, labels, num_classes).compute()
     return float(result["top1"]), float(result["macro_f1"])
 
 
@@ -129,22 +115,17 @@ def write_subset_dataset(folder: Path, data: SimulationData, labelled: np.ndarra
         for sample in samples:
             rows.append([str(sample.path), split, "all", label_names[sample.label], "", label_names[sample.label]])
         splits[split] = [[split, "all"]]
-    frame = pd.DataFrame(rows, columns=["path", "dataset", "location", "dataset_class", "confidence", "label"])
-    write_csv_atomic(folder / "classification_ds.csv", frame)
-    write_json_atomic(folder / "label_index.json", {str(i): name for i, name in enumerate(label_names)})
-    write_json_atomic(folder / "splits.json", splits)
+    write_dataset_folder(folder, pd.DataFrame(rows, columns=DATASET_COLUMNS), label_names, splits)
 
 
 def train_subset_model(experiment: Experiment, data: SimulationData, labelled: np.ndarray, folder: Path, seed: int) -> Path:
     """Train (or resume, or reuse) a CNN on the labelled train images; returns its best checkpoint."""
     write_subset_dataset(folder / "dataset", data, labelled, experiment.label_names)
-    values = experiment.config.to_dict()
-    values.pop("active_learning", None)
-    values.update({"data_root": str((folder / "dataset").resolve()), "crops_dir": None, "seed": seed, "comet": "off",
-                   "train_split": "train", "val_split": "val", "num_epochs": experiment.al.num_epochs or experiment.config.num_epochs})
     model_dir = folder / "model"
-    write_text_atomic(model_dir / "config.yml", yaml.safe_dump({k: v for k, v in values.items() if v is not None}, sort_keys=False))
-    result = train(load_config(model_dir / "config.yml"), model_dir, config_path=model_dir / "config.yml")
+    config = write_derived_config(experiment, model_dir, folder / "dataset", "written by the simulation: the "
+                                  "experiment's config on one seed's labelled images", seed=seed, comet="off",
+                                  train_split="train", val_split="val")
+    result = train(config, model_dir, config_path=model_dir / "config.yml")
     if result.exit_code:
         raise KeyboardInterrupt  # stopped by a signal: the checkpoint resumes on the next run
     return resolve_checkpoint(model_dir, "best")
@@ -152,10 +133,7 @@ def train_subset_model(experiment: Experiment, data: SimulationData, labelled: n
 
 def embed_with(experiment: Experiment, checkpoint: Path, samples: list[Sample], cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and probabilities of every sample (an unreadable image is an error: the simulation needs all)."""
-    model = load_trained_model(checkpoint, experiment.config)
-    config = experiment.config.model_copy(update={"image_size": model.image_size})
-    device = select_device(config.device, DistributedContext())
-    result = embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint))
+    result = embed_with_checkpoint(checkpoint, samples, experiment.config, cache_dir)
     if result.skipped:
         raise DataError(f"{samples[result.skipped[0]].path}: unreadable image ({len(result.skipped)} in all); "
                         "the simulation needs every image of its splits")
@@ -231,9 +209,6 @@ def summarise(curves: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def plot_curves(means: pd.DataFrame, path: Path, title: str) -> Path:
     """Accuracy against labels, one line per strategy (mean over seeds, ± one std as a band)."""
-    from classification.evaluation.plots import save_figure
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     for strategy, curve in means.groupby("strategy", sort=False):
@@ -249,10 +224,6 @@ def plot_curves(means: pd.DataFrame, path: Path, title: str) -> Path:
 
 def settings_with(base: SimulationConfig, **updates: Any) -> SimulationConfig:
     """``base`` with the given (non-None) settings replaced, validated like the config file."""
-    from pydantic import ValidationError
-
-    from classification.config import describe_error
-
     values = {key: value for key, value in updates.items() if value is not None}
     try:
         return SimulationConfig.model_validate({**base.model_dump(), **values})
@@ -270,7 +241,7 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
     all_rows: list[list[Any]] = []
     for seed in settings.seeds:
         seed_dir = output_dir / f"seed_{seed}"
-        start = initial_labelled(data.train_labels, settings.initial_fraction, data.num_classes, seed)
+        start = stratified_mask(data.train_labels, settings.initial_fraction, seed)
         features = None
         for strategy in settings.strategies:
             curve_file = seed_dir / f"{strategy}.csv"

@@ -10,7 +10,7 @@ crops were made from. Output, in the formats MegaDetector's and animl-ml's tools
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -168,6 +168,18 @@ def warn_split_sequences(frame: pd.DataFrame) -> None:
 def label_index(labels: Collection[str]) -> dict[str, str]:
     """``{"0": "agouti", "1": "bird_spec", ...}``, sorted by name."""
     return {str(i): name for i, name in enumerate(sorted(set(labels)))}
+
+
+DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
+
+
+def write_dataset_folder(output_dir: Path, table: pd.DataFrame, label_names: Sequence[str],
+                         splits: Mapping[str, list]) -> None:
+    """The files training reads: ``classification_ds.csv`` (``DATASET_COLUMNS``), ``label_index.json``
+    (``label_names`` in class order) and ``splits.json``, each written atomically."""
+    write_csv_atomic(Path(output_dir) / "classification_ds.csv", table[DATASET_COLUMNS])
+    write_json_atomic(Path(output_dir) / "label_index.json", {str(i): name for i, name in enumerate(label_names)})
+    write_json_atomic(Path(output_dir) / "splits.json", dict(splits))
 
 
 def dataset_table(frame: pd.DataFrame) -> pd.DataFrame:
