@@ -238,6 +238,42 @@ def known_keys(section: Sequence[Any]) -> list[str]:
     return list(model.model_fields)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults" may be overridden by the keys beside it
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it below
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {seen})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer; one beyond 64 bits (``batch_size: 1000...000``) is refused here, not deep in a library."""
+        value = super().construct_yaml_int(node)
+        if abs(value) >= 2**63:
+            raise yaml.constructor.ConstructorError(None, None, f"integer too large ({len(node.value)} digits)",
+                                                    node.start_mark)
+        return value
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
     try:
@@ -247,7 +283,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a config.yml file") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -266,9 +302,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"--set {text}: expected key=value")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise UserError(f"--set {text}: the value is not valid YAML") from None
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None)
+        raise UserError(f"--set {text}: the value is not valid YAML{f' ({problem})' if problem else ''}") from None
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -39,6 +39,30 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise
 
 
+def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", recursive: bool = False) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that ``atomic_open`` leaves behind when its
+    process is killed mid-write; they never become real files. Call it when a run that owns ``folder`` starts."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{name_glob}.*.tmp"
+    removed = sorted(path for path in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if path.is_file())
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def sync_files(paths: Iterable[str | Path]) -> None:
+    """Make files written with ``atomic_open(durable=False)`` durable: one ``os.sync`` where the
+    system has it (one flush instead of one fsync per file), else an fsync of each file."""
+    if hasattr(os, "sync"):
+        os.sync()
+        return
+    for path in paths:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as handle:
@@ -57,10 +81,11 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> No
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file raises a one-line ``DataError``."""
+    """Read a JSON file (UTF-8, with or without a byte-order mark); a missing, malformed or hostile file
+    (a number of thousands of digits, nesting thousands deep) raises a one-line ``DataError``."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -70,3 +95,7 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as error:  # Python refuses integers of more than 4300 digits
+        raise DataError(f"{path}: not usable JSON: a number with too many digits ({str(error).split(':')[0]})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not usable JSON: nested too deeply") from None

@@ -180,6 +180,33 @@ def _row_choices(row: Mapping[str, Any], choice_name: str) -> list[tuple[str | N
     return [(single_choice(choice_values(row.get(choice_name))), row.get("annotator"))]
 
 
+ANNOTATION_FIELDS = ("annotator", "annotation_id", "lead_time", "created_at", "updated_at")
+
+
+def result_names(rows: Sequence[Any]) -> set[str]:
+    """The ``from_name`` of every annotation result in full ``JSON`` export rows."""
+    return {str(result.get("from_name")) for row in rows if isinstance(row, Mapping)
+            for annotation in (row.get("annotations") if isinstance(row.get("annotations"), list) else [])
+            if isinstance(annotation, Mapping)
+            for result in (annotation.get("result") if isinstance(annotation.get("result"), list) else [])
+            if isinstance(result, Mapping)}
+
+
+def check_choice_field(rows: Sequence[Any], choice_name: str, where: str) -> None:
+    """Refuse an export that has annotations but never the choices field ``choice_name`` (a labelling config
+    with another ``<Choices name>``): every image would read as skipped, with no hint why."""
+    expected = f"expected the choices field {choice_name!r} (<Choices name={quoteattr(choice_name)}> of the labelling config)"
+    minimal = [row for row in rows if isinstance(row, Mapping) and not isinstance(row.get("annotations"), list)]
+    annotated = [row for row in minimal if any(key in row for key in ANNOTATION_FIELDS)]
+    if annotated and not any(choice_name in row for row in minimal):
+        found = ", ".join(sorted({str(key) for row in annotated for key in row}))
+        raise DataError(f"{where}: no row has a {choice_name!r} field: {expected}; fields found: {found}")
+    names = result_names(rows)
+    if names and choice_name not in names:
+        raise DataError(f"{where}: no annotation result comes from {choice_name!r}: {expected}; "
+                        f"from_name found: {', '.join(sorted(names))}")
+
+
 def parse_label_studio_rows(
     rows: Any,
     label_names: Iterable[str] | Mapping[str, str],
@@ -194,6 +221,7 @@ def parse_label_studio_rows(
     """Labels from exported rows (JSON_MIN or JSON); ``where`` names the file or project in errors."""
     if not isinstance(rows, list):
         raise DataError(f"{where}: expected a list of exported tasks, found {type(rows).__name__}")
+    check_choice_field(rows, choice_name, where)
     labels, paths, gathered = LabelMatcher(label_names), PathMatcher(requested_paths), _Gathered()
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):

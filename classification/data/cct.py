@@ -74,8 +74,24 @@ class MissingLocationReport:
 
 
 def is_number(value: Any) -> bool:
-    """True for a finite int or float (bool excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """True for a finite int or float (bool excluded); an integer too large for a float is not one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer literal beyond 1.8e308, e.g. "width": 1000...000
+        return False
+
+
+def shown(value: Any, limit: int = 120) -> str:
+    """A value for a one-line message: its ``repr`` cut to ``limit`` characters; a huge integer says so."""
+    if isinstance(value, int) and not isinstance(value, bool) and not is_number(value):
+        return f"an integer too large for a number ({value.bit_length()} bits)"
+    if isinstance(value, list):
+        text = "[" + ", ".join(shown(item, limit) for item in value[:8]) + (", ...]" if len(value) > 8 else "]")
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def normalize_location(value: Any) -> str | None:
@@ -96,10 +112,31 @@ def normalize_location(value: Any) -> str | None:
     return "_".join(text.split()).lower()
 
 
+def overshoot_tolerance(side: float, normalized: bool = False) -> float:
+    """How far a box may run past an image side and still count as inside (it is clipped when cropping):
+    max(2 px, 1% of the side); for normalised boxes (MegaDetector: the pixel size is not in the file) 1%."""
+    return BOX_TOLERANCE_FRACTION * side if normalized else max(BOX_TOLERANCE_PIXELS, BOX_TOLERANCE_FRACTION * side)
+
+
+def box_outside_image(box: tuple[float, float, float, float], width: float, height: float,
+                      normalized: bool = False) -> str | None:
+    """Why an ``[x, y, w, h]`` box lies outside a ``width`` x ``height`` image beyond the tolerance, or None.
+
+    One rule for CCT boxes (pixels) and MegaDetector boxes (fractions: ``width = height = 1``).
+    """
+    x, y, w, h = box
+    tol_x, tol_y = overshoot_tolerance(width, normalized), overshoot_tolerance(height, normalized)
+    if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
+        image = "image (normalised: 0 to 1)" if normalized else f"{width:g}x{height:g} image"
+        return (f"box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {image}"
+                f" (x+width={x + w:g}, y+height={y + h:g}; tolerance {tol_x:g} x {tol_y:g})")
+    return None
+
+
 def _check_box(bbox: Any, width: Any, height: Any, path: str) -> list[Problem]:
     """Problems with one absolute-pixel box ``[x, y, w, h]`` in an image of ``width`` x ``height``."""
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
-        return [Problem(path, f"expected [x, y, width, height] with 4 numbers, got {bbox!r}")]
+        return [Problem(path, f"expected [x, y, width, height] with 4 numbers, got {shown(bbox)}")]
     x, y, w, h = bbox
     problems = []
     if w < 0:
@@ -112,17 +149,8 @@ def _check_box(bbox: Any, width: Any, height: Any, path: str) -> list[Problem]:
         return [Problem(path, f"box is empty (width {w:g}, height {h:g})")]
     if not (is_number(width) and is_number(height)):
         return []
-    tol_x = max(BOX_TOLERANCE_PIXELS, BOX_TOLERANCE_FRACTION * width)
-    tol_y = max(BOX_TOLERANCE_PIXELS, BOX_TOLERANCE_FRACTION * height)
-    if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
-        return [
-            Problem(
-                path,
-                f"box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {width:g}x{height:g} image"
-                f" (x+width={x + w:g}, y+height={y + h:g})",
-            )
-        ]
-    return []
+    outside = box_outside_image((x, y, w, h), width, height)
+    return [Problem(path, outside)] if outside else []
 
 
 def _check_ids(items: list[Any], section: str) -> tuple[dict[Any, int], list[Problem]]:
@@ -138,9 +166,9 @@ def _check_ids(items: list[Any], section: str) -> tuple[dict[Any, int], list[Pro
             continue
         key = item["id"]
         if not isinstance(key, (str, int)) or isinstance(key, bool):
-            problems.append(Problem(f"{section}[{i}].id", f"must be a string or integer, got {key!r}"))
+            problems.append(Problem(f"{section}[{i}].id", f"must be a string or integer, got {shown(key)}"))
         elif key in index:
-            problems.append(Problem(f"{section}[{i}].id", f"duplicate id {key!r} (also {section}[{index[key]}])"))
+            problems.append(Problem(f"{section}[{i}].id", f"duplicate id {shown(key)} (also {section}[{index[key]}])"))
         else:
             index[key] = i
     return index, problems
@@ -156,13 +184,13 @@ def _check_images(images: list[Any]) -> list[Problem]:
         if not isinstance(file_name, str) or not file_name.strip():
             problems.append(Problem(f"images[{i}].file_name", "missing or not a string"))
         elif Path(file_name).is_absolute() or ".." in Path(file_name).parts:
-            problems.append(Problem(f"images[{i}].file_name", f"must be a relative path inside the images folder: {file_name!r}"))
+            problems.append(Problem(f"images[{i}].file_name", f"must be a relative path inside the images folder: {shown(file_name)}"))
         for key in ("width", "height"):
             value = image.get(key)
             if value is None:
                 continue
             if not is_number(value) or value <= 0:
-                problems.append(Problem(f"images[{i}].{key}", f"must be a positive number, got {value!r}"))
+                problems.append(Problem(f"images[{i}].{key}", f"must be a positive number, got {shown(value)}"))
         if image.get("width") is None or image.get("height") is None:
             problems.append(Problem(f"images[{i}]", "width/height missing: boxes cannot be checked (read them with --read-sizes)", "warning"))
         if normalize_location(image.get("location")) is None:
@@ -179,9 +207,9 @@ def _check_annotations(data: CCT, image_index: dict[Any, int], category_ids: set
             continue
         image_id = annotation.get("image_id")
         if image_id not in image_index:
-            problems.append(Problem(f"annotations[{i}].image_id", f"no image with id {image_id!r}"))
+            problems.append(Problem(f"annotations[{i}].image_id", f"no image with id {shown(image_id)}"))
         if annotation.get("category_id") not in category_ids:
-            problems.append(Problem(f"annotations[{i}].category_id", f"no category with id {annotation.get('category_id')!r}"))
+            problems.append(Problem(f"annotations[{i}].category_id", f"no category with id {shown(annotation.get('category_id'))}"))
         if "bbox" in annotation and annotation["bbox"] is not None:
             image = images[image_index[image_id]] if image_id in image_index else {}
             problems += _check_box(annotation["bbox"], image.get("width"), image.get("height"), f"annotations[{i}].bbox")

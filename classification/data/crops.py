@@ -72,7 +72,7 @@ from classification.data.detections import (
 from classification.data.download import fetch_bytes, image_url
 from classification.data.images import DECODE_ERRORS, is_valid_image
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, write_bytes_atomic, write_json_atomic
+from classification.io import atomic_open, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -633,6 +633,13 @@ def log_failures(failures: list[Failure]) -> None:
         log.warning("... and %d more failed images (all listed in the --logdir log)", len(failures) - MAX_LOGGED_FAILURES)
 
 
+def remove_stale_crop_temporaries(crops_dir: Path) -> None:
+    """Delete the temporary files of crops (and manifest) that a killed run left half-written; logged."""
+    removed = remove_stale_temporaries(crops_dir, recursive=True)
+    if removed:
+        log.info("%s: removed %d temporary files left by an interrupted run (e.g. %s)", crops_dir, len(removed), removed[0].name)
+
+
 def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options: CropOptions = CropOptions()) -> CropReport:
     """Crop every wanted box of ``input_json`` into ``crops_dir`` and write the manifest (and a log).
 
@@ -645,6 +652,7 @@ def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options
     if options.save_full_images and options.images_base_url is None:
         log.warning("--save-full-images has no effect without --images-base-url")
     check_same_strategy(crops_dir / MANIFEST_NAME, options.crop_strategy)
+    remove_stale_crop_temporaries(crops_dir)
     started = time.perf_counter()
     requests, input_report = read_crop_requests(
         input_json,

@@ -93,7 +93,10 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
 def read_crops_manifest(path: Path) -> pd.DataFrame:
     """The crops manifest written by ``utils/crop_detections.py``."""
     hint = " (run utils/crop_detections.py first, or pass --cct-json)"
-    return read_string_csv(path, ("crop_path", "dataset", "location", "label"), hint)
+    frame = read_string_csv(path, ("crop_path", "dataset", "location", "label"), hint)
+    if frame.empty:
+        raise DataError(f"{path}: lists no crops (a header and no rows); did utils/crop_detections.py find any boxes?")
+    return frame
 
 
 def crops_frame_from_cct(data: CCT, crops_dir: Path, dataset: str) -> pd.DataFrame:
@@ -148,6 +151,8 @@ def load_crops(options: DatasetOptions, report: DatasetReport) -> pd.DataFrame:
 
 def drop_rare_labels(frame: pd.DataFrame, min_locs: int) -> tuple[pd.DataFrame, dict[str, int]]:
     """Drop labels seen at fewer than ``min_locs`` (dataset, location) pairs; report each one."""
+    if frame.empty:
+        return frame, {}
     locations_per_label = frame.groupby("label")[["dataset", "location"]].apply(lambda g: len(g.drop_duplicates()))
     rare = locations_per_label[locations_per_label < min_locs]
     for label, n_locations in rare.items():

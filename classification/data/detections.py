@@ -30,9 +30,11 @@ from classification.data.cct import (
     MissingLocationReport,
     MissingLocationRule,
     Problem,
+    box_outside_image,
     category_names,
     errors_only,
     is_number,
+    shown,
     load_cct,
     resolve_missing_locations,
 )
@@ -155,14 +157,16 @@ def _check_detection(detection: Any, categories: dict[str, str], path: str) -> l
         return [Problem(path, f"expected an object, got {type(detection).__name__}")]
     problems = []
     if str(detection.get("category")) not in categories:
-        problems.append(Problem(f"{path}.category", f"{detection.get('category')!r} is not in detection_categories"))
+        problems.append(Problem(f"{path}.category", f"{shown(detection.get('category'))} is not in detection_categories"))
     if not is_number(detection.get("conf")):
-        problems.append(Problem(f"{path}.conf", f"expected a number, got {detection.get('conf')!r}"))
+        problems.append(Problem(f"{path}.conf", f"expected a number, got {shown(detection.get('conf'))}"))
     bbox = detection.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
-        problems.append(Problem(f"{path}.bbox", f"expected [x, y, width, height] with 4 numbers, got {bbox!r}"))
+        problems.append(Problem(f"{path}.bbox", f"expected [x, y, width, height] with 4 numbers, got {shown(bbox)}"))
     elif bbox[2] <= 0 or bbox[3] <= 0:
         problems.append(Problem(f"{path}.bbox", f"box is empty or negative (width {bbox[2]:g}, height {bbox[3]:g})"))
+    elif outside := box_outside_image(tuple(bbox), 1.0, 1.0, normalized=True):  # type: ignore[arg-type]
+        problems.append(Problem(f"{path}.bbox", outside))
     return problems
 
 
@@ -182,9 +186,9 @@ def validate_megadetector(data: dict[str, Any]) -> list[Problem]:
             continue
         file = image.get("file")
         if not isinstance(file, str) or not is_safe_relative(file.replace("\\", "/")):
-            problems.append(Problem(f"{path}.file", f"expected a relative path inside the images folder, got {file!r}"))
+            problems.append(Problem(f"{path}.file", f"expected a relative path inside the images folder, got {shown(file)}"))
         elif file in seen:
-            problems.append(Problem(f"{path}.file", f"duplicate file {file!r} (also images[{seen[file]}])"))
+            problems.append(Problem(f"{path}.file", f"duplicate file {shown(file)} (also images[{seen[file]}])"))
         else:
             seen[file] = i
         if image.get("failure") is not None:

@@ -10,11 +10,15 @@ Rules, chosen so that an interrupted or repeated run can be trusted:
   a dropped connection or Ctrl-C never leaves a partial file under the final name.
 - **Size check.** When the server sends ``Content-Length``, the bytes received must
   match it exactly; a short body counts as a network error and is retried.
+- **Image check.** A file whose name has an image suffix (``.jpg``, ``.png``, ...) is kept
+  only when the body decodes as an image: an HTML error or login page served with status
+  200 is a failure ("not an image"), never a ``.JPG`` that later runs trust.
 - **Resume (what counts as complete).** Without ``overwrite``, an existing file is
   checked with a ``HEAD`` request: if the server reports a ``Content-Length``, the file
-  is complete when its size equals it. If the size is unknown (no ``Content-Length``,
-  ``HEAD`` refused, or the server unreachable), the file is complete when it decodes as
-  an image with PIL. Complete files are skipped; anything else is downloaded again.
+  is complete when its size equals it and (for an image name) PIL reads its header. If
+  the size is unknown (no ``Content-Length``, ``HEAD`` refused, or the server
+  unreachable), the file is complete when it decodes as an image with PIL. Complete
+  files are skipped; anything else is downloaded again.
 - **Retries.** Network errors, short bodies, HTTP 5xx and 429 are retried up to
   ``retries`` times with exponential backoff (``backoff_seconds * 2**attempt``, at most
   60 s; a server's ``Retry-After`` is honoured up to the same cap). Other HTTP errors
@@ -44,7 +48,7 @@ from typing import Any, Callable, Literal, TypeVar
 from tqdm import tqdm
 
 from classification.errors import DataError, UserError
-from classification.data.images import is_valid_image
+from classification.data.images import has_image_suffix, is_valid_image
 from classification.io import atomic_open, read_json
 
 log = logging.getLogger(__name__)
@@ -258,13 +262,23 @@ def fetch_bytes(url: str, retries: int = 2, timeout: float = 60.0, backoff_secon
         raise OSError(f"cannot download {url}: {error}") from None
 
 
-def _fetch(url: str, destination: Path, timeout: float, stop: threading.Event) -> int:
-    """One GET of ``url`` into ``destination`` (atomically); returns the bytes written."""
+def _check_image_body(handle: Any, received: int, content_type: str | None) -> None:
+    """Refuse a body that is not an image (an HTML error or login page served with status 200)."""
+    handle.flush()
+    handle.seek(0)
+    if not is_valid_image(handle):
+        raise _Permanent(f"not an image: the server sent {received} bytes of {content_type or 'unknown type'}"
+                         " that do not decode (an error or login page?)")
+
+
+def _fetch(url: str, destination: Path, timeout: float, stop: threading.Event, verify_image: bool = False) -> int:
+    """One GET of ``url`` into ``destination`` (atomically); returns the bytes written. ``verify_image``: the body
+    must decode as an image before it is kept."""
     with _open(url, "GET", timeout) as response:
         expected = _content_length(response.headers)
         received = 0
         try:
-            with atomic_open(destination, "wb") as handle:
+            with atomic_open(destination, "w+b") as handle:
                 while True:
                     if stop.is_set():
                         raise _Cancelled()
@@ -277,6 +291,8 @@ def _fetch(url: str, destination: Path, timeout: float, stop: threading.Event) -
                         raise _Retryable(f"body longer than Content-Length {expected}")
                 if expected is not None and received != expected:
                     raise _Retryable(f"incomplete body: received {received} of {expected} bytes")
+                if verify_image:
+                    _check_image_body(handle, received, response.headers.get("Content-Type"))
         except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
             raise _Retryable(f"network error while reading: {type(error).__name__}: {error}") from None
         return received
@@ -297,13 +313,14 @@ class _Settings:
 
 
 def _is_complete(destination: Path, url: str, settings: _Settings) -> bool:
-    """The resume rule in the module docstring: size vs Content-Length, else decodability."""
+    """The resume rule in the module docstring: size vs Content-Length and an image header, else decodability."""
     if settings.overwrite or not destination.is_file():
         return False
     size = _remote_size(url, settings.timeout, settings.retries, settings.backoff_seconds, settings.stop)
+    image = has_image_suffix(destination)
     if size is not None:
-        return destination.stat().st_size == size
-    return is_valid_image(destination)
+        return destination.stat().st_size == size and (not image or is_valid_image(destination, header_only=True))
+    return is_valid_image(destination) if image else False
 
 
 def _download_one(file_name: str, settings: _Settings) -> tuple[Outcome, int, str]:
@@ -316,7 +333,7 @@ def _download_one(file_name: str, settings: _Settings) -> tuple[Outcome, int, st
         if _is_complete(destination, url, settings):
             return "skipped", 0, ""
         size = _with_retries(
-            lambda: _fetch(url, destination, settings.timeout, settings.stop),
+            lambda: _fetch(url, destination, settings.timeout, settings.stop, has_image_suffix(file_name)),
             settings.retries,
             settings.backoff_seconds,
             settings.stop,

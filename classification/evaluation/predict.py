@@ -36,7 +36,7 @@ from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
 from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
 from classification.io import write_json_atomic
-from classification.training.checkpoint import load_checkpoint, resolve_checkpoint
+from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
 from classification.training.engine import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last
 from classification.training.models import build_model
@@ -107,10 +107,7 @@ def load_trained_model(path: Path, config: ExperimentConfig) -> TrainedModel:
                     path, architecture, image_size, config.architecture, config.image_size)
     model = build_model(architecture, len(label_names), pretrained=False)
     weights = "ema" if checkpoint.get("ema") is not None else "model"
-    try:
-        model.load_state_dict(checkpoint[weights])
-    except RuntimeError as error:
-        raise DataError(f"{path}: weights do not fit {architecture} ({str(error).splitlines()[0]})") from None
+    load_model_weights(model, checkpoint[weights], path, architecture)
     epoch = checkpoint.get("epoch")
     return TrainedModel(model.eval(), label_names, path, architecture, image_size,
                         int(epoch) if epoch is not None else None, weights)

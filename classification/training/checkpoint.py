@@ -21,6 +21,7 @@ import io
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from classification.errors import DataError, UserError
-from classification.io import write_bytes_atomic
+from classification.io import remove_stale_temporaries, write_bytes_atomic
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -93,10 +94,7 @@ def save_checkpoint(checkpoint: Mapping[str, Any], directory: Path, names: list[
 
 def remove_partial_writes(directory: Path) -> list[Path]:
     """Delete temporary files that a killed process left half-written (``.<name>.<random>.tmp``)."""
-    removed = sorted(Path(directory).glob(".*.pt.*.tmp")) if Path(directory).is_dir() else []
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
+    return remove_stale_temporaries(directory, "*.pt")
 
 
 def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -129,6 +127,15 @@ def checkpoint_names(epoch: int, every: int, is_best: bool, is_final: bool) -> l
 # ---------------------------------------------------------------- loading
 
 
+def unreadable_reason(error: BaseException) -> str:
+    """Why ``torch.load`` refused a file, in a few words (its first line; pickled code named as such)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "weights only load failed" in first.lower() or "weights_only" in first.lower():
+        return "it holds pickled objects that weights_only=True refuses to run"
+    first = first.split(". ")[0].rstrip(".")
+    return first if len(first) <= 120 else first[:117] + "..."
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint dict, loaded on the CPU with ``weights_only=True``; an unreadable file is one line."""
     path = Path(path)
@@ -137,33 +144,91 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - zip, pickle and torch errors all mean "not a checkpoint"
-        raise DataError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable checkpoint ({unreadable_reason(error)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise DataError(f"{path}: not a training checkpoint of this framework (no 'model' entry)")
     return checkpoint
 
 
-def checkpoint_position(path: Path) -> tuple[int, int] | None:
-    """``(epoch, batch_in_epoch)`` of a checkpoint (memory-mapped: tensors are not read), None if unreadable."""
+def read_position(path: Path) -> tuple[int, int]:
+    """``(epoch, batch_in_epoch)`` of a checkpoint (memory-mapped: tensors are not read); why not, as a ``DataError``."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and torch errors all mean "not a checkpoint"
+        raise DataError(f"not a readable checkpoint ({unreadable_reason(error)})") from None
+    try:
         return int(checkpoint["epoch"]), int(checkpoint.get("batch_in_epoch", 0))
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not a candidate
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise DataError("not a training checkpoint of this framework (no epoch)") from None
+
+
+def checkpoint_position(path: Path) -> tuple[int, int] | None:
+    """``(epoch, batch_in_epoch)`` of a checkpoint, None if unreadable."""
+    try:
+        return read_position(path)
+    except DataError:
         return None
 
 
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The most advanced of ``last.pt``, ``best.pt`` and the highest ``<epoch>.pt`` (``last.pt`` on a tie).
+@dataclass
+class ResumeCandidates:
+    """The checkpoint to resume from (None when none is readable) and the newer files that could not be read."""
+
+    newest: Path | None
+    unusable: dict[Path, str] = field(default_factory=dict)  # path -> why it cannot be read
+
+    def describe_unusable(self) -> str:
+        """``last.pt, 3.pt: why; best.pt: why`` for a one-line message (files with the same problem together)."""
+        by_reason: dict[str, list[str]] = {}
+        for path, why in self.unusable.items():
+            by_reason.setdefault(why, []).append(path.name)
+        return "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
+
+
+def find_newest_checkpoint(directory: Path) -> ResumeCandidates:
+    """The most advanced readable one of ``last.pt``, ``best.pt`` and the highest readable ``<epoch>.pt``
+    (``last.pt`` on a tie), and every unreadable file passed over on the way.
 
     One save writes several files one after the other, so a ``kill -9`` between two of them
-    leaves the newest state in ``<epoch>.pt`` or ``best.pt`` and an older ``last.pt``.
+    leaves the newest state in ``<epoch>.pt`` or ``best.pt`` and an older ``last.pt``. A file
+    that cannot be read (truncated, refused by ``weights_only``) is passed over and reported.
     """
     directory = Path(directory)
-    numbered = numbered_checkpoints(directory)
-    candidates = [directory / LAST, directory / BEST] + ([numbered[-1][1]] if numbered else [])
-    positions = [(position, -rank, path) for rank, path in enumerate(candidates)
-                 if path.is_file() and (position := checkpoint_position(path)) is not None]
-    return max(positions)[2] if positions else None
+    named = [path for path in (directory / LAST, directory / BEST) if path.is_file()]
+    numbered = [path for _, path in reversed(numbered_checkpoints(directory))]
+    readable: list[tuple[tuple[int, int], int, Path]] = []
+    unusable: dict[Path, str] = {}
+    for path in named + numbered:
+        try:
+            position = read_position(path)
+        except DataError as error:
+            unusable[path] = str(error)
+            continue
+        readable.append((position, -len(readable), path))
+        if path in numbered:
+            break  # older numbered checkpoints are never newer than this one
+    return ResumeCandidates(max(readable)[2] if readable else None, unusable)
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint ``find_newest_checkpoint`` would resume from (None when no file is readable)."""
+    return find_newest_checkpoint(directory).newest
+
+
+def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], path: Path, architecture: str) -> None:
+    """Load a checkpoint's weights into ``model``; weights of another architecture are one line, not a page of keys."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    resized = [key for key in own if key in state and tuple(own[key].shape) != tuple(getattr(state[key], "shape", ()))]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                ((missing, "missing keys"), (unexpected, "unexpected keys"), (resized, "tensors of another shape")) if keys]
+    if problems:
+        raise DataError(f"{path}: weights do not fit {architecture} (made for another architecture?): {', '.join(problems)}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise DataError(f"{path}: weights do not fit {architecture} ({str(error).strip().splitlines()[0]})") from None
 
 
 def repair_best(directory: Path, checkpoint: Mapping[str, Any], source: Path) -> bool:

@@ -57,8 +57,9 @@ from classification.training.checkpoint import (
     capture_rng_state,
     checkpoint_names,
     checkpoints_dir,
+    find_newest_checkpoint,
     load_checkpoint,
-    newest_checkpoint,
+    load_model_weights,
     prune_checkpoints,
     repair_best,
     remove_partial_writes,
@@ -303,20 +304,33 @@ def build_checkpoint(trainer: Trainer, progress: Progress, config: ExperimentCon
     }
 
 
-def restore_trainer(trainer: Trainer, checkpoint: Mapping[str, Any], config: ExperimentConfig, steps_per_epoch: int) -> Progress:
+def load_state(target: Any, state: Any, path: Path, what: str) -> None:
+    """``target.load_state_dict(state)``; a state made for other settings (forced resume) is one line."""
+    try:
+        target.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+        reason = f"no {error} entry" if isinstance(error, KeyError) else (str(error).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: its {what} state does not fit this config ({reason}); "
+                        "start again with --no-resume --overwrite") from None
+
+
+def restore_trainer(trainer: Trainer, checkpoint: Mapping[str, Any], config: ExperimentConfig, steps_per_epoch: int,
+                    path: Path) -> Progress:
     """Load a checkpoint's states into ``trainer``; return its counters (RNG states are restored later)."""
-    trainer.model.load_state_dict(checkpoint["model"])
-    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-    trainer.scheduler.load_state_dict(checkpoint["scheduler"])
+    architecture = str((checkpoint.get("config") or {}).get("architecture", config.architecture))
+    load_model_weights(trainer.model, checkpoint["model"], path, config.architecture
+                       + (f" (the checkpoint's is {architecture})" if architecture != config.architecture else ""))
+    load_state(trainer.optimizer, checkpoint["optimizer"], path, "optimizer")
+    load_state(trainer.scheduler, checkpoint["scheduler"], path, "learning-rate schedule")
     for group, base_lr in zip(trainer.optimizer.param_groups, trainer.scheduler.base_lrs):
         group["lr"] = base_lr * lr_factor(trainer.scheduler.last_epoch, steps_per_epoch, config)  # num_epochs may have changed
     if checkpoint.get("scaler"):
-        trainer.scaler.load_state_dict(checkpoint["scaler"])
+        load_state(trainer.scaler, checkpoint["scaler"], path, "AMP scaler")
     if trainer.ema is not None and checkpoint.get("ema") is not None:
-        trainer.ema.module.load_state_dict(checkpoint["ema"])
+        load_model_weights(trainer.ema.module, checkpoint["ema"], path, config.architecture)
         trainer.ema.n_averaged.fill_(int(checkpoint.get("ema_num_updates", 1)))
     elif trainer.ema is not None:
-        trainer.ema.module.load_state_dict(checkpoint["model"])  # EMA switched on during the run (forced)
+        load_model_weights(trainer.ema.module, checkpoint["model"], path, config.architecture)  # EMA switched on (forced)
         trainer.ema.n_averaged.fill_(1)
     return Progress(
         epoch=int(checkpoint["epoch"]), step=int(checkpoint["step"]), batch_in_epoch=int(checkpoint["batch_in_epoch"]),
@@ -358,13 +372,27 @@ def archive_run(run_dir: Path) -> Path:
     return target
 
 
+def usable_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint (None when the run has none); refuses a run whose checkpoints are all
+    unreadable rather than starting over it, and says when it falls back past unreadable files."""
+    found = find_newest_checkpoint(checkpoints_dir(run_dir))
+    if found.newest is None and found.unusable:
+        raise DataError(f"{checkpoints_dir(run_dir)}: no checkpoint can be resumed from: {found.describe_unusable()}; "
+                        f"nothing was changed: start again with --no-resume --overwrite (moves them to "
+                        f"{run_dir / ARCHIVE_DIR}/<time>/)")
+    if found.unusable:
+        log.warning("%s: resuming from %s, passing over checkpoints that cannot be read: %s", checkpoints_dir(run_dir),
+                    found.newest.name, found.describe_unusable())  # type: ignore[union-attr]
+    return found.newest
+
+
 def find_resume_checkpoint(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start; refuses to start over silently."""
     present = available_checkpoints(run_dir)
     if resume:
         if overwrite:
             raise UserError("--overwrite only applies with --no-resume (it archives the checkpoints to start again)")
-        return newest_checkpoint(checkpoints_dir(run_dir))
+        return usable_resume_checkpoint(run_dir)
     if (present or (run_dir / METRICS_CSV).is_file()) and not overwrite:
         shown = ", ".join(present) if present else METRICS_CSV
         raise UserError(f"{run_dir}: has an earlier run ({shown}); continue it with --resume, or start again "
@@ -662,7 +690,7 @@ def run_training(config: ExperimentConfig, run_dir: Path, resume: bool, overwrit
         check_resumable(checkpoint, resume_from, config, data.label_index, force, config_path)
         if context.is_main and repair_best(checkpoints_dir(run_dir), checkpoint, resume_from):
             log.info("%s: rewritten from %s (a crash had cut the save short)", BEST, resume_from.name)
-        progress = restore_trainer(trainer, checkpoint, config, steps_per_epoch)
+        progress = restore_trainer(trainer, checkpoint, config, steps_per_epoch, resume_from)
     if is_finished(progress, config):
         log.info("%s: already trained %d epochs (num_epochs: %d%s); nothing to do", run_dir, progress.epoch,
                  config.num_epochs, ", stopped early" if progress.epoch < config.num_epochs else "")

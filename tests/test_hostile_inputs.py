@@ -1,0 +1,456 @@
+"""Hostile inputs at every entry point: one line ``error: ...`` and exit code 2, never a traceback, never a silent drop.
+
+Entry points run in this process through ``run_main`` (the code a user's command runs, without
+an interpreter start per case); the files are tiny and live in ``tmp_path``. Each case names
+the entry point, the hostile input and a piece of the one-line message it must give.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import runpy
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from classification.active_learning.label_studio import read_json_min
+from classification.cli import run_main
+from classification.config import load_config
+from classification.errors import DataError
+from classification.training.engine import train
+from classification.training.models import build_model
+from tests.conftest import REPO_ROOT
+from tests.test_download import FAST, FaultServer, server  # noqa: F401 (fixture)
+from tests.test_train import build_dataset, write_run
+
+HUGE = "1" + "0" * 400  # an integer literal too large for a float (1e400)
+
+
+# ---------------------------------------------------------------- running entry points
+
+
+@functools.cache
+def entry_point(script: str) -> Callable[[Sequence[str] | None], int]:
+    """``main`` of ``utils/<x>.py`` or ``classifier/<x>.py`` (the script runs as a module, not as __main__)."""
+    return runpy.run_path(str(REPO_ROOT / script))["main"]
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+def run(capsys: pytest.CaptureFixture[str], script: str, *args: object) -> Outcome:
+    """Run an entry point as its ``__main__`` would, in this process; argparse errors exit from the parser."""
+    capsys.readouterr()
+    try:
+        code = run_main(entry_point(script), [str(a) for a in args])
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return Outcome(code, out, err)
+
+
+def assert_one_line(outcome: Outcome, *expected: str) -> str:
+    """Exit code 2 and exactly one line on stderr, ``error: ...`` holding every ``expected`` piece."""
+    lines = outcome.err.strip().splitlines()
+    assert outcome.code == 2, (outcome.code, outcome.err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.err[-2000:]
+    for piece in expected:
+        assert piece in lines[0], (piece, lines[0])
+    assert len(lines[0]) < 1000, lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- tiny inputs
+
+
+def jpeg(path: Path, size: tuple[int, int] = (64, 48)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 90, 60)).save(path, quality=90)
+    return path
+
+
+def cct_text(width: str = "64", height: str = "48", bbox: str = "[4, 4, 20, 20]", image_id: str = '"a"',
+             file_name: str = '"a.jpg"', extra_image: str = "", category: str = '{"id": 1, "name": "deer"}') -> str:
+    """A one-image, one-box CCT file as text, with any field replaced by raw JSON."""
+    image = f'{{"id": {image_id}, "file_name": {file_name}, "width": {width}, "height": {height}, "location": "l1"{extra_image}}}'
+    return (f'{{"images": [{image}], "annotations": [{{"id": "x1", "image_id": "a", "category_id": 1, "bbox": {bbox}}}], '
+            f'"categories": [{category}]}}')
+
+
+def md_text(bbox: str = "[0.1, 0.1, 0.2, 0.2]", conf: str = "0.9", file: str = '"a.jpg"',
+            categories: str = '{"1": "animal"}') -> str:
+    """One-image MegaDetector batch output as text, with any field replaced by raw JSON."""
+    detection = f'{{"category": "1", "conf": {conf}, "bbox": {bbox}}}'
+    return f'{{"images": [{{"file": {file}, "detections": [{detection}]}}], "detection_categories": {categories}}}'
+
+
+# Hostile JSON inputs (CCT or MegaDetector): name -> (file text, a piece of the message).
+BAD_JSON: dict[str, tuple[str, str]] = {
+    "cct width 1e400 as an integer": (cct_text(width=HUGE), "images[0].width: must be a positive number, got an integer too large"),
+    "cct bbox integer beyond float": (cct_text(bbox=f"[0, 0, {HUGE}, 5]"), "annotations[0].bbox: expected [x, y, width, height]"),
+    "cct height NaN": (cct_text(height="NaN"), "images[0].height: must be a positive number, got nan"),
+    "cct bbox Infinity": (cct_text(bbox="[0, 0, Infinity, 5]"), "annotations[0].bbox"),
+    "cct width true": (cct_text(width="true"), "images[0].width: must be a positive number, got True"),
+    "cct box far outside": (cct_text(bbox="[50, 40, 60, 60]"), "annotations[0].bbox: box [50, 40, 60, 60] lies outside the 64x48 image"),
+    "cct negative box": (cct_text(bbox="[5, 5, -3, 4]"), "width is negative"),
+    "cct three-number box": (cct_text(bbox="[1, 2, 3]"), "expected [x, y, width, height] with 4 numbers, got [1, 2, 3]"),
+    "cct file name with ..": (cct_text(file_name='"../../etc/passwd"'), "images[0].file_name: must be a relative path"),
+    "cct absolute file name": (cct_text(file_name='"/etc/passwd"'), "images[0].file_name"),
+    "cct id null": (cct_text(image_id="null"), "images[0].id: missing"),
+    "cct category without name": (cct_text(category='{"id": 1}'), "categories[0].name: missing or not a string"),
+    "integer of 5000 digits": (cct_text(width="9" * 5000), "too many digits"),
+    "JSON nested 100000 deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "empty file": ("", "not valid JSON"),
+    "top level a list": ("[1, 2]", "list"),
+    "not UTF-8": ("\udcff\udcfe garbage", "not a UTF-8 text file"),
+    "md box far past the edge": (md_text(bbox="[0.8, 0.1, 0.5, 0.2]"), "detections[0].bbox: box [0.8, 0.1, 0.5, 0.2] lies outside the image"),
+    "md pixel boxes": (md_text(bbox="[345, 120, 80, 60]"), "lies outside the image (normalised: 0 to 1)"),
+    "md bbox integer beyond float": (md_text(bbox=f"[0, 0, {HUGE}, 0.1]"), "detections[0].bbox: expected [x, y, width, height]"),
+    "md conf as text": (md_text(conf='"high"'), "detections[0].conf: expected a number, got 'high'"),
+    "md conf integer beyond float": (md_text(conf=HUGE), "detections[0].conf: expected a number, got an integer too large"),
+    "md absolute file": (md_text(file='"C:/x/a.jpg"'), "images[0].file: expected a relative path"),
+    "md categories a list": (md_text(categories='["animal"]'), "detection_categories: expected an object mapping ids to names"),
+}
+UTF8_LESS = {"not UTF-8"}  # written as bytes that are not UTF-8
+
+
+def write_json_text(path: Path, name: str, text: str) -> Path:
+    if name in UTF8_LESS:
+        path.write_bytes(b"\xff\xfe garbage \x80")
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+CCT_ONLY = [name for name in BAD_JSON if not name.startswith("md ")]
+
+
+@pytest.mark.parametrize("name", list(BAD_JSON))
+def test_crop_detections_refuses_bad_json(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, message = BAD_JSON[name]
+    source = write_json_text(tmp_path / "input.json", name, text)
+    jpeg(tmp_path / "images" / "a.jpg")
+    outcome = run(capsys, "utils/crop_detections.py", source, tmp_path / "crops", "--images-dir", tmp_path / "images")
+    assert_one_line(outcome, str(source), message)
+    assert not (tmp_path / "crops" / "crops_manifest.csv").exists()
+
+
+@pytest.mark.parametrize("name", CCT_ONLY)
+def test_clean_cct_refuses_bad_json(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, message = BAD_JSON[name]
+    source = write_json_text(tmp_path / "input.json", name, text)
+    outcome = run(capsys, "utils/clean_cct.py", source, tmp_path / "clean.json")
+    assert_one_line(outcome, str(source), message)
+    assert not (tmp_path / "clean.json").exists()
+
+
+@pytest.mark.parametrize("name", CCT_ONLY)
+def test_validate_cct_reports_bad_json(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate_cct.py lists every problem on stdout (exit 2); unreadable files are the usual one line."""
+    text, message = BAD_JSON[name]
+    source = write_json_text(tmp_path / "input.json", name, text)
+    outcome = run(capsys, "utils/validate_cct.py", source)
+    assert outcome.code == 2 and "Traceback" not in outcome.err
+    assert message in outcome.out + outcome.err
+
+
+@pytest.mark.parametrize("name", ["cct width 1e400 as an integer", "integer of 5000 digits", "not UTF-8", "top level a list"])
+def test_combine_category_map_and_download_refuse_bad_json(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, message = BAD_JSON[name]
+    source = write_json_text(tmp_path / "input.json", name, text)
+    assert_one_line(run(capsys, "utils/combine_cct.py", tmp_path / "out.json", source), str(source))
+    assert_one_line(run(capsys, "utils/make_category_map.py", source, "--output", tmp_path / "map.json"), str(source))
+    download = run(capsys, "utils/download_images.py", "--coco-file", source, "--output-dir", tmp_path / "dl",
+                   "--base-url", "http://127.0.0.1:9/images")
+    if name == "cct width 1e400 as an integer":  # download needs only file names: a bad width is not its business
+        assert download.code in (0, 1) and "Traceback" not in download.err
+    else:
+        assert_one_line(download, str(source))
+
+
+def test_utf8_bom_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CCT saved by a Windows editor (UTF-8 with a byte-order mark) is valid JSON to the user: read it."""
+    source = tmp_path / "bom.json"
+    source.write_bytes(b"\xef\xbb\xbf" + cct_text().encode())
+    outcome = run(capsys, "utils/validate_cct.py", source)
+    assert outcome.code == 0, outcome.out + outcome.err
+
+
+# ---------------------------------------------------------------- crops and the dataset
+
+
+MANIFEST_HEADER = ("crop_path,image_id,annotation_id,file_name,x,y,width,height,dataset,location,seq_id,datetime,"
+                   "label,confidence,crop_strategy\n")
+BAD_MANIFESTS: dict[str, tuple[bytes, str]] = {
+    "header and no rows": (MANIFEST_HEADER.encode(), "lists no crops (a header and no rows)"),
+    "zero bytes": (b"", "not a readable CSV"),
+    "missing columns": (b"crop_path,label\na.jpg,deer\n", "missing columns dataset, location"),
+    "binary garbage": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a readable CSV"),
+    "a location left empty": ((MANIFEST_HEADER + "a.jpg,a,1,a.jpg,0,0,4,4,d,,,,deer,,square\n").encode(),
+                              "rows without a location"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MANIFESTS))
+def test_dataset_refuses_bad_manifest(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    content, message = BAD_MANIFESTS[name]
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "crops_manifest.csv").write_bytes(content)
+    jpeg(crops / "a.jpg")
+    outcome = run(capsys, "utils/create_classification_dataset.py", tmp_path / "out", "--crops-dir", crops)
+    assert_one_line(outcome, message)
+    assert "Logging error" not in outcome.err
+    assert not (tmp_path / "out" / "classification_ds.csv").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--val-frac", "1.5"), "val"),
+    (("--val-frac", "nan"), "val"),
+    (("--test-frac", "-0.1"), "test"),
+    (("--candidates", "0"), "--candidates: must be at least 1"),
+    (("--min-locs", HUGE), "no labelled crops left"),
+    (("--mode", "csvv"), "invalid choice: 'csvv'"),
+    (("--cct-jsn", "x.json"), "did you mean --cct-json"),
+])
+def test_dataset_refuses_bad_flags(flags: tuple[str, ...], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rows = "".join(f"c{i}.jpg,c{i},{i},c{i}.jpg,0,0,4,4,d,loc{i % 3},,,{'deer' if i % 2 else 'bird'},,square\n" for i in range(6))
+    (crops / "crops_manifest.csv").write_text(MANIFEST_HEADER + rows)
+    for i in range(6):
+        jpeg(crops / f"c{i}.jpg", (8, 8))
+    assert_one_line(run(capsys, "utils/create_classification_dataset.py", tmp_path / "out", "--crops-dir", crops, *flags), message)
+
+
+def test_stale_crop_temporaries_are_removed_at_the_start_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A crop run killed mid-write leaves ``.<crop>.<random>.tmp`` files; the next run removes them."""
+    jpeg(tmp_path / "images" / "sub" / "a.jpg")
+    source = tmp_path / "cct.json"
+    source.write_text(cct_text(file_name='"sub/a.jpg"'))
+    crops = tmp_path / "crops"
+    stale = [crops / "sub" / ".a.jpg___crop_x1.jpg.k2j4h1.tmp", crops / ".crops_manifest.csv.9x8y7z.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\xff\xd8 half a JPEG")
+    outcome = run(capsys, "utils/crop_detections.py", source, crops, "--images-dir", tmp_path / "images")
+    assert outcome.code == 0, outcome.err
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.relative_to(crops).as_posix() for p in crops.rglob("*") if p.is_file()) == [
+        "crops_manifest.csv", "sub/a.jpg___crop_x1.jpg"]
+
+
+# ---------------------------------------------------------------- downloads
+
+
+def test_html_served_as_jpg_is_not_kept(server: FaultServer, tmp_path: Path) -> None:  # noqa: F811 (fixture)
+    """A login or error page served with status 200 under an image name is a failure, on every run."""
+    from classification.data.download import download_images
+
+    page = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
+    (server.root / "images" / "page.JPG").write_bytes(page)
+    cct = tmp_path / "cct.json"
+    cct.write_text(json.dumps({"images": [{"id": "p", "file_name": "page.JPG"}, {"id": "e", "file_name": "e.jpg"}]}))
+    out = tmp_path / "out"
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert report.downloaded == 1 and [f.file_name for f in report.failures] == ["page.JPG"]
+    assert "not an image" in report.failures[0].reason and not (out / "page.JPG").exists()
+    report = download_images(cct, out, server.base_url, **FAST)  # a re-run does not take it for complete either
+    assert report.skipped == 1 and [f.file_name for f in report.failures] == ["page.JPG"]
+    (out / "page.JPG").write_bytes(page)  # left by an earlier version of this tool: not complete, fetched again
+    report = download_images(cct, out, server.base_url, **FAST)
+    assert report.skipped == 1 and [f.file_name for f in report.failures] == ["page.JPG"]
+
+
+# ---------------------------------------------------------------- Label Studio exports
+
+
+def test_label_studio_export_with_another_choices_field_names_the_fields(tmp_path: Path) -> None:
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([
+        {"id": 1, "image": "/data/local-files/?d=images/a.jpg", "path": "a.jpg", "species": "deer",
+         "annotator": "u@example.com", "annotation_id": 3, "lead_time": 2.5},
+        {"id": 2, "image": "/data/local-files/?d=images/b.jpg", "path": "b.jpg"},
+    ]))
+    with pytest.raises(DataError) as error:
+        read_json_min(export, ["bird", "deer"], ["a.jpg", "b.jpg"])
+    message = str(error.value)
+    assert "'label'" in message and "species" in message and str(export) in message
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps([{"id": 1, "data": {"path": "a.jpg"}, "annotations": [
+        {"result": [{"from_name": "species", "type": "choices", "value": {"choices": ["deer"]}}]}]}]))
+    with pytest.raises(DataError, match="from_name found: species"):
+        read_json_min(full, ["bird", "deer"], ["a.jpg"])
+    nobody = tmp_path / "nobody.json"  # nobody labelled anything yet: not an error, both skipped
+    nobody.write_text(json.dumps([{"id": 1, "path": "a.jpg"}, {"id": 2, "path": "b.jpg"}]))
+    assert read_json_min(nobody, ["bird", "deer"], ["a.jpg", "b.jpg"]).skipped == ["a.jpg", "b.jpg"]
+
+
+# ---------------------------------------------------------------- config.yml
+
+
+CONFIGS: dict[str, tuple[str, str]] = {
+    "duplicate key": ("data_root: .\nlearning_rate: 0.1\nbatch_size: 4\nlearning_rate: 0.5\n",
+                      "duplicate key 'learning_rate' (first given at line 2) at line 4"),
+    "duplicate key in a section": ("data_root: .\nactive_learning:\n  pool: p\n  pool: q\n", "duplicate key 'pool'"),
+    "python tag": ("data_root: !!python/object/apply:os.system ['echo owned']\n", "not valid YAML"),
+    "typo": ("data_root: .\nlearning_rte: 0.1\n", "learning_rte: unknown key (did you mean learning_rate?)"),
+    "a list": ("- data_root\n- .\n", "expected a mapping"),
+    "tab indentation": ("data_root: .\n\tseed: 1\n", "not valid YAML"),
+    "NaN learning rate": ("data_root: .\nlearning_rate: .nan\n", "learning_rate"),
+    "batch size beyond 64 bits": (f"data_root: .\nbatch_size: {HUGE}\n", "integer too large (401 digits) at line 2"),
+    "epochs 1e400": ("data_root: .\nnum_epochs: 1e400\n", "num_epochs"),
+    "image size zero": ("data_root: .\nimage_size: 0\n", "image_size"),
+    "number as a key": ("data_root: .\n12: 3\n", "keys must be names"),
+    "empty": ("", "empty config"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_train_refuses_bad_config(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, message = CONFIGS[name]
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config), str(config), message)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learning_rate=[1, 2]", "learning_rate"),
+    ("seed={a: 1, a: 2}", "duplicate key 'a'"),
+    ("no_such_key=1", "no_such_key: unknown key"),
+    ("=3", "expected key=value"),
+])
+def test_train_refuses_bad_overrides(override: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text("data_root: .\n")
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config, "--set", override), message)
+
+
+# ---------------------------------------------------------------- checkpoints: resume and predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run of 2 epochs (1.pt, 2.pt, best.pt, last.pt), trained in this process."""
+    root = tmp_path_factory.mktemp("hostile_run")
+    dataset = build_dataset(root, n_locations=4, sequences=2, frames=2)
+    config = write_run(root / "run", dataset, num_workers=0, num_epochs=2)
+    train(load_config(config), config.parent)
+    return config.parent
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    return run_dir
+
+
+def spoil(path: Path, how: str) -> None:
+    """Make a checkpoint unreadable: cut it short, or replace it by a pickle that weights_only refuses."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    else:
+        torch.save({"model": {}, "epoch": 2, "payload": Path("x")}, path)  # a Path object: refused by weights_only
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and p.name not in ("resolved_config.yml", "run_info.json")}
+
+
+@pytest.mark.parametrize("how", ["truncated", "pickled object"])
+def test_resume_with_every_checkpoint_unreadable_stops_and_moves_nothing(
+        how: str, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        spoil(path, how)
+    before = snapshot(run_dir)
+    line = assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=3"),
+                           "no checkpoint can be resumed from: last.pt, best.pt, 2.pt, 1.pt: not a readable checkpoint",
+                           "--no-resume --overwrite")
+    assert ("weights_only" in line) == (how == "pickled object")
+    assert snapshot(run_dir) == before and not (run_dir / "archive").exists()
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--no-resume", "--overwrite")
+    assert outcome.code == 0, outcome.err
+    archived = list((run_dir / "archive").iterdir())
+    assert len(archived) == 1 and sorted(p.name for p in (archived[0] / "checkpoints").iterdir()) == [
+        "1.pt", "2.pt", "best.pt", "last.pt"]
+
+
+def test_resume_falls_back_past_a_bad_last_pt_and_says_so(trained: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    for name in ("last.pt", "best.pt", "2.pt"):
+        spoil(run_dir / "checkpoints" / name, "truncated")
+    with caplog.at_level(logging.INFO):
+        result = train(load_config(run_dir / "config.yml"), run_dir)
+    assert result.epochs_completed == 2
+    assert "resuming from 1.pt, passing over checkpoints that cannot be read: last.pt, best.pt, 2.pt: not a readable" in caplog.text
+    assert "starting at epoch 2" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["architecture changed with --force", "last.pt of another architecture"])
+def test_resume_with_weights_of_another_architecture_is_one_line(
+        case: str, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    config = run_dir / "config.yml"
+    if case.startswith("architecture"):
+        args: tuple[str, ...] = ("--set", "architecture=timm:test_resnet", "--set", "num_epochs=3", "--force")
+    else:  # a last.pt copied in from a run of another architecture, under the same config
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        checkpoint["model"] = build_model("timm:test_resnet", 4, pretrained=False).state_dict()
+        torch.save(checkpoint, run_dir / "checkpoints" / "last.pt")
+        args = ("--set", "num_epochs=3")
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config, *args),
+                    "last.pt: weights do not fit timm:test_", "missing keys", "unexpected keys")
+
+
+def test_resume_after_changing_the_optimizer_with_force_is_one_line(trained: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "optimizer=adamw",
+                  "--set", "num_epochs=3", "--force")
+    assert_one_line(outcome, "last.pt: its optimizer state does not fit this config")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("text file as checkpoint", "not a readable checkpoint"),
+    ("pickled object", "weights_only=True refuses"),
+    ("another architecture", "weights do not fit"),
+    ("cct with an integer beyond float", "images[0].width: must be a positive number, got an integer too large"),
+    ("topk zero", "--topk"),
+])
+def test_predict_refuses_hostile_inputs(case: str, message: str, trained: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    args: list[Any] = ["--config", run_dir / "config.yml", "--checkpoint", "last", "--split", "val"]
+    last = run_dir / "checkpoints" / "last.pt"
+    if case == "text file as checkpoint":
+        last.write_text("not a checkpoint\n")
+    elif case == "pickled object":
+        spoil(last, "pickled object")
+    elif case == "another architecture":
+        checkpoint = torch.load(last, weights_only=True)
+        checkpoint["config"]["architecture"] = "timm:test_resnet"
+        torch.save(checkpoint, last)
+    elif case.startswith("cct"):
+        cct = tmp_path / "bad_cct.json"
+        cct.write_text(cct_text(width=HUGE))
+        args[-2:] = ["--cct", cct]
+    else:
+        args += ["--topk", "0"]
+    assert_one_line(run(capsys, "classifier/predict.py", *args), message)
