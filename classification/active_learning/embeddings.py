@@ -36,7 +36,7 @@ from classification.evaluation.predict import folder_input, labelled_samples, lo
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_loader, image_files
 from classification.training.engine import DistributedContext, progress_bar, select_device
-from classification.training.models import build_model, forward_features, head_module
+from classification.training.models import build_model, forward_features, head_module, input_spec_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def embed_samples(model: nn.Module, samples: Sequence[Sample], config: Experimen
     model = model.to(device).eval()
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        prepare_cache(cache_dir, cache_key(samples, model_id, config.image_size, chunk_size))
+        prepare_cache(cache_dir, cache_key(samples, model_id, input_spec_of(config).size, chunk_size))
     chunks = []
     starts = range(0, len(samples), chunk_size)
     for number, start in enumerate(starts, start=1):
@@ -196,7 +196,7 @@ def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: E
                           cache_dir: Path | None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
     """Embeddings and probabilities of ``samples`` with a trained checkpoint, at the size it was trained at."""
     model = load_trained_model(checkpoint, config)
-    config = config.model_copy(update={"image_size": model.image_size})
+    config = model.config_for(config)
     device = select_device(config.device, DistributedContext())
     return embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint), chunk_size)
 
@@ -211,11 +211,12 @@ class EmbeddingRun:
     skipped: int
 
 
-def backbone_config(architecture: str, image_size: int, batch_size: int, num_workers: int, device: str,
-                    pretrained: bool) -> ExperimentConfig:
-    """A minimal config for embedding with a backbone by name (no dataset involved)."""
+def backbone_config(architecture: str, image_size: int | None, batch_size: int, num_workers: int, device: str,
+                    pretrained: bool, pretrained_source: str = "library") -> ExperimentConfig:
+    """A minimal config for embedding with a backbone by name (no dataset involved); ``image_size`` None: the weights'."""
     return ExperimentConfig(data_root=Path("."), architecture=architecture, image_size=image_size, batch_size=batch_size,
-                            num_workers=num_workers, device=device, pretrained=pretrained)
+                            num_workers=num_workers, device=device, pretrained=pretrained,
+                            pretrained_source=pretrained_source)
 
 
 def unlabelled_samples(images_dir: Path) -> list[Sample]:
@@ -242,9 +243,9 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
     else:
         samples = unlabelled_samples(images_dir)
         device = select_device(config.device, DistributedContext())
-        model = build_model(config.architecture, 1, config.pretrained)
+        model = build_model(config.architecture, 1, config.pretrained, pretrained_source=config.pretrained_source)
         result = embed_samples(model, samples, config, device, False, output_dir / "chunks",
-                               f"{config.architecture} pretrained={config.pretrained}", chunk_size)
+                               f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})", chunk_size)
         labels, al_scores = None, None
     relative = [s.path.relative_to(images_dir).as_posix() for s in samples]
     files_written = write_embedding_outputs(output_dir, relative, result, labels, al_scores)

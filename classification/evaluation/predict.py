@@ -27,7 +27,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from classification.config import ExperimentConfig, describe_error, load_config
+from classification.config import ExperimentConfig, describe_error, load_config, with_legacy_defaults
 from classification.data.cct import category_names, load_cct
 from classification.data.crops import MANIFEST_NAME
 from classification.data.dataset import read_crops_manifest, write_csv_atomic
@@ -69,6 +69,11 @@ class TrainedModel:
     image_size: int
     epoch: int | None
     weights: str  # "ema" or "model"
+    inputs: dict[str, Any]  # image_size, mean, std, interpolation it was trained with
+
+    def config_for(self, config: ExperimentConfig) -> ExperimentConfig:
+        """``config`` with this model's input size and normalisation (those it was trained with)."""
+        return config.model_copy(update=self.inputs)
 
 
 @dataclass
@@ -101,16 +106,19 @@ def load_trained_model(path: Path, config: ExperimentConfig) -> TrainedModel:
     label_names = label_names_of(checkpoint, path)
     saved = checkpoint.get("config") or {}
     architecture = str(saved.get("architecture", config.architecture))
-    image_size = int(saved.get("image_size", config.image_size))
-    if (architecture, image_size) != (config.architecture, config.image_size):
-        log.warning("%s: trained as %s at %d px (the config says %s at %d px): using the checkpoint's",
+    image_size = int(saved.get("image_size") or 224)
+    if architecture != config.architecture or image_size != (config.image_size or image_size):
+        log.warning("%s: trained as %s at %d px (the config says %s at %s px): using the checkpoint's",
                     path, architecture, image_size, config.architecture, config.image_size)
+    trained = with_legacy_defaults(saved)
+    inputs = {"image_size": image_size, "mean": tuple(trained["mean"]), "std": tuple(trained["std"]),
+              "interpolation": trained["interpolation"]}
     model = build_model(architecture, len(label_names), pretrained=False)
     weights = "ema" if checkpoint.get("ema") is not None else "model"
     load_model_weights(model, checkpoint[weights], path, architecture)
     epoch = checkpoint.get("epoch")
     return TrainedModel(model.eval(), label_names, path, architecture, image_size,
-                        int(epoch) if epoch is not None else None, weights)
+                        int(epoch) if epoch is not None else None, weights, inputs)
 
 
 def check_label_index(dataset_index: dict[int, str], label_names: Sequence[str], where: Path, checkpoint: Path) -> None:
@@ -206,7 +214,7 @@ class Scores:
 def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
                   topk: int) -> Scores:
     """Softmax probabilities of every readable sample, batched, with eval transforms; unreadable ones listed."""
-    loader = build_loader(config.model_copy(update={"image_size": model.image_size}), samples, train=False)
+    loader = build_loader(model.config_for(config), samples, train=False)
     network = model.model.to(device)
     channels_last = uses_channels_last(config, device)
     if channels_last:

@@ -39,6 +39,8 @@ from classification.data.images import DECODE_ERRORS
 from classification.data.splits import SPLIT_NAMES
 from classification.errors import DataError, UserError
 from classification.io import read_json
+from classification.training.models import input_spec_of
+from classification.training.weights import InputSpec
 
 if TYPE_CHECKING:
     from classification.config import ExperimentConfig
@@ -49,8 +51,6 @@ DATASET_CSV = "classification_ds.csv"
 LABEL_INDEX_JSON = "label_index.json"
 SPLITS_JSON = "splits.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_CROP_SCALE = 0.6  # RandomResizedCrop keeps at least this fraction of the area
 Augmentation = Literal["none", "light", "strong"]
 
@@ -247,26 +247,30 @@ def decode_size(image_size: int, augmentation: Augmentation, train: bool) -> int
     return image_size
 
 
-def build_transforms(image_size: int, augmentation: Augmentation, train: bool) -> v2.Compose:
+def build_transforms(image_size: int, augmentation: Augmentation, train: bool, spec: InputSpec | None = None) -> v2.Compose:
     """Image -> normalised float tensor (3, size, size); train presets: none, light, strong.
 
-    Crops are square, so evaluation resizes to ``(size, size)`` (nothing cut off).
+    ``spec`` gives the weights' normalisation and resize interpolation (ImageNet's
+    statistics and bilinear without one). Crops are square, so evaluation resizes to
+    ``(size, size)`` (nothing cut off).
     ``light``: random resized crop (60-100 % of the area), flip, mild colour jitter;
     ``strong``: also TrivialAugmentWide and random erasing.
     """
     if augmentation not in ("none", "light", "strong"):
         raise UserError(f"augmentation: unknown preset {augmentation!r} (none, light, strong)")
+    spec = spec or InputSpec(image_size)
+    interpolation = v2.InterpolationMode(spec.interpolation)
     if not train or augmentation == "none":
-        geometry: list[v2.Transform] = [v2.Resize((image_size, image_size), antialias=True)]
+        geometry: list[v2.Transform] = [v2.Resize((image_size, image_size), interpolation=interpolation, antialias=True)]
     else:
         geometry = [
-            v2.RandomResizedCrop(image_size, scale=(MIN_CROP_SCALE, 1.0), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(MIN_CROP_SCALE, 1.0), interpolation=interpolation, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
         ]
         if augmentation == "strong":
             geometry.append(v2.TrivialAugmentWide())
-    tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
     erasing = [v2.RandomErasing(p=0.25)] if train and augmentation == "strong" else []
     return v2.Compose(geometry + tensor + erasing)
 
@@ -478,8 +482,9 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
     Training shards are padded like ``DistributedSampler``; evaluation shards are not, so
     every sample is scored exactly once. ``pin_memory`` defaults to "CUDA is used".
     """
-    dataset = CropDataset(samples, build_transforms(config.image_size, config.augmentation, train), config.seed,
-                          decode_size(config.image_size, config.augmentation, train))
+    spec = input_spec_of(config)
+    dataset = CropDataset(samples, build_transforms(spec.size, config.augmentation, train, spec), config.seed,
+                          decode_size(spec.size, config.augmentation, train))
     weights = label_weights([s.label for s in samples]) if train and config.balancing == "sampler" else None
     sampler = EpochSampler(len(samples), shuffle=train, seed=config.seed, weights=weights, rank=rank,
                            world_size=world_size, pad=train)

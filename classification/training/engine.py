@@ -76,7 +76,7 @@ from classification.training.data import (
     set_loader_epoch,
 )
 from classification.training.metrics import MetricAccumulator, scalar_metrics
-from classification.training.models import build_model, set_backbone_trainable
+from classification.training.models import build_model, resolve_inputs, set_backbone_trainable
 from classification.training.tracking import ExperimentTracker
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,8 @@ def set_frozen_backbone(trainer: Trainer, frozen: bool) -> None:
 def build_trainer(config: ExperimentConfig, num_classes: int, train_labels: Sequence[int], steps_per_epoch: int,
                   device: torch.device, context: DistributedContext) -> Trainer:
     """Model (head for ``num_classes``), optimizer, per-step schedule, AMP scaler, EMA and loss."""
-    model = build_model(config.architecture, num_classes, config.pretrained, config.weights_file).to(device)
+    model = build_model(config.architecture, num_classes, config.pretrained, config.weights_file,
+                        config.pretrained_source).to(device)
     channels_last = uses_channels_last(config, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -350,6 +351,8 @@ def check_resumable(checkpoint: Mapping[str, Any], path: Path, config: Experimen
     if checkpoint.get("config_hash") == config_hash(config):
         return
     changes = config_changes(checkpoint.get("config", {}), config)
+    if not changes:  # saved by an older version: only keys added since, at the values it used
+        return
     summary = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
     if not force:
         raise UserError(f"{config_path}: changed since {path} ({summary}); resume anyway with --force, "
@@ -658,6 +661,7 @@ def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrit
     """Train (or continue training) the experiment in ``run_dir``; see the module docstring for the rules."""
     run_dir = Path(run_dir).resolve()
     config_path = config_path or run_dir / "config.yml"
+    config = resolve_inputs(config)  # image size and normalisation of the weights, saved with the run
     context = distributed_context()
     device = select_device(config.device, context)
     init_distributed(context, device)

