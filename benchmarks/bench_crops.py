@@ -1,21 +1,31 @@
-"""Cropping speed: crops per second on real data at 1, 2 and 4 threads, both strategies.
+"""Cropping speed: against MegaDetector's cropper, then crops per second by threads and strategy.
 
-Runs ``crop_detections`` on ../shared/data/mct (every box of mct_cct.json, 640x640
+First, side by side in one run: MegaDetector's ``generate_crops_from_cct`` (one process,
+exact boxes, Pillow's default quality 75, plain writes) against ``crop_detections``
+(square crops, quality 90, atomic writes, one sync before the manifest) on every box of
+../shared/data/mct, alternating the two, best of ``--repeats`` each, and the ratio. It
+needs ``pip install --no-deps megadetector`` (its cropping needs only Pillow); without
+it that part is skipped with a note.
+
+Then it runs ``crop_detections`` on ../shared/data/mct (every box of mct_cct.json, 640x640
 JPEGs) and ../shared/data/lila_md_test (MegaDetector v5a output, threshold 0.2,
 1280x1024 to 5152x3968 JPEGs), each time into a fresh temporary folder, and prints
-wall-clock crops per second (reading the input, decoding, cropping, atomic JPEG writes
-with fsync, manifest). ``--max-size`` adds runs that store crops at most N pixels.
+wall-clock crops per second (reading the input, decoding, cropping, atomic JPEG writes,
+the sync, manifest). ``--max-size`` adds runs that store crops at most N pixels.
 
-    python benchmarks/bench_crops.py [--threads 1 2 4] [--repeats 1] [--max-size 224]
+    python benchmarks/bench_crops.py [--threads 1 2 4] [--repeats 3] [--max-size 224] [--compare-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from classification.data.crops import CropOptions, crop_detections
@@ -38,14 +48,56 @@ def time_run(input_json: Path, images_dir: Path, options: CropOptions) -> tuple[
     return report.new, seconds
 
 
+def time_megadetector(input_json: Path, images_dir: Path) -> tuple[int, float]:
+    """Crops written and seconds taken by MegaDetector's ``generate_crops_from_cct``, into a fresh folder (muted)."""
+    from megadetector.data_management.generate_crops_from_cct import generate_crops_from_cct
+
+    with tempfile.TemporaryDirectory(prefix="bench_md_crops_") as crops_dir:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            started = time.perf_counter()
+            generate_crops_from_cct(str(input_json), str(images_dir), crops_dir)
+            seconds = time.perf_counter() - started
+        crops = sum(len(files) for _, _, files in os.walk(crops_dir))
+    return crops, seconds
+
+
+def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
+    """Print MegaDetector's cropper and ours on MCT side by side: alternating runs, best of ``repeats`` each."""
+    try:
+        import megadetector  # noqa: F401
+    except ImportError:
+        print("MegaDetector comparison skipped: pip install --no-deps megadetector")
+        return
+    input_json, images_dir = SHARED_DATA / "mct" / "mct_cct.json", SHARED_DATA / "mct" / "images"
+    reference = "megadetector generate_crops_from_cct"
+    runners: dict[str, Callable[[], tuple[int, float]]] = {reference: lambda: time_megadetector(input_json, images_dir)}
+    for n in threads:
+        options = CropOptions(crop_strategy="square", threads=n, progress=False)
+        runners[f"crop_detections square, {n} worker(s)"] = lambda options=options: time_run(input_json, images_dir, options)
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            runs[name].append(run())
+    best = {name: min(results, key=lambda r: r[1]) for name, results in runs.items()}
+    print(f"MCT, every box of mct_cct.json; {os.cpu_count()} CPU cores; best of {repeats} alternating runs")
+    print(f"{'cropper':40s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s} {'vs MD':>6s}")
+    for name, (crops, seconds) in best.items():
+        print(f"{name:40s} {crops:6d} {seconds:8.2f} {crops / seconds:8.1f} {best[reference][1] / seconds:5.2f}x")
+    print()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeats", type=int, default=1, help="runs per setting; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the fastest is reported")
     parser.add_argument("--max-size", type=int, default=None, help="also time runs with --max-size N")
+    parser.add_argument("--compare-only", action="store_true", help="only the comparison with MegaDetector's cropper")
     args = parser.parse_args()
     if not SHARED_DATA.is_dir():
         print(f"skipped: real data not found at {SHARED_DATA}")
+        return 0
+    compare_with_megadetector(args.repeats, sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1}))
+    if args.compare_only:
         return 0
     print(f"CPU cores: {os.cpu_count()}; crops per second, best of {args.repeats}")
     print(f"{'data':32s} {'strategy':8s} {'max-size':>8s} {'threads':>7s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s}")

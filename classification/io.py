@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -19,8 +19,14 @@ from classification.errors import DataError
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success fsync it and move it onto ``path``."""
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
+                durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync it and move it onto ``path``.
+
+    ``durable=False`` skips the fsync: a killed process still never leaves a partial file
+    under ``path`` (the rename comes after the last write), but a power cut may; the caller
+    then syncs a whole batch at once (``sync_files``) before anything trusts those files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,8 +34,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         try:

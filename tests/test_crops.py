@@ -471,6 +471,69 @@ def test_killed_run_leaves_only_valid_crops(shared_data: Path, tmp_path: Path) -
     assert len(read_manifest(crops_dir)) == len(boxed_annotations(cct))
 
 
+def test_crop_not_vouched_for_by_the_manifest_is_decoded_before_it_is_trusted(shared_data: Path, tmp_path: Path) -> None:
+    # Crops are synced once, just before the manifest lists them. A power cut before that can
+    # leave an empty crop under its final name, which no manifest lists: a re-run decodes it
+    # and redoes it, while a listed crop is trusted by its existence.
+    cct_path, cct = mct_subset(shared_data, tmp_path, n_located=3, n_unlocated=0)
+    crops_dir = tmp_path / "crops"
+    run(cct_path, crops_dir, shared_data / "mct" / "images")
+    manifest = read_manifest(crops_dir)
+    lost, listed_empty = manifest["crop_path"][0], manifest["crop_path"][1]
+    (crops_dir / lost).write_bytes(b"")
+    (crops_dir / listed_empty).write_bytes(b"")
+    manifest[manifest["crop_path"] != lost].to_csv(crops_dir / "crops_manifest.csv", index=False)
+    report = run(cct_path, crops_dir, shared_data / "mct" / "images")
+    assert (report.new, report.skipped, report.redone) == (0, 2, 1)
+    decoded(crops_dir / lost)
+    assert (crops_dir / listed_empty).stat().st_size == 0, "listed: trusted without --check-crops-valid"
+
+
+def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import classification.data.crops as crops_module
+
+    events: list[tuple[str, Any]] = []
+    sync, manifest, save = crops_module.sync_files, crops_module.write_manifest, crops_module.save_jpeg
+    monkeypatch.setattr(crops_module, "sync_files", lambda paths: events.append(("sync", sorted(paths))) or sync([]))
+    monkeypatch.setattr(crops_module, "write_manifest", lambda *a: events.append(("manifest", None)) or manifest(*a))
+    monkeypatch.setattr(crops_module, "save_jpeg", lambda image, path, quality, durable: events.append(
+        ("save", (path.name, durable))) or save(image, path, quality, durable))
+    cct_path, cct = mct_subset(shared_data, tmp_path, n_located=3, n_unlocated=0)
+    crops_dir = tmp_path / "crops"
+    run(cct_path, crops_dir, shared_data / "mct" / "images")
+    names = sorted(crops_dir / p for p in read_manifest(crops_dir)["crop_path"])
+    assert [kind for kind, _ in events] == ["save"] * 3 + ["sync", "manifest"]
+    assert events[3][1] == names and not any(durable for kind, (_, durable) in events[:3])
+    events.clear()
+    names[0].unlink()  # rewritten under a name the manifest vouches for: fsynced at once
+    run(cct_path, crops_dir, shared_data / "mct" / "images")
+    assert events[0] == ("save", (names[0].name, True)) and [kind for kind, _ in events] == ["save", "sync", "manifest"]
+    events.clear()
+    run(cct_path, crops_dir, shared_data / "mct" / "images")
+    assert events == [("manifest", None)], "nothing written, nothing to sync"
+
+
+def test_fast_decoder_writes_the_same_crops_as_pillow(shared_data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import classification.data.crops as crops_module
+
+    if crops_module.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed (optional: Pillow decodes the same pixels)")
+    cct_path, _ = mct_subset(shared_data, tmp_path, n_located=60, n_unlocated=10)
+    md_path = shared_data / "lila_md_test" / "md_v5a_output.json"
+    for name in ("fast", "pillow"):
+        if name == "pillow":
+            monkeypatch.setattr(crops_module, "simplejpeg", None)
+        run(cct_path, tmp_path / name / "mct", shared_data / "mct" / "images", threads=2)
+        run(md_path, tmp_path / name / "md", shared_data / "lila_md_test" / "images", threshold=0.2)
+    for folder in ("mct", "md"):
+        fast, pillow = tmp_path / "fast" / folder, tmp_path / "pillow" / folder
+        assert crop_files(fast) == crop_files(pillow) and crop_files(fast)
+        for path in crop_files(fast):
+            assert (fast / path).read_bytes() == (pillow / path).read_bytes(), path
+
+
 def test_manifest_round_trip_keeps_text(tmp_path: Path) -> None:
     images_dir = tmp_path / "images"
     (images_dir / "cam 1").mkdir(parents=True)
