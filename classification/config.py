@@ -251,6 +251,29 @@ def known_keys(section: Sequence[Any]) -> list[str]:
     return list(model.model_fields)
 
 
+MAX_YAML_VALUES = 100_000  # a config has tens; aliases of aliases can make billions out of a few lines
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (a recursive alias counts once)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    sizes[key] = 1  # a node that refers back to itself is not expanded again
+    children: list[Any] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    total = 1
+    for child in children:
+        total += expanded_size(child, sizes)
+        if total > MAX_YAML_VALUES:
+            break
+    sizes[key] = total
+    return total
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
 
@@ -269,6 +292,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (first given at line {seen})", key_node.start_mark)
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Refuse a document whose aliases expand it beyond ``MAX_YAML_VALUES`` values (a "billion laughs" bomb)."""
+        if expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expands to more than {MAX_YAML_VALUES:,} values through aliases (&name / *name)",
+                node.start_mark)
+        return super().construct_document(node)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         """An integer; one beyond 64 bits (``batch_size: 1000...000``) is refused here, not deep in a library."""
@@ -302,6 +333,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise DataError(f"{path}: not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise DataError(f"{path}: not usable YAML: nested too deeply") from None
     if data is None:
         raise DataError(f"{path}: empty config (data_root at least is required)")
     if not isinstance(data, dict):
@@ -319,6 +352,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None)
         raise UserError(f"--set {text}: the value is not valid YAML{f' ({problem})' if problem else ''}") from None
+    except RecursionError:
+        raise UserError(f"--set {text}: the value is nested too deeply") from None
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

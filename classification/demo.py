@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from classification.errors import UserError
 from classification.io import atomic_open, write_json_atomic
 
 IMAGE_SIZE = (320, 240)
@@ -137,6 +138,10 @@ def image_record(file_name: str, seq_id: str, frame: int, n_frames: int, locatio
 def make_demo_dataset(output_dir: Path, n_locations: int = 8, sequences_per_location: int = 6,
                       frames_per_sequence: int = 3, seed: int = 0) -> Path:
     """Write ``images/<location>/<seq>_<frame>.jpg`` and ``demo_cct.json``; return the CCT path."""
+    counts = {"--locations": n_locations, "--sequences": sequences_per_location, "--frames": frames_per_sequence}
+    for flag, count in counts.items():
+        if count < 1:
+            raise UserError(f"{flag} must be at least 1, got {count}")
     rng = np.random.default_rng(seed)
     categories = {c.name: i for i, c in enumerate(DEMO_CLASSES, start=1)}
     images: list[dict[str, Any]] = []

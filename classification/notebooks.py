@@ -48,7 +48,11 @@ def execute_notebook(notebook_path: Path, output_path: Path, parameters: Mapping
     notebook_path = Path(notebook_path)
     if not notebook_path.is_file():
         raise UserError(f"{notebook_path}: notebook not found")
-    notebook = nbformat.read(notebook_path, as_version=4)
+    try:
+        notebook = nbformat.read(notebook_path, as_version=4)
+    except Exception as error:  # noqa: BLE001 - nbformat raises JSON, schema and decoding errors of many kinds
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{notebook_path}: not a readable notebook ({reason})") from None
     client = NotebookClient(notebook, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(notebook_path.resolve().parent)}})
     with environment(dict(parameters or {})):

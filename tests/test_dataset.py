@@ -147,6 +147,67 @@ def test_splits_file_used_as_is_and_validated(tmp_path: Path) -> None:
     assert "bad.json" in log
 
 
+def split_only(out: Path, *extra: str) -> tuple[int, str]:
+    """``--mode splits`` (or other modes without csv) on ``out``'s classification_ds.csv alone."""
+    result = run_entry_point("utils/create_classification_dataset.py", out, "--val-frac", "0.2", "--test-frac", "0.2",
+                             "--candidates", "2000", *(extra or ("--mode", "splits")))
+    return result.returncode, result.stderr + result.stdout
+
+
+def test_resplit_from_the_csv_alone_with_another_seed(tmp_path: Path) -> None:
+    make_cct_with_crops(tmp_path)
+    code, log, out = build(tmp_path, "ds", "--seed", "1")
+    assert code == 0, log
+    first = read_splits(out)
+    csv_before, labels_before = (out / "classification_ds.csv").read_bytes(), (out / "label_index.json").read_bytes()
+    moved = tmp_path / "moved"
+    (tmp_path / "crops").rename(moved)  # no crops folder, no manifest, no CCT: only the CSV
+    (tmp_path / "clean_cct.json").unlink()
+    code, log = split_only(out, "--mode", "splits", "cct", "--seed", "2", "--no-improve")
+    assert code == 0, log
+    second = read_splits(out)
+    assert second != first and "72 crops written" in log
+    table = pd.read_csv(out / "classification_ds.csv", dtype=str)
+    assert second["train"] | second["val"] | second["test"] == set(zip(table["dataset"], table["location"]))
+    assert not (second["train"] & second["val"] or second["train"] & second["test"] or second["val"] & second["test"])
+    assert (out / "classification_ds.csv").read_bytes() == csv_before  # inputs untouched
+    assert (out / "label_index.json").read_bytes() == labels_before
+    test_cct = json.loads((out / "test_cct.json").read_text())
+    assert {(im["dataset"], im["location"]) for im in test_cct["images"]} == second["test"]
+    assert json.loads((out / "split_report.json").read_text())["seed"] == 2
+
+
+def test_splits_from_a_users_own_csv(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    rows = [f"img{i}.jpg,zoo,{loc:03d},{label}" for i, (loc, label) in
+            enumerate((k % 9, LABELS[k % 3]) for k in range(60))]
+    (out / "classification_ds.csv").write_text("path,dataset,location,label\n" + "\n".join(rows) + "\n")
+    code, log = split_only(out)
+    assert code == 0, log
+    splits = read_splits(out)
+    assert sum(map(len, splits.values())) == 9 and ("zoo", "007") in splits["train"] | splits["val"] | splits["test"]
+    assert json.loads((out / "label_index.json").read_text()) == {"0": "deer", "1": "fox", "2": "owl"}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "classification_ds.csv: file not found (build it with --mode csv"),
+    ("path,dataset,location,label\n", "lists no crops"),
+    ("path,dataset,label\na.jpg,zoo,fox\n", "missing columns location"),
+    ("path,dataset,location,label\na.jpg,zoo,,fox\n", "rows without a location"),
+])
+def test_splits_from_a_bad_csv_is_one_line(tmp_path: Path, content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / "classification_ds.csv").write_text(content)
+    code, log = split_only(tmp_path)
+    assert code == 2 and message in log and log.strip().count("\n") == 0, log
+
+
+def test_csv_mode_still_needs_the_crops_dir(tmp_path: Path) -> None:
+    code, log = split_only(tmp_path, "--mode", "csv", "splits")
+    assert code == 2 and "--crops-dir is needed" in log and "Traceback" not in log
+
+
 def test_bad_input_gets_one_line(tmp_path: Path) -> None:
     make_cct_with_crops(tmp_path)
     (tmp_path / "clean_cct.json").write_text("{not json")

@@ -454,3 +454,85 @@ def test_predict_refuses_hostile_inputs(case: str, message: str, trained: Path, 
     else:
         args += ["--topk", "0"]
     assert_one_line(run(capsys, "classifier/predict.py", *args), message)
+
+
+# ---------------------------------------------------------------- flags and files of every other entry point
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    """Small good and bad files the cases below point at (``{tmp}/...``)."""
+    jpeg(tmp_path / "images" / "a.jpg")
+    (tmp_path / "cct.json").write_text(cct_text())
+    (tmp_path / "garbage.ipynb").write_text("not a notebook")
+    (tmp_path / "binary.csv").write_bytes(b"garbage\x00\x01\xff\xfe")
+    (tmp_path / "map_object.json").write_text('{"deer": 5}')
+    (tmp_path / "splits_list.json").write_text("[1]")
+    (tmp_path / "splits_no_test.json").write_text('{"train": [["d", "loc0"]], "val": 5}')
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rows = "".join(f"c{i}.jpg,c{i},{i},c{i}.jpg,0,0,4,4,d,loc{i % 3},,,{'deer' if i % 2 else 'bird'},,square\n" for i in range(6))
+    (crops / "crops_manifest.csv").write_text(MANIFEST_HEADER + rows)
+    for i in range(6):
+        jpeg(crops / f"c{i}.jpg", (8, 8))
+    (tmp_path / "bomb.yml").write_text("data_root: .\na: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "learning_rate: *i\n")
+    (tmp_path / "deep.yml").write_text("data_root: .\nx: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    return tmp_path
+
+
+FLAG_CASES: list[tuple[str, str, str]] = [  # script, arguments ({tmp} is the files folder), a piece of the message
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --threads 0", "--threads must be at least 1"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --max-size 0", "--max-size must be at least 1"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --quality 1000", "--quality must be between 1 and 100"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --threshold nan", "--threshold must be between 0 and 1"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images/a.jpg", "folder not found"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --labels-cct {tmp}/cct.json", "is a CCT file"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --crop-strat pad", "did you mean --crop-strategy"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/o.json --max-box-fraction nan", "--max-box-fraction must be a positive fraction"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/o.json --max-box-fraction 0", "--max-box-fraction must be a positive fraction"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/o.json --category-map {tmp}/map_object.json", "expected a list of rows"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/o.json --category-map {tmp}/garbage.ipynb", "not valid JSON"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/o.json --read-sizes", "--read-sizes needs --images-dir"),
+    ("utils/combine_cct.py", "{tmp}/o.json {tmp}/cct.json {tmp}/cct.json --names a", "--names: got 1 names for 2 files"),
+    ("utils/combine_cct.py", "{tmp}/o.json {tmp}/cct.json {tmp}/cct.json --names a a", "dataset names must be unique"),
+    ("utils/make_category_map.py", "{tmp}/cct.json --output {tmp}/cct.json", "pass --overwrite to replace it"),
+    ("utils/run_notebook.py", "{tmp}/garbage.ipynb --output {tmp}/o.ipynb", "not a readable notebook"),
+    ("utils/run_notebook.py", "{tmp}/none.ipynb --output {tmp}/o.ipynb", "notebook not found"),
+    ("utils/answer_requests.py", "{tmp}/binary.csv {tmp}/binary.csv --output {tmp}/o.csv", "not a readable CSV"),
+    ("utils/make_demo_data.py", "{tmp}/demo --locations 0", "--locations must be at least 1"),
+    ("utils/make_demo_data.py", "{tmp}/demo --frames -1", "--frames must be at least 1"),
+    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url ftp://x/", "expected an http:// or https:// URL"),
+    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url http://127.0.0.1:9/ --timeout nan",
+     "--timeout must be positive"),
+    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/cct.json --base-url http://127.0.0.1:9/",
+     "exists and is not a folder"),
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --splits-file {tmp}/splits_list.json",
+     "expected an object with keys train, val, test"),
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --splits-file {tmp}/splits_no_test.json",
+     "missing split(s) ['test']"),
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --match-test {tmp}/binary.csv {tmp}/splits_list.json",
+     "expected {\"test\""),
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --crops-manifest {tmp}/binary.csv", "not a readable CSV"),
+    ("classifier/train.py", "--config {tmp}/bomb.yml", "expands to more than 100,000 values through aliases"),
+    ("classifier/train.py", "--config {tmp}/deep.yml", "nested too deeply"),
+    ("classifier/train.py", "--config {tmp}/images", "is a folder"),
+    ("classifier/train.py", "--config {tmp}/none.yml", "file not found"),
+    ("classifier/train.py", "--config {tmp}/cct.json --resume --no-resume", "not allowed with argument"),
+    ("classifier/predict.py", "--config {tmp}/bomb.yml --split val", "expands to more than 100,000 values"),
+    ("classifier/embed.py", "--images {tmp}/none --output-dir {tmp}/e --architecture resnet18", "no images"),
+    ("classifier/embed.py", "--images {tmp}/images --output-dir {tmp}/e --architecture no_such_net", "unknown model 'no_such_net'"),
+    ("classifier/embed.py", "--images {tmp}/images --output-dir {tmp}/e --architecture resnet18 --no-pretrained --chunk-size 0",
+     "chunk_size must be at least 1"),
+    ("classifier/embed.py", "--images {tmp}/images --output-dir {tmp}/e", "give either --config with --checkpoint"),
+    ("classifier/active_learning.py", "status --config {tmp}/cct.json", "images: unknown key"),
+    ("classifier/active_learning.py", "status --config {tmp}/deep.yml", "nested too deeply"),
+    ("classifier/active_learning.py", "selcet --config {tmp}/cct.json", "invalid choice: 'selcet'"),
+]
+
+
+@pytest.mark.parametrize("script, arguments, message", FLAG_CASES, ids=[f"{s.split('/')[1]}: {a}" for s, a, _ in FLAG_CASES])
+def test_entry_point_refuses_hostile_flags_and_files(script: str, arguments: str, message: str, files: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args = arguments.replace("{tmp}", str(files)).split()
+    assert_one_line(run(capsys, script, *args), message)

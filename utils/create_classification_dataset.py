@@ -5,6 +5,12 @@
         --cct-json data/interim/clean_cct.json --min-locs 3 \
         --val-frac 0.2 --test-frac 0.1 --method random
 
+Without ``csv`` in ``--mode`` the existing OUTPUT_DIR/classification_ds.csv is the input
+(no crops folder needed): re-split with another seed, or split your own CSV
+(``path,dataset,location,label``)::
+
+    python utils/create_classification_dataset.py data/processed/mct --mode splits --seed 7
+
 Splits keep every (dataset, location) in one split; ``random`` keeps the best of
 ``--candidates`` scored candidates (GUIDE section 3), then improves it locally.
 """
@@ -24,7 +30,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="folder for the dataset files")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="which outputs to write")
-    parser.add_argument("--crops-dir", type=Path, required=True, help="folder of crops (utils/crop_detections.py)")
+    parser.add_argument("--crops-dir", type=Path,
+                        help="folder of crops (utils/crop_detections.py); needed with --mode csv. Without csv,"
+                             " OUTPUT_DIR/classification_ds.csv is the input, and crops are checked only if given")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cct-json", type=Path, help="CCT the crops were made from (one crop per boxed annotation)")
     source.add_argument("--crops-manifest", type=Path, help="crops manifest CSV (default: CROPS_DIR/crops_manifest.csv)")

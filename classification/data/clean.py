@@ -22,7 +22,7 @@ from classification.data.cct import (
     load_cct,
     resolve_missing_locations,
 )
-from classification.errors import DataError
+from classification.errors import DataError, UserError
 from classification.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,9 @@ class CleanOptions:
 
 def clean_cct(input_path: Path, output_path: Path, options: CleanOptions) -> CleanReport:
     """Validate, normalise locations, apply the category map and filters; write the clean CCT."""
+    fraction = options.max_box_fraction
+    if fraction is not None and not 0 < fraction:  # NaN too: it would silently keep every box
+        raise UserError(f"--max-box-fraction must be a positive fraction (1.01 keeps every box), got {fraction}")
     data = load_cct(input_path)
     report = CleanReport(annotations_in=len(data["annotations"]))
     if options.read_sizes:

@@ -2,7 +2,9 @@
 
 Input: crops and their metadata, from the crops manifest that
 ``utils/crop_detections.py`` writes, or (the seed's interface) from the CCT file the
-crops were made from. Output, in the formats MegaDetector's and animl-ml's tools read:
+crops were made from; without the ``csv`` mode, from an existing
+``<output_dir>/classification_ds.csv`` alone (as MegaDetector's script: re-splitting with
+another seed, or a user's own CSV). Output, in the formats MegaDetector's and animl-ml's tools read:
 ``classification_ds.csv``, ``label_index.json``, ``splits.json``,
 ``classification_cct.json``, ``{train,val,test}_cct.json`` and ``split_report.json``.
 """
@@ -49,7 +51,7 @@ SplitMethod = Literal["random", "smallest_first"]
 class DatasetOptions:
     """Everything ``create_classification_dataset`` needs besides the output folder."""
 
-    crops_dir: Path
+    crops_dir: Path | None = None  # needed to build the CSV; optional when splitting an existing one
     cct_json: Path | None = None
     crops_manifest: Path | None = None
     modes: Collection[str] = MODES
@@ -127,6 +129,8 @@ def crops_frame_from_cct(data: CCT, crops_dir: Path, dataset: str) -> pd.DataFra
 
 def load_crops(options: DatasetOptions, report: DatasetReport) -> pd.DataFrame:
     """Crops with labels and locations, from the CCT (seed interface) or the crops manifest."""
+    if options.crops_dir is None:
+        raise UserError("--crops-dir is needed to build classification_ds.csv (--mode csv)")
     if options.cct_json is not None:
         data, location_report = resolve_missing_locations(load_cct(options.cct_json), options.missing_locations)
         log.info("%s: %s", options.cct_json, location_report.summary())
@@ -135,13 +139,33 @@ def load_crops(options: DatasetOptions, report: DatasetReport) -> pd.DataFrame:
         frame = read_crops_manifest(options.crops_manifest or options.crops_dir / "crops_manifest.csv")
         if (frame["location"] == "").any():
             raise DataError("crops manifest: rows without a location (re-run utils/crop_detections.py)")
-    exists = np.array([(options.crops_dir / path).is_file() for path in frame["crop_path"]], dtype=bool)
-    report.missing_crop_files = int((~exists).sum())
-    if report.missing_crop_files:
-        examples = ", ".join(frame.loc[~exists, "crop_path"].head(3))
-        log.warning("%d crops listed but not found under %s (e.g. %s): left out; run utils/crop_detections.py",
-                    report.missing_crop_files, options.crops_dir, examples)
-    frame = frame[exists]
+    return drop_unusable_rows(frame, options.crops_dir, report)
+
+
+def load_dataset_rows(path: Path, crops_dir: Path | None, report: DatasetReport) -> pd.DataFrame:
+    """An existing ``classification_ds.csv`` (ours, MegaDetector's or a user's own: ``path``, ``dataset``,
+    ``location`` and ``label`` are needed) as crop rows; crop files are checked only when ``crops_dir`` is given."""
+    hint = " (build it with --mode csv, or write your own: path,dataset,location,label)"
+    frame = read_string_csv(path, ("path", "dataset", "location", "label"), hint).rename(columns={"path": "crop_path"})
+    if frame.empty:
+        raise DataError(f"{path}: lists no crops (a header and no rows)")
+    empty = frame["location"].str.strip() == ""
+    if empty.any():
+        raise DataError(f"{path}: {int(empty.sum())} rows without a location (line {int(empty.idxmax()) + 2});"
+                        " every crop needs one to be split by location")
+    return drop_unusable_rows(frame, crops_dir, report)
+
+
+def drop_unusable_rows(frame: pd.DataFrame, crops_dir: Path | None, report: DatasetReport) -> pd.DataFrame:
+    """Leave out (and count, with a warning) crops whose file is missing under ``crops_dir`` and crops without a label."""
+    if crops_dir is not None:
+        exists = np.array([(crops_dir / path).is_file() for path in frame["crop_path"]], dtype=bool)
+        report.missing_crop_files = int((~exists).sum())
+        if report.missing_crop_files:
+            examples = ", ".join(frame.loc[~exists, "crop_path"].head(3))
+            log.warning("%d crops listed but not found under %s (e.g. %s): left out; run utils/crop_detections.py",
+                        report.missing_crop_files, crops_dir, examples)
+        frame = frame[exists]
     labelled = frame["label"].str.strip() != ""
     report.unlabelled_crops = int((~labelled).sum())
     if report.unlabelled_crops:
@@ -163,7 +187,9 @@ def drop_rare_labels(frame: pd.DataFrame, min_locs: int) -> tuple[pd.DataFrame, 
 
 def warn_split_sequences(frame: pd.DataFrame) -> None:
     """Warn when one sequence spans several locations: splitting by location would cut it."""
-    with_seq = frame[frame["seq_id"].fillna("") != ""] if "seq_id" in frame else frame.iloc[:0]
+    if "seq_id" not in frame:  # a classification_ds.csv has no sequences
+        return
+    with_seq = frame[frame["seq_id"].fillna("") != ""]
     spans = with_seq.groupby(["dataset", "seq_id"])["location"].nunique()
     if (spans > 1).any():
         log.warning("%d sequences span more than one location (e.g. %s): check the locations",
@@ -278,14 +304,20 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     if unknown:
         raise UserError(f"--mode: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
     report = DatasetReport()
-    frame = load_crops(options, report)
+    if "csv" in options.modes:
+        frame = load_crops(options, report)
+    else:
+        if options.cct_json is not None or options.crops_manifest is not None:
+            log.warning("--cct-json and --crops-manifest are read only with --mode csv;"
+                        " the input is %s", output_dir / "classification_ds.csv")
+        frame = load_dataset_rows(output_dir / "classification_ds.csv", options.crops_dir, report)
     frame, report.dropped_labels = drop_rare_labels(frame, options.min_locs)
     if frame.empty:
         raise DataError("no labelled crops left to build a dataset from (see the warnings above)")
     report.crops = len(frame)
     warn_split_sequences(frame)
-    labels = label_index(frame["label"])
     output_dir.mkdir(parents=True, exist_ok=True)
+    labels = label_index(frame["label"]) if "csv" in options.modes else existing_label_index(output_dir, frame)
     if "csv" in options.modes:
         write_csv_atomic(output_dir / "classification_ds.csv", dataset_table(frame))
         write_json_atomic(output_dir / "label_index.json", labels)
@@ -305,6 +337,25 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
             write_split_ccts(output_dir, frame, labels, splits)
         log.info("%s", format_split_report(report.split_report))
     return report
+
+
+def existing_label_index(output_dir: Path, frame: pd.DataFrame) -> dict[str, str]:
+    """``label_index.json`` of a dataset being re-split: read when it exists (and checked to name every
+    label of the CSV), else made from the CSV's labels and written (a user's own CSV becomes trainable)."""
+    path = output_dir / "label_index.json"
+    if not path.is_file():
+        labels = label_index(frame["label"])
+        write_json_atomic(path, labels)
+        log.info("%s: written from classification_ds.csv's labels", path)
+        return labels
+    labels = read_json(path)
+    if not isinstance(labels, dict) or not all(isinstance(name, str) for name in labels.values()):
+        raise DataError(f'{path}: expected {{"0": "<label>", "1": ...}}')
+    unknown = sorted(set(frame["label"]) - set(labels.values()))
+    if unknown:
+        raise DataError(f"{path}: does not name labels of classification_ds.csv ({', '.join(unknown[:3])});"
+                        " delete it to have it made from the CSV, or rebuild with --mode csv")
+    return labels
 
 
 def write_split_ccts(output_dir: Path, frame: pd.DataFrame, labels: dict[str, str], splits: dict[str, list]) -> None:
