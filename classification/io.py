@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -68,6 +69,24 @@ def sync_files(paths: Iterable[str | Path]) -> None:
     for path in paths:
         with open(path, "rb+") as handle:
             os.fsync(handle.fileno())
+
+
+def link_atomic(source: str | Path, target: str | Path) -> bool:
+    """Make ``target`` a hard link of ``source``, atomically (a link beside it, moved into place with
+    ``os.replace``): the same file under a second name, no second write (timm's ``_duplicate``).
+    False where the filesystem has no hard links (FAT, some network or FUSE mounts): copy instead."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

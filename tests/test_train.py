@@ -222,6 +222,24 @@ def test_checkpoint_names_and_keep_policy(tmp_path: Path) -> None:
     assert prune_checkpoints(tmp_path, keep_last=0) == []  # 0 keeps all
 
 
+def test_last_and_best_are_hard_links_of_the_epoch_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = save_checkpoint({"model": {"w": torch.tensor([4.0])}}, tmp_path, ["4.pt", "best.pt", "last.pt"])
+    assert len({path.stat().st_ino for path in paths}) == 1 and paths[0].stat().st_nlink == 3  # written once
+    save_checkpoint({"model": {"w": torch.tensor([5.0])}}, tmp_path, ["last.pt"])  # replaced, not changed in place
+    assert load_checkpoint(tmp_path / "4.pt")["model"]["w"].item() == 4.0
+    assert load_checkpoint(tmp_path / "best.pt")["model"]["w"].item() == 4.0
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"].item() == 5.0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    def no_links(source: object, target: object) -> None:
+        raise OSError(1, "Operation not permitted")  # a filesystem without hard links
+
+    monkeypatch.setattr(os, "link", no_links)
+    copies = save_checkpoint({"model": {"w": torch.tensor([6.0])}}, tmp_path / "fat", ["6.pt", "last.pt"])
+    assert copies[0].stat().st_ino != copies[1].stat().st_ino and copies[0].read_bytes() == copies[1].read_bytes()
+    assert not list((tmp_path / "fat").glob(".*.tmp"))
+
+
 def test_resolve_and_load_checkpoint(tmp_path: Path) -> None:
     directory = tmp_path / "checkpoints"
     save_checkpoint({"model": {}}, directory, ["200.pt", "last.pt"])

@@ -236,6 +236,25 @@ def test_loader_batches_do_not_depend_on_workers_or_resume(demo_dataset: tuple[P
     assert not torch.equal(collect(resumed)[0][2], loaders[0][0][2])  # a new epoch, a new order
 
 
+def test_persistent_workers_follow_the_epoch(demo_dataset: tuple[Path, Path]) -> None:
+    # Workers start once (persistent_workers) and must still augment epoch 2 as epoch 2.
+    ds, crops = demo_dataset
+    config = config_for(ds, crops_dir=crops, augmentation="light")
+    samples = build_samples(config, "train")
+    persistent = build_loader(config.model_copy(update={"num_workers": 2}), samples, train=True)
+    in_process = build_loader(config, samples, train=True)
+    assert persistent.persistent_workers and not in_process.persistent_workers
+    pids = []
+    for epoch in (1, 2):
+        set_loader_epoch(persistent, epoch)
+        set_loader_epoch(in_process, epoch)
+        batches = collect(persistent)
+        pids.append(tuple(sorted(w.pid for w in persistent._iterator._workers)))
+        for (a, la, ia), (b, lb, ib) in zip(batches, collect(in_process), strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ia, ib)
+    assert pids[0] == pids[1], "the same worker processes in both epochs"
+
+
 def test_eval_loader_keeps_order_and_balancing_uses_weights(demo_dataset: tuple[Path, Path]) -> None:
     ds, crops = demo_dataset
     config = config_for(ds, crops_dir=crops, balancing="sampler")

@@ -5,7 +5,8 @@
 ``last.pt`` (always the newest state, also the mid-epoch state saved on SIGINT/SIGTERM)
 and ``best.pt`` (the epoch with the best monitored metric). Each file is written to a
 temporary file in the same folder, fsynced and moved into place with ``os.replace``: a
-crash or ``kill -9`` leaves the previous complete file, never a half-written one.
+crash or ``kill -9`` leaves the previous complete file, never a half-written one. One save
+writes its data once: ``last.pt`` and ``best.pt`` are hard links of the epoch's file.
 
 Everything in a checkpoint is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs on load). Keys: ``model, optimizer,
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from classification.errors import DataError, UserError
-from classification.io import remove_stale_temporaries, write_bytes_atomic
+from classification.io import link_atomic, remove_stale_temporaries, write_bytes_atomic
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -84,11 +85,16 @@ def serialize(checkpoint: Mapping[str, Any]) -> bytes:
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], directory: Path, names: list[str]) -> list[Path]:
-    """Write ``checkpoint`` atomically under each of ``names`` (e.g. ``["3.pt", "last.pt"]``)."""
+    """Write ``checkpoint`` atomically under each of ``names`` (e.g. ``["3.pt", "best.pt", "last.pt"]``), in order:
+    the first name is written and fsynced once, the others become hard links of it (an atomic copy
+    where the filesystem has no hard links). Files are only ever replaced, never changed in place,
+    so a later ``last.pt`` never alters the ``3.pt`` it was linked to."""
     data = serialize({"format": CHECKPOINT_FORMAT, **checkpoint})
     paths = [Path(directory) / name for name in names]
-    for path in paths:
-        write_bytes_atomic(path, data)
+    write_bytes_atomic(paths[0], data)
+    for path in paths[1:]:
+        if not link_atomic(paths[0], path):
+            write_bytes_atomic(path, data)
     return paths
 
 
@@ -240,7 +246,8 @@ def repair_best(directory: Path, checkpoint: Mapping[str, Any], source: Path) ->
     best = Path(directory) / BEST
     if checkpoint_position(best) == (epoch, 0):
         return False
-    write_bytes_atomic(best, source.read_bytes())
+    if not link_atomic(source, best):
+        write_bytes_atomic(best, source.read_bytes())
     return True
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,9 @@ class CropDataset(Dataset):
 
     The transform of item ``index`` in ``epoch`` runs under its own torch seed (inside
     ``fork_rng``, so the caller's random state is untouched): the same item always gives
-    the same tensor, whichever worker makes it and whenever.
+    the same tensor, whichever worker makes it and whenever. The epoch lives in shared
+    memory, so that persistent loader workers (started once, not every epoch) see
+    ``set_epoch`` too.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: v2.Transform, seed: int,
@@ -295,11 +298,17 @@ class CropDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.decode_size = decode_size
-        self.epoch = 0
+        self._epoch = multiprocessing.RawValue("q", 0)  # shared with the loader's worker processes
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentation randomness is used."""
+        return int(self._epoch.value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the augmentation randomness of ``epoch`` from now on."""
-        self.epoch = epoch
+        """Use the augmentation randomness of ``epoch`` from now on (in every worker: a loader sets
+        it before it starts the epoch's iterator, which is what hands workers their indices)."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -498,7 +507,7 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
         collate_fn=collate_skip_none,
         pin_memory=pin_memory,
         drop_last=False,
-        persistent_workers=False,
+        persistent_workers=config.num_workers > 0,  # workers (and their imports) start once, not every epoch
         generator=torch.Generator().manual_seed(config.seed % 2**63),  # leaves the global torch RNG alone
     )
 

@@ -511,7 +511,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, met
     trainer.scheduler.step()
     if trainer.ema is not None:
         trainer.ema.update_parameters(trainer.model)
-    metrics.update(logits.detach(), labels, float(losses.detach().sum()))
+    metrics.update(logits.detach(), labels, losses.detach().sum())  # a tensor: no wait for the device
 
 
 def share_rank0_weights(model: nn.Module, context: DistributedContext) -> None:
@@ -536,7 +536,7 @@ def evaluate(trainer: Trainer, loader: DataLoader, num_classes: int, skipped: Sk
                 labels = batch.labels.to(trainer.device)
                 with trainer.autocast():
                     logits = model(trainer.to_device(batch.images)).float()
-                metrics.update(logits, labels, float(F.cross_entropy(logits, labels, reduction="sum")))
+                metrics.update(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
             bar.update(1)
     all_reduce_metrics(metrics, trainer.context)
     return metrics

@@ -61,9 +61,18 @@ class MetricAccumulator:
         return int(round(float(self._confusion().sum())))
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: float | torch.Tensor) -> None:
-        """Add one batch: ``logits`` (B, C), ``targets`` (B,), and the SUM of its per-sample losses."""
-        logits = logits.detach().to("cpu", torch.float64)
-        targets = targets.detach().to("cpu", torch.int64)
+        """Add one batch: ``logits`` (B, C), ``targets`` (B,), and the SUM of its per-sample losses.
+
+        The counts stay on the logits' device (its first batch moves them there; MPS, without
+        float64, keeps them on the CPU): a training step copies nothing to the host and waits
+        for nothing; ``compute`` reads them once per epoch. Sums use ``index_add_`` into
+        fixed-size counts, so an out-of-range target fails loudly on any device.
+        """
+        device = logits.device if logits.device.type != "mps" else torch.device("cpu")
+        if self._state.device != device:
+            self._state = self._state.to(device)
+        logits = logits.detach().to(device, torch.float64)
+        targets = targets.detach().to(device, torch.int64)
         self._check_batch(logits, targets)
         if targets.numel() == 0:
             return
@@ -73,15 +82,16 @@ class MetricAccumulator:
         predictions = top_indices[:, 0]
         confidences = top_values[:, 0]
         correct = (predictions == targets).to(torch.float64)
+        ones = torch.ones_like(confidences)
         bins = torch.clamp(torch.ceil(confidences * CALIBRATION_BINS).to(torch.int64) - 1, 0, CALIBRATION_BINS - 1)
 
-        self._state[0] += float(loss_sum)
-        self._state[1] += float((top_indices == targets[:, None]).any(dim=1).sum())
-        self._confusion().add_(torch.bincount(targets * c + predictions, minlength=c * c).view(c, c).to(torch.float64))
+        self._state[0] += torch.as_tensor(loss_sum, dtype=torch.float64).to(device).detach()
+        self._state[1] += (top_indices == targets[:, None]).any(dim=1).sum()
+        self._state[_HEADER : _HEADER + c * c].index_add_(0, targets * c + predictions, ones)
         count, confidence_sum, correct_sum = self._bins()
-        count.add_(torch.bincount(bins, minlength=CALIBRATION_BINS).to(torch.float64))
-        confidence_sum.add_(torch.bincount(bins, weights=confidences, minlength=CALIBRATION_BINS))
-        correct_sum.add_(torch.bincount(bins, weights=correct, minlength=CALIBRATION_BINS))
+        count.index_add_(0, bins, ones)
+        confidence_sum.index_add_(0, bins, confidences)
+        correct_sum.index_add_(0, bins, correct)
 
     def _check_batch(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Refuse shapes or labels that would silently corrupt the counts."""
@@ -89,7 +99,8 @@ class MetricAccumulator:
             raise ValueError(f"logits must have shape (B, {self.num_classes}), got {tuple(logits.shape)}")
         if targets.shape != (logits.shape[0],):
             raise ValueError(f"targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+        on_host = targets.device.type == "cpu"  # elsewhere the check would wait for the device; index_add_ fails instead
+        if on_host and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
             raise ValueError(f"targets must lie in [0, {self.num_classes}), got {targets.min()}..{targets.max()}")
 
     def _confusion(self) -> torch.Tensor:
@@ -104,20 +115,20 @@ class MetricAccumulator:
         return count, confidence_sum, correct_sum
 
     def state_tensor(self) -> torch.Tensor:
-        """A copy of the whole state as one flat float64 tensor (to all_reduce with SUM)."""
+        """A copy of the whole state as one flat float64 tensor on the counts' device (to all_reduce with SUM)."""
         return self._state.clone()
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
         """Replace the state with ``state`` (e.g. after an all_reduce)."""
         if state.shape != self._state.shape:
             raise ValueError(f"state must have shape {tuple(self._state.shape)}, got {tuple(state.shape)}")
-        self._state.copy_(state.detach().to("cpu", torch.float64))
+        self._state.copy_(state.detach().to(self._state.device, torch.float64))
 
     def merge(self, other: MetricAccumulator) -> None:
         """Add another accumulator's counts to this one (same as having seen its batches)."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
-        self._state += other._state
+        self._state += other._state.to(self._state.device)
 
     def compute(self, label_names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, Any]:
         """All figures as plain Python values (JSON-able); aggregates are NaN when nothing was seen."""
