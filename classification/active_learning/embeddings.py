@@ -201,6 +201,16 @@ def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: E
     return embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint), chunk_size)
 
 
+def embed_with_backbone(config: ExperimentConfig, samples: Sequence[Sample], cache_dir: Path | None,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
+    """Features of ``config.architecture`` as a frozen backbone (ImageNet weights from ``pretrained_source``
+    when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities."""
+    device = select_device(config.device, DistributedContext())
+    model = build_model(config.architecture, 1, config.pretrained, pretrained_source=config.pretrained_source)
+    model_id = f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})"
+    return embed_samples(model, samples, config, device, False, cache_dir, model_id, chunk_size)
+
+
 @dataclass
 class EmbeddingRun:
     """What ``embed_folder`` wrote and how many images it embedded or skipped."""
@@ -242,10 +252,7 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
         al_scores = uncertainty_scores(result.probabilities, score) if len(result) else None
     else:
         samples = unlabelled_samples(images_dir)
-        device = select_device(config.device, DistributedContext())
-        model = build_model(config.architecture, 1, config.pretrained, pretrained_source=config.pretrained_source)
-        result = embed_samples(model, samples, config, device, False, output_dir / "chunks",
-                               f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})", chunk_size)
+        result = embed_with_backbone(config, samples, output_dir / "chunks", chunk_size)
         labels, al_scores = None, None
     relative = [s.path.relative_to(images_dir).as_posix() for s in samples]
     files_written = write_embedding_outputs(output_dir, relative, result, labels, al_scores)

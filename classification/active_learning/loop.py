@@ -18,6 +18,10 @@ of ``runs/<model>/<experiment>/active_learning/`` (see ``store.py``).
 - ``evaluate``: scores round k's model on the **held-out** split ``eval_split`` of the
   experiment's dataset (the same images every round; not the remaining pool, which is
   what the original tools reported) and adds a row to ``history.csv``.
+
+With ``active_learning.retrain: head`` a round's model is an MLP on embeddings cached once
+(``head_rounds.py``): select, retrain and evaluate then take seconds, and round 0 needs no
+``classifier/train.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from classification.active_learning import store
+from classification.active_learning import head_rounds, store
 from classification.active_learning.embeddings import PoolEmbeddings, embed_with_checkpoint
 from classification.active_learning.label_studio import (
     LabelStudioClient,
@@ -64,6 +68,7 @@ from classification.training.data import (
     load_label_index,
 )
 from classification.training.engine import TrainResult, train
+from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,24 @@ def open_experiment(config_path: str | Path, overrides: Sequence[str] = ()) -> E
     return Experiment(load_config(config_path, overrides), config_path.resolve().parent, config_path)
 
 
+def uses_head(experiment: Experiment) -> bool:
+    """True when each round's model is an MLP on cached embeddings (``retrain: head``)."""
+    return experiment.al.retrain == "head"
+
+
+def head_context(experiment: Experiment) -> head_rounds.HeadContext:
+    """What the head-only rounds read: the config, the features folder, the round-0 CNN checkpoint."""
+    return head_rounds.HeadContext(experiment.config, experiment.root / "features", lambda: model_checkpoint(experiment, 0))
+
+
+def pool_samples(experiment: Experiment, paths: Sequence[str], labels: dict[str, str] | None = None) -> list[Sample]:
+    """The pool images as samples (label -1 where ``labels`` has none known to the model)."""
+    pool_dir, al = experiment.pool_dir(), experiment.al
+    labels = labels or {}
+    return labelled_samples([pool_dir / p for p in paths], [labels.get(p, "") for p in paths], [al.pool_location] * len(paths),
+                            [POOL_DATASET] * len(paths), experiment.label_names if labels else [])
+
+
 def pool_paths(pool_dir: Path) -> list[str]:
     """Every image under the pool folder as a relative POSIX path, sorted."""
     files = image_files(pool_dir)
@@ -148,8 +171,33 @@ def model_checkpoint(experiment: Experiment, number: int) -> Path:
     return resolve_checkpoint(experiment.round(number).model, "best")
 
 
+def round_model(experiment: Experiment, number: int) -> Path:
+    """Round ``number``'s model file: its CNN checkpoint, or with ``retrain: head`` its head (round 0's trained
+    on the train split the first time it is asked for)."""
+    if not uses_head(experiment):
+        return model_checkpoint(experiment, number)
+    path = experiment.round(number).model / head_rounds.HEAD_FILE
+    if number == 0 and not path.is_file():
+        train_round_head(experiment, 0, [])
+    if not path.is_file():
+        raise UserError(f"round {number}: no trained head yet; run: python classifier/active_learning.py retrain "
+                        f"--config {experiment.config_path}")
+    return path
+
+
+def train_round_head(experiment: Experiment, number: int, pool: list[Sample]) -> dict[str, Any]:
+    """Train round ``number``'s head on the train split plus the labelled ``pool`` samples."""
+    config = experiment.config
+    return head_rounds.train_head(head_context(experiment), build_samples(config, config.train_split), pool,
+                                  len(experiment.label_names), experiment.round(number).model / head_rounds.HEAD_FILE,
+                                  seed=experiment.al.seed * 1000 + number)
+
+
 def is_trained(experiment: Experiment, number: int) -> bool:
-    """Round 0: the experiment has its initial checkpoint; round k: its retrain finished."""
+    """Round 0: the experiment has its initial checkpoint (a head is trained when needed); round k: its retrain
+    finished."""
+    if number == 0 and uses_head(experiment):
+        return True
     if number == 0:
         try:
             model_checkpoint(experiment, 0)
@@ -195,7 +243,10 @@ class SelectResult:
 
 
 def embed_for_selection(experiment: Experiment, number: int, samples: list[Sample], name: str) -> PoolEmbeddings:
-    """Embeddings and probabilities of ``samples`` with the model of round ``number - 1`` (cached per round)."""
+    """Embeddings and probabilities of ``samples`` with the model of round ``number - 1`` (cached per round;
+    with ``retrain: head`` the features are cached once and only the head's probabilities are new)."""
+    if uses_head(experiment):
+        return head_rounds.scored_features(head_context(experiment), round_model(experiment, number - 1), name, samples)
     return embed_with_checkpoint(model_checkpoint(experiment, number - 1), samples, experiment.config,
                                  experiment.round(number).embeddings / name)
 
@@ -233,8 +284,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
     paths = pool_paths(pool_dir)
     labels = store.effective_labels(store.read_labels(experiment.labels_file))
     requested = set(store.requested_paths(experiment.root, up_to=number - 1))
-    samples = labelled_samples([pool_dir / p for p in paths], [""] * len(paths), [al.pool_location] * len(paths),
-                               [POOL_DATASET] * len(paths), [])
+    samples = pool_samples(experiment, paths)
     pool = embed_for_selection(experiment, number, samples, "pool")
     for index in pool.skipped:
         log.warning("skipped %s (unreadable image); it cannot be selected", samples[index].path)
@@ -243,7 +293,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
     excluded = np.array([p in requested and p not in labels for p in kept_paths], dtype=bool)
     embeddings, probabilities = pool.embeddings, pool.probabilities
     assert probabilities is not None
-    check_finite(probabilities, model_checkpoint(experiment, number - 1))
+    check_finite(probabilities, round_model(experiment, number - 1))
     if al.strategy in DIVERSITY_STRATEGIES:  # the train split is labelled too: diversity starts from it
         train = embed_for_selection(experiment, number, build_samples(experiment.config, experiment.config.train_split), "train")
         embeddings = np.concatenate([embeddings, train.embeddings])
@@ -256,7 +306,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
     table = selection_table(selection, kept_paths, probabilities, experiment.label_names)
     info = {
         "round": number, "strategy": al.strategy, "options": strategy_options(al), "seed": seed,
-        "batch_size": al.batch_size, "model": str(model_checkpoint(experiment, number - 1)), "pool": str(pool_dir),
+        "batch_size": al.batch_size, "model": str(round_model(experiment, number - 1)), "pool": str(pool_dir),
         "pool_images": len(paths), "unreadable": len(pool.skipped), "already_labelled": int(labelled[:len(kept_paths)].sum()),
         "requested_not_labelled": int(excluded.sum()), "selected": len(table), "created_utc": store.utc_now(),
     }
@@ -489,6 +539,8 @@ def retrain_round(experiment: Experiment, number: int | None = None, overwrite: 
     if not new:
         raise UserError(f"round {number}: none of its {len(files.selected_paths())} images has a label yet; "
                         f"label them and run: python classifier/active_learning.py import --config {experiment.config_path} --file ...")
+    if uses_head(experiment):
+        return retrain_head_round(experiment, files, labels)
     used = files.dataset / "labels_used.json"
     changed = used.is_file() and read_json(used).get("fingerprint") != labels_fingerprint(labels)
     if changed and not overwrite:
@@ -510,6 +562,31 @@ def retrain_round(experiment: Experiment, number: int | None = None, overwrite: 
     return result
 
 
+def retrain_head_round(experiment: Experiment, files: store.RoundFiles, labels: dict[str, str]) -> TrainResult:
+    """``retrain: head``: the round's MLP on the train split plus every labelled pool image (seconds; always anew)."""
+    known = {path: label for path, label in labels.items() if label in set(experiment.label_names)}
+    pool = pool_samples(experiment, pool_paths(experiment.pool_dir()), known)
+    trained = train_round_head(experiment, files.number, pool)
+    write_json_atomic(files.done, {"round": files.number, "mode": "head", "epochs": experiment.al.head_epochs,
+                                   "pool_labels": sum(s.label >= 0 for s in pool), **trained,
+                                   "finished_utc": store.utc_now()})
+    return TrainResult(files.model, experiment.al.head_epochs, None, None)
+
+
+def evaluate_head_round(experiment: Experiment, number: int, split: str) -> dict[str, Any]:
+    """Held-out metrics of round ``number``'s head (features of ``split`` cached once)."""
+    samples = build_samples(experiment.config, split)
+    scored = head_rounds.scored_features(head_context(experiment), round_model(experiment, number), split, samples)
+    truth = np.array([samples[i].label for i in scored.kept], dtype=np.int64)
+    if not len(truth):
+        raise DataError(f"{experiment.config.data_root}: the {split} split has no readable images to evaluate on")
+    assert scored.probabilities is not None
+    result = accumulate_probabilities(scored.probabilities, truth, len(experiment.label_names)).compute()
+    done = experiment.round(number).done
+    used = read_json(done).get("pool_labels", 0) if number and done.is_file() else 0
+    return {"n_scored": len(truth), "pool_labels": int(used), **result}
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -520,20 +597,25 @@ def evaluate_round(experiment: Experiment, number: int | None = None) -> dict[st
         raise UserError(f"round {number}: no trained model yet; run: python classifier/active_learning.py retrain "
                         f"--config {experiment.config_path}")
     files = experiment.round(number)
-    checkpoint = model_checkpoint(experiment, number).resolve()
+    checkpoint = round_model(experiment, number).resolve()
     split = experiment.al.eval_split
     if split not in available_splits(experiment.config):
         raise UserError(f"{experiment.config_path}: active_learning.eval_split: {experiment.config.data_root} has no "
                         f"split {split!r} (available: {', '.join(available_splits(experiment.config))})")
-    result = run_prediction(experiment.config, checkpoint, split=split, run_dir=checkpoint.parent.parent,
-                            output_dir=files.evaluation)
-    if result.metrics is None:
-        raise DataError(f"{experiment.config.data_root}: the {split} split has no labelled images to evaluate on")
+    if uses_head(experiment):
+        scored = evaluate_head_round(experiment, number, split)
+        used = scored["pool_labels"]
+    else:
+        result = run_prediction(experiment.config, checkpoint, split=split, run_dir=checkpoint.parent.parent,
+                                output_dir=files.evaluation)
+        if result.metrics is None:
+            raise DataError(f"{experiment.config.data_root}: the {split} split has no labelled images to evaluate on")
+        scored = result.metrics
+        used = read_json(files.dataset / "labels_used.json")["pool_labels"] if number else 0
     labels = store.read_labels(experiment.labels_file)
-    used = read_json(files.dataset / "labels_used.json")["pool_labels"] if number else 0
     metrics = {
-        "round": number, "pool_labels": int(used), "eval_split": split, "eval_images": result.metrics["n_scored"],
-        **{key: result.metrics.get(key) for key in ("top1", "top3", "macro_f1", "weighted_f1", "ece")},
+        "round": number, "pool_labels": int(used), "eval_split": split, "eval_images": scored["n_scored"],
+        **{key: scored.get(key) for key in ("top1", "top3", "macro_f1", "weighted_f1", "ece")},
         "checkpoint": str(checkpoint), "labels_stored": len(store.effective_labels(labels)), "evaluated_utc": store.utc_now(),
     }
     write_json_atomic(files.metrics, metrics)

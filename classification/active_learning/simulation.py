@@ -8,11 +8,13 @@ from the same labelled set for a given seed, so round 0 is the same for all.
 
 Two ways to retrain (``simulation.retrain``):
 
-- ``head`` (default, fast): a CNN is trained once per seed on the initial labelled set
-  (from the config's weights: ImageNet's with ``pretrained: true``); its penultimate
-  features are the fixed embeddings, and each round trains a small MLP on the embeddings
-  of the labelled images (as in Norouzzadeh et al.). Selection uses the MLP's
-  probabilities and the same embeddings.
+- ``head`` (default, fast): the images are embedded once and each round trains a small
+  MLP on the embeddings of the labelled images (as in Norouzzadeh et al.); selection uses
+  the MLP's probabilities and the same embeddings. ``simulation.embeddings`` says whose:
+  ``pretrained`` (default) the frozen ImageNet backbone of the experiment's architecture
+  (its ``pretrained_source``), the same for every seed; ``fine_tuned`` a CNN trained per
+  seed on the initial labelled set (which on MCT spoils the ImageNet features: see
+  docs/benchmarks.md).
 - ``full``: each round trains the whole CNN on the labelled images (the real loop's
   ``retrain``); slow on a CPU.
 
@@ -37,7 +39,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import ValidationError
 
-from classification.active_learning.embeddings import embed_with_checkpoint
+from classification.active_learning.embeddings import embed_with_backbone, embed_with_checkpoint
 from classification.active_learning.loop import Experiment, strategy_options, write_derived_config
 from classification.active_learning.pool import stratified_mask
 from classification.active_learning.strategies import SelectionInputs, select
@@ -139,6 +141,31 @@ def embed_with(experiment: Experiment, checkpoint: Path, samples: list[Sample], 
                         "the simulation needs every image of its splits")
     assert result.probabilities is not None
     return result.embeddings, result.probabilities
+
+
+def pretrained_features(experiment: Experiment, samples: list[Sample], cache_dir: Path) -> np.ndarray:
+    """Features of every sample from the frozen ImageNet backbone (cached; all images needed)."""
+    if not experiment.config.pretrained:
+        raise UserError(f"{experiment.config_path}: active_learning.simulation.embeddings: pretrained needs pretrained: "
+                        "true (ImageNet weights); with a network trained from scratch use embeddings: fine_tuned")
+    result = embed_with_backbone(experiment.config, samples, cache_dir)
+    if result.skipped:
+        raise DataError(f"{samples[result.skipped[0]].path}: unreadable image ({len(result.skipped)} in all); "
+                        "the simulation needs every image of its splits")
+    return result.embeddings
+
+
+def head_features(experiment: Experiment, data: SimulationData, settings: SimulationConfig, start: np.ndarray,
+                  output_dir: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed (train, held-out) embeddings of a head simulation: pretrained, or fine-tuned on ``start``."""
+    if settings.embeddings == "pretrained":
+        folder = output_dir / "features_pretrained"
+        return (pretrained_features(experiment, data.train, folder / "train"),
+                pretrained_features(experiment, data.held_out, folder / "held_out"))
+    seed_dir = output_dir / f"seed_{seed}"
+    checkpoint = train_subset_model(experiment, data, start, seed_dir / "initial", seed)
+    return (embed_with(experiment, checkpoint, data.train, seed_dir / "embeddings" / "train")[0],
+            embed_with(experiment, checkpoint, data.held_out, seed_dir / "embeddings" / "held_out")[0])
 
 
 # ---------------------------------------------------------------- one curve
@@ -252,9 +279,7 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
                      int(start.sum()))
             if settings.retrain == "head":
                 if features is None:
-                    checkpoint = train_subset_model(experiment, data, start, seed_dir / "initial", seed)
-                    features = (embed_with(experiment, checkpoint, data.train, seed_dir / "embeddings" / "train")[0],
-                                embed_with(experiment, checkpoint, data.held_out, seed_dir / "embeddings" / "held_out")[0])
+                    features = head_features(experiment, data, settings, start, output_dir, seed)
                 rows = head_curve(experiment, data, strategy, seed, start, features, settings, budget)
             else:
                 rows = full_curve(experiment, data, strategy, seed, start, seed_dir / strategy, settings, budget)
@@ -269,6 +294,7 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
         "settings": settings.model_dump(), "batch_size": budget, "eval_split": experiment.al.eval_split,
         "train_images": len(data.train), "held_out_images": len(data.held_out),
         "strategies": summary.to_dict(orient="records")})
+    embeddings = f", {settings.embeddings} embeddings" if settings.retrain == "head" else ""
     plot_curves(means, output_dir / "curves.png",
-                f"{experiment.run_dir.name}: {len(settings.seeds)} seeds, {settings.retrain} retraining")
+                f"{experiment.run_dir.name}: {len(settings.seeds)} seeds, {settings.retrain} retraining{embeddings}")
     return SimulationResult(curves, means, summary, output_dir)

@@ -1,0 +1,108 @@
+"""Head-only rounds of the loop (``active_learning.retrain: head``): seconds a round instead of minutes.
+
+The images are embedded once (``active_learning/features/<embeddings>/{train,pool,<eval split>}``,
+cached in resumable chunks): with ``embeddings: pretrained`` by the frozen ImageNet backbone
+of the experiment's architecture (its ``pretrained_source``), with ``fine_tuned`` by the
+experiment's round-0 checkpoint. Each round's model is then a small MLP
+(``triplet.train_mlp``) trained on the features of the train split plus every labelled pool
+image, saved as ``round_<k>/model/head.pt``; selection and evaluation use its probabilities
+and the same features. Round 0's head (train split only) is trained the first time it is
+needed, so the loop can start without ``classifier/train.py`` in this mode.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from classification.active_learning.embeddings import PoolEmbeddings, embed_with_backbone, embed_with_checkpoint
+from classification.active_learning.triplet import MLPClassifier, predict_proba, train_mlp
+from classification.config import ActiveLearningConfig, ExperimentConfig
+from classification.errors import DataError, UserError
+from classification.io import write_bytes_atomic
+from classification.training.data import Sample
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "head.pt"
+HIDDEN = 256
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What head-only rounds need from the experiment: its config, where features live, its round-0 checkpoint."""
+
+    config: ExperimentConfig
+    features_root: Path  # active_learning/features
+    initial_checkpoint: Callable[[], Path]  # the round-0 model (only read with embeddings: fine_tuned)
+
+    @property
+    def al(self) -> ActiveLearningConfig:
+        return self.config.active_learning
+
+
+def cached_features(context: HeadContext, name: str, samples: Sequence[Sample]) -> PoolEmbeddings:
+    """Features of ``samples`` (cached under ``features/<embeddings>/<name>``); no probabilities."""
+    cache = context.features_root / context.al.embeddings / name
+    if context.al.embeddings == "pretrained":
+        if not context.config.pretrained:
+            raise UserError("active_learning.embeddings: pretrained needs pretrained: true (ImageNet weights); "
+                            "with a network trained from scratch use embeddings: fine_tuned")
+        return embed_with_backbone(context.config, samples, cache)
+    result = embed_with_checkpoint(context.initial_checkpoint(), samples, context.config, cache)
+    return PoolEmbeddings(result.kept, result.embeddings, None, result.skipped)
+
+
+def training_set(context: HeadContext, train: Sequence[Sample], pool: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of the train split and of the labelled images of the whole ``pool`` (label -1: not
+    labelled, left out; the pool's features are those cached for selection). Unreadable images are left out."""
+    features, labels = [], []
+    for name, samples in (("train", train), ("pool", pool)):
+        if not samples:
+            continue
+        result = cached_features(context, name, samples)
+        known = np.array([samples[i].label for i in result.kept], dtype=np.int64)
+        features.append(result.embeddings[known >= 0])
+        labels.append(known[known >= 0])
+    if not features or not sum(len(y) for y in labels):
+        raise DataError(f"{context.config.data_root}: no readable labelled images to train the head on")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def train_head(context: HeadContext, train: Sequence[Sample], pool: Sequence[Sample], num_classes: int, path: Path,
+               seed: int) -> dict[str, Any]:
+    """Train the round's MLP on the train split plus the pool's labelled images; save it atomically at ``path``."""
+    x, y = training_set(context, train, pool)
+    mlp = train_mlp(x, y, num_classes, hidden=HIDDEN, epochs=context.al.head_epochs, seed=seed)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": mlp.state_dict(), "in_features": int(x.shape[1]), "num_classes": num_classes,
+                "hidden": HIDDEN, "embeddings": context.al.embeddings, "trained_on": int(len(y))}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+    log.info("head trained on %d labelled images (%d-d %s features, %d epochs) -> %s", len(y), x.shape[1],
+             context.al.embeddings, context.al.head_epochs, path)
+    return {"labelled_images": int(len(y)), "feature_dim": int(x.shape[1])}
+
+
+def load_head(path: Path) -> MLPClassifier:
+    """A saved round head (weights-only load)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        mlp = MLPClassifier(int(saved["in_features"]), int(saved["num_classes"]), int(saved["hidden"]))
+        mlp.load_state_dict(saved["state_dict"])
+    except Exception as error:  # noqa: BLE001 - any unreadable head file is the same problem to the user
+        raise DataError(f"{path}: not a readable round head ({str(error).splitlines()[0]}); retrain the round") from None
+    return mlp.eval()
+
+
+def scored_features(context: HeadContext, head: Path, name: str, samples: Sequence[Sample]) -> PoolEmbeddings:
+    """Features of ``samples`` with the round head's probabilities (what selection and evaluation read)."""
+    result = cached_features(context, name, samples)
+    probabilities = predict_proba(load_head(head), result.embeddings) if len(result) else np.zeros((0, 0))
+    return PoolEmbeddings(result.kept, result.embeddings, probabilities.astype(np.float32), result.skipped)
