@@ -2,6 +2,9 @@
 
 A tiny demo dataset is built by the pipeline, most of its train split is hidden in a pool
 (utils/make_al_pool.py) and round 0 is trained once per module; each test works on a copy.
+The loop's commands run in this process (``run_in_process``: the entry point's ``main`` as its
+``__main__`` runs it, without 3-5 s of imports per command); each entry point here also runs
+as a real subprocess at least once (make_al_pool, answer_requests, embed, active_learning).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from classification.active_learning.loop import open_experiment, select_round
 from classification.active_learning.store import append_labels, effective_labels, read_labels
 from classification.config import load_config
 from classification.errors import UserError
-from tests.conftest import REPO_ROOT
-from tests.test_train import build_dataset, run_train, train_env, write_run
+from tests.conftest import REPO_ROOT, run_in_process
+from tests.test_train import build_dataset, train_env, write_run
 
 pytestmark = pytest.mark.slow  # trains tiny models (a few seconds each)
 BATCH = 4
@@ -62,8 +65,14 @@ def run_script(script: str, *args: object, env: dict[str, str] | None = None) ->
                           env=env or train_env(), timeout=600)
 
 
+def run_here(script: str, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The same as ``run_script``, in this process (see ``run_in_process``)."""
+    return run_in_process(script, *args, env=env or train_env())
+
+
 def al(command: str, run: LoopRun, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_script("classifier/active_learning.py", command, "--config", run.config, *args, env=env)
+    """classifier/active_learning.py COMMAND, in this process (a subprocess in the kill and no-model tests)."""
+    return run_here("classifier/active_learning.py", command, "--config", run.config, *args, env=env)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -80,7 +89,7 @@ def trained_round_0(tmp_path_factory: pytest.TempPathFactory) -> LoopRun:
                   "--labelled-fraction", "0.3", "--seed", "0"))
     config = write_run(root / "runs" / "tiny" / "al", carved, crops_dir=None, num_epochs=2, learning_rate=0.01,
                        active_learning={"pool": "../../../data/pool", "batch_size": BATCH, "strategy": "margin"})
-    ok(run_train(config))
+    ok(run_in_process("classifier/train.py", "--config", config, env=train_env(), cwd=config.parent))
     return LoopRun(config, pool, carved / "pool_answers.csv", carved)
 
 
@@ -97,10 +106,11 @@ def loop(trained_round_0: LoopRun, tmp_path: Path) -> LoopRun:
     return LoopRun(config, relocate(trained_round_0.pool), relocate(trained_round_0.answers), relocate(trained_round_0.dataset))
 
 
-def answer(run: LoopRun, k: int, labels: dict[str, str] | None = None) -> Path:
+def answer(run: LoopRun, k: int, labels: dict[str, str] | None = None, as_process: bool = False) -> Path:
     """The Timelapse export a person makes for round ``k`` (the hidden labels, or ``labels``)."""
     export = run.round(k) / "export.csv"
-    ok(run_script("utils/answer_requests.py", run.round(k) / "timelapse_request.csv", run.answers, "--output", export))
+    ok((run_script if as_process else run_here)("utils/answer_requests.py", run.round(k) / "timelapse_request.csv",
+                                                run.answers, "--output", export))
     if labels:
         frame = pd.read_csv(export, dtype=str, keep_default_na=False)
         paths = (frame["RelativePath"].str.replace("\\", "/") + "/" + frame["File"]).str.lstrip("/")
@@ -231,7 +241,7 @@ def test_a_changed_label_is_kept_and_retraining_with_it_needs_overwrite(loop: Lo
 
 def test_a_kill_during_import_loses_nothing(loop: LoopRun) -> None:
     ok(al("select", loop))
-    export = answer(loop, 1)
+    export = answer(loop, 1, as_process=True)
     command = [sys.executable, str(REPO_ROOT / "classifier" / "active_learning.py"), "import", "--config",
                str(loop.config), "--file", str(export)]
     labels_file = loop.al / "labels.csv"
@@ -290,8 +300,8 @@ def test_embed_entry_point_matches_predict_and_resumes(loop: LoopRun, tmp_path: 
     assert pd.read_csv(out / "skipped.csv")["path"].tolist() == ["broken.jpg"]
     lightly = pd.read_csv(out / "embeddings.csv")
     assert list(lightly["filenames"]) == files and lightly.shape[1] == embeddings.shape[1] + 3
-    ok(run_script("classifier/predict.py", "--config", loop.config, "--checkpoint", "best", "--images", pool,
-                  "--output-dir", tmp_path / "predicted"))
+    ok(run_here("classifier/predict.py", "--config", loop.config, "--checkpoint", "best", "--images", pool,
+                "--output-dir", tmp_path / "predicted"))
     predicted = pd.read_csv(tmp_path / "predicted" / "predictions.csv", dtype=str).set_index("path")
     names = json.loads((loop.dataset / "label_index.json").read_text())
     assert [names[str(i)] for i in probabilities.argmax(axis=1)] == predicted.loc[files, "pred_label"].tolist()
@@ -299,8 +309,8 @@ def test_embed_entry_point_matches_predict_and_resumes(loop: LoopRun, tmp_path: 
     chunks = sorted((out / "chunks").glob("chunk_*.npz"))
     assert len(chunks) == -(-(len(files) + 1) // 5)
     stamps = [c.stat().st_mtime_ns for c in chunks]
-    ok(run_script("classifier/embed.py", "--images", pool, "--output-dir", out, "--config", loop.config,
-                  "--checkpoint", "best", "--chunk-size", "5", "--num-workers", "0"))
+    ok(run_here("classifier/embed.py", "--images", pool, "--output-dir", out, "--config", loop.config,
+                "--checkpoint", "best", "--chunk-size", "5", "--num-workers", "0"))
     assert [c.stat().st_mtime_ns for c in chunks] == stamps  # resumed: every chunk reused
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), embeddings)
 
