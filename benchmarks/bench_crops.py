@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from classification.data.crops import CropOptions, crop_detections
+from machine_load import describe_load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -79,7 +80,7 @@ def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
         for name, run in runners.items():
             runs[name].append(run())
     best = {name: min(results, key=lambda r: r[1]) for name, results in runs.items()}
-    print(f"MCT, every box of mct_cct.json; {os.cpu_count()} CPU cores; best of {repeats} alternating runs")
+    print(f"MCT, every box of mct_cct.json; best of {repeats} alternating runs; {describe_load()}")
     print(f"{'cropper':40s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s} {'vs MD':>6s}")
     for name, (crops, seconds) in best.items():
         print(f"{name:40s} {crops:6d} {seconds:8.2f} {crops / seconds:8.1f} {best[reference][1] / seconds:5.2f}x")

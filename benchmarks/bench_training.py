@@ -1,14 +1,19 @@
 """Training and prediction throughput: the real input pipeline against in-memory tensors.
 
     python benchmarks/bench_training.py [--architecture resnet18] [--image-size 112] \
-        [--batch-size 32] [--steps 8] [--num-workers 2] [--device auto] [--amp off|bf16|fp16]
+        [--batch-size 32] [--steps 8] [--num-workers 2] [--repeats 3] [--device auto] [--amp off|bf16|fp16] \
+        [--tasks train predict] [--channels-last off on]
 
 Crops the real MCT subset (../shared/data/mct) once into a temporary folder, builds the
 classification dataset, then measures images per second for: training from the real
 loader (JPEG decoding + augmentation), training on one batch already in memory (pure
 compute), each with and without channels_last; and prediction from the loader and from
-memory. The ratio loader/in-memory says how close the input pipeline lets training get
-to compute-bound. On a GPU machine run it with ``--device cuda --amp bf16``.
+memory. Training runs the training loop's own step (``engine.train_step``: loss,
+backward, optimizer, schedule, metrics). Loader and memory runs alternate, best of
+``--repeats`` each, so that load from other processes hits both alike. The ratio
+loader/in-memory says how close the input pipeline lets training get to compute-bound.
+``--num-workers`` takes several values to compare. On a GPU machine run it with
+``--device cuda --amp bf16 --num-workers 8``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from classification.config import ExperimentConfig
 from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
+from classification.training import engine
 from classification.training.data import Batch, build_loader, build_samples, load_label_index, set_loader_epoch
+from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model
+from machine_load import describe_load
 
 MCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mct"
 
@@ -82,19 +90,13 @@ def time_steps(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Iter
     return seen / (time.perf_counter() - start)
 
 
-def train_step(model: nn.Module, device: torch.device, amp: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One SGD step of cross-entropy training."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        with autocast(device, amp):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+def train_step(config: ExperimentConfig, num_classes: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The training loop's own step on a fresh model: ``engine.train_step`` with its metrics."""
+    trainer = engine.build_trainer(config, num_classes, [], steps_per_epoch=10_000, device=device,
+                                   context=engine.distributed_context())
+    trainer.network.train()
+    metrics = MetricAccumulator(num_classes)
+    return lambda images, labels: engine.train_step(trainer, images, labels, metrics)
 
 
 def predict_step(model: nn.Module, device: torch.device, amp: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -126,7 +128,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, nargs="+", default=[2], help="loader workers (several to compare)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per input; the fastest is kept")
+    parser.add_argument("--tasks", nargs="+", choices=["train", "predict"], default=["train", "predict"])
+    parser.add_argument("--channels-last", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     args = parser.parse_args()
@@ -137,24 +142,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset, crops = prepare_dataset(Path(tmp))
         config = ExperimentConfig(data_root=dataset, crops_dir=crops, image_size=args.image_size,
-                                  batch_size=args.batch_size, num_workers=args.num_workers, pretrained=False,
+                                  batch_size=args.batch_size, num_workers=0, pretrained=False,
                                   architecture=args.architecture, augmentation="light")
         num_classes = len(load_label_index(dataset))
-        print(f"{args.architecture} at {args.image_size} px, batch {args.batch_size}, {args.num_workers} workers, "
-              f"device {device}, amp {args.amp}, torch threads {torch.get_num_threads()}")
-        print(f"{'task':<10} {'input':<10} {'channels_last':<14} {'images/s':>9}")
-        for task, make_step, train in (("train", train_step, True), ("predict", predict_step, False)):
-            for channels_last in (False, True):
-                rates = {}
-                for source in ("loader", "memory"):
-                    model = build_model(args.architecture, num_classes, pretrained=False).to(device)
-                    model = model.to(memory_format=torch.channels_last) if channels_last else model
-                    model.train(train)
-                    batches = loader_batches(config, train) if source == "loader" else memory_batches(config)
-                    rates[source] = time_steps(make_step(model, device, args.amp), batches, args.steps, device,
-                                               channels_last)
-                    print(f"{task:<10} {source:<10} {str(channels_last):<14} {rates[source]:>9.1f}")
-                print(f"{task:<10} {'ratio':<10} {str(channels_last):<14} {rates['loader'] / rates['memory']:>9.2f}")
+        print(f"{args.architecture} at {args.image_size} px, batch {args.batch_size}, device {device}, amp {args.amp}, "
+              f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
+        print(describe_load())
+        print(f"{'task':<8} {'channels_last':<14} {'input':<18} {'images/s':>9} {'ratio':>6}")
+        for task in args.tasks:
+            for channels_last in (mode == "on" for mode in args.channels_last):
+                run_config = config.model_copy(update={"channels_last": "on" if channels_last else "off", "amp": args.amp})
+                sources = ["memory"] + [f"loader, {n} workers" for n in args.num_workers]
+                rates = {source: 0.0 for source in sources}
+                for _ in range(args.repeats):
+                    for source, workers in zip(sources, [0, *args.num_workers]):
+                        source_config = run_config.model_copy(update={"num_workers": workers})
+                        batches = memory_batches(source_config) if source == "memory" else loader_batches(source_config, task == "train")
+                        step = make_step(task, source_config, num_classes, device, args.amp)
+                        rates[source] = max(rates[source], time_steps(step, batches, args.steps, device, channels_last))
+                for source in sources:
+                    print(f"{task:<8} {str(channels_last):<14} {source:<18} {rates[source]:>9.1f} "
+                          f"{rates[source] / rates['memory']:>6.2f}")
+
+
+def make_step(task: str, config: ExperimentConfig, num_classes: int, device: torch.device,
+              amp: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A fresh model's training step (the loop's own) or prediction step."""
+    if task == "train":
+        return train_step(config, num_classes, device)
+    model = build_model(config.architecture, num_classes, pretrained=False).to(device)
+    model = model.to(memory_format=torch.channels_last) if config.channels_last == "on" else model
+    return predict_step(model.eval(), device, amp)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,6 +485,17 @@ class EpochSampler(Sampler[int]):
 # ---------------------------------------------------------------- loaders
 
 
+WORKER_NICENESS = 10  # loader workers feeding a CPU model yield the cores to its compute threads
+
+
+def lower_worker_priority(worker_id: int) -> None:
+    """``worker_init_fn`` for a model computing on the CPU: the workers share its cores, and a
+    compute thread they push off a core stalls every parallel op of the step; at lower priority
+    they decode in the gaps instead (POSIX; a no-op where ``os.nice`` does not exist)."""
+    if hasattr(os, "nice"):
+        os.nice(WORKER_NICENESS)
+
+
 def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: bool, rank: int = 0,
                  world_size: int = 1, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of ``Batch``es: shuffled (or label-balanced) for training, in order otherwise.
@@ -497,8 +509,9 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
     weights = label_weights([s.label for s in samples]) if train and config.balancing == "sampler" else None
     sampler = EpochSampler(len(samples), shuffle=train, seed=config.seed, weights=weights, rank=rank,
                            world_size=world_size, pad=train)
+    uses_cuda = torch.cuda.is_available() and str(config.device) != "cpu"
     if pin_memory is None:
-        pin_memory = torch.cuda.is_available() and str(config.device) != "cpu"
+        pin_memory = uses_cuda
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -508,6 +521,7 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=config.num_workers > 0,  # workers (and their imports) start once, not every epoch
+        worker_init_fn=None if uses_cuda else lower_worker_priority,
         generator=torch.Generator().manual_seed(config.seed % 2**63),  # leaves the global torch RNG alone
     )
 
