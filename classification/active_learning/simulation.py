@@ -213,8 +213,25 @@ def full_curve(experiment: Experiment, data: SimulationData, strategy: str, seed
 # ---------------------------------------------------------------- the whole simulation
 
 
+def labels_needed_per_seed(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (strategy, seed): the labels with which the strategy first reaches that seed's final random top-1
+    (NaN when it never does), and random's final number of labels."""
+    rows = []
+    for seed, group in curves.groupby("seed", sort=False):
+        random_curve = group[group["strategy"] == "random"].sort_values("round")
+        if random_curve.empty:
+            continue
+        target, random_labels = random_curve["top1"].iloc[-1], random_curve["labels"].iloc[-1]
+        for strategy, curve in group.groupby("strategy", sort=False):
+            reached = curve.sort_values("round").query("top1 >= @target - 1e-12")
+            rows.append({"strategy": strategy, "seed": seed, "random_labels": float(random_labels),
+                         "labels_needed": float(reached["labels"].iloc[0]) if len(reached) else math.nan})
+    return pd.DataFrame(rows, columns=["strategy", "seed", "random_labels", "labels_needed"])
+
+
 def summarise(curves: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mean curves over seeds, and per strategy its final accuracy and the labels it needs to reach random's."""
+    """Mean curves over seeds, and per strategy its final accuracy and the labels it needs to reach random's
+    (on the mean curves, and per seed as mean ± std of the fraction of random's labels)."""
     means = (curves.groupby(["strategy", "round"], sort=False)
              .agg(labels=("labels", "mean"), top1_mean=("top1", "mean"), top1_std=("top1", "std"),
                   macro_f1_mean=("macro_f1", "mean"), seeds=("seed", "nunique"))
@@ -222,11 +239,17 @@ def summarise(curves: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     means["top1_std"] = means["top1_std"].fillna(0.0)
     target = means[means["strategy"] == "random"]["top1_mean"].iloc[-1] if "random" in set(means["strategy"]) else math.nan
     random_labels = means[means["strategy"] == "random"]["labels"].iloc[-1] if "random" in set(means["strategy"]) else math.nan
+    per_seed = labels_needed_per_seed(curves)
+    per_seed["fraction"] = per_seed["labels_needed"] / per_seed["random_labels"]
     rows = []
     for strategy, curve in means.groupby("strategy", sort=False):
         reached = curve[curve["top1_mean"] >= target - 1e-12]
         needed = float(reached["labels"].iloc[0]) if len(reached) and not math.isnan(target) else math.nan
+        fractions = per_seed[per_seed["strategy"] == strategy]["fraction"]
         rows.append({"strategy": strategy, "final_labels": float(curve["labels"].iloc[-1]),
+                     "fraction_of_random_labels_mean": float(fractions.mean()) if len(fractions) else math.nan,
+                     "fraction_of_random_labels_std": float(fractions.std(ddof=0)) if len(fractions) else math.nan,
+                     "seeds_reaching_random": int(fractions.notna().sum()),
                      "final_top1_mean": float(curve["top1_mean"].iloc[-1]), "final_top1_std": float(curve["top1_std"].iloc[-1]),
                      "final_macro_f1_mean": float(curve["macro_f1_mean"].iloc[-1]),
                      "labels_to_reach_random_final": needed,
