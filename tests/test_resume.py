@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from classification.config import load_config
 from classification.errors import UserError
@@ -170,3 +171,28 @@ def test_changed_config_is_refused_unless_forced(reference: Path, tmp_path: Path
     rows = read_metrics(run_dir)
     assert len(rows) == EPOCHS + 1 and rows[:EPOCHS] == read_metrics(reference)
     assert load_checkpoint(last)["config"]["learning_rate"] == 0.5
+
+
+def test_checkpoint_from_before_the_input_statistics_keys_resumes_with_what_it_was_trained_with(tmp_path: Path) -> None:
+    """A run saved before ``mean``/``std``/``interpolation``/``pretrained_source`` existed (ImageNet statistics,
+    bilinear) resumes without --force, and keeps those statistics, though the weights' own (timm's: bicubic,
+    160 px for this model) now differ."""
+    from classification.config import config_hash, hashed_fields
+
+    dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=2, frames=1)
+    config = write_run(tmp_path / "run", dataset, num_epochs=1)
+    (config.parent / "config.yml").write_text(config.read_text().replace("image_size: 32\n", ""))
+    run_dir = config.parent
+    train(load_config(config), run_dir)
+    for path in sorted((run_dir / "checkpoints").glob("*.pt")):  # as the version before these keys wrote it
+        checkpoint = load_checkpoint(path)
+        old = {k: v for k, v in checkpoint["config"].items() if k not in ("pretrained_source", "mean", "std", "interpolation")}
+        old["image_size"] = 32  # the old default was 224; what the run used is saved
+        checkpoint["config"], checkpoint["config_hash"] = old, config_hash(hashed_fields(old))
+        path.unlink()
+        torch.save(checkpoint, path)
+    result = train(load_config(config, ["num_epochs=2"]), run_dir, config_path=config)
+    assert result.epochs_completed == 2
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+    assert (saved["image_size"], saved["mean"], saved["std"], saved["interpolation"]) == (
+        32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "bilinear")

@@ -48,7 +48,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from classification.config import ExperimentConfig, check_num_classes, config_changes, config_hash, write_run_files
+from classification.config import (
+    ExperimentConfig,
+    check_num_classes,
+    config_changes,
+    config_hash,
+    with_legacy_defaults,
+    write_run_files,
+)
 from classification.errors import DataError, UserError
 from classification.training.checkpoint import (
     BEST,
@@ -661,7 +668,6 @@ def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrit
     """Train (or continue training) the experiment in ``run_dir``; see the module docstring for the rules."""
     run_dir = Path(run_dir).resolve()
     config_path = config_path or run_dir / "config.yml"
-    config = resolve_inputs(config)  # image size and normalisation of the weights, saved with the run
     context = distributed_context()
     device = select_device(config.device, context)
     init_distributed(context, device)
@@ -682,15 +688,19 @@ def run_training(config: ExperimentConfig, run_dir: Path, resume: bool, overwrit
         remove_partial_writes(checkpoints_dir(run_dir))
         if not resume and overwrite and (checkpoints_dir(run_dir).exists() or (run_dir / METRICS_CSV).exists()):
             archive_run(run_dir)
+    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+    # input size and normalisation where the config leaves them unset: those the run was trained with
+    # (checkpoints from before these keys: ImageNet's, bilinear), else the weights'; saved with the run
+    config = resolve_inputs(config, with_legacy_defaults(checkpoint.get("config") or {}) if checkpoint else None)
     configure_determinism(config.deterministic)
     seed_everything(config.seed)
     data = load_run_data(config, context, config_path)
     steps_per_epoch = max(1, len(data.train_loader))
     trainer = build_trainer(config, len(data.label_index), data.train_labels, steps_per_epoch, device, context)
 
-    progress, checkpoint = Progress(), None
-    if resume_from is not None:
-        checkpoint = load_checkpoint(resume_from)
+    progress = Progress()
+    if checkpoint is not None:
+        assert resume_from is not None
         check_resumable(checkpoint, resume_from, config, data.label_index, force, config_path)
         if context.is_main and repair_best(checkpoints_dir(run_dir), checkpoint, resume_from):
             log.info("%s: rewritten from %s (a crash had cut the save short)", BEST, resume_from.name)

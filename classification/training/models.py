@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -222,14 +224,21 @@ def head_module(model: nn.Module) -> nn.Linear:
     return model.get_submodule(head_name(model))
 
 
-def resolve_inputs(config: ExperimentConfig) -> ExperimentConfig:
-    """``config`` with ``image_size``, ``mean``, ``std`` and ``interpolation`` taken from the weights where unset."""
+INPUT_KEYS = ("image_size", "mean", "std", "interpolation")
+
+
+def resolve_inputs(config: ExperimentConfig, trained: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """``config`` with ``image_size``, ``mean``, ``std`` and ``interpolation`` filled in where unset: from
+    ``trained`` (the saved config of the checkpoint a run resumes, older checkpoints read with
+    ``with_legacy_defaults``), else from the weights."""
     if None not in (config.image_size, config.mean, config.std, config.interpolation):
         return config
     spec = input_spec(config.architecture, config.pretrained_source if config.pretrained else "library")
-    return config.model_copy(update={
-        "image_size": config.image_size or spec.size, "mean": config.mean or spec.mean,
-        "std": config.std or spec.std, "interpolation": config.interpolation or spec.interpolation})
+    fallback = {"image_size": spec.size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
+    for key in INPUT_KEYS:
+        if trained and trained.get(key) is not None:
+            fallback[key] = tuple(trained[key]) if key in ("mean", "std") else trained[key]
+    return config.model_copy(update={key: getattr(config, key) or fallback[key] for key in INPUT_KEYS})
 
 
 def input_spec_of(config: ExperimentConfig) -> InputSpec:
