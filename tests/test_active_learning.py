@@ -452,3 +452,29 @@ def test_simulation_on_pretrained_embeddings_shares_them_across_seeds(loop: Loop
     assert len(result.curves) == 2 * 2 * 3
     assert (result.output_dir / "features_pretrained" / "train").is_dir()
     assert not (result.output_dir / "seed_0" / "initial").exists()  # no CNN was trained: ImageNet features as they are
+
+
+def test_embedding_cache_is_made_again_for_other_input_statistics(tmp_path: Path) -> None:
+    """Cached chunks record the normalisation and interpolation they were embedded with, not only the size."""
+    import torch
+
+    from classification.active_learning.embeddings import embed_samples
+    from classification.config import ExperimentConfig
+    from classification.training.data import Sample
+    from classification.training.models import build_model
+
+    samples = []
+    for i in range(3):
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (40, 40), (70 * i, 100, 30)).save(path)
+        samples.append(Sample(path, 0, "", ""))
+    model = build_model("timm:test_efficientnet", 2, pretrained=False)
+    imagenet = ExperimentConfig(data_root=tmp_path, architecture="timm:test_efficientnet", pretrained=False,
+                                image_size=32, batch_size=4, num_workers=0, device="cpu")
+    halves = imagenet.model_copy(update={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"})
+    cpu, cache = torch.device("cpu"), tmp_path / "cache"
+    first = embed_samples(model, samples, imagenet, cpu, False, cache, "tiny")
+    cached = embed_samples(model, samples, halves, cpu, False, cache, "tiny")
+    fresh = embed_samples(model, samples, halves, cpu, False, None, "tiny")
+    assert not np.allclose(first.embeddings, fresh.embeddings)
+    np.testing.assert_array_equal(cached.embeddings, fresh.embeddings)

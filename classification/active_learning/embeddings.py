@@ -37,6 +37,7 @@ from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_loader, image_files
 from classification.training.engine import DistributedContext, progress_bar, select_device
 from classification.training.models import build_model, forward_features, head_module, input_spec_of
+from classification.training.weights import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,12 @@ def embed_chunk(model: nn.Module, samples: Sequence[Sample], config: ExperimentC
     }
 
 
-def cache_key(samples: Sequence[Sample], model_id: str, image_size: int, chunk_size: int) -> dict[str, object]:
-    """What a cache of chunks was made from: the model, the image size, the chunking and every path."""
+def cache_key(samples: Sequence[Sample], model_id: str, spec: InputSpec, chunk_size: int) -> dict[str, object]:
+    """What a cache of chunks was made from: the model, its input (size, normalisation, interpolation), the
+    chunking and every path."""
     digest = hashlib.sha256("\n".join(str(s.path) for s in samples).encode("utf-8")).hexdigest()
-    return {"model": model_id, "image_size": image_size, "chunk_size": chunk_size, "n": len(samples), "paths_sha256": digest}
+    return {"model": model_id, "image_size": spec.size, "mean": list(spec.mean), "std": list(spec.std),
+            "interpolation": spec.interpolation, "chunk_size": chunk_size, "n": len(samples), "paths_sha256": digest}
 
 
 def prepare_cache(cache_dir: Path, key: dict[str, object]) -> None:
@@ -137,7 +140,7 @@ def embed_samples(model: nn.Module, samples: Sequence[Sample], config: Experimen
     model = model.to(device).eval()
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        prepare_cache(cache_dir, cache_key(samples, model_id, input_spec_of(config).size, chunk_size))
+        prepare_cache(cache_dir, cache_key(samples, model_id, input_spec_of(config), chunk_size))
     chunks = []
     starts = range(0, len(samples), chunk_size)
     for number, start in enumerate(starts, start=1):
