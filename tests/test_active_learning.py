@@ -478,3 +478,25 @@ def test_embedding_cache_is_made_again_for_other_input_statistics(tmp_path: Path
     fresh = embed_samples(model, samples, halves, cpu, False, None, "tiny")
     assert not np.allclose(first.embeddings, fresh.embeddings)
     np.testing.assert_array_equal(cached.embeddings, fresh.embeddings)
+
+
+def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
+    """Switching active_learning.embeddings retrains round 0's head; a later round's stale head is one line."""
+    import torch
+
+    from classification.active_learning import head_rounds
+    from classification.active_learning.loop import head_context, round_model
+    from classification.training.data import build_samples
+
+    experiment = open_experiment(loop.config, ["active_learning.retrain=head", "active_learning.embeddings=fine_tuned",
+                                               "active_learning.head_epochs=5"])
+    head = round_model(experiment, 0)
+    saved = torch.load(head, weights_only=True)
+    torch.save({**saved, "embeddings": "pretrained"}, head)  # as trained before the config switched to fine_tuned
+    assert torch.load(round_model(experiment, 0), weights_only=True)["embeddings"] == "fine_tuned"  # retrained
+    stale = experiment.round(1).model / head_rounds.HEAD_FILE
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**saved, "embeddings": "pretrained"}, stale)
+    samples = build_samples(experiment.config, "test")
+    with pytest.raises(UserError, match="trained on pretrained embeddings, the config says fine_tuned; retrain the round"):
+        head_rounds.scored_features(head_context(experiment), stale, "test", samples, len(experiment.label_names))

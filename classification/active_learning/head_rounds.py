@@ -90,19 +90,50 @@ def train_head(context: HeadContext, train: Sequence[Sample], pool: Sequence[Sam
     return {"labelled_images": int(len(y)), "feature_dim": int(x.shape[1])}
 
 
-def load_head(path: Path) -> MLPClassifier:
-    """A saved round head (weights-only load)."""
+def read_head(path: Path) -> tuple[MLPClassifier, dict[str, Any]]:
+    """A saved round head (weights-only load) and what it was trained on."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         mlp = MLPClassifier(int(saved["in_features"]), int(saved["num_classes"]), int(saved["hidden"]))
         mlp.load_state_dict(saved["state_dict"])
     except Exception as error:  # noqa: BLE001 - any unreadable head file is the same problem to the user
         raise DataError(f"{path}: not a readable round head ({str(error).splitlines()[0]}); retrain the round") from None
-    return mlp.eval()
+    return mlp.eval(), {key: saved.get(key) for key in ("embeddings", "in_features", "num_classes")}
 
 
-def scored_features(context: HeadContext, head: Path, name: str, samples: Sequence[Sample]) -> PoolEmbeddings:
+def head_mismatch(context: HeadContext, trained_on: dict[str, Any], num_classes: int,
+                  feature_dim: int | None = None) -> str | None:
+    """Why a head does not fit the experiment now (other embeddings, feature size or classes), or None."""
+    if trained_on["embeddings"] != context.al.embeddings:
+        return f"it was trained on {trained_on['embeddings']} embeddings, the config says {context.al.embeddings}"
+    if trained_on["num_classes"] != num_classes:
+        return f"it has {trained_on['num_classes']} classes, the dataset {num_classes}"
+    if feature_dim is not None and trained_on["in_features"] != feature_dim:
+        return f"it takes {trained_on['in_features']}-d features, the model gives {feature_dim}-d"
+    return None
+
+
+def head_fits(context: HeadContext, path: Path, num_classes: int) -> bool:
+    """True when ``path`` is a readable head trained on the experiment's current kind of embeddings."""
+    try:
+        return head_mismatch(context, read_head(path)[1], num_classes) is None
+    except DataError:
+        return False
+
+
+def load_head(context: HeadContext, path: Path, num_classes: int, feature_dim: int) -> MLPClassifier:
+    """A saved round head, refused in one line when it does not fit the experiment's features now."""
+    mlp, trained_on = read_head(path)
+    problem = head_mismatch(context, trained_on, num_classes, feature_dim)
+    if problem:
+        raise UserError(f"{path}: {problem}; retrain the round (classifier/active_learning.py retrain --round <k>)")
+    return mlp
+
+
+def scored_features(context: HeadContext, head: Path, name: str, samples: Sequence[Sample],
+                    num_classes: int) -> PoolEmbeddings:
     """Features of ``samples`` with the round head's probabilities (what selection and evaluation read)."""
     result = cached_features(context, name, samples)
-    probabilities = predict_proba(load_head(head), result.embeddings) if len(result) else np.zeros((0, 0))
+    mlp = load_head(context, head, num_classes, int(result.embeddings.shape[1]))
+    probabilities = predict_proba(mlp, result.embeddings) if len(result) else np.zeros((0, 0))
     return PoolEmbeddings(result.kept, result.embeddings, probabilities.astype(np.float32), result.skipped)

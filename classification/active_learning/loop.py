@@ -177,8 +177,8 @@ def round_model(experiment: Experiment, number: int) -> Path:
     if not uses_head(experiment):
         return model_checkpoint(experiment, number)
     path = experiment.round(number).model / head_rounds.HEAD_FILE
-    if number == 0 and not path.is_file():
-        train_round_head(experiment, 0, [])
+    if number == 0 and not head_rounds.head_fits(head_context(experiment), path, len(experiment.label_names)):
+        train_round_head(experiment, 0, [])  # first use, or the embeddings changed since
     if not path.is_file():
         raise UserError(f"round {number}: no trained head yet; run: python classifier/active_learning.py retrain "
                         f"--config {experiment.config_path}")
@@ -196,8 +196,8 @@ def train_round_head(experiment: Experiment, number: int, pool: list[Sample]) ->
 def is_trained(experiment: Experiment, number: int) -> bool:
     """Round 0: the experiment has its initial checkpoint (a head is trained when needed); round k: its retrain
     finished."""
-    if number == 0 and uses_head(experiment):
-        return True
+    if number == 0 and uses_head(experiment) and experiment.al.embeddings == "pretrained":
+        return True  # round 0's head is trained on the frozen backbone's features when first needed
     if number == 0:
         try:
             model_checkpoint(experiment, 0)
@@ -246,7 +246,8 @@ def embed_for_selection(experiment: Experiment, number: int, samples: list[Sampl
     """Embeddings and probabilities of ``samples`` with the model of round ``number - 1`` (cached per round;
     with ``retrain: head`` the features are cached once and only the head's probabilities are new)."""
     if uses_head(experiment):
-        return head_rounds.scored_features(head_context(experiment), round_model(experiment, number - 1), name, samples)
+        return head_rounds.scored_features(head_context(experiment), round_model(experiment, number - 1), name, samples,
+                                           len(experiment.label_names))
     return embed_with_checkpoint(model_checkpoint(experiment, number - 1), samples, experiment.config,
                                  experiment.round(number).embeddings / name)
 
@@ -566,6 +567,7 @@ def retrain_head_round(experiment: Experiment, files: store.RoundFiles, labels: 
     """``retrain: head``: the round's MLP on the train split plus every labelled pool image (seconds; always anew)."""
     known = {path: label for path, label in labels.items() if label in set(experiment.label_names)}
     pool = pool_samples(experiment, pool_paths(experiment.pool_dir()), known)
+    files.metrics.unlink(missing_ok=True)  # they were the earlier head's
     trained = train_round_head(experiment, files.number, pool)
     write_json_atomic(files.done, {"round": files.number, "mode": "head", "epochs": experiment.al.head_epochs,
                                    "pool_labels": sum(s.label >= 0 for s in pool), **trained,
@@ -576,7 +578,8 @@ def retrain_head_round(experiment: Experiment, files: store.RoundFiles, labels: 
 def evaluate_head_round(experiment: Experiment, number: int, split: str) -> dict[str, Any]:
     """Held-out metrics of round ``number``'s head (features of ``split`` cached once)."""
     samples = build_samples(experiment.config, split)
-    scored = head_rounds.scored_features(head_context(experiment), round_model(experiment, number), split, samples)
+    scored = head_rounds.scored_features(head_context(experiment), round_model(experiment, number), split, samples,
+                                         len(experiment.label_names))
     truth = np.array([samples[i].label for i in scored.kept], dtype=np.int64)
     if not len(truth):
         raise DataError(f"{experiment.config.data_root}: the {split} split has no readable images to evaluate on")
