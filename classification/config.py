@@ -160,12 +160,26 @@ class ExperimentConfig(BaseModel):
             return value[0]
         return value
 
-    @field_validator("std")
+    @field_validator("mean", "std", mode="before")
     @classmethod
-    def _check_std(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
-        """Pixels are divided by std: every channel's must be positive."""
-        if value is not None and min(value) <= 0:
+    def _three_channels(cls, value: Any) -> Any:
+        """One value per RGB channel."""
+        if isinstance(value, (list, tuple)) and len(value) != 3:
+            raise ValueError(f"give 3 values, one per RGB channel, got {len(value)}: {list(value)}")
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _check_statistics(cls, value: tuple[float, float, float] | None,
+                          info: ValidationInfo) -> tuple[float, float, float] | None:
+        """Pixels are scaled to [0, 1] first, so the statistics are in that range too; std divides, so > 0."""
+        if value is None:
+            return value
+        if info.field_name == "std" and min(value) <= 0:
             raise ValueError(f"every channel's std must be positive, got {list(value)}")
+        if max(abs(v) for v in value) > 1:
+            raise ValueError(f"pixels are scaled to [0, 1] before normalising, so {info.field_name} is too; got "
+                             f"{list(value)} (for statistics of 0-255 pixels, divide them by 255)")
         return value
 
     @field_validator("comet", "amp", "channels_last", mode="before")

@@ -180,3 +180,15 @@ def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
     assert config.data_root.is_absolute() and config.data_root.parent.name in ("processed", "interim")
     if config.active_learning.pool is not None:
         assert config.active_learning.pool.is_absolute()
+
+
+def test_bad_input_statistics_name_the_key(tmp_path: Path) -> None:
+    assert "pretrained_source: expected one of library, package, got 'pakage' (did you mean package?)" in load_error(
+        tmp_path, "data_root: d\npretrained_source: pakage\n")
+    assert "mean: give 3 values, one per RGB channel, got 2: [1, 2]" in load_error(tmp_path, "data_root: d\nmean: [1, 2]\n")
+    assert "std: every channel's std must be positive" in load_error(tmp_path, "data_root: d\nstd: [0, 0, 0]\n")
+    assert "interpolation: expected one of bilinear, bicubic, nearest, got 'cubic' (did you mean bicubic?)" in load_error(
+        tmp_path, "data_root: d\ninterpolation: cubic\n")
+    scale = load_error(tmp_path, "data_root: d\nmean: [123.7, 116.3, 103.5]\n")  # 0-255 statistics
+    assert "mean: pixels are scaled to [0, 1]" in scale and "divide them by 255" in scale
+    assert "std: pixels are scaled to [0, 1]" in load_error(tmp_path, "data_root: d\nstd: [58.4, 57.1, 57.4]\n")
