@@ -285,3 +285,17 @@ def test_other_strategies_run_in_the_loop(folders: dict[str, Path], strategy: st
     picked = [s.path for s in history.rounds[0].selected]
     assert len(set(picked)) == ACTIVE_BATCH and all(folders["unlabelled"] in p.parents for p in picked)
     assert folders["unlabelled"] / "red" / "corrupt.jpg" not in picked
+
+
+def test_embedding_network_reads_images_with_its_weights_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm's test_efficientnet expects bicubic resizing: the triplet paths use it, not ImageNet's bilinear default."""
+    from classification.active_learning import triplet
+
+    specs = []
+    real = triplet.build_transforms
+    monkeypatch.setattr(triplet, "build_transforms", lambda *args: specs.append(args[3] if len(args) > 3 else None) or real(*args))
+    network = triplet.EmbeddingNetwork("timm:test_efficientnet", 4, pretrained=False)
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (40, 40), (90, 120, 30)).save(image)
+    triplet.embed(network, [image], image_size=32)
+    assert specs and specs[0] is not None and specs[0].interpolation == "bicubic"

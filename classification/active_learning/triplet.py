@@ -38,7 +38,7 @@ from classification.training.data import (
     decode_size,
     derived_seed,
 )
-from classification.training.models import build_model
+from classification.training.models import build_model, input_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class EmbeddingNetwork(nn.Module):
         self.architecture = architecture
         self.embedding_dim = embedding_dim
         self.backbone = build_model(architecture, embedding_dim, pretrained, weights_file)
+        self.input_spec = input_spec(architecture)  # the weights' normalisation and interpolation
 
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> L2-normalised embeddings (B, embedding_dim)."""
@@ -222,7 +223,7 @@ def train_embedding(network: EmbeddingNetwork, samples: Sequence[Sample], epochs
     """
     if mining not in MINING:
         raise UserError(f"mining: unknown {mining!r} (choose from {', '.join(MINING)})")
-    dataset = CropDataset(samples, build_transforms(image_size, augmentation, train=True), seed,
+    dataset = CropDataset(samples, build_transforms(image_size, augmentation, True, getattr(network, "input_spec", None)), seed,
                           decode_size(image_size, augmentation, train=True))
     sampler = PKBatchSampler([s.label for s in samples], classes_per_batch, images_per_class, seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_skip_none, num_workers=num_workers)
@@ -270,7 +271,7 @@ def embed(network: EmbeddingNetwork, paths: Sequence[Path], *, image_size: int =
           device: str | torch.device = "cpu", num_workers: int = 0) -> EmbeddedImages:
     """Embed images in batches (eval mode, ``torch.inference_mode``); unreadable ones are skipped and reported."""
     samples = [Sample(Path(path), 0, "", "") for path in paths]
-    dataset = CropDataset(samples, build_transforms(image_size, "none", train=False), 0, image_size)
+    dataset = CropDataset(samples, build_transforms(image_size, "none", False, getattr(network, "input_spec", None)), 0, image_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
                         num_workers=num_workers)
     vectors = np.zeros((len(samples), network.embedding_dim), dtype=np.float32)
