@@ -81,6 +81,11 @@ def test_converted_weights_are_cached_once_and_a_corrupt_cache_is_rebuilt(weight
     rebuilt = packaged_state_dict("efficientnet_lite0", target)
     assert all(torch.equal(first[k], rebuilt[k]) for k in first)
     assert not list(weights_cache.glob(".*.tmp"))
+    from safetensors.torch import save_file
+
+    save_file({**first, "conv_stem.weight": torch.zeros(1)}, str(cached))  # right keys, a wrong shape
+    reshaped = packaged_state_dict("efficientnet_lite0", target)
+    assert all(torch.equal(first[k], reshaped[k]) for k in first)
 
 
 @pytest.mark.parametrize("architecture", ["efficientnet_lite0", "tf_efficientnet_lite0"])

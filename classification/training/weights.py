@@ -178,7 +178,7 @@ def read_cached(path: Path, target: Mapping[str, Tensor]) -> dict[str, Tensor] |
     except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt from the package
         log.warning("%s: unreadable cached weights (%s): converting again", path, error)
         return None
-    if list(state) != list(target) and set(state) != set(target):
+    if set(state) != set(target) or any(state[key].shape != own.shape for key, own in target.items()):
         log.warning("%s: cached weights do not fit the model: converting again", path)
         return None
     return state
