@@ -20,6 +20,20 @@ pytest_plugins = ["tests.label_studio_server"]  # the session's one real Label S
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# One torch thread, in this process and in the entry points the tests start (a value set by whoever runs the
+# tests is kept): the models here are tiny, and on a 2-core machine a second thread only spins against the
+# first and against loader workers (one in-process resume test: 53 CPU-s with 2 threads, 18 with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> None:
+    """Apply OMP_NUM_THREADS even where torch was imported before this file set it."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 1)))
+
 
 @pytest.fixture
 def shared_data() -> Path:
