@@ -21,10 +21,10 @@ from classification.errors import DataError
 from classification.evaluation.predict import run_prediction
 from classification.evaluation.report import prediction_columns, read_predictions
 from classification.training.checkpoint import load_checkpoint
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_in_process
 from tests.test_inspect import DemoData, build_demo_dataset
 from tests.test_notebooks import cell, kernel_env, outputs_text, png_outputs, run_notebook  # noqa: F401 (fixture)
-from tests.test_train import run_train, train_env, write_run
+from tests.test_train import train_env, write_run
 
 pytestmark = pytest.mark.slow  # trains a model once (~10 s) and runs the entry point a few times
 PLOTS = ("confusion_matrix.png", "precision_recall.png", "reliability.png", "confident_mistakes.png")
@@ -47,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     root = tmp_path_factory.mktemp("predict")
     data = build_demo_dataset(root / "demo")
     config = write_run(root / "runs" / "tiny" / "demo", data.dataset_dir, crops_dir=str(data.crops_dir), num_epochs=2)
-    result = run_train(config)
+    result = run_in_process("classifier/train.py", "--config", config, env=train_env(), cwd=config.parent)
     assert result.returncode == 0, result.stderr
     return TrainedRun(data, config)
 
@@ -56,6 +56,11 @@ def run_predict(*args: object) -> subprocess.CompletedProcess[str]:
     """classifier/predict.py as a user runs it."""
     return subprocess.run([sys.executable, str(REPO_ROOT / "classifier" / "predict.py"), *map(str, args)],
                           capture_output=True, text=True, env=train_env(), timeout=600)
+
+
+def predict_here(*args: object) -> subprocess.CompletedProcess[str]:
+    """The same, in this process (``run_in_process``; test_split_test_scores_exactly_the_test_crops runs the real one)."""
+    return run_in_process("classifier/predict.py", *args, env=train_env())
 
 
 def split_paths(dataset_dir: Path, split: str) -> list[str]:
@@ -132,7 +137,7 @@ def test_a_dataset_with_another_label_index_is_refused(trained: TrainedRun, tmp_
     checkpoint = trained.run_dir / "checkpoints" / "last.pt"
     with pytest.raises(DataError, match="differs from the one"):
         run_prediction(config, checkpoint, split="test")
-    result = run_predict("--config", config, "--checkpoint", checkpoint, "--split", "test")
+    result = predict_here("--config", config, "--checkpoint", checkpoint, "--split", "test")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "label index" in result.stderr
 
 
@@ -172,11 +177,11 @@ def test_cct_input_equals_the_split(trained: TrainedRun, tmp_path: Path) -> None
 def test_megadetector_crops_give_a_megadetector_file(trained: TrainedRun, shared_data: Path, tmp_path: Path) -> None:
     root = shared_data / "lila_md_test"
     crops = tmp_path / "md_crops"
-    cropped = subprocess.run([sys.executable, str(REPO_ROOT / "utils" / "crop_detections.py"), str(root / "md_v5a_output.json"),
-                              str(crops), "--images-dir", str(root / "images"), "--max-size", "64"], capture_output=True, text=True)
+    cropped = run_in_process("utils/crop_detections.py", root / "md_v5a_output.json", crops, "--images-dir", root / "images",
+                             "--max-size", "64")
     assert cropped.returncode == 0, cropped.stderr
-    result = run_predict("--config", trained.config, "--checkpoint", "last", "--megadetector", root / "md_v5a_output.json",
-                         "--crops-dir", crops, "--output-dir", tmp_path / "out", "--topk", "2")
+    result = predict_here("--config", trained.config, "--checkpoint", "last", "--megadetector", root / "md_v5a_output.json",
+                          "--crops-dir", crops, "--output-dir", tmp_path / "out", "--topk", "2")
     assert result.returncode == 0, result.stderr
     predictions = read_predictions(tmp_path / "out" / "predictions.csv")
     assert len(predictions) == 30 and (predictions["true_label"] == "").all()
@@ -253,8 +258,8 @@ def test_run_notebook_entry_point_saves_the_executed_evaluation(trained: Trained
     notebook = nbformat.read(executed, as_version=4)
     assert len(png_outputs(cell(notebook, "plots"))) == len(PLOTS)
     assert "2 epochs" in outputs_text(cell(notebook, "load"))
-    failed = run_entry_point("utils/run_notebook.py", "notebooks/evaluate_results.ipynb", "--output",
-                             tmp_path / "failed.ipynb", "--set", f"RUN_DIR={tmp_path / 'missing'}")
+    failed = run_in_process("utils/run_notebook.py", "notebooks/evaluate_results.ipynb", "--output",
+                            tmp_path / "failed.ipynb", "--set", f"RUN_DIR={tmp_path / 'missing'}")
     assert failed.returncode == 2 and not (tmp_path / "failed.ipynb").exists()
     (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert "a cell failed: FileNotFoundError" in line and "metrics.csv" in line and "Traceback" not in failed.stderr

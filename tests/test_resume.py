@@ -24,6 +24,7 @@ from classification.config import load_config
 from classification.errors import UserError
 from classification.training.checkpoint import load_checkpoint, newest_checkpoint
 from classification.training.engine import train
+from tests.conftest import run_in_process
 from tests.test_train import (
     assert_same_tensors,
     build_dataset,
@@ -141,7 +142,7 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
 def test_no_resume_refuses_and_overwrite_archives(reference: Path, tmp_path: Path) -> None:
     run_dir = copy_run(reference, tmp_path)
     config = run_dir / "config.yml"
-    result = run_train(config, "--no-resume")
+    result = run_in_process("classifier/train.py", "--config", config, "--no-resume", env=train_env(), cwd=run_dir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {run_dir}: has an earlier run (1.pt, 2.pt, 3.pt, 4.pt, best.pt, last.pt); continue it with --resume, "

@@ -43,7 +43,7 @@ from classification.training.checkpoint import (
 from classification.training.data import build_samples
 from classification.training.engine import is_improvement, lr_factor, seed_everything, train
 from classification.training.models import build_model, head_name
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_in_process
 from tests.test_config import ANIML_CONFIG
 
 TINY: dict[str, Any] = {
@@ -178,7 +178,7 @@ def test_animl_config_and_num_classes_check(dataset: Path, tmp_path: Path) -> No
     fast = ["--set", "device=cpu", "--set", "num_workers=0", "--set", "num_epochs=1", "--set", "image_size=[32, 32]",
             "--set", "batch_size=16", "--set", "architecture=timm:test_efficientnet", "--set", "pretrained=false",
             "--set", "comet=off"]
-    result = run_train(config, *fast)
+    result = run_in_process("classifier/train.py", "--config", config, *fast, env=train_env(), cwd=run_dir)  # no 5 s start
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {config}: num_classes: 9, but {dataset / 'label_index.json'} has 4 labels; "
