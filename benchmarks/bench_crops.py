@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -62,6 +63,23 @@ def time_megadetector(input_json: Path, images_dir: Path) -> tuple[int, float]:
     return crops, seconds
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the cropping worker processes)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def with_cpu_time(run: Callable[[], tuple[int, float]]) -> tuple[int, float, float]:
+    """``run()``'s crops and seconds, and the CPU seconds it used (less sensitive to other load than seconds)."""
+    before = cpu_seconds()
+    crops, seconds = run()
+    return crops, seconds, cpu_seconds() - before
+
+
 def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
     """Print MegaDetector's cropper and ours on MCT side by side: alternating runs, best of ``repeats`` each."""
     try:
@@ -75,15 +93,16 @@ def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
     for n in threads:
         options = CropOptions(crop_strategy="square", threads=n, progress=False)
         runners[f"crop_detections square, {n} worker(s)"] = lambda options=options: time_run(input_json, images_dir, options)
-    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in runners}
+    runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            runs[name].append(run())
+            runs[name].append(with_cpu_time(run))
     best = {name: min(results, key=lambda r: r[1]) for name, results in runs.items()}
     print(f"MCT, every box of mct_cct.json; best of {repeats} alternating runs; {describe_load()}")
-    print(f"{'cropper':40s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s} {'vs MD':>6s}")
-    for name, (crops, seconds) in best.items():
-        print(f"{name:40s} {crops:6d} {seconds:8.2f} {crops / seconds:8.1f} {best[reference][1] / seconds:5.2f}x")
+    print(f"{'cropper':40s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s} {'vs MD':>6s} {'CPU s':>6s}")
+    for name, (crops, seconds, cpu) in best.items():
+        print(f"{name:40s} {crops:6d} {seconds:8.2f} {crops / seconds:8.1f} {best[reference][1] / seconds:5.2f}x {cpu:6.2f}")
+    print("(CPU s: CPU time of the fastest run, all its processes; wall-clock speed-up needs free cores)")
     print()
 
 
