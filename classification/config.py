@@ -22,12 +22,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from classification.active_learning.strategies import STRATEGIES
 from classification.errors import DataError, UserError
 from classification.io import write_json_atomic, write_text_atomic
 
@@ -42,7 +41,11 @@ RESUMABLE_FIELDS = frozenset({
     "data_root", "crops_dir", "weights_file", "active_learning",
 })
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
-StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]  # the names of active_learning.strategies
+# The active-learning strategies by name. The config owns the list (it imports no stage);
+# classification.active_learning.strategies implements one selection per name and takes
+# its STRATEGIES from here, so there is one list.
+StrategyName = Literal["random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 
 
 class SimulationConfig(BaseModel):

@@ -1,8 +1,9 @@
-"""Atomic file writes and careful JSON reading.
+"""Atomic file writes and careful JSON and CSV reading: the general file helpers every stage uses.
 
 Every file the pipeline writes goes to a temporary file in the same folder and is
 then moved into place with ``os.replace``: a crash never leaves a half-written file
-that a later run would trust.
+that a later run would trust. This module is the bottom layer (with ``errors``): it imports no
+other part of the library, and pandas only inside the CSV helpers, so importing it stays cheap.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from classification.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextmanager
@@ -89,6 +94,22 @@ def link_atomic(source: str | Path, target: str | Path) -> bool:
     return True
 
 
+def copy_file_atomic(source: str | Path, target: str | Path) -> None:
+    """Copy ``source`` to ``target`` with its metadata (``shutil.copy2``) atomically: into a temporary
+    file beside ``target``, fsynced, then moved into place, so a crash never leaves a partial copy."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as handle:
@@ -125,3 +146,25 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not usable JSON: a number with too many digits ({str(error).split(':')[0]})") from None
     except RecursionError:
         raise DataError(f"{path}: not usable JSON: nested too deeply") from None
+
+
+def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd.DataFrame:
+    """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
+    import pandas as pd  # noqa: PLC0415 - only the CSV helpers need pandas; the rest of io stays cheap to import
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found{hint}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    missing = sorted(set(required) - set(frame.columns))
+    if missing:
+        raise DataError(f"{path}: missing columns {', '.join(missing)}")
+    return frame
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    """Write a CSV atomically."""
+    with atomic_open(path) as handle:
+        frame.to_csv(handle, index=False)

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from classification.config import ExperimentConfig
-from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_json, write_json_atomic
+from classification.io import atomic_open, read_json, write_csv_atomic, write_json_atomic
 from classification.active_learning.lightly import write_embeddings_csv
 from classification.active_learning.scores import uncertainty_scores
 from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model

@@ -56,8 +56,8 @@ from classification.active_learning.timelapse import read_timelapse_export, writ
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
 from classification.errors import DataError, UserError
 from classification.evaluation.predict import labelled_samples, run_prediction
-from classification.data.dataset import DATASET_COLUMNS, read_string_csv, write_csv_atomic, write_dataset_folder
-from classification.io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
+from classification.io import read_json, read_string_csv, write_bytes_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import (
     Sample,

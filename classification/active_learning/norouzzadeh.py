@@ -35,9 +35,8 @@ from classification.active_learning.triplet import (
     train_embedding,
     train_mlp,
 )
-from classification.data.dataset import write_csv_atomic
 from classification.errors import DataError, UserError
-from classification.io import atomic_open
+from classification.io import atomic_open, write_csv_atomic
 from classification.training.data import Sample, class_folders, derived_seed, image_files
 from classification.training.metrics import accumulate_probabilities
 

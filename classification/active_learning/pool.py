@@ -12,8 +12,6 @@ cameras' equal file names never collide.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,9 @@ import pandas as pd
 
 from classification.active_learning.labels import normalize_path
 from classification.active_learning.timelapse import timelapse_row
-from classification.data.dataset import read_string_csv, write_csv_atomic, write_dataset_folder
+from classification.data.dataset import write_dataset_folder
 from classification.errors import DataError, UserError
-from classification.io import read_json
+from classification.io import copy_file_atomic, link_atomic, read_json, read_string_csv, write_csv_atomic
 from classification.training.data import DATASET_CSV, SPLITS_JSON, load_label_index, read_split_keys
 
 ANSWERS_FILE = "pool_answers.csv"
@@ -56,14 +54,12 @@ def stratified_mask(labels: Sequence[Any], fraction: float, seed: int) -> np.nda
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (a copy across file systems); an existing target is kept."""
+    """Hard-link ``source`` to ``target`` (an atomic copy across file systems); an existing target is kept."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    if not link_atomic(source, target):
+        copy_file_atomic(source, target)
 
 
 def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: Path, labelled_fraction: float = 0.2,

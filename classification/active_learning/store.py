@@ -29,9 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from classification.active_learning.labels import ReceivedLabel
-from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.errors import DataError
-from classification.io import read_json
+from classification.io import read_json, read_string_csv, write_csv_atomic
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ["path", "label", "annotator", "source", "round", "imported_utc"]

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from classification.active_learning.scores import SCORE_FUNCTIONS, check_score_name, uncertainty_scores
+from classification.config import STRATEGY_NAMES
 from classification.errors import UserError
 
-STRATEGIES: tuple[str, ...] = ("random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse")
+STRATEGIES: tuple[str, ...] = STRATEGY_NAMES  # the config owns the names (it imports no stage); OPTIONS covers each
 
 DEFAULT_CHUNK_SIZE = 2048  # rows (and centres) per distance block: a block is at most 2048² float32 = 16 MB
 DEFAULT_MAX_ITERATIONS = 20  # Lloyd iterations for informative_diverse's k-means (stops early once stable)

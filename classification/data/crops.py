@@ -78,7 +78,7 @@ from classification.data.detections import (
     read_crop_requests,
 )
 from classification.data.download import fetch_bytes, image_url
-from classification.data.images import DECODE_ERRORS, is_valid_image
+from classification.data.images import DECODE_ERRORS, is_valid_image, to_rgb
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
 
@@ -296,16 +296,6 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
     """Width and height after the EXIF orientation, from the header (nothing decoded)."""
     width, height = image.size
     return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The image as 8-bit RGB: CMYK, grayscale (L, LA, 16-bit), palette and alpha images converted."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I"):
-        high_byte = np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
-        return Image.fromarray(high_byte).convert("RGB")
-    return image.convert("RGB")
 
 
 def fast_decodable(image: Image.Image, factor: int, unscaled: bool) -> bool:

@@ -38,7 +38,7 @@ from classification.data.splits import (
     target_fractions,
 )
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_json, write_json_atomic
+from classification.io import read_json, read_string_csv, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +76,6 @@ class DatasetReport:
     unlabelled_crops: int = 0
     dropped_labels: dict[str, int] = field(default_factory=dict)
     split_report: dict[str, Any] | None = None
-
-
-def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd.DataFrame:
-    """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found{hint}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
-    missing = sorted(set(required) - set(frame.columns))
-    if missing:
-        raise DataError(f"{path}: missing columns {', '.join(missing)}")
-    return frame
 
 
 def read_crops_manifest(path: Path) -> pd.DataFrame:
@@ -225,12 +211,6 @@ def dataset_table(frame: pd.DataFrame) -> pd.DataFrame:
             "label": frame["label"],
         }
     )
-
-
-def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
-    """Write a CSV atomically."""
-    with atomic_open(path) as handle:
-        frame.to_csv(handle, index=False)
 
 
 def fixed_test_locations(problem: SplitProblem, match_test: tuple[Path, Path], frame: pd.DataFrame) -> np.ndarray:

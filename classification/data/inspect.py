@@ -19,17 +19,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image
 
 from classification.data.cct import CCT, Problem, normalize_location
 from classification.data.dataset import read_dataset_csv
+from classification.data.images import read_thumbnail
 from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits
 from classification.errors import DataError, UserError
 from classification.io import read_json
 
 NO_LOCATION = "(no location)"  # never a normalised location: those have no spaces
 SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
-THUMBNAIL_PIXELS = 128
 
 
 # --- datasets built by utils/create_classification_dataset.py --------------------------------
@@ -182,15 +181,6 @@ def sample_crops(view: DatasetView, per_class: int = 6, seed: int = 0) -> pd.Dat
         rank = shuffled.groupby(["dataset", "location"], observed=True).cumcount()
         picked.append(shuffled.assign(_rank=rank.to_numpy()).sort_values("_rank", kind="stable").head(per_class))
     return pd.concat(picked).drop(columns="_rank") if picked else view.crops.iloc[:0]
-
-
-def read_thumbnail(path: Path, size: int = THUMBNAIL_PIXELS) -> Image.Image:
-    """Decode a crop at reduced scale (``Image.draft``) into an RGB thumbnail of at most ``size`` pixels."""
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))
-        thumbnail = image.convert("RGB")
-    thumbnail.thumbnail((size, size))
-    return thumbnail
 
 
 def _short(text: str, width: int = 20) -> str:

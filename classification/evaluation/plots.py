@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from classification.data.inspect import read_thumbnail
+from classification.data.images import read_thumbnail
 from classification.io import atomic_open
 
 ANNOTATE_MAX_CLASSES = 25  # write the value in each cell of the confusion matrix up to this many classes

@@ -30,12 +30,12 @@ from torch import nn
 from classification.config import ExperimentConfig, describe_error, load_config, with_legacy_defaults
 from classification.data.cct import category_names, load_cct
 from classification.data.crops import MANIFEST_NAME
-from classification.data.dataset import read_crops_manifest, write_csv_atomic
+from classification.data.dataset import read_crops_manifest
 from classification.data.detections import load_megadetector
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
 from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
-from classification.io import write_json_atomic
+from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
 from classification.training.engine import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last

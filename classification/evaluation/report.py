@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from classification.data.dataset import read_string_csv, write_csv_atomic
 from classification.errors import DataError
 from classification.evaluation.plots import write_evaluation_plots
-from classification.io import write_json_atomic
+from classification.io import read_string_csv, write_csv_atomic, write_json_atomic
 from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator, accumulate_probabilities
 
 log = logging.getLogger(__name__)

@@ -35,12 +35,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from classification.data.crops import to_rgb
-from classification.data.dataset import read_string_csv
-from classification.data.images import DECODE_ERRORS
+from classification.data.images import DECODE_ERRORS, to_rgb
 from classification.data.splits import SPLIT_NAMES
 from classification.errors import DataError, UserError
-from classification.io import read_json
+from classification.io import read_json, read_string_csv
 from classification.training.models import input_spec_of
 from classification.training.weights import InputSpec
 
