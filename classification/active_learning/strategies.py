@@ -261,10 +261,6 @@ class _Coverage:
         self.bound[position] = -np.inf
         self.checked[position] = np.iinfo(np.int64).max
 
-    def is_fresh(self, position: int) -> bool:
-        """Whether the candidate's bound already counts every centre."""
-        return bool(self.checked[position] >= self.n_centres)
-
     def refresh(self, positions: np.ndarray) -> None:
         """Make the bounds of ``positions`` exact: one product when small, else grouped by similar backlogs."""
         positions = positions[self.checked[positions] < self.n_centres]

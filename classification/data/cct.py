@@ -330,8 +330,3 @@ def resolve_missing_locations(data: CCT, rule: MissingLocationRule = "sequence")
 def category_names(data: CCT) -> dict[Any, str]:
     """Category id to name."""
     return {c["id"]: c["name"] for c in data["categories"]}
-
-
-def images_by_id(data: CCT) -> dict[Any, dict[str, Any]]:
-    """Image id to image record."""
-    return {image["id"]: image for image in data["images"]}

@@ -317,7 +317,12 @@ class CropDataset(Dataset):
         return str(self.samples[index].path)
 
     def read(self, index: int) -> Image.Image | Tensor:
-        """Decode item ``index`` (accimage when torchvision's backend says so, else PIL)."""
+        """Decode item ``index``: accimage when torchvision's backend says so, else PIL (``load_image``).
+
+        The two do not give equal pixels: accimage applies no EXIF rotation (a rotated photo arrives
+        sideways) and never decodes at reduced scale (``Image.draft``), so the resized image differs
+        slightly. Train and predict with the same backend.
+        """
         path = self.samples[index].path
         return load_accimage(path) if use_accimage() else load_image(path, self.decode_size)
 
