@@ -40,9 +40,9 @@ def execute_notebook(notebook_path: Path, output_path: Path, parameters: Mapping
                      kernel_name: str = "python3") -> Path:
     """Execute ``notebook_path`` with ``parameters`` as environment variables; write it with outputs to ``output_path``."""
     try:
-        import nbformat
-        from nbclient import NotebookClient
-        from nbclient.exceptions import CellExecutionError
+        import nbformat  # noqa: PLC0415 - the dev extra: only when a notebook is run
+        from nbclient import NotebookClient  # noqa: PLC0415
+        from nbclient.exceptions import CellExecutionError  # noqa: PLC0415
     except ImportError:
         raise UserError("running notebooks needs nbclient, nbformat and ipykernel: pip install -e '.[dev]'") from None
     notebook_path = Path(notebook_path)

@@ -112,7 +112,7 @@ def run_status(args) -> int:  # type: ignore[no-untyped-def]
 
 
 def run_simulate(args) -> int:  # type: ignore[no-untyped-def]
-    from classification.active_learning.simulation import settings_with, simulate
+    from classification.active_learning.simulation import settings_with, simulate  # noqa: PLC0415 - matplotlib only for this command
 
     experiment = open_experiment(args.config, args.overrides)
     settings = settings_with(experiment.al.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds)

@@ -320,7 +320,7 @@ class LabelStudioClient:
         try:
             with warnings.catch_warnings():  # the SDK's own pydantic-v1 deprecation warnings
                 warnings.simplefilter("ignore", DeprecationWarning)
-                from label_studio_sdk import LabelStudio
+                from label_studio_sdk import LabelStudio  # noqa: PLC0415 - optional and slow to import: only on connect
         except ImportError:
             raise UserError("label-studio-sdk is not installed: pip install label-studio-sdk==2.0.19") from None
         with self._calling("connect"):
@@ -333,8 +333,8 @@ class LabelStudioClient:
     @contextmanager
     def _calling(self, action: str) -> Iterator[None]:
         """Turn SDK/HTTP failures into a one-line ``UserError`` (the key scrubbed, just in case)."""
-        import httpx
-        from label_studio_sdk.core.api_error import ApiError
+        import httpx  # noqa: PLC0415 - the SDK's dependency: only once a client is connected
+        from label_studio_sdk.core.api_error import ApiError  # noqa: PLC0415
 
         try:
             yield

@@ -223,7 +223,8 @@ def labels_needed_per_seed(curves: pd.DataFrame) -> pd.DataFrame:
             continue
         target, random_labels = random_curve["top1"].iloc[-1], random_curve["labels"].iloc[-1]
         for strategy, curve in group.groupby("strategy", sort=False):
-            reached = curve.sort_values("round").query("top1 >= @target - 1e-12")
+            curve = curve.sort_values("round")
+            reached = curve[curve["top1"] >= target - 1e-12]
             rows.append({"strategy": strategy, "seed": seed, "random_labels": float(random_labels),
                          "labels_needed": float(reached["labels"].iloc[0]) if len(reached) else math.nan})
     return pd.DataFrame(rows, columns=["strategy", "seed", "random_labels", "labels_needed"])

@@ -189,7 +189,7 @@ def _content_length(headers: Any) -> int | None:
 
 def _open(url: str, method: str, timeout: float) -> http.client.HTTPResponse:
     """Open ``url``; classify failures as ``_Retryable`` or ``_Permanent``."""
-    request = urllib.request.Request(url, method=method, headers={"User-Agent": USER_AGENT})
+    request = urllib.request.Request(url, method=method, headers={"User-Agent": USER_AGENT})  # noqa: S310 (scheme checked)
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (scheme checked)
     except urllib.error.HTTPError as error:

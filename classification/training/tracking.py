@@ -246,7 +246,7 @@ class ExperimentTracker:
 def _quiet_comet() -> Any:
     """Import comet_ml with all its automatic logging and error reporting switched off."""
     os.environ.update(QUIET_COMET_ENVIRONMENT)
-    import comet_ml
+    import comet_ml  # noqa: PLC0415 - after the environment above, which it reads at import
 
     return comet_ml
 
