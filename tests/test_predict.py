@@ -241,7 +241,7 @@ def test_evaluate_notebook_is_stored_clean_with_demo_defaults() -> None:
     assert all(c.outputs == [] and c.execution_count is None for c in code)
     assert "parameters" in code[0].metadata["tags"] and "os.environ.get" in code[0].source
     assert '"../runs/efficientnet-lite0/demo"' in code[0].source and '"../runs/efficientnet-lite0/demo/predictions/test_best"' in code[0].source
-    assert (REPO_ROOT / "runs" / "resnet-18" / "demo" / "config.yml").is_file()
+    assert (REPO_ROOT / "runs" / "efficientnet-lite0" / "demo" / "config.yml").is_file()
 
 
 def test_run_notebook_entry_point_saves_the_executed_evaluation(trained: TrainedRun, kernel_env: None,
