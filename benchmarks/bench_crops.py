@@ -52,7 +52,7 @@ def time_run(input_json: Path, images_dir: Path, options: CropOptions) -> tuple[
 
 def time_megadetector(input_json: Path, images_dir: Path) -> tuple[int, float]:
     """Crops written and seconds taken by MegaDetector's ``generate_crops_from_cct``, into a fresh folder (muted)."""
-    from megadetector.data_management.generate_crops_from_cct import generate_crops_from_cct
+    from megadetector.data_management.generate_crops_from_cct import generate_crops_from_cct  # noqa: PLC0415 - optional
 
     with tempfile.TemporaryDirectory(prefix="bench_md_crops_") as crops_dir:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -66,7 +66,7 @@ def time_megadetector(input_json: Path, images_dir: Path) -> tuple[int, float]:
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its reaped children (the cropping worker processes)."""
     try:
-        import resource
+        import resource  # noqa: PLC0415 - POSIX only
     except ImportError:  # not on Windows
         return math.nan
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -83,7 +83,7 @@ def with_cpu_time(run: Callable[[], tuple[int, float]]) -> tuple[int, float, flo
 def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
     """Print MegaDetector's cropper and ours on MCT side by side: alternating runs, best of ``repeats`` each."""
     try:
-        import megadetector  # noqa: F401
+        import megadetector  # noqa: F401, PLC0415 - optional
     except ImportError:
         print("MegaDetector comparison skipped: pip install --no-deps megadetector")
         return

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import classification.data.crops as crops_module
 from classification.data.crops import (
     MANIFEST_COLUMNS,
     CropGeometry,
@@ -491,8 +492,6 @@ def test_crop_not_vouched_for_by_the_manifest_is_decoded_before_it_is_trusted(sh
 
 def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import classification.data.crops as crops_module
-
     events: list[tuple[str, Any]] = []
     sync, manifest, save = crops_module.sync_files, crops_module.write_manifest, crops_module.save_jpeg
     monkeypatch.setattr(crops_module, "sync_files", lambda paths: events.append(("sync", sorted(paths))) or sync([]))
@@ -516,8 +515,6 @@ def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path,
 
 def test_fast_decoder_writes_the_same_crops_as_pillow(shared_data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import classification.data.crops as crops_module
-
     if crops_module.simplejpeg is None:
         pytest.skip("simplejpeg is not installed (optional: Pillow decodes the same pixels)")
     cct_path, _ = mct_subset(shared_data, tmp_path, n_located=60, n_unlocated=10)
