@@ -116,8 +116,10 @@ def test_signal_saves_a_mid_epoch_state_that_resumes_identically(reference: Path
     run_dir = new_run(reference, tmp_path)
     process = start_run(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
-    wait_for(last.exists, process)  # epoch 1 is saved; epoch 2 is training now
-    time.sleep(0.3 * epoch_seconds(reference, 2))
+    wait_for(lambda: last.exists() and (run_dir / "metrics.csv").is_file(), process)  # epoch 1 saved; epoch 2 training
+    # a quarter of this run's own epoch 1 (not the reference's, which has no loader workers and may
+    # have run on a busier machine): well inside epoch 2's training batches
+    time.sleep(0.25 * epoch_seconds(run_dir, 1))
     if signum == signal.SIGINT:
         os.killpg(process.pid, signum)  # Ctrl-C reaches the whole process group, loader workers included
     else:
