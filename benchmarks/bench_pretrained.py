@@ -80,16 +80,17 @@ def labels_of(samples: list[Sample]) -> np.ndarray:
 # ---------------------------------------------------------------- features of the frozen backbone
 
 
-def backbone_features(workdir: Path, architecture: str, samples: list[Sample]) -> np.ndarray:
-    """Penultimate features of the frozen packaged ImageNet backbone, cached per image path."""
+def backbone_features(workdir: Path, architecture: str, splits: dict[str, list[Sample]]) -> dict[str, np.ndarray]:
+    """Penultimate features of the frozen packaged ImageNet backbone for every split's samples: one pass over
+    all of them (the same crops for every seed), cached in resumable chunks."""
     config = ExperimentConfig(data_root=Path("."), architecture=architecture, pretrained_source="package",
                               batch_size=64, num_workers=2, device="cpu")
     model = build_model(architecture, 1, pretrained=True, pretrained_source="package")
-    ordered = sorted(samples, key=lambda s: str(s.path))
-    result = embed_samples(model, ordered, config, torch.device("cpu"), False,
+    everything = sorted({str(s.path): s for samples in splits.values() for s in samples}.values(), key=lambda s: str(s.path))
+    result = embed_samples(model, everything, config, torch.device("cpu"), False,
                            workdir / "features" / architecture, f"{architecture} package")
-    by_path = {str(s.path): row for s, row in zip([ordered[i] for i in result.kept], result.embeddings)}
-    return np.stack([by_path[str(s.path)] for s in samples])
+    by_path = {str(everything[i].path): row for i, row in zip(result.kept, result.embeddings)}
+    return {name: np.stack([by_path[str(s.path)] for s in samples]) for name, samples in splits.items()}
 
 
 def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> torch.nn.Linear:
@@ -147,7 +148,7 @@ def network_config(method: str, architecture: str, epochs: int, size: int) -> di
 
 def trained_scores(workdir: Path, dataset: Path, crops: Path, seed: int, method: str, settings: dict[str, object]) -> dict[str, float]:
     """Train (or reuse) a network on the train split; score its best-val checkpoint on test."""
-    run_dir = workdir / "runs" / f"{method}_seed{seed}"
+    run_dir = workdir / "runs" / f"{method}_seed{seed}_{settings['image_size']}px_{settings['num_epochs']}ep"
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yml"
     config_file.write_text(yaml.safe_dump({
@@ -177,7 +178,7 @@ def run_seed(workdir: Path, clean: Path, crops: Path, seed: int, args: argparse.
     for method in args.methods:
         started = time.perf_counter()
         if method in ("probe", "mlp"):
-            features = features or {name: backbone_features(workdir, args.architecture, samples) for name, samples in splits.items()}
+            features = features or backbone_features(workdir, args.architecture, splits)
             result = probe_scores(features, labels, num_classes) if method == "probe" else mlp_scores(features, labels, num_classes, seed)
         else:
             result = trained_scores(workdir, dataset, crops, seed, method,
