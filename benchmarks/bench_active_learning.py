@@ -54,7 +54,8 @@ def write_config(workdir: Path, dataset: Path, args: argparse.Namespace) -> Path
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "data_root": str(dataset), "crops_dir": str(workdir / "crops"), "architecture": args.architecture,
-        "pretrained": args.pretrained, "pretrained_source": args.pretrained_source, "image_size": args.image_size, "num_epochs": args.epochs, "batch_size": 32,
+        "pretrained": args.pretrained, "pretrained_source": args.pretrained_source, "image_size": args.image_size,
+        "num_epochs": args.epochs, "batch_size": 32,
         "learning_rate": 0.02, "warmup_epochs": 1, "balancing": "sampler", "monitor": "val_macro_f1", "comet": "off",
         "num_workers": 2, "active_learning": {"eval_split": "test", "batch_size": args.batch_size},
     }
