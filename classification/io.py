@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,13 @@ from classification.errors import DataError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def temporary_name(path: Path) -> str:
+    """``.<name>.<process>-<thread>.tmp`` beside ``path``: unique to its writer (no two writers of one
+    path share a process and thread), so it needs no random name and no exclusive create, which cost
+    ~0.07 ms a file (a tenth of writing a crop); permissions follow the umask, as for a plain file."""
+    return str(path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"))
 
 
 @contextmanager
@@ -35,7 +41,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = temporary_name(path)
+    access = os.O_RDWR if "+" in mode else os.O_WRONLY
+    fd = os.open(tmp_name, access | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
@@ -81,7 +89,7 @@ def link_atomic(source: str | Path, target: str | Path) -> bool:
     ``os.replace``): the same file under a second name, no second write (timm's ``_duplicate``).
     False where the filesystem has no hard links (FAT, some network or FUSE mounts): copy instead."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp = Path(temporary_name(target))
     try:
         os.link(source, tmp)
     except OSError:
@@ -99,7 +107,7 @@ def copy_file_atomic(source: str | Path, target: str | Path) -> None:
     file beside ``target``, fsynced, then moved into place, so a crash never leaves a partial copy."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp = Path(temporary_name(target))
     try:
         shutil.copy2(source, tmp)
         with open(tmp, "rb+") as handle:
