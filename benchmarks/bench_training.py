@@ -32,6 +32,7 @@ from classification.config import ExperimentConfig
 from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
+from classification.runtime import distributed_context
 from classification.training import engine
 from classification.training.data import Batch, build_loader, build_samples, load_label_index, set_loader_epoch
 from classification.training.metrics import MetricAccumulator
@@ -93,7 +94,7 @@ def time_steps(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Iter
 def train_step(config: ExperimentConfig, num_classes: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The training loop's own step on a fresh model: ``engine.train_step`` with its metrics."""
     trainer = engine.build_trainer(config, num_classes, [], steps_per_epoch=10_000, device=device,
-                                   context=engine.distributed_context())
+                                   context=distributed_context())
     trainer.network.train()
     metrics = MetricAccumulator(num_classes)
     return lambda images, labels: engine.train_step(trainer, images, labels, metrics)

@@ -41,7 +41,8 @@ from classification.training.checkpoint import (
     save_checkpoint,
 )
 from classification.training.data import build_samples
-from classification.training.engine import is_improvement, lr_factor, seed_everything, train
+from classification.runtime import seed_everything
+from classification.training.engine import is_improvement, lr_factor, train
 from classification.training.models import build_model, head_name
 from tests.conftest import REPO_ROOT, run_in_process
 from tests.test_config import ANIML_CONFIG

@@ -34,7 +34,7 @@ from classification.active_learning.scores import uncertainty_scores
 from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_loader, image_files
-from classification.training.engine import DistributedContext, progress_bar, select_device
+from classification.runtime import DistributedContext, progress_bar, select_device
 from classification.training.models import build_model, forward_features, head_module, input_spec_of
 from classification.training.weights import InputSpec
 

@@ -38,7 +38,7 @@ from classification.evaluation.report import evaluate_predictions, prediction_co
 from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
-from classification.training.engine import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last
+from classification.runtime import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last
 from classification.training.models import build_model
 
 log = logging.getLogger(__name__)

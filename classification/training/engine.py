@@ -24,29 +24,24 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
-import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from classification.config import (
     ExperimentConfig,
@@ -57,6 +52,23 @@ from classification.config import (
     write_run_files,
 )
 from classification.errors import DataError, UserError
+from classification.runtime import (
+    DistributedContext,
+    agree,
+    all_reduce_sum,
+    autocast,
+    autocast_dtype,
+    barrier,
+    close_distributed,
+    configure_determinism,
+    distributed_context,
+    init_distributed,
+    progress_bar,
+    seed_everything,
+    select_device,
+    share_rank0_weights,
+    uses_channels_last,
+)
 from classification.training.checkpoint import (
     BEST,
     LAST,
@@ -94,75 +106,6 @@ RUN_FILES = ("metrics.csv", "resolved_config.yml", "run_info.json")
 TILE = 128  # side of one sample-prediction tile, in pixels
 
 
-# ---------------------------------------------------------------- processes and devices
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_context() -> DistributedContext:
-    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them: the one place they are read."""
-    return DistributedContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                              int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def select_device(name: str, context: DistributedContext) -> torch.device:
-    """``auto`` -> CUDA (this process's local GPU under torchrun), else MPS, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device: {name} asked for, but no CUDA GPU is visible (use device: auto or cpu)")
-        index = context.local_rank if name == "cuda" else int(name.split(":")[1])
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device: mps asked for, but this machine has no MPS device (use device: auto or cpu)")
-    return torch.device(name)
-
-
-def init_distributed(context: DistributedContext, device: torch.device) -> None:
-    """Join the torchrun process group: NCCL on CUDA, gloo on the CPU."""
-    if context.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def barrier(context: DistributedContext) -> None:
-    """Wait for every rank (no-op when not distributed)."""
-    if context.distributed:
-        dist.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices); the same seed on every rank, so weights start equal."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_determinism(deterministic: bool) -> None:
-    """Deterministic kernels (warn where none exists) and no cuDNN autotuning, or the fast settings."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-
-
 # ---------------------------------------------------------------- model, optimizer, schedule
 
 
@@ -192,21 +135,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, conf
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, config))
 
 
-def uses_channels_last(config: ExperimentConfig, device: torch.device) -> bool:
-    """channels_last memory format: ``auto`` turns it on for CUDA."""
-    return config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
-
-
-def autocast_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    """bf16/fp16 autocast on CUDA only (None: full precision)."""
-    if config.amp == "off":
-        return None
-    if device.type != "cuda":
-        log.warning("amp: %s applies on CUDA only; training in float32 on %s", config.amp, device)
-        return None
-    return torch.bfloat16 if config.amp == "bf16" else torch.float16
-
-
 @dataclass
 class Trainer:
     """The modules and options one training step needs."""
@@ -225,9 +153,7 @@ class Trainer:
 
     def autocast(self) -> Any:
         """Mixed-precision context for the forward pass (a no-op in float32)."""
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def eval_model(self) -> nn.Module:
         """The weights to evaluate: the EMA model when enabled, else the trained model."""
@@ -445,21 +371,10 @@ class StopRequest:
                 signal.signal(signum, handler)
 
 
-def agree(context: DistributedContext, *flags: int) -> list[int]:
-    """The largest value of each flag over all ranks (ranks stop and skip batches together)."""
-    if not context.distributed:
-        return list(flags)
-    values = torch.tensor(flags, dtype=torch.int64)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [int(v) for v in values]
-
-
 def all_reduce_metrics(accumulator: MetricAccumulator, context: DistributedContext) -> None:
     """Sum the metric counts of every rank into every rank's accumulator."""
     if context.distributed:
-        state = accumulator.state_tensor()
-        dist.all_reduce(state)
-        accumulator.load_state_tensor(state)
+        accumulator.load_state_tensor(all_reduce_sum(accumulator.state_tensor(), context))
 
 
 # ---------------------------------------------------------------- one epoch
@@ -473,12 +388,6 @@ class EpochOutcome:
     stopped_by: int | None = None
     seconds: float = 0.0
     images: int = 0  # trained on by this process in this run of the epoch
-
-
-def progress_bar(total: int, initial: int, description: str, context: DistributedContext) -> tqdm:
-    """One bar per epoch on rank 0, shown only when stderr is a terminal."""
-    return tqdm(total=total, initial=initial, desc=description, unit="batch", leave=False, dynamic_ncols=True,
-                disable=not (context.is_main and sys.stderr.isatty()))
 
 
 def train_one_epoch(trainer: Trainer, loader: DataLoader, metrics: MetricAccumulator, skipped: SkippedImages,
@@ -519,14 +428,6 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, met
     if trainer.ema is not None:
         trainer.ema.update_parameters(trainer.model)
     metrics.update(logits.detach(), labels, losses.detach().sum())  # a tensor: no wait for the device
-
-
-def share_rank0_weights(model: nn.Module, context: DistributedContext) -> None:
-    """Give every rank rank 0's weights and buffers: BatchNorm statistics (and EMA buffers) drift per
-    rank, and all ranks must score the one model that rank 0 saves."""
-    if context.distributed:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
 
 
 def evaluate(trainer: Trainer, loader: DataLoader, num_classes: int, skipped: SkippedImages,
@@ -674,8 +575,7 @@ def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrit
     try:
         return run_training(config, run_dir, resume, overwrite, force, argv, overrides, config_path, context, device)
     finally:
-        if context.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(context)
 
 
 def run_training(config: ExperimentConfig, run_dir: Path, resume: bool, overwrite: bool, force: bool,

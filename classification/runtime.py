@@ -1,0 +1,166 @@
+"""The runtime under the stages: processes and devices, DDP, determinism, mixed precision, progress bars.
+
+Like torchvision's ``references/classification/utils.py`` beside its ``train.py``: training,
+prediction and embedding import these helpers; this module imports nothing of the stages
+(only ``config`` and ``errors``), so evaluation and active learning no longer borrow them
+from the training loop.
+
+torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are read in one place
+(``distributed_context``); every collective helper is a no-op when not distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from classification.config import ExperimentConfig
+from classification.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- processes and devices
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context() -> DistributedContext:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them: the one place they are read."""
+    return DistributedContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                              int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def select_device(name: str, context: DistributedContext) -> torch.device:
+    """``auto`` -> CUDA (this process's local GPU under torchrun), else MPS, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device: {name} asked for, but no CUDA GPU is visible (use device: auto or cpu)")
+        index = context.local_rank if name == "cuda" else int(name.split(":")[1])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device: mps asked for, but this machine has no MPS device (use device: auto or cpu)")
+    return torch.device(name)
+
+
+def init_distributed(context: DistributedContext, device: torch.device) -> None:
+    """Join the torchrun process group: NCCL on CUDA, gloo on the CPU."""
+    if context.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def close_distributed(context: DistributedContext) -> None:
+    """Leave the process group that ``init_distributed`` joined (no-op when not distributed)."""
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: DistributedContext) -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if context.distributed:
+        dist.barrier()
+
+
+def agree(context: DistributedContext, *flags: int) -> list[int]:
+    """The largest value of each flag over all ranks (ranks stop and skip batches together)."""
+    if not context.distributed:
+        return list(flags)
+    values = torch.tensor(flags, dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [int(v) for v in values]
+
+
+def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """``tensor`` summed over all ranks, in place (unchanged when not distributed)."""
+    if context.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def share_rank0_weights(model: nn.Module, context: DistributedContext) -> None:
+    """Give every rank rank 0's weights and buffers: BatchNorm statistics (and EMA buffers) drift per
+    rank, and all ranks must score the one model that rank 0 saves."""
+    if context.distributed:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+# ---------------------------------------------------------------- seeds and determinism
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices); the same seed on every rank, so weights start equal."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic kernels (warn where none exists) and no cuDNN autotuning, or the fast settings."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+# ---------------------------------------------------------------- mixed precision and memory format
+
+
+def uses_channels_last(config: ExperimentConfig, device: torch.device) -> bool:
+    """channels_last memory format: ``auto`` turns it on for CUDA."""
+    return config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
+
+
+def autocast_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA only (None: full precision)."""
+    if config.amp == "off":
+        return None
+    if device.type != "cuda":
+        log.warning("amp: %s applies on CUDA only; running in float32 on %s", config.amp, device)
+        return None
+    return torch.bfloat16 if config.amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """Mixed-precision context for a forward pass in ``dtype`` (a no-op for None: float32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def progress_bar(total: int, initial: int, description: str, context: DistributedContext) -> tqdm:
+    """One bar per pass on rank 0, shown only when stderr is a terminal."""
+    return tqdm(total=total, initial=initial, desc=description, unit="batch", leave=False, dynamic_ncols=True,
+                disable=not (context.is_main and sys.stderr.isatty()))
