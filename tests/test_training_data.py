@@ -25,6 +25,7 @@ from classification.training.data import (
     available_splits,
     build_loader,
     build_samples,
+    BatchNormalize,
     build_transforms,
     class_weights_for_loss,
     collate_skip_none,
@@ -34,6 +35,7 @@ from classification.training.data import (
     lower_worker_priority,
     set_loader_epoch,
 )
+from classification.training.weights import InputSpec
 from tests.conftest import run_entry_point
 
 
@@ -192,6 +194,21 @@ def test_transforms_normalise_and_shape(tmp_path: Path) -> None:
             assert out.shape == (3, 24, 24) and out.dtype == torch.float32
     eval_out = build_transforms(24, "light", False)(image)
     assert eval_out.abs().max() < 0.01  # the ImageNet mean colour normalises to 0
+
+
+def test_batch_normalisation_equals_per_image_normalisation_bit_for_bit(tmp_path: Path) -> None:
+    """The loader leaves ToDtype + Normalize to one op per batch (BatchNormalize): the same floats."""
+    samples = [Sample(write_jpeg(tmp_path / f"{i}.jpg", (60 + 7 * i, 48), seed=i), 0, "", "") for i in range(5)]
+    spec = InputSpec(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    for augmentation, train in (("light", True), ("none", False), ("light", False)):
+        whole = CropDataset(samples, build_transforms(32, augmentation, train, spec), seed=3)
+        split = CropDataset(samples, build_transforms(32, augmentation, train, spec, normalize=False), seed=3)
+        assert split[0][0].dtype == torch.uint8
+        finish = BatchNormalize(spec.mean, spec.std)
+        expected = collate_skip_none([whole[i] for i in range(5)]).images
+        assert torch.equal(collate_skip_none([split[i] for i in range(5)], finish=finish).images, expected)
+    with pytest.raises(ValueError, match="erasing"):
+        build_transforms(32, "strong", True, spec, normalize=False)
 
 
 def test_items_are_a_pure_function_of_epoch_and_index(tmp_path: Path) -> None:
