@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import classification.data.crops as crops_module
+import classification.data.images as images_module
 from classification.data.crops import (
     MANIFEST_COLUMNS,
     CropGeometry,
@@ -515,13 +516,13 @@ def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path,
 
 def test_fast_decoder_writes_the_same_crops_as_pillow(shared_data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    if crops_module.simplejpeg is None:
+    if images_module.simplejpeg is None:
         pytest.skip("simplejpeg is not installed (optional: Pillow decodes the same pixels)")
     cct_path, _ = mct_subset(shared_data, tmp_path, n_located=60, n_unlocated=10)
     md_path = shared_data / "lila_md_test" / "md_v5a_output.json"
     for name in ("fast", "pillow"):
         if name == "pillow":
-            monkeypatch.setattr(crops_module, "simplejpeg", None)
+            monkeypatch.setattr(images_module, "simplejpeg", None)  # the decoder's fast path off
         run(cct_path, tmp_path / name / "mct", shared_data / "mct" / "images", threads=2)
         run(md_path, tmp_path / name / "md", shared_data / "lila_md_test" / "images", threshold=0.2)
     for folder in ("mct", "md"):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from classification.data.images import displayed_size
 from classification.errors import DataError
 from classification.io import read_json
 
@@ -266,9 +267,7 @@ def load_cct(path: str | Path, data: Any | None = None) -> CCT:
 def read_image_size(path: Path) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientation applied), read from the header only."""
     with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return displayed_size(image)
 
 
 def fill_image_sizes(data: CCT, images_dir: Path) -> int:

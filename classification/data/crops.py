@@ -34,10 +34,12 @@ does not list is decoded first (``check_crops_valid``: every crop is; invalid on
 redone). Existing crops made with another strategy are refused, not mixed.
 
 Robustness: EXIF orientation is applied; CMYK, grayscale, 16-bit, palette and alpha
-images become RGB; an image that is missing, truncated or unreadable is skipped and
-listed with the reason, and the run goes on. Crops are written atomically, so a crop
-left half-written by a killed process never exists under its final name; they are
-synced to disk all at once, just before the manifest lists them (see ``crop_status``).
+images become RGB (``classification.data.images.decode_pixels``: the decoder training and
+prediction share, with simplejpeg's array where it gives Pillow's exact pixels); an image
+that is missing, truncated or unreadable is skipped and listed with the reason, and the
+run goes on. Crops are written atomically, so a crop left half-written by a killed process
+never exists under its final name; they are synced to disk all at once, just before the
+manifest lists them (see ``crop_status``).
 """
 
 from __future__ import annotations
@@ -58,14 +60,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 try:
-    import simplejpeg
     from simplejpeg import encode_jpeg
-except ImportError:  # optional: Pillow decodes the same pixels and encodes crops, a little slower
-    simplejpeg = None
+except ImportError:  # optional: Pillow encodes crops, a little slower
     encode_jpeg = None
 
 from classification.data.cct import MissingLocationRule, read_image_size
@@ -80,7 +80,7 @@ from classification.data.detections import (
     read_crop_requests,
 )
 from classification.data.download import fetch_bytes, image_url
-from classification.data.images import DECODE_ERRORS, is_valid_image, to_rgb
+from classification.data.images import DECODE_ERRORS, Pixels, decode_failure, decode_pixels, displayed_size, is_valid_image
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
 
@@ -96,7 +96,6 @@ MANIFEST_COLUMNS = (
 DOWNLOAD_RETRIES = 2
 DOWNLOAD_TIMEOUT_S = 60
 MAX_LOGGED_FAILURES = 10
-EXIF_ORIENTATION = 0x0112
 CROP_BATCH = 16  # images per task sent to a worker process
 
 _OUR_CROP = re.compile(r"^(?P<file>.+)___crop_(?P<id>[^/]+)\.jpg$")
@@ -194,9 +193,6 @@ def crop_geometry(bbox: Box, width: int, height: int, strategy: CropStrategy) ->
     return square_geometry(bbox, width, height) if strategy == "square" else pad_geometry(bbox, width, height)
 
 
-Pixels = Image.Image | np.ndarray  # a decoded image: PIL, or an (H, W, 3) uint8 array from simplejpeg
-
-
 def crop_region(image: Pixels, region: tuple[int, int, int, int]) -> Pixels:
     """``region`` (left, top, right, bottom, inside the image), in the image's own kind (array or PIL)."""
     if isinstance(image, np.ndarray):
@@ -230,7 +226,7 @@ def render_crop(image: Pixels, geometry: CropGeometry, target: int, scale: tuple
 
     ``geometry`` is in full-resolution pixels. Without scaling this is ``extract_crop``;
     otherwise the region is resampled (Lanczos) straight from its exact sub-pixel box
-    (``image`` is then always a PIL image: see ``decode_pixels``).
+    (``image`` is then always a PIL image: see ``write_crops``).
     """
     if target == geometry.side and scale == (1.0, 1.0):
         return extract_crop(image, geometry)
@@ -294,44 +290,6 @@ def draft_factor(sides: list[int], max_size: int | None, raw_size: tuple[int, in
         if min(sides) / factor >= max_size and min(raw_size) // factor >= 2:
             return factor
     return 1
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def displayed_size(image: Image.Image) -> tuple[int, int]:
-    """Width and height after the EXIF orientation, from the header (nothing decoded)."""
-    width, height = image.size
-    return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
-
-
-def fast_decodable(image: Image.Image, factor: int, unscaled: bool) -> bool:
-    """Whether simplejpeg gives exactly Pillow's pixels (both are libjpeg-turbo, same settings):
-    a YCbCr/RGB JPEG without EXIF rotation, decoded at full scale, every crop stored unscaled."""
-    return (simplejpeg is not None and factor == 1 and unscaled and image.format == "JPEG"
-            and image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
-
-
-def decode_pixels(image: Image.Image, factor: int, unscaled: bool) -> Pixels:
-    """The displayed image as RGB, decoded once: straight into an array by simplejpeg where
-    ``fast_decodable`` (no copy into Pillow's 4-byte pixels; ~10% less time per image), else
-    by Pillow (``decode_image``)."""
-    if fast_decodable(image, factor, unscaled):
-        image.fp.seek(0)
-        try:
-            return simplejpeg.decode_jpeg(image.fp.read(), colorspace="RGB")
-        except ValueError:  # strict: a recoverable flaw (e.g. stray bytes) that Pillow decodes through
-            pass
-    return decode_image(image, factor)
-
-
-def decode_image(image: Image.Image, factor: int) -> Image.Image:
-    """Decode (at ``1/factor`` scale when ``factor > 1``), apply the EXIF orientation, make RGB."""
-    if factor > 1:
-        image.draft("RGB", (image.width // factor, image.height // factor))
-    image.load()
-    ImageOps.exif_transpose(image, in_place=True)
-    return to_rgb(image)
 
 
 # ---------------------------------------------------------------- options, records, report
@@ -524,7 +482,7 @@ def open_source(request: ImageRequest, images_dir: Path, options: CropOptions) -
     try:
         return Image.open(source)
     except DECODE_ERRORS as error:
-        raise ImageError(f"cannot open: {error}") from None
+        raise ImageError(decode_failure(error)) from None
 
 
 def encode_crop(image: Pixels, quality: int) -> bytes:
@@ -569,9 +527,10 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
             ]
             factor = draft_factor([g.side for g in geometries], options.max_size, image.size)
             unscaled = all(stored_side(g.side, options.max_size) == g.side for g in geometries)
-            decoded = decode_pixels(image, factor, unscaled)
+            draft = (image.width // factor, image.height // factor) if factor > 1 else None
+            decoded = decode_pixels(image, draft, as_array=unscaled)  # an array only where render_crop may take one
         except DECODE_ERRORS as error:
-            raise ImageError(f"cannot decode: {error}") from None
+            raise ImageError(decode_failure(error)) from None
         width, height = pixels_size(decoded)
         scale = (width / full_size[0], height / full_size[1])
         for geometry, (_, path, listed) in zip(geometries, todo):
