@@ -37,7 +37,7 @@ from classification.active_learning.triplet import (
 )
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, write_csv_atomic
-from classification.training.data import Sample, class_folders, derived_seed, image_files
+from classification.training.data import Sample, class_folder_samples, class_folders, derived_seed
 from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,8 @@ def folder_samples(folder: str | Path, name_to_index: Mapping[str, int], option:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{option}: {folder}: folder not found")
-    samples = []
-    for name in class_folders(folder):
-        if name not in name_to_index:
-            raise DataError(f"{option}: {folder / name}: class {name!r} is not a class of train_data "
-                            f"(known: {', '.join(name_to_index)})")
-        samples += [Sample(path, name_to_index[name], "", folder.name) for path in image_files(folder / name)]
+    samples = class_folder_samples(folder, name_to_index, folder.name,
+                                   f"is not a class of train_data (known: {', '.join(name_to_index)})", where=f"{option}: ")
     if not samples:
         raise DataError(f"{option}: {folder}: no images (jpg, jpeg, png) in its class folders")
     return samples
