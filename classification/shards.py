@@ -153,8 +153,9 @@ def dask_client(options: DaskOptions) -> Iterator[Client]:
         with client:
             yield client
         return
+    # dashboard_address ":0": a free port (the scheduler's HTTP server starts even without bokeh; 8787 may be taken)
     with LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+                      dashboard_address=":0", silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
         yield client
 
 

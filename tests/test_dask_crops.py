@@ -113,7 +113,7 @@ def local_cluster() -> Iterator[Any]:
     """Two worker processes (one thread each, one task at a time) whose tasks are not retried when their worker dies."""
     settings = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
     with dask.config.set(settings), distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
             silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
         yield client
 
