@@ -29,7 +29,7 @@ import hashlib
 import logging
 import pickle
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -224,3 +224,13 @@ def run_shards(task: Callable[..., R], shards: Sequence[Shard[J]], args: tuple[A
             raise UserError(f"{shard.path}: a finished shard's file is missing or unreadable (is the folder shared with the workers?)")
         results.append(ShardResult(value, shard.index in done))
     return results
+
+
+def remove_shard_files(folder: Path) -> None:
+    """Delete a finished run's shard files once the stage's own outputs hold their results (and ``folder`` when empty)."""
+    if not folder.is_dir():
+        return
+    for path in folder.glob("shard-*.pkl"):
+        path.unlink(missing_ok=True)
+    with suppress(OSError):
+        folder.rmdir()

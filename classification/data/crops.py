@@ -44,7 +44,6 @@ manifest lists them (see ``crop_status``).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -85,7 +84,7 @@ from classification.data.download import fetch_bytes, image_url
 from classification.data.images import DECODE_ERRORS, Pixels, decode_failure, decode_pixels, displayed_size, is_valid_image
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
-from classification.shards import DaskOptions, Shard, cut_shards, run_shards
+from classification.shards import DaskOptions, Shard, cut_shards, remove_shard_files, run_shards
 
 log = logging.getLogger(__name__)
 
@@ -715,16 +714,6 @@ def crop_shard_list(jobs: list[CropJob], crops_dir: Path, images_dir: Path, opti
                       lambda piece: shard_fingerprint(piece, images_dir, options))
 
 
-def remove_shard_files(crops_dir: Path) -> None:
-    """Delete the shard files once the manifest lists their crops (a re-run then skips crops by the manifest)."""
-    folder = crops_dir / SHARDS_DIR
-    if folder.is_dir():
-        for path in folder.glob("shard-*.pkl"):
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
 def write_manifest(records: list[CropRecord], path: Path) -> None:
     """Write the crops manifest CSV atomically, sorted by crop path; every value is text."""
     with atomic_open(path, "w") as handle:
@@ -828,7 +817,7 @@ def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options
     if report.new or report.redone:
         sync_files(crops_dir / record.crop_path for record in records)  # before the manifest vouches for them
     write_manifest(records, report.manifest)
-    remove_shard_files(crops_dir)
+    remove_shard_files(crops_dir / SHARDS_DIR)  # the manifest lists their crops: a re-run skips by it
     report.seconds = time.perf_counter() - started
     if options.logdir is not None:
         arguments = {"input_json": str(input_json), "crops_dir": str(crops_dir), "images_dir": str(images_dir)}
