@@ -72,16 +72,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {self.suggest(message)} (see --help)\n")
 
 
-def add_dask_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
-    """The flags that run a stage as shards on Dask (``classification.shards``): the same on every entry point."""
+def add_dask_arguments(parser: argparse.ArgumentParser, unit: str, shard_size: bool = True) -> None:
+    """The flags that run a stage as shards on Dask (``classification.shards``): the same on every entry point
+    (``shard_size`` False where the stage has its own unit of work, e.g. embedding's ``--chunk-size``)."""
     group = parser.add_argument_group("Dask (docs/scaling.md)")
     group.add_argument("--dask-workers", type=int, default=1,
                        help="run as shards on a local Dask cluster of this many worker processes (1: no Dask)")
     group.add_argument("--scheduler", help="run as shards on the existing Dask scheduler at this address (tcp://host:8786)")
-    group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                       help=f"{unit} per shard: the most a killed worker loses; keep it when re-running, to reuse finished shards")
+    if shard_size:
+        group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                           help=f"{unit} per shard: the most a killed worker loses; keep it when re-running, to reuse finished shards")
 
 
 def dask_options(args: argparse.Namespace) -> DaskOptions:
     """``DaskOptions`` from the flags of ``add_dask_arguments``."""
-    return DaskOptions(workers=args.dask_workers, scheduler=args.scheduler, shard_size=args.shard_size)
+    return DaskOptions(workers=args.dask_workers, scheduler=args.scheduler, shard_size=getattr(args, "shard_size", DEFAULT_SHARD_SIZE))

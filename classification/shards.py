@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 J = TypeVar("J")
 R = TypeVar("R")
 
+SHARDS_DIR = ".shards"  # a stage's shard files, in its output folder; removed once its outputs are written
 SHARD_FORMAT = 1  # bump when a shard file's content changes meaning: older files are then redone
 DEFAULT_SHARD_SIZE = 100  # jobs per shard: a few seconds to a minute of work, the most a killed worker loses
 CONNECT_TIMEOUT_S = 30

@@ -84,7 +84,7 @@ from classification.data.download import fetch_bytes, image_url
 from classification.data.images import DECODE_ERRORS, Pixels, decode_failure, decode_pixels, displayed_size, is_valid_image
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
-from classification.shards import DaskOptions, Shard, cut_shards, remove_shard_files, run_shards
+from classification.shards import SHARDS_DIR, DaskOptions, Shard, cut_shards, remove_shard_files, run_shards
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ DOWNLOAD_RETRIES = 2
 DOWNLOAD_TIMEOUT_S = 60
 MAX_LOGGED_FAILURES = 10
 CROP_BATCH = 16  # images per task sent to a worker process
-SHARDS_DIR = ".shards"  # in the crops folder: one file per finished Dask shard, removed once the manifest is written
 
 _OUR_CROP = re.compile(r"^(?P<file>.+)___crop_(?P<id>[^/]+)\.jpg$")
 _MEGADETECTOR_CROP = re.compile(r"^(?P<file>.+)___crop(?P<index>\d+)_(?P<detector>[^/]*)\.jpg$")
