@@ -82,6 +82,7 @@ def main() -> None:
                         help="head retraining: the frozen ImageNet backbone's features, or a CNN fine-tuned per seed")
     parser.add_argument("--workdir", type=Path, default=REPO / "data" / "interim" / "bench_active_learning")
     args = parser.parse_args()
+    args.workdir = args.workdir.resolve()  # the run configs name paths relative to their own folder
     if not MCT.is_dir():
         print(f"skipped: {MCT} not found")
         return

@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "data" / "interim" / "bench_pretrained")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
+    args.workdir = args.workdir.resolve()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(2)
     args.workdir.mkdir(parents=True, exist_ok=True)
