@@ -81,6 +81,7 @@ def test_draft_rules_of_training_and_cropping(tmp_path: Path) -> None:
 def test_a_truncated_image_is_the_same_one_line_error_everywhere(tmp_path: Path) -> None:
     whole = write_photo(tmp_path / "whole.jpg", (256, 192)).read_bytes()
     path = tmp_path / "images" / "cut.jpg"
+    path.parent.mkdir()
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ImageLoadError) as training:
         load_image(path)
