@@ -277,6 +277,15 @@ def test_informative_diverse_defaults_to_one_cluster_per_class() -> None:
     assert clusters <= {0, 1, 2, 3} and len(clusters) > 1
 
 
+def test_informative_diverse_is_deterministic_for_a_seed() -> None:
+    """scikit-learn's KMeans is seeded by the strategy's seed: the same seed gives the same picks and clusters."""
+    inputs = make_pool(n=400, classes=6)
+    first = select("informative_diverse", inputs, 30, seed=3)
+    again = select("informative_diverse", inputs, 30, seed=3)
+    assert first == again
+    assert {pick.cluster for pick in first.picks} <= set(range(6))
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -1,13 +1,15 @@
-"""MetricAccumulator: exact values on a hand-computed example, a brute-force reference on
-random data, batch-size independence, and the DDP state round trip / merge."""
+"""MetricAccumulator: exact values on a hand-computed example, scikit-learn as the reference on
+random data (and on the example), batch-size independence, and the DDP state round trip / merge."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
 from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator, scalar_metrics
 
@@ -70,6 +72,10 @@ def test_hand_computed_example() -> None:
     assert result["weighted_f1"] == pytest.approx(0.4)
     # One sample per bin: |accuracy - confidence| = .3 .5 .1 .45 .55 .25 .35
     assert result["ece"] == pytest.approx(2.5 / 7)
+    reference = reference_metrics(EXAMPLE, loss_sum, 5)  # the hand-computed figures agree with scikit-learn's
+    assert result["confusion"] == reference["confusion"]
+    for key in ["top1", "top3", "macro_precision", "macro_recall", "macro_f1", "weighted_precision", "weighted_recall", "weighted_f1"]:
+        assert result[key] == pytest.approx(reference[key]), key
 
     bins = accumulator.calibration_bins()
     assert len(bins) == CALIBRATION_BINS
@@ -93,45 +99,46 @@ def test_names_from_label_index_mapping_and_scalars() -> None:
 
 
 def reference_metrics(rows: list[tuple[int, list[float]]], loss_sum: float, c: int) -> dict:
-    """Brute-force metrics in plain Python (no numpy, no sklearn) from softmax probabilities."""
+    """Reference metrics from softmax probabilities: scikit-learn for accuracy, top-k, precision/recall/F1 and the
+    confusion matrix; expected calibration error (not in scikit-learn) by hand."""
     n = len(rows)
-    confusion = [[0] * c for _ in range(c)]
-    top3 = 0
+    labels = list(range(c))
+    y_true = np.array([target for target, _ in rows])
+    y_score = np.array([probabilities for _, probabilities in rows])
+    y_pred = y_score.argmax(axis=1)
+    k = min(3, c)
+    top3 = 1.0 if k == c else top_k_accuracy_score(y_true, y_score, k=k, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = [label for label in labels if support[label] > 0]
+    result = {
+        "loss": loss_sum / n,
+        "top1": accuracy_score(y_true, y_pred),
+        "top3": top3,
+        "ece": hand_computed_ece(rows),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+    for average in ("macro", "weighted"):  # macro over the classes with samples, as the library reports it
+        figures = precision_recall_fscore_support(y_true, y_pred, labels=present if average == "macro" else labels,
+                                                  average=average, zero_division=0)
+        result |= {f"{average}_{name}": float(value) for name, value in zip(["precision", "recall", "f1"], figures[:3])}
+    result["per_class"] = {
+        str(k): {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]), "support": int(support[k])}
+        for k in labels
+    }
+    return result
+
+
+def hand_computed_ece(rows: list[tuple[int, list[float]]]) -> float:
+    """Expected calibration error over CALIBRATION_BINS equal-width confidence bins, in plain Python."""
     bins: list[list[tuple[float, bool]]] = [[] for _ in range(CALIBRATION_BINS)]
     for target, probabilities in rows:
-        order = sorted(range(c), key=lambda j: -probabilities[j])
-        prediction = order[0]
-        confusion[target][prediction] += 1
-        top3 += target in order[: min(3, c)]
+        prediction = max(range(len(probabilities)), key=lambda j: probabilities[j])
         confidence = probabilities[prediction]
         for b in range(CALIBRATION_BINS):
             if b / CALIBRATION_BINS < confidence <= (b + 1) / CALIBRATION_BINS:
                 bins[b].append((confidence, prediction == target))
-    per_class = []
-    for k in range(c):
-        tp = confusion[k][k]
-        predicted = sum(confusion[i][k] for i in range(c))
-        support = sum(confusion[k])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class.append((precision, recall, f1, support))
-    present = [k for k in range(c) if per_class[k][3] > 0]
-    ece = sum(abs(sum(ok for _, ok in b) / len(b) - sum(p for p, _ in b) / len(b)) * len(b) / n for b in bins if b)
-    result = {
-        "loss": loss_sum / n,
-        "top1": sum(confusion[k][k] for k in range(c)) / n,
-        "top3": top3 / n,
-        "ece": ece,
-        "confusion": confusion,
-    }
-    for i, name in enumerate(["precision", "recall", "f1"]):
-        result[f"macro_{name}"] = sum(per_class[k][i] for k in present) / len(present)
-        result[f"weighted_{name}"] = sum(per_class[k][i] * per_class[k][3] for k in range(c)) / n
-    result["per_class"] = {
-        str(k): dict(zip(["precision", "recall", "f1", "support"], per_class[k], strict=True)) for k in range(c)
-    }
-    return result
+    n = len(rows)
+    return sum(abs(sum(ok for _, ok in b) / len(b) - sum(p for p, _ in b) / len(b)) * len(b) / n for b in bins if b)
 
 
 def random_data(n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +151,7 @@ def random_data(n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @pytest.mark.parametrize("c", [2, 6])
-def test_matches_brute_force_reference(c: int) -> None:
+def test_matches_scikit_learn_reference(c: int) -> None:
     logits, targets, losses = random_data(301, c, seed=c)
     accumulator = MetricAccumulator(c)
     accumulator.update(logits, targets, losses.sum())

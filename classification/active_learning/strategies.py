@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 from classification.active_learning.scores import SCORE_FUNCTIONS, check_score_name, uncertainty_scores
 from classification.config import STRATEGY_NAMES
@@ -39,7 +42,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "entropy": (),
     "k_center": ("chunk_size",),
     "coral": ("score", "diversity_weight", "chunk_size"),
-    "informative_diverse": ("n_clusters", "max_iterations", "chunk_size"),
+    "informative_diverse": ("n_clusters", "max_iterations"),
 }
 
 _SINGLE_REFRESHES = 4  # argmax: refresh only the leader's rivals this many times, then the top stale keys too
@@ -561,73 +564,18 @@ def _coral_key(u: np.ndarray, w: float, d_max: float) -> Key:
 # ---------------------------------------------------------------- informative & diverse (clustered margin)
 
 
-def kmeans(x: np.ndarray, n_clusters: int, seed: int, max_iterations: int, chunk_size: int) -> np.ndarray:
-    """Cluster the rows of ``x`` (float32) with seeded k-means++ and Lloyd iterations; returns labels (int64)."""
-    rng = np.random.default_rng(seed)
-    sq_norms = np.empty(x.shape[0], dtype=np.float32)
-    for start in range(0, x.shape[0], chunk_size):
-        block = x[start : start + chunk_size]
-        sq_norms[start : start + block.shape[0]] = np.einsum("ij,ij->i", block, block)
-    centres = _kmeans_plus_plus(x, sq_norms, n_clusters, rng)
-    labels = np.full(x.shape[0], -1, dtype=np.int64)
-    for _ in range(max_iterations):
-        new_labels = _nearest_centre(x, sq_norms, centres, chunk_size)
-        if np.array_equal(new_labels, labels):
-            break
-        labels = new_labels
-        centres = _cluster_means(x, labels, centres, chunk_size)
-    return labels
+def kmeans(x: np.ndarray, n_clusters: int, seed: int, max_iterations: int) -> np.ndarray:
+    """Cluster the rows of ``x`` with scikit-learn's ``KMeans``; returns labels (int64).
 
-
-def _kmeans_plus_plus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each next centre drawn with probability ∝ squared distance to the chosen ones."""
-    chosen = [int(rng.integers(x.shape[0]))]
-    d2 = _sq_distances(x, sq_norms, x[chosen[0]])
-    for _ in range(1, k):
-        total = float(d2.sum(dtype=np.float64))
-        if total <= 0.0:  # every row sits on a centre already: any unchosen row will do
-            chosen.append(int(rng.choice(np.setdiff1d(np.arange(x.shape[0]), chosen))))
-        else:
-            chosen.append(int(rng.choice(x.shape[0], p=d2.astype(np.float64) / total)))
-        d2 = np.minimum(d2, _sq_distances(x, sq_norms, x[chosen[-1]]))
-    return x[chosen].astype(np.float32)
-
-
-def _sq_distances(x: np.ndarray, sq_norms: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Squared distance of every row of ``x`` to one centre (one matrix-vector product), clipped at 0."""
-    return np.maximum(sq_norms - 2.0 * (x @ centre) + np.float32(centre @ centre), 0.0)
-
-
-def _nearest_centre(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, chunk_size: int) -> np.ndarray:
-    """Index of the nearest centre of every row; a block holds at most chunk_size² distances."""
-    centre_sq = np.einsum("ij,ij->i", centres, centres)
-    labels = np.empty(x.shape[0], dtype=np.int64)
-    step = max(chunk_size, chunk_size**2 // centres.shape[0])  # few, large products: small ones thread badly
-    for start in range(0, x.shape[0], step):
-        end = min(start + step, x.shape[0])
-        d2 = centre_sq[None, :] - 2.0 * (x[start:end] @ centres.T) + sq_norms[start:end, None]
-        labels[start:end] = np.argmin(d2, axis=1)
-    return labels
-
-
-def _cluster_means(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, chunk_size: int) -> np.ndarray:
-    """Mean of each cluster's rows (sorted block sums, added in float64); an empty cluster keeps its centre.
-
-    No matrix product: a one-hot product with few clusters threads badly on a busy machine.
+    One seeded k-means++ initialisation, then up to ``max_iterations`` Lloyd iterations, stopping
+    once no assignment changes (``tol=0``). Fewer distinct rows than clusters is allowed: some
+    clusters then stay empty (scikit-learn's warning about it is silenced).
     """
-    k = previous.shape[0]
-    sums = np.zeros((k, x.shape[1]))
-    step = 4 * chunk_size
-    for start in range(0, x.shape[0], step):
-        block_labels = labels[start : start + step]
-        order = np.argsort(block_labels, kind="stable")
-        present, first = np.unique(block_labels[order], return_index=True)
-        sums[present] += np.add.reduceat(x[start : start + step][order], first, axis=0)
-    counts = np.bincount(labels, minlength=k)
-    centres = previous.copy()
-    filled = counts > 0
-    centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-    return centres
+    model = KMeans(n_clusters=n_clusters, init="k-means++", n_init=1, max_iter=max_iterations, tol=0.0,
+                   random_state=seed % 2**32, algorithm="lloyd")  # random_state takes 32-bit seeds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit_predict(x).astype(np.int64)
 
 
 def cluster_quotas(sizes: np.ndarray, budget: int) -> np.ndarray:
@@ -657,11 +605,10 @@ def select_informative_diverse(
     seed: int,
     n_clusters: int | None = None,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Selection:
     """Norouzzadeh et al. (2021)'s informative & diverse: the highest-margin items of each k-means cluster.
 
-    The available items are clustered (seeded k-means++ + Lloyd); each cluster gets a quota in
+    The available items are clustered (``kmeans``: scikit-learn, seeded); each cluster gets a quota in
     proportion to its size (``cluster_quotas``) and fills it with its highest-margin items. The
     default ``n_clusters`` is the number of classes, as in the sampler they used (Google's
     active-learning ``informative_diverse.py``), at most the number of available items. Picks are
@@ -669,7 +616,6 @@ def select_informative_diverse(
     """
     budget = _check_int("budget", budget, 0)
     seed = _check_int("seed", seed, 0)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
     max_iterations = _check_int("max_iterations", max_iterations, 1)
     if n_clusters is not None:
         n_clusters = _check_int("n_clusters", n_clusters, 1)
@@ -679,7 +625,7 @@ def select_informative_diverse(
     if min(budget, available.size) == 0:
         return _selection("informative_diverse", [])
     k = min(n_clusters or np.asarray(inputs.probabilities).shape[1], available.size)
-    labels = kmeans(x[available], k, seed, max_iterations, chunk_size)
+    labels = kmeans(x[available], k, seed, max_iterations)
     sizes = np.bincount(labels, minlength=k)
     quotas = cluster_quotas(sizes, budget)
     chosen: list[tuple[int, int, int]] = []  # (rank in cluster, cluster, position)
