@@ -27,7 +27,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=8, help="parallel downloads")
     parser.add_argument("--retries", type=int, default=3, help="retries on network errors, HTTP 5xx and 429")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
-    parser.add_argument("--backoff-seconds", type=float, default=1.0, help="first retry delay; doubles each retry")
+    parser.add_argument("--backoff-seconds", type=float, default=1.0,
+                        help="backoff factor: retries wait 0, 2x, 4x, ... seconds (urllib3), or the server's Retry-After")
     parser.add_argument("--overwrite", action="store_true", help="download again even when a file is complete")
     return parser.parse_args(argv)
 
