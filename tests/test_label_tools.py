@@ -93,6 +93,22 @@ def min_row(
     return row
 
 
+def test_a_project_export_is_read_like_an_export_file_and_kept(tmp_path: Path) -> None:
+    """The loop reads a project through ``read_project_labels`` (one reader): the export is kept first."""
+    rows = [min_row(1, "cam03/IMG_0001.JPG", "deer", 7), min_row(2, "cam04/IMG_0002.JPG", None, 7)]
+    client = LabelStudioClient.__new__(LabelStudioClient)  # no server: the two calls it makes, stubbed
+    client.url = "http://127.0.0.1:9"
+    client.export_json_min = lambda project_id: rows  # type: ignore[method-assign]
+    client.users = lambda: {7: "a@example.com"}  # type: ignore[method-assign]
+    kept = tmp_path / "imports" / "export.json"
+    requested = ["cam03/IMG_0001.JPG", "cam04/IMG_0002.JPG"]
+    result = client.read_project_labels(3, LABEL_INDEX, requested, keep_copy=kept)
+    assert result.labels == [ReceivedLabel("cam03/IMG_0001.JPG", "deer", "a@example.com", "label_studio:3")]
+    assert result.skipped == ["cam04/IMG_0002.JPG"] and json.loads(kept.read_text(encoding="utf-8")) == rows
+    from_file = read_json_min(kept, LABEL_INDEX, requested)
+    assert [(r.path, r.label) for r in from_file.labels] == [(r.path, r.label) for r in result.labels]
+
+
 def test_json_min_choices_as_string_list_or_dict_and_same_basenames(tmp_path: Path) -> None:
     rows = [
         min_row(1, "cam03/IMG_0001.JPG", "deer", 1),

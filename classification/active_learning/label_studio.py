@@ -44,7 +44,7 @@ from classification.active_learning.labels import (
     normalize_path,
 )
 from classification.errors import DataError, UserError
-from classification.io import read_json, write_json_atomic
+from classification.io import read_json, write_json_atomic, write_text_atomic
 
 DEFAULT_URL = "http://localhost:8080"
 LOCAL_FILES_URL = "/data/local-files/?d="
@@ -409,9 +409,13 @@ class LabelStudioClient:
         label_names: Iterable[str] | Mapping[str, str],
         requested_paths: Iterable[str] | None,
         document_root_prefix: str = "",
+        keep_copy: Path | None = None,
     ) -> LabelImport:
-        """Export the project (``JSON_MIN``) and read its labels for the requested paths."""
+        """Export the project (``JSON_MIN``) and read its labels for the requested paths; ``keep_copy``:
+        write the export there first (atomically), so what was read is kept even when reading it fails."""
         rows = self.export_json_min(project_id)
+        if keep_copy is not None:
+            write_text_atomic(keep_copy, json.dumps(rows, ensure_ascii=False))
         return parse_label_studio_rows(
             rows,
             label_names,

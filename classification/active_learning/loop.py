@@ -27,7 +27,6 @@ With ``active_learning.retrain: head`` a round's model is an MLP on embeddings c
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from classification.active_learning.label_studio import (
     LabelStudioClient,
     build_tasks,
     load_label_studio_settings,
-    parse_label_studio_rows,
     read_json_min,
     write_tasks_json,
 )
@@ -439,13 +437,9 @@ def read_label_studio_project(experiment: Experiment, files: store.RoundFiles, r
         raise UserError(f"{files.label_studio}: no Label Studio project for round {files.number}; give --file with an "
                         "export (JSON_MIN) or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY and run select again")
     project = int(read_json(files.label_studio)["project_id"])
-    client = LabelStudioClient()
-    rows = client.export_json_min(project)
     copy = files.imports / f"{stamp}_label_studio_project_{project}.json"
-    write_text_atomic(copy, json.dumps(rows, ensure_ascii=False))
-    received = parse_label_studio_rows(rows, experiment.label_names, requested, f"label_studio:{project}",
-                                       f"Label Studio at {client.url}: project {project}",
-                                       document_root_prefix(experiment), users=client.users())
+    received = LabelStudioClient().read_project_labels(project, experiment.label_names, requested,
+                                                       document_root_prefix(experiment), keep_copy=copy)
     return received, copy
 
 
