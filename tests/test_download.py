@@ -7,6 +7,7 @@ The server serves a temp folder of small real JPEGs; a handler subclass injects 
 from __future__ import annotations
 
 import csv
+import email.utils
 import json
 import os
 import signal
@@ -24,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from urllib3 import HTTPResponse
 
-from classification.data.download import FAILURES_FILE, download_images, image_url
+from classification.data.download import FAILURES_FILE, _Cancelled, download_images, image_url, retry_policy
 from classification.errors import DataError, UserError
 from tests.conftest import REPO_ROOT, run_entry_point
 
@@ -246,6 +248,20 @@ def test_transient_fault_twice_is_retried_and_ends_correct(
     assert server.gets("loc1/a.jpg") == 3
     assert_identical(server, out)
     assert temp_files(out) == []
+
+
+def test_retry_after_as_an_http_date_is_honoured_and_a_stop_ends_the_wait() -> None:
+    """urllib3 reads Retry-After as seconds or as an HTTP date; the wait ends as soon as the run is stopped."""
+    stop = threading.Event()
+    retry = retry_policy(3, backoff_seconds=0.01, stop=stop).new()
+    in_20_s = HTTPResponse(headers={"Retry-After": email.utils.formatdate(time.time() + 20, usegmt=True)}, status=503)
+    assert 15 < retry.get_retry_after(in_20_s) <= 20
+    assert retry.get_retry_after(HTTPResponse(headers={"Retry-After": "7"}, status=429)) == 7
+    stop.set()
+    started = time.monotonic()
+    with pytest.raises(_Cancelled):
+        retry.sleep(in_20_s)
+    assert time.monotonic() - started < 1
 
 
 def test_persistent_500_fails_after_retries(server: FaultServer, cct: Path, tmp_path: Path) -> None:
