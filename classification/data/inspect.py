@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 
 from classification.data.cct import CCT, Problem, normalize_location
 from classification.data.dataset import read_dataset_csv
-from classification.data.images import read_thumbnail
+from classification.data.figures import Thumbnail, plot_thumbnail_grid
+from classification.data.images import read_thumbnail as read_thumbnail  # re-exported: the notebooks' thumbnails
 from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits
 from classification.errors import DataError, UserError
 from classification.io import read_json
@@ -203,27 +204,14 @@ def plot_sample_grid(
         raise UserError(f"classes not in the dataset: {', '.join(unknown)}")
     samples = sample_crops(view, per_class, seed)
     totals = view.crops["label"].value_counts()
-    figure = Figure(figsize=(1.5 * per_class + 1.0, 1.6 * max(len(rows), 1)), layout="constrained")
-    axes = figure.subplots(max(len(rows), 1), per_class, squeeze=False)
-    for r, label in enumerate(rows):
+    grid = []
+    for label in rows:
         chosen = samples[samples["label"] == label]
-        for c, ax in enumerate(axes[r]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"{label}\n({int(totals.get(label, 0))} crops)", fontsize=9)
-            if c >= len(chosen):
-                ax.set_frame_on(False)
-                continue
-            row = chosen.iloc[c]
-            try:
-                ax.imshow(read_thumbnail(Path(crops_dir) / row["path"]))
-            except OSError as error:
-                ax.text(0.5, 0.5, f"unreadable\n{type(error).__name__}", ha="center", va="center", fontsize=7, transform=ax.transAxes)
-            split = row["split"] if isinstance(row["split"], str) else "-"
-            ax.set_title(f"{split} · {_short(row['location'])}", fontsize=7)
-    figure.suptitle(f"sample crops per class (seed {seed})")
-    return figure
+        cells = [Thumbnail(Path(crops_dir) / path, f"{split if isinstance(split, str) else '-'} · {_short(location)}")
+                 for path, split, location in zip(chosen["path"], chosen["split"], chosen["location"])]
+        grid.append((f"{label}\n({int(totals.get(label, 0))} crops)", cells[:per_class]))
+    return plot_thumbnail_grid(grid, per_class, f"sample crops per class (seed {seed})",
+                               figsize=(1.5 * per_class + 1.0, 1.6 * max(len(rows), 1)))
 
 
 # --- CCT files before cleaning -----------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from classification.data.images import read_thumbnail
+from classification.data.figures import Thumbnail, plot_thumbnail_grid
 from classification.io import atomic_open
 
 ANNOTATE_MAX_CLASSES = 25  # write the value in each cell of the confusion matrix up to this many classes
@@ -111,28 +111,14 @@ def plot_confident_mistakes(mistakes: pd.DataFrame, images_root: Path | None, pe
     """
     rows = list(dict.fromkeys(mistakes["true_label"])) or ["(no mistakes)"]
     columns = max(1, min(per_class, int(mistakes["true_label"].value_counts().max()) if len(mistakes) else 1))
-    figure = Figure(figsize=(max(4.0, 1.7 * columns + 1.2), 1.8 * len(rows) + 0.4), layout="constrained")
-    axes = figure.subplots(len(rows), columns, squeeze=False)
-    for r, label in enumerate(rows):
+    grid = []
+    for label in rows:
         chosen = mistakes[mistakes["true_label"] == label]
-        for c, ax in enumerate(axes[r]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"true: {label}", fontsize=9)
-            if c >= len(chosen):
-                ax.set_frame_on(False)
-                continue
-            row = chosen.iloc[c]
-            path = Path(row["path"]) if images_root is None else Path(images_root) / row["path"]
-            try:
-                ax.imshow(read_thumbnail(path))
-            except OSError as error:
-                ax.text(0.5, 0.5, f"unreadable\n{type(error).__name__}", ha="center", va="center", fontsize=7,
-                        transform=ax.transAxes)
-            ax.set_title(f"{row['pred_label']} ({float(row['confidence']):.2f})", fontsize=8)
-    figure.suptitle("most confident mistakes per true class\n(title: predicted label and confidence)", fontsize=10)
-    return figure
+        cells = [Thumbnail(Path(path) if images_root is None else Path(images_root) / path, f"{pred} ({float(confidence):.2f})")
+                 for path, pred, confidence in zip(chosen["path"], chosen["pred_label"], chosen["confidence"])]
+        grid.append((f"true: {label}", cells[:columns]))
+    return plot_thumbnail_grid(grid, columns, "most confident mistakes per true class\n(title: predicted label and confidence)",
+                               figsize=(max(4.0, 1.7 * columns + 1.2), 1.8 * len(rows) + 0.4), cell_title_size=8, title_size=10)
 
 
 def plot_training_curves(history: pd.DataFrame, metrics: Sequence[str] = ("loss", "top1")) -> Figure:
