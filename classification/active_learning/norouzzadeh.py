@@ -12,9 +12,10 @@ which changes with every round and is biased by the selection itself.
 from __future__ import annotations
 
 import csv
+import difflib
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +169,20 @@ class Pool:
         """The true class of every candidate."""
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
+    @property
+    def embedded(self) -> EmbeddedImages:
+        """The candidates' current embeddings (set by the loop before anything reads them)."""
+        if self.embeddings is None:
+            raise RuntimeError("the pool has not been embedded yet")
+        return self.embeddings
+
     def usable(self) -> np.ndarray:
         """Labelled candidates whose image could be read: what the models train on."""
-        return self.labelled & self.embeddings.readable
+        return self.labelled & self.embedded.readable
+
+    def available(self) -> int:
+        """Readable candidates not labelled yet: what a strategy may still pick."""
+        return int((~self.labelled & self.embedded.readable).sum())
 
 
 def load_folders(train_data: str | Path, unlabelled_data: str | Path,
@@ -189,9 +201,9 @@ def load_folders(train_data: str | Path, unlabelled_data: str | Path,
 def select_round(pool: Pool, mlp: MLPClassifier, strategy: str, budget: int, seed: int,
                  options: Mapping[str, Any]) -> Selection:
     """The strategy's picks among the readable unlabelled candidates, from the MLP's probabilities."""
-    inputs = SelectionInputs(labelled=pool.labelled.copy(), excluded=~pool.embeddings.readable,
-                             probabilities=predict_proba(mlp, pool.embeddings.vectors),
-                             embeddings=pool.embeddings.vectors)
+    embedded = pool.embedded
+    inputs = SelectionInputs(labelled=pool.labelled.copy(), excluded=~embedded.readable,
+                             probabilities=predict_proba(mlp, embedded.vectors), embeddings=embedded.vectors)
     selection = select(strategy, inputs, budget, seed, **dict(options))
     picked = selection.indices
     if pool.labelled[picked].any() or len(set(picked.tolist())) != len(picked):
@@ -199,91 +211,167 @@ def select_round(pool: Pool, mlp: MLPClassifier, strategy: str, budget: int, see
     return selection
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """Every option of ``run_active_learning`` but the folders (docs/norouzzadeh.md's table), with its default."""
+
+    active_batch: int = 100
+    active_learning_strategy: str = "margin"
+    num_rounds: int = 5
+    retune_every: int = 1000
+    embedding_dim: int = 128
+    architecture: str = "resnet18"
+    pretrained: bool = True
+    weights_file: Path | None = None
+    image_size: int = 224
+    mining: str = "semi_hard"
+    seed: int = 0
+    margin: float = DEFAULT_MARGIN
+    embedding_epochs: int = 10
+    retune_epochs: int = 3
+    classes_per_batch: int = 16
+    images_per_class: int = 4
+    embedding_lr: float = 1e-3
+    mlp_epochs: int = 100
+    mlp_hidden: int = 256
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "cpu"
+    strategy_options: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, Any]) -> LoopOptions:
+        """The options from keyword arguments; an unknown name is a one-line UserError with the closest one."""
+        known = [f.name for f in fields(cls)]
+        for name in keywords:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise UserError(f"run_active_learning: unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        options = cls(**keywords)
+        check_options(options.active_batch, options.active_learning_strategy, options.num_rounds, options.retune_every,
+                      options.mining)
+        return options
+
+    def tuning(self) -> dict[str, Any]:
+        """Keyword arguments of ``train_embedding``."""
+        return dict(image_size=self.image_size, classes_per_batch=self.classes_per_batch,
+                    images_per_class=self.images_per_class, margin=self.margin, mining=self.mining,
+                    learning_rate=self.embedding_lr, device=self.device, num_workers=self.num_workers)
+
+    def encoding(self) -> dict[str, Any]:
+        """Keyword arguments of ``embed``."""
+        return dict(image_size=self.image_size, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers)
+
+
+class SimulatedLoop:
+    """One simulated run: the pool and its oracle labels, the embedding network, and one method per step of a round."""
+
+    def __init__(self, options: LoopOptions, class_names: tuple[str, ...], pool: Pool, validation: list[Sample],
+                 train_data: str | Path) -> None:
+        self.options = options
+        self.class_names = class_names
+        self.pool = pool
+        self.validation = validation
+        self.validation_labels = np.array([s.label for s in validation], dtype=np.int64)
+        self.train_data = train_data
+        with seeded(options.seed):
+            self.network = EmbeddingNetwork(options.architecture, options.embedding_dim, options.pretrained,
+                                            options.weights_file)
+        self.held_out: EmbeddedImages | None = None
+        self.mlp: MLPClassifier | None = None  # the latest MLP
+        self.unreadable: dict[Path, None] = {}
+
+    def tune_and_embed(self, epochs: int, tune_seed: int) -> None:
+        """Tune the network on the usable labelled images, then embed the candidates and validation."""
+        pool, encoding = self.pool, self.options.encoding()
+        if epochs > 0:
+            labelled = [pool.samples[i] for i in np.flatnonzero(pool.labelled if pool.embeddings is None else pool.usable())]
+            trained = train_embedding(self.network, labelled, epochs, seed=tune_seed, **self.options.tuning())
+            self.unreadable.update(dict.fromkeys(trained.skipped))
+        pool.embeddings = embed(self.network, [s.path for s in pool.samples], **encoding)
+        self.held_out = embed(self.network, [s.path for s in self.validation], **encoding)
+        self.unreadable.update(dict.fromkeys(pool.embeddings.skipped + self.held_out.skipped))
+
+    def fit_mlp(self, round_index: int) -> MLPClassifier:
+        """A fresh MLP on the usable labelled embeddings (it becomes ``self.mlp``)."""
+        usable = self.pool.usable()
+        if not usable.any():
+            raise DataError(f"train_data: {self.train_data}: none of its images could be read")
+        self.mlp = train_mlp(self.pool.embedded.vectors[usable], self.pool.labels[usable], len(self.class_names),
+                         hidden=self.options.mlp_hidden, epochs=self.options.mlp_epochs,
+                         seed=derived_seed(self.options.seed, 10, round_index))
+        return self.mlp
+
+    def label(self, round_index: int, mlp: MLPClassifier, available: int) -> Selection:
+        """The strategy picks; the oracle (the pool's folder labels) labels them."""
+        options = self.options
+        selection = select_round(self.pool, mlp, options.active_learning_strategy, min(options.active_batch, available),
+                                 derived_seed(options.seed, 20, round_index) % 2**32, options.strategy_options or {})
+        self.pool.labelled[selection.indices] = True
+        return selection
+
+    def record(self, round_index: int, selection: Selection, mlp: MLPClassifier, retuned: bool) -> RoundRecord:
+        """Score the MLP on validation and describe the round."""
+        held_out = self.held_out
+        if held_out is None:
+            raise RuntimeError("validation has not been embedded yet")
+        readable = held_out.readable
+        accuracy, top3, recall = validation_metrics(predict_proba(mlp, held_out.vectors[readable]),
+                                                    self.validation_labels[readable], self.class_names)
+        samples = self.pool.samples
+        selected = tuple(SelectedImage(samples[p.index].path, self.class_names[samples[p.index].label], p.score, p.reason)
+                         for p in selection.picks)
+        return RoundRecord(round_index, int(self.pool.usable().sum()), len(selection.picks), retuned, int(readable.sum()),
+                           accuracy, top3, recall, selected)
+
+    def rounds(self) -> Iterator[RoundRecord]:
+        """Run the rounds, yielding each one's record; stop early when the pool is used up."""
+        options = self.options
+        self.tune_and_embed(options.embedding_epochs, derived_seed(options.seed, 0))
+        mlp = self.fit_mlp(0)
+        since_tune = 0
+        for round_index in range(1, options.num_rounds + 1):
+            available = self.pool.available()
+            if available == 0:
+                log.warning("round %d: the unlabelled pool is used up; stopping after %d rounds", round_index, round_index - 1)
+                return
+            selection = self.label(round_index, mlp, available)
+            since_tune += len(selection.picks)
+            retuned = since_tune >= options.retune_every
+            if retuned:
+                self.tune_and_embed(options.retune_epochs, derived_seed(options.seed, 30, round_index))
+                since_tune = 0
+            mlp = self.fit_mlp(round_index)
+            yield self.record(round_index, selection, mlp, retuned)
+
+
 def run_active_learning(train_data: str | Path, unlabelled_data: str | Path, validation_data: str | Path,
-                        active_batch: int = 100, active_learning_strategy: str = "margin",
-                        num_rounds: int = 5, retune_every: int = 1000, embedding_dim: int = 128,
-                        architecture: str = "resnet18", pretrained: bool = True, weights_file: Path | None = None,
-                        image_size: int = 224, mining: str = "semi_hard", output_dir: str | Path | None = None,
-                        seed: int = 0, *, margin: float = DEFAULT_MARGIN, embedding_epochs: int = 10,
-                        retune_epochs: int = 3, classes_per_batch: int = 16, images_per_class: int = 4,
-                        embedding_lr: float = 1e-3, mlp_epochs: int = 100, mlp_hidden: int = 256,
-                        batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
-                        strategy_options: Mapping[str, Any] | None = None) -> ActiveLearningHistory:
+                        output_dir: str | Path | None = None, **options: Any) -> ActiveLearningHistory:
     """Run ``num_rounds`` rounds of simulated active learning; return (and write) the per-round history.
 
     ``train_data`` is the initial labelled set, ``unlabelled_data`` the pool (its class
     folders are the oracle), ``validation_data`` the held-out set every round is scored
-    on (not the remaining pool, as in the original). The embedding is tuned on
-    ``train_data`` for ``embedding_epochs`` first (0: use it as loaded).
+    on (not the remaining pool, as in the original). ``options`` are ``LoopOptions``' fields
+    (an unknown one is a UserError); the embedding is tuned on ``train_data`` for
+    ``embedding_epochs`` first (0: use it as loaded).
     """
-    check_options(active_batch, active_learning_strategy, num_rounds, retune_every, mining)
-    class_names, pool, validation = load_folders(train_data, unlabelled_data, validation_data)
+    settings = LoopOptions.from_keywords(options)
+    class_names, pool, validation = load_folders(train_data, unlabelled_data, validation_data)  # the image-folder reader
     output = Path(output_dir) if output_dir is not None else None
-
-    with seeded(seed):
-        network = EmbeddingNetwork(architecture, embedding_dim, pretrained, weights_file)
-    tune = dict(image_size=image_size, classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-                margin=margin, mining=mining, learning_rate=embedding_lr, device=device, num_workers=num_workers)
-    encode = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers)
+    loop = SimulatedLoop(settings, class_names, pool, validation, train_data)
     history = ActiveLearningHistory(class_names)
-    unreadable: dict[Path, None] = {}
-
-    def tune_and_embed(epochs: int, tune_seed: int) -> EmbeddedImages:
-        """Tune the network on the usable labelled images, then embed the candidates and validation."""
-        if epochs > 0:
-            labelled = [pool.samples[i] for i in np.flatnonzero(pool.labelled if pool.embeddings is None else pool.usable())]
-            trained = train_embedding(network, labelled, epochs, seed=tune_seed, **tune)
-            unreadable.update(dict.fromkeys(trained.skipped))
-        pool.embeddings = embed(network, [s.path for s in pool.samples], **encode)
-        held_out = embed(network, [s.path for s in validation], **encode)
-        unreadable.update(dict.fromkeys(pool.embeddings.skipped + held_out.skipped))
-        return held_out
-
-    def fit_mlp(round_index: int) -> MLPClassifier:
-        """A fresh MLP on the usable labelled embeddings."""
-        usable = pool.usable()
-        if not usable.any():
-            raise DataError(f"train_data: {train_data}: none of its images could be read")
-        return train_mlp(pool.embeddings.vectors[usable], pool.labels[usable], len(class_names), hidden=mlp_hidden,
-                         epochs=mlp_epochs, seed=derived_seed(seed, 10, round_index))
-
-    held_out = tune_and_embed(embedding_epochs, derived_seed(seed, 0))
-    mlp = fit_mlp(0)
-    since_tune = 0
-    validation_labels = np.array([s.label for s in validation], dtype=np.int64)
-    for round_index in range(1, num_rounds + 1):
-        available = int((~pool.labelled & pool.embeddings.readable).sum())
-        if available == 0:
-            log.warning("round %d: the unlabelled pool is used up; stopping after %d rounds", round_index, round_index - 1)
-            break
-        selection = select_round(pool, mlp, active_learning_strategy, min(active_batch, available),
-                                 derived_seed(seed, 20, round_index) % 2**32, strategy_options or {})
-        picked = [int(i) for i in selection.indices]
-        pool.labelled[picked] = True  # the oracle: the pool's folder labels
-        since_tune += len(picked)
-        retuned = since_tune >= retune_every
-        if retuned:
-            held_out = tune_and_embed(retune_epochs, derived_seed(seed, 30, round_index))
-            since_tune = 0
-        mlp = fit_mlp(round_index)
-        readable = held_out.readable
-        accuracy, top3, recall = validation_metrics(predict_proba(mlp, held_out.vectors[readable]),
-                                                    validation_labels[readable], class_names)
-        selected = tuple(SelectedImage(pool.samples[p.index].path, class_names[pool.samples[p.index].label],
-                                       p.score, p.reason) for p in selection.picks)
-        record = RoundRecord(round_index, int(pool.usable().sum()), len(picked), retuned, int(readable.sum()),
-                             accuracy, top3, recall, selected)
+    for record in loop.rounds():
         history.rounds.append(record)
-        history.skipped = tuple(unreadable)
-        log.info("round %d: %d labels, validation accuracy %.4f (top-3 %.4f)%s", round_index, record.labels_used,
-                 accuracy, top3, ", embedding re-tuned" if retuned else "")
+        history.skipped = tuple(loop.unreadable)
+        log.info("round %d: %d labels, validation accuracy %.4f (top-3 %.4f)%s", record.round, record.labels_used,
+                 record.validation_accuracy, record.validation_top3, ", embedding re-tuned" if record.retuned_embedding else "")
         if output is not None:
-            write_selection(output / f"selected_round_{round_index}.csv", selected)
+            write_selection(output / f"selected_round_{record.round}.csv", record.selected)
             history.write(output)
-    history.skipped = tuple(unreadable)
-    history.network, history.mlp = network, mlp
+    history.skipped = tuple(loop.unreadable)
+    history.network, history.mlp = loop.network, loop.mlp
     if output is not None:
         history.write(output)
         with atomic_open(output / EMBEDDING_WEIGHTS, "wb") as handle:  # reusable as weights_file
-            torch.save(network.backbone.state_dict(), handle)
+            torch.save(loop.network.backbone.state_dict(), handle)
     return history
