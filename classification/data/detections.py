@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 InputFormat = Literal["cct", "megadetector", "megadetector+cct"]
 Box = tuple[float, float, float, float]
 
+
+def as_box(values: Any) -> Box:
+    """An ``[x, y, w, h]`` list (already checked to hold four numbers) as a tuple of four floats."""
+    x, y, w, h = (float(v) for v in values)
+    return x, y, w, h
+
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_DETECTOR_CATEGORIES = ("animal",)
 
@@ -165,7 +171,7 @@ def _check_detection(detection: Any, categories: dict[str, str], path: str) -> l
         problems.append(Problem(f"{path}.bbox", f"expected [x, y, width, height] with 4 numbers, got {shown(bbox)}"))
     elif bbox[2] <= 0 or bbox[3] <= 0:
         problems.append(Problem(f"{path}.bbox", f"box is empty or negative (width {bbox[2]:g}, height {bbox[3]:g})"))
-    elif outside := box_outside_image(tuple(bbox), 1.0, 1.0, normalized=True):  # type: ignore[arg-type]
+    elif outside := box_outside_image(as_box(bbox), 1.0, 1.0, normalized=True):
         problems.append(Problem(f"{path}.bbox", outside))
     return problems
 
@@ -243,8 +249,8 @@ def cct_box_requests(data: CCT, default_dataset: str, rule: MissingLocationRule)
         if annotation.get("bbox") is None:
             report.annotations_without_box += 1
             continue
-        bbox = tuple(float(v) for v in annotation["bbox"])
-        boxes[annotation["image_id"]].append(CropRequest(str(annotation["id"]), bbox, names[annotation["category_id"]]))  # type: ignore[arg-type]
+        bbox = as_box(annotation["bbox"])
+        boxes[annotation["image_id"]].append(CropRequest(str(annotation["id"]), bbox, names[annotation["category_id"]]))
     requests = []
     for image in data["images"]:
         if image["id"] in boxes:
@@ -270,8 +276,7 @@ def wanted_detections(
         elif detection["conf"] < threshold:
             report.detections_below_threshold += 1
         else:
-            bbox = tuple(float(v) for v in detection["bbox"])
-            crops.append(CropRequest(detection_id(index), bbox, "", float(detection["conf"])))  # type: ignore[arg-type]
+            crops.append(CropRequest(detection_id(index), as_box(detection["bbox"]), "", float(detection["conf"])))
     return crops
 
 
@@ -319,6 +324,23 @@ def image_labels(data: CCT) -> dict[Any, set[str]]:
     return labels
 
 
+def match_labelled_image(file: str, matcher: FileMatcher, by_file: dict[str, dict[str, Any]],
+                         labels: dict[Any, set[str]] | None) -> tuple[dict[str, Any] | None, str, str, str]:
+    """The CCT image a MegaDetector file is cropped as, and its label; or None, why it is skipped and the detail."""
+    cct_file, reason = matcher.match(file)
+    if cct_file is None:
+        return None, "", "not in the labels CCT", reason
+    image = by_file.get(cct_file)
+    if image is None:
+        return None, "", "no location (dropped by --missing-locations drop)", f"CCT image {cct_file!r}"
+    if labels is None:
+        return image, "", "", ""
+    found = sorted(labels.get(image["id"], set()))
+    if len(found) != 1:
+        return None, "", "no label" if not found else "ambiguous label", f"CCT image {image['id']!r} has labels {found}"
+    return image, found[0], "", ""
+
+
 def megadetector_requests(
     md: dict[str, Any],
     labels_cct: CCT | None,
@@ -357,25 +379,12 @@ def megadetector_requests(
         crops = wanted_detections(md_image, names, threshold, set(categories), report)
         if not crops:
             continue
-        cct_file, reason = matcher.match(file)
-        image = by_file.get(cct_file) if cct_file is not None else None
-        label, kind = "", ""
-        if cct_file is None:
-            kind = "not in the labels CCT"
-        elif image is None:
-            kind, reason = "no location (dropped by --missing-locations drop)", f"CCT image {cct_file!r}"
-        elif labels is not None:
-            found = sorted(labels.get(image["id"], set()))
-            if len(found) == 1:
-                label = found[0]
-            else:
-                kind = "no label" if not found else "ambiguous label"
-                reason = f"CCT image {image['id']!r} has labels {found}"
-        if kind:
+        image, label, kind, reason = match_labelled_image(file, matcher, by_file, labels)
+        if image is None:
             report.skipped_images.append(SkippedImage(file, kind, reason))
             report.detections_in_skipped_images += len(crops)
             continue
-        request = image_request(image, _posix(file), default_dataset, normalized=True)  # type: ignore[arg-type]
+        request = image_request(image, _posix(file), default_dataset, normalized=True)
         request.crops = [CropRequest(c.annotation_id, c.bbox, label, c.confidence) for c in crops]
         requests.append(request)
     return requests, report
