@@ -6,7 +6,7 @@ import argparse
 import difflib
 import logging
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 from collections.abc import Callable, Sequence
 
 from classification.errors import UserError
@@ -36,7 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
     --thread (did you mean --threads?)`` and exit code 2, without the usage block.
     """
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)

@@ -15,6 +15,7 @@ run again.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +66,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run_select(args) -> int:  # type: ignore[no-untyped-def]
+def run_select(args: argparse.Namespace) -> int:
     result = select_round(open_experiment(args.config, args.overrides))
     print(result.message)
     print(result.selection[["rank", "path", "score", "predicted", "confidence"]].head(10).to_string(index=False))
@@ -76,7 +77,7 @@ def run_select(args) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def run_import(args) -> int:  # type: ignore[no-untyped-def]
+def run_import(args: argparse.Namespace) -> int:
     result = import_labels(open_experiment(args.config, args.overrides), args.file, args.round)
     received = result.received
     print(f"round {result.round}: {received.summary()}")
@@ -89,7 +90,7 @@ def run_import(args) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def run_retrain(args) -> int:  # type: ignore[no-untyped-def]
+def run_retrain(args: argparse.Namespace) -> int:
     result = retrain_round(open_experiment(args.config, args.overrides), args.round, args.overwrite)
     if result.exit_code == 0:
         print(f"trained {result.epochs_completed} epochs in {result.run_dir}; next: python classifier/active_learning.py "
@@ -97,21 +98,21 @@ def run_retrain(args) -> int:  # type: ignore[no-untyped-def]
     return result.exit_code
 
 
-def run_evaluate(args) -> int:  # type: ignore[no-untyped-def]
+def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_round(open_experiment(args.config, args.overrides), args.round)
     print(f"round {metrics['round']}: {metrics['eval_split']} top-1 {metrics['top1']:.4f}, macro F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['eval_images']} held-out images, with {metrics['pool_labels']} pool labels")
     return 0
 
 
-def run_status(args) -> int:  # type: ignore[no-untyped-def]
+def run_status(args: argparse.Namespace) -> int:
     table, next_step = status_table(open_experiment(args.config, args.overrides))
     print(table.to_string(index=False))
     print(f"next: {next_step}")
     return 0
 
 
-def run_simulate(args) -> int:  # type: ignore[no-untyped-def]
+def run_simulate(args: argparse.Namespace) -> int:
     from classification.active_learning.simulation import settings_with, simulate  # noqa: PLC0415 - matplotlib only for this command
 
     experiment = open_experiment(args.config, args.overrides)

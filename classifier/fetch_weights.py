@@ -12,6 +12,7 @@ variables at a shared filesystem, and set HF_HUB_OFFLINE=1 on the compute nodes.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def wanted_weights(args) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def wanted_weights(args: argparse.Namespace) -> list[tuple[str, str]]:
     """``(architecture, source)`` pairs from the configs that use pretrained weights and the --architecture list."""
     wanted = [(name, args.pretrained_source) for name in args.architecture]
     for path in args.config:

@@ -149,8 +149,9 @@ def _embedding_columns(path: Path, header: list[str]) -> list[int]:
             f"{path}: not a Lightly embeddings.csv: expected columns filenames, embedding_0.., labels; "
             f"found {', '.join(header)}"
         )
-    indices = [i for i, name in enumerate(header) if EMBEDDING_COLUMN.fullmatch(name)]
-    numbers = [int(EMBEDDING_COLUMN.fullmatch(header[i]).group(1)) for i in indices]  # type: ignore[union-attr]
+    matches = [(i, match) for i, name in enumerate(header) if (match := EMBEDDING_COLUMN.fullmatch(name))]
+    indices = [i for i, _ in matches]
+    numbers = [int(match.group(1)) for _, match in matches]
     if not indices or numbers != list(range(len(numbers))):
         raise DataError(f"{path}: embedding columns must be embedding_0 .. embedding_{{d-1}} in order")
     return indices
