@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, resolve_missing_locations
-from classification.data.crops import crop_file_name
+from classification.data.crops import MANIFEST_NAME, crop_file_name
 from classification.data.splits import (
     SPLIT_NAMES,
     SplitProblem,
@@ -85,6 +85,12 @@ def read_crops_manifest(path: Path) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{path}: lists no crops (a header and no rows); did utils/crop_detections.py find any boxes?")
     return frame
+
+
+def find_crops_manifest(crops_dir: str | Path) -> Path | None:
+    """``<crops_dir>/crops_manifest.csv`` when it exists (the crops' images, sequences and boxes), else None."""
+    path = Path(crops_dir) / MANIFEST_NAME
+    return path if path.is_file() else None
 
 
 def crops_frame_from_cct(data: CCT, crops_dir: Path, dataset: str) -> pd.DataFrame:
