@@ -9,7 +9,8 @@ Resumable: the pool is processed in chunks of ``chunk_size`` images and each chu
 saved atomically to ``<cache_dir>/chunk_<start>.npz``; a re-run with the same model,
 image size and pool reuses the saved chunks and computes the rest. ``cache.json``
 records what the chunks were made from; any change starts them again. Unreadable images
-are skipped and reported, never a crash.
+are skipped and reported, never a crash. The pass itself is ``training.inference``'s
+``run_in_chunks``, the one inference path (with the config's AMP and channels_last).
 """
 
 from __future__ import annotations
@@ -28,19 +29,27 @@ from torch import nn
 
 from classification.config import ExperimentConfig
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_json, write_csv_atomic, write_json_atomic
+from classification.io import atomic_open, write_csv_atomic
 from classification.active_learning.lightly import write_embeddings_csv
 from classification.active_learning.scores import uncertainty_scores
 from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_loader, image_files
-from classification.runtime import DistributedContext, progress_bar, select_device
-from classification.training.models import build_model, forward_features, head_module, input_spec_of
+from classification.runtime import DistributedContext, select_device
+from classification.training.inference import (
+    EMBEDDINGS,
+    PROBABILITIES,
+    ChunkCache,
+    embeddings,
+    embeddings_and_probabilities,
+    inference_options,
+    run_in_chunks,
+)
+from classification.training.models import build_model, input_spec_of
 from classification.training.weights import InputSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "cache.json"
 DEFAULT_CHUNK_SIZE = 2048
 
 
@@ -57,40 +66,6 @@ class PoolEmbeddings:
         return len(self.kept)
 
 
-def features_and_probabilities(model: nn.Module, images: torch.Tensor, with_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Penultimate features and (optionally) softmax probabilities from one forward pass."""
-    features = forward_features(model, images)
-    if not with_probabilities:
-        return features.float(), None
-    logits = head_module(model)(features)
-    return features.float(), torch.softmax(logits.float(), dim=1)
-
-
-@torch.inference_mode()
-def embed_chunk(model: nn.Module, samples: Sequence[Sample], config: ExperimentConfig, device: torch.device,
-                with_probabilities: bool, offset: int, description: str) -> dict[str, np.ndarray]:
-    """One chunk's arrays: ``kept`` (global positions), ``embeddings``, ``probabilities``, ``skipped``."""
-    loader = build_loader(config, samples, train=False)
-    kept, features, probabilities, skipped = [], [], [], []
-    with progress_bar(len(loader), 0, description, DistributedContext()) as bar:
-        for batch in loader:
-            skipped += [offset + index for index in batch.skipped]
-            if len(batch):
-                vectors, probs = features_and_probabilities(model, batch.images.to(device), with_probabilities)
-                kept.append(batch.indices.numpy() + offset)
-                features.append(vectors.cpu().numpy())
-                if probs is not None:
-                    probabilities.append(probs.cpu().numpy())
-            bar.update(1)
-    dim = features[0].shape[1] if features else 0
-    return {
-        "kept": np.concatenate(kept) if kept else np.zeros(0, np.int64),
-        "embeddings": np.concatenate(features).astype(np.float32) if features else np.zeros((0, dim), np.float32),
-        "probabilities": np.concatenate(probabilities).astype(np.float32) if probabilities else np.zeros((0, 0), np.float32),
-        "skipped": np.asarray(sorted(skipped), dtype=np.int64),
-    }
-
-
 def cache_key(samples: Sequence[Sample], model_id: str, spec: InputSpec, chunk_size: int) -> dict[str, object]:
     """What a cache of chunks was made from: the model, its input (size, normalisation, interpolation), the
     chunking and every path."""
@@ -99,74 +74,17 @@ def cache_key(samples: Sequence[Sample], model_id: str, spec: InputSpec, chunk_s
             "interpolation": spec.interpolation, "chunk_size": chunk_size, "n": len(samples), "paths_sha256": digest}
 
 
-def prepare_cache(cache_dir: Path, key: dict[str, object]) -> None:
-    """Keep the chunks of ``cache_dir`` when they were made from ``key``; otherwise remove them."""
-    cache_file = cache_dir / CACHE_FILE
-    if cache_file.is_file():
-        try:
-            same = read_json(cache_file) == key
-        except DataError:
-            same = False
-        if same:
-            return
-        log.info("%s: the model or the pool changed; embedding again", cache_dir)
-    for chunk in cache_dir.glob("chunk_*.npz"):
-        chunk.unlink()
-    write_json_atomic(cache_file, key)
-
-
-def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write one chunk's arrays atomically."""
-    with atomic_open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-
-
-def load_chunk(path: Path) -> dict[str, np.ndarray] | None:
-    """A saved chunk, or None when the file cannot be read (it is then computed again)."""
-    try:
-        with np.load(path) as data:
-            return {name: data[name] for name in ("kept", "embeddings", "probabilities", "skipped")}
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def embed_samples(model: nn.Module, samples: Sequence[Sample], config: ExperimentConfig, device: torch.device,
                   with_probabilities: bool = True, cache_dir: Path | None = None, model_id: str = "",
                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
-    """Embed (and score) ``samples`` with ``model`` in eval mode; chunks cached in ``cache_dir`` when given."""
-    if chunk_size < 1:
-        raise UserError(f"chunk_size must be at least 1, got {chunk_size}")
-    model = model.to(device).eval()
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        prepare_cache(cache_dir, cache_key(samples, model_id, input_spec_of(config), chunk_size))
-    chunks = []
-    starts = range(0, len(samples), chunk_size)
-    for number, start in enumerate(starts, start=1):
-        path = cache_dir / f"chunk_{start:09d}.npz" if cache_dir is not None else None
-        arrays = load_chunk(path) if path is not None and path.is_file() else None
-        if arrays is None:
-            arrays = embed_chunk(model, samples[start:start + chunk_size], config, device, with_probabilities, start,
-                                 f"embed {number}/{len(starts)}")
-            if path is not None:
-                save_chunk(path, arrays)
-        chunks.append(arrays)
-    return combine_chunks(chunks, with_probabilities)
-
-
-def combine_chunks(chunks: list[dict[str, np.ndarray]], with_probabilities: bool) -> PoolEmbeddings:
-    """One ``PoolEmbeddings`` from the chunks, in input order."""
-    if not chunks:
-        return PoolEmbeddings(np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
-                              np.zeros((0, 0), np.float32) if with_probabilities else None, [])
-    kept = np.concatenate([c["kept"] for c in chunks]).astype(np.int64)
-    embeddings = np.concatenate([c["embeddings"] for c in chunks if len(c["kept"])] or [chunks[0]["embeddings"]])
-    probabilities = None
-    if with_probabilities:
-        probabilities = np.concatenate([c["probabilities"] for c in chunks if len(c["kept"])] or [chunks[0]["probabilities"]])
-    order = np.argsort(kept, kind="stable")
-    skipped = sorted(int(i) for c in chunks for i in c["skipped"])
-    return PoolEmbeddings(kept[order], embeddings[order], probabilities[order] if probabilities is not None else None, skipped)
+    """Embed (and score) ``samples`` with ``model`` in eval mode, through the one inference path (the config's AMP
+    and channels_last); chunks cached in ``cache_dir`` when given."""
+    compute, names = (embeddings_and_probabilities, (EMBEDDINGS, PROBABILITIES)) if with_probabilities else (embeddings, (EMBEDDINGS,))
+    cache = ChunkCache(cache_dir, cache_key(samples, model_id, input_spec_of(config), chunk_size)) if cache_dir is not None else None
+    result = run_in_chunks(model, samples, lambda part: build_loader(config, part, train=False), compute, names,
+                           inference_options(config, device), chunk_size, cache, "embed")
+    return PoolEmbeddings(result.indices, result.outputs[EMBEDDINGS], result.outputs[PROBABILITIES] if with_probabilities else None,
+                          result.skipped)
 
 
 def write_embedding_outputs(output_dir: Path, relative_paths: Sequence[str], result: PoolEmbeddings,

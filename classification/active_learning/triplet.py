@@ -38,6 +38,7 @@ from classification.training.data import (
     decode_size,
     derived_seed,
 )
+from classification.training.inference import EMBEDDINGS, default_options, run_inference
 from classification.training.models import build_model, input_spec
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,11 @@ def train_embedding(network: EmbeddingNetwork, samples: Sequence[Sample], epochs
     return EmbeddingTraining(tuple(losses), tuple(active), tuple(skipped))
 
 
+def network_embeddings(network: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The embedding network's output (unit vectors) for one batch: the ``Compute`` of ``embed``."""
+    return {EMBEDDINGS: network(images).float()}
+
+
 @dataclass(frozen=True)
 class EmbeddedImages:
     """Embeddings (n, d) of ``paths`` in order; rows of unreadable images are zeros and ``readable`` is False."""
@@ -269,19 +275,18 @@ class EmbeddedImages:
 
 def embed(network: EmbeddingNetwork, paths: Sequence[Path], *, image_size: int = 224, batch_size: int = 64,
           device: str | torch.device = "cpu", num_workers: int = 0) -> EmbeddedImages:
-    """Embed images in batches (eval mode, ``torch.inference_mode``); unreadable ones are skipped and reported."""
+    """Embed images in batches through the one inference path (eval mode, ``torch.inference_mode``, channels_last
+    on CUDA); unreadable ones are skipped and reported."""
     samples = [Sample(Path(path), 0, "", "") for path in paths]
     dataset = CropDataset(samples, build_transforms(image_size, "none", False, getattr(network, "input_spec", None)), 0, image_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
                         num_workers=num_workers)
+    computed = run_inference(network, loader, network_embeddings, (EMBEDDINGS,), default_options(torch.device(device)), "embed")
     vectors = np.zeros((len(samples), network.embedding_dim), dtype=np.float32)
     readable = np.ones(len(samples), dtype=bool)
-    network.to(device).eval()
-    with torch.inference_mode():
-        for batch in loader:
-            readable[batch.skipped] = False
-            if len(batch):
-                vectors[batch.indices.numpy()] = network(batch.images.to(device)).float().cpu().numpy()
+    readable[computed.skipped] = False
+    if len(computed):
+        vectors[computed.indices] = computed.outputs[EMBEDDINGS]
     result = EmbeddedImages(tuple(s.path for s in samples), vectors, readable)
     for path in result.skipped:
         log.warning("skipped %s (%s)", path, "unreadable image" if path.exists() else "file not found")

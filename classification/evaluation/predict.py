@@ -15,7 +15,6 @@ differs from it is refused rather than silently mislabelled.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from classification.evaluation.report import evaluate_predictions, prediction_co
 from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
-from classification.runtime import DistributedContext, autocast_dtype, progress_bar, select_device, uses_channels_last
+from classification.training.inference import TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
+from classification.runtime import DistributedContext, select_device
 from classification.training.models import build_model
 
 log = logging.getLogger(__name__)
@@ -210,41 +210,18 @@ class Scores:
     images_per_second: float
 
 
-@torch.inference_mode()
 def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
                   topk: int) -> Scores:
-    """Softmax probabilities of every readable sample, batched, with eval transforms; unreadable ones listed."""
-    loader = build_loader(model.config_for(config), samples, train=False)
-    network = model.model.to(device)
-    channels_last = uses_channels_last(config, device)
-    if channels_last:
-        network = network.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(config, device)
+    """Top-k softmax probabilities of every readable sample, batched, with eval transforms, through the one
+    inference path (the config's AMP and channels_last); unreadable ones listed."""
     k = min(topk, len(model.label_names))
-    parts: list[tuple[torch.Tensor, ...]] = []
-    skipped: list[int] = []
-    started, seen = time.perf_counter(), 0
-    with progress_bar(len(loader), 0, "predict", DistributedContext()) as bar:
-        for batch in loader:
-            skipped += batch.skipped
-            if len(batch):
-                images = batch.images.to(device, non_blocking=True)
-                images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    probabilities = torch.softmax(network(images).float(), dim=1).cpu()
-                values, classes = probabilities.topk(k, dim=1)
-                labels = batch.labels.clamp(min=0)
-                true = torch.where(batch.labels >= 0, probabilities.gather(1, labels[:, None])[:, 0], torch.nan)
-                parts.append((batch.indices, classes, values, true))
-                seen += len(batch)
-            bar.update(1)
-            bar.set_postfix(img_per_s=f"{seen / max(time.perf_counter() - started, 1e-9):.1f}")
-    rate = seen / max(time.perf_counter() - started, 1e-9)
-    if not parts:
-        return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), sorted(skipped), rate)
-    indices, classes, values, true = (torch.cat(column).numpy() for column in zip(*parts))
-    order = np.argsort(indices, kind="stable")  # input order, whatever order the loader gave
-    return Scores(indices[order], classes[order], values[order], true[order], sorted(skipped), rate)
+    loader = build_loader(model.config_for(config), samples, train=False)
+    result = run_inference(model.model, loader, top_k_probabilities(k), TOP_K_OUTPUTS, inference_options(config, device), "predict")
+    if not len(result):
+        return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), result.skipped, result.images_per_second)
+    outputs = result.outputs
+    return Scores(result.indices, outputs["top_classes"], outputs["top_probs"], outputs["true_probs"], result.skipped,
+                  result.images_per_second)
 
 
 def relative_path(path: Path, root: Path) -> str:
@@ -324,6 +301,30 @@ def build_input(config: ExperimentConfig, model: TrainedModel, split: str | None
     return megadetector_input(Path(megadetector), Path(crops_dir).resolve(), model)  # type: ignore[arg-type]
 
 
+def prediction_info(source: PredictionInput, model: TrainedModel, device: torch.device, n_predicted: int, n_skipped: int,
+                    images_per_second: float, topk: int) -> dict[str, Any]:
+    """``prediction_info.json``: what was predicted, with which checkpoint, where, and how fast."""
+    return {
+        "input": source.name, "images_root": str(source.root), "checkpoint": str(model.checkpoint), "epoch": model.epoch,
+        "architecture": model.architecture, "image_size": model.image_size, "weights": model.weights,
+        "device": str(device), "n_images": len(source.samples), "n_predicted": n_predicted,
+        "n_skipped": n_skipped, "images_per_second": round(images_per_second, 2), "topk": topk,
+        "label_names": model.label_names,
+    }
+
+
+def write_metrics(predictions: pd.DataFrame, label_names: list[str], output_dir: Path, images_root: Path,
+                  info: dict[str, Any]) -> dict[str, Any] | None:
+    """``metrics.json`` and the plots when some images have a true label the model knows; None otherwise."""
+    if scored_rows(predictions, label_names).empty:
+        return None
+    metrics = evaluate_predictions(predictions, label_names, output_dir, images_root=images_root, extra={"prediction": info})
+    log.info("top-1 %.4f, top-3 %s, macro F1 %.4f on %d labelled images -> %s", metrics["top1"],
+             "n/a" if metrics["top3"] is None else f"{metrics['top3']:.4f}", metrics["macro_f1"], metrics["n_scored"],
+             output_dir / "metrics.json")
+    return metrics
+
+
 def run_prediction(
     config_path_or_config: str | Path | ExperimentConfig,
     checkpoint: str | Path,
@@ -349,26 +350,15 @@ def run_prediction(
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "predictions" / f"{source.name}_{checkpoint_path.stem}"
     torch_device = select_device(config.device, DistributedContext())
     scores = score_samples(model, source.samples, config, torch_device, topk)
-    predictions = predictions_table(source, scores, model.label_names)
+    predictions = predictions_table(source, scores, model.label_names)  # the raw predictions: complete from here on
     skipped = skipped_table(source, scores.skipped)
     log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
              len(predictions), scores.images_per_second, torch_device, len(skipped))
-    info = {
-        "input": source.name, "images_root": str(source.root), "checkpoint": str(checkpoint_path), "epoch": model.epoch,
-        "architecture": model.architecture, "image_size": model.image_size, "weights": model.weights,
-        "device": str(torch_device), "n_images": len(source.samples), "n_predicted": len(predictions),
-        "n_skipped": len(skipped), "images_per_second": round(scores.images_per_second, 2), "topk": topk,
-        "label_names": model.label_names,
-    }
+    info = prediction_info(source, model, torch_device, len(predictions), len(skipped), scores.images_per_second, topk)
     predictions_path = write_predictions(predictions, output_dir / "predictions.csv")
     write_csv_atomic(output_dir / "skipped.csv", skipped)
     write_json_atomic(output_dir / "prediction_info.json", info)
-    metrics = None
-    if not scored_rows(predictions, model.label_names).empty:
-        metrics = evaluate_predictions(predictions, model.label_names, output_dir, images_root=source.root, extra={"prediction": info})
-        log.info("top-1 %.4f, top-3 %s, macro F1 %.4f on %d labelled images -> %s", metrics["top1"],
-                 "n/a" if metrics["top3"] is None else f"{metrics['top3']:.4f}", metrics["macro_f1"], metrics["n_scored"],
-                 output_dir / "metrics.json")
+    metrics = write_metrics(predictions, model.label_names, output_dir, source.root, info)
     md_output = None
     if source.megadetector is not None:
         md_output = output_dir / f"{source.megadetector.stem}_classified.json"
