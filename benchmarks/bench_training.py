@@ -8,7 +8,7 @@ Crops the real MCT subset (../shared/data/mct) once into a temporary folder, bui
 classification dataset, then measures images per second for: training from the real
 loader (JPEG decoding + augmentation), training on one batch already in memory (pure
 compute), each with and without channels_last; and prediction from the loader and from
-memory. Training runs the training loop's own step (``engine.train_step``: loss,
+memory. Training runs the training loop's own step (``training/trainer.train_step``: loss,
 backward, optimizer, schedule, metrics). Loader and memory runs alternate, best of
 ``--repeats`` each, so that load from other processes hits both alike. The ratio
 loader/in-memory says how close the input pipeline lets training get to compute-bound.
@@ -33,7 +33,7 @@ from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.runtime import distributed_context
-from classification.training import engine
+from classification.training import trainer as trainer_module
 from classification.training.data import Batch, build_loader, build_samples, load_label_index, set_loader_epoch
 from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model
@@ -92,12 +92,12 @@ def time_steps(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Iter
 
 
 def train_step(config: ExperimentConfig, num_classes: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """The training loop's own step on a fresh model: ``engine.train_step`` with its metrics."""
-    trainer = engine.build_trainer(config, num_classes, [], steps_per_epoch=10_000, device=device,
-                                   context=distributed_context())
+    """The training loop's own step on a fresh model: ``training/trainer.train_step`` with its metrics."""
+    trainer = trainer_module.build_trainer(config, num_classes, [], steps_per_epoch=10_000, device=device,
+                                           context=distributed_context())
     trainer.network.train()
     metrics = MetricAccumulator(num_classes)
-    return lambda images, labels: engine.train_step(trainer, images, labels, metrics)
+    return lambda images, labels: trainer_module.train_step(trainer, images, labels, metrics)
 
 
 def predict_step(model: nn.Module, device: torch.device, amp: str) -> Callable[[torch.Tensor, torch.Tensor], None]:

@@ -42,7 +42,9 @@ from classification.training.checkpoint import (
 )
 from classification.training.data import build_samples
 from classification.runtime import seed_everything
-from classification.training.engine import is_improvement, lr_factor, train
+from classification.training.engine import train
+from classification.training.hooks import is_improvement
+from classification.training.optim import lr_factor
 from classification.training.models import build_model, head_name
 from tests.conftest import REPO_ROOT, run_in_process
 from tests.test_config import ANIML_CONFIG

@@ -10,15 +10,18 @@ writes its data once: ``last.pt`` and ``best.pt`` are hard links of the epoch's 
 
 Everything in a checkpoint is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs on load). Keys: ``model, optimizer,
-scheduler, scaler, ema, ema_num_updates, epoch, step, batch_in_epoch, partial_train_metrics,
-best_metric, best_epoch, early_stopping_counter, rng, label_index, config_hash, comet_key,
-config, format``. ``epoch`` is the last *completed* epoch (1-based); ``batch_in_epoch`` > 0
-marks a mid-epoch state: that many batches of epoch ``epoch + 1`` are done.
+scheduler, scaler, ema, ema_num_updates`` (the trainer's ``state_dict``), ``epoch, step,
+batch_in_epoch, partial_train_metrics`` (``Progress``), ``best_metric, best_epoch,
+early_stopping_counter`` (the early-stopping hook), ``comet_key`` (the tracking hook), ``rng,
+label_index, config_hash, config, format``. ``epoch`` is the last *completed* epoch (1-based);
+``batch_in_epoch`` > 0 marks a mid-epoch state: that many batches of epoch ``epoch + 1`` are done.
+A hook's entries are read with defaults, so checkpoints written before a hook existed still load.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import random
 import re
 from collections.abc import Mapping
@@ -29,8 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from classification.config import ExperimentConfig, config_changes, config_hash
 from classification.errors import DataError, UserError
 from classification.io import link_atomic, remove_stale_temporaries, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -72,6 +78,72 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- the checkpoint dict
+
+
+@dataclass
+class Progress:
+    """Where a run is: the counters a checkpoint carries besides the module and hook states."""
+
+    epoch: int = 0  # last completed epoch
+    step: int = 0  # optimizer steps so far
+    batch_in_epoch: int = 0  # batches done in epoch + 1 (a mid-epoch state when > 0)
+    partial_train_metrics: torch.Tensor | None = None  # the train metrics of those batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters under their checkpoint keys."""
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "partial_train_metrics": self.partial_train_metrics}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> Progress:
+        """The counters a checkpoint was saved at."""
+        return cls(epoch=int(checkpoint["epoch"]), step=int(checkpoint["step"]),
+                   batch_in_epoch=int(checkpoint["batch_in_epoch"]),
+                   partial_train_metrics=checkpoint.get("partial_train_metrics"))
+
+
+def build_checkpoint(states: Mapping[str, Any], config: ExperimentConfig, label_index: Mapping[int, str]) -> dict[str, Any]:
+    """The checkpoint dict: the trainer's, the counters' and the hooks' ``states``, every random state,
+    the labels and the config (tensors and plain values only, for ``weights_only=True`` loading)."""
+    return {
+        **states,
+        "rng": capture_rng_state(),
+        "label_index": {str(i): name for i, name in label_index.items()},
+        "config_hash": config_hash(config),
+        "config": config.to_dict(),
+    }
+
+
+def load_state(target: Any, state: Any, path: Path, what: str) -> None:
+    """``target.load_state_dict(state)``; a state made for other settings (forced resume) is one line."""
+    try:
+        target.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+        reason = f"no {error} entry" if isinstance(error, KeyError) else (str(error).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: its {what} state does not fit this config ({reason}); "
+                        "start again with --no-resume --overwrite") from None
+
+
+def check_resumable(checkpoint: Mapping[str, Any], path: Path, config: ExperimentConfig,
+                    label_index: Mapping[int, str], force: bool, config_path: Path) -> None:
+    """Refuse a checkpoint made for other labels, or (unless forced) with other training settings."""
+    saved = {int(k): v for k, v in checkpoint.get("label_index", {}).items()}
+    if saved != dict(label_index):
+        raise DataError(f"{path}: made for other labels ({len(saved)} classes) than {config.data_root} "
+                        f"({len(label_index)}); start again with --no-resume --overwrite")
+    if checkpoint.get("config_hash") == config_hash(config):
+        return
+    changes = config_changes(checkpoint.get("config", {}), config)
+    if not changes:  # saved by an older version: only keys added since, at the values it used
+        return
+    summary = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    if not force:
+        raise UserError(f"{config_path}: changed since {path} ({summary}); resume anyway with --force, "
+                        "or start again with --no-resume --overwrite")
+    log.warning("resuming with a changed config (--force): %s", summary)
 
 
 # ---------------------------------------------------------------- saving

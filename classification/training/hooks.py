@@ -1,0 +1,176 @@
+"""Epoch policies as hooks: small objects the training loop calls at fixed points.
+
+In the spirit of detectron2's ``HookBase``: the loop (``engine.run_epochs``) trains and
+validates; everything it decides or records around that is a hook, called in list order:
+``before_train`` and ``after_train`` around the run, ``after_step`` after each training
+batch, ``after_epoch`` after validation, ``on_signal`` when SIGINT/SIGTERM stops an epoch
+part-way. A hook with state returns it from ``state_dict`` under its own checkpoint keys
+and reads them back with defaults in ``load_state_dict``, so a checkpoint written before
+the hook existed still resumes. A new policy is a new hook; it touches no loop code.
+
+The hooks, in the order they run after an epoch: ``EarlyStopping`` (the monitored best;
+stops after ``patience`` epochs without improvement), ``Tracking`` (metrics.csv and Comet),
+``SampleGrid`` (a picture of predictions at the final epoch), ``Checkpointer`` (last, so
+the checkpoint holds what the others did).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from classification.runtime import barrier
+from classification.training.checkpoint import LAST, checkpoint_names, prune_checkpoints, save_checkpoint
+from classification.training.sample_grid import sample_prediction_grid
+from classification.training.tracking import ExperimentTracker
+
+if TYPE_CHECKING:  # the loop calls the hooks; the hooks only read it
+    from classification.training.engine import TrainingLoop
+
+
+@dataclass
+class EpochEnd:
+    """One finished epoch as the hooks see it; a hook may set what hooks after it read."""
+
+    epoch: int
+    row: dict[str, float]  # the metrics.csv row
+    confusion: Any  # the validation confusion matrix (rows = true)
+    label_names: list[str]
+    final: bool  # the run's last epoch (early stopping makes an epoch final too)
+    improved: bool = False  # set by EarlyStopping: the monitored metric is the best so far
+    stop_early: bool = False  # set by EarlyStopping: end the run after this epoch
+
+
+class Hook:
+    """An epoch policy; override the points that apply (each default does nothing)."""
+
+    def before_train(self, loop: TrainingLoop) -> None:
+        """Once, before the first epoch of this process (after any resume)."""
+
+    def after_step(self, loop: TrainingLoop) -> None:
+        """After each training batch (``loop.progress`` already counts it)."""
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        """After an epoch's training and validation (``loop.progress.epoch`` is ``end.epoch``)."""
+
+    def on_signal(self, loop: TrainingLoop) -> None:
+        """When a signal stopped an epoch part-way (``loop.progress`` says where)."""
+
+    def after_train(self, loop: TrainingLoop) -> None:
+        """Once, when the run ends for any reason (also after an error)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This hook's state under its checkpoint keys (none by default)."""
+        return {}
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Read this hook's state back from a checkpoint, with defaults for checkpoints without it."""
+
+
+def is_improvement(value: float, best: float | None, monitor: str) -> bool:
+    """True when ``value`` beats ``best`` (lower is better for val_loss; NaN never improves)."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+class EarlyStopping(Hook):
+    """Keeps the monitored metric's best value and epoch; ends the run after ``patience`` epochs without
+    improvement (never when ``patience`` is None). State: ``best_metric, best_epoch, early_stopping_counter``."""
+
+    def __init__(self, monitor: str, patience: int | None) -> None:
+        self.monitor, self.patience = monitor, patience
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.counter = 0  # epochs since the best one
+
+    def triggered(self) -> bool:
+        """True once the monitored metric has not improved for ``patience`` epochs."""
+        return self.patience is not None and self.counter >= self.patience
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        end.improved = is_improvement(end.row[self.monitor], self.best_metric, self.monitor)
+        if end.improved:
+            self.best_metric, self.best_epoch, self.counter = end.row[self.monitor], end.epoch, 0
+        else:
+            self.counter += 1
+        end.stop_early = self.triggered()
+        end.final = end.final or end.stop_early
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "early_stopping_counter": self.counter}
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self.best_metric, self.best_epoch = checkpoint.get("best_metric"), checkpoint.get("best_epoch")
+        self.counter = int(checkpoint.get("early_stopping_counter", 0))
+
+
+class Tracking(Hook):
+    """Logs each epoch's metrics row (``metrics.csv`` and Comet) and confusion matrix on rank 0.
+    State: ``comet_key``, so a resumed run continues the same Comet experiment."""
+
+    def __init__(self, run_dir: Path, mode: str, experiment_name: str) -> None:
+        self.run_dir, self.mode, self.experiment_name = run_dir, mode, experiment_name
+        self.key: str | None = None  # the experiment to continue
+        self.tracker: ExperimentTracker | None = None
+
+    def before_train(self, loop: TrainingLoop) -> None:
+        self.tracker = ExperimentTracker.create(self.run_dir, loop.config.to_dict(), self.mode, self.experiment_name,
+                                                self.key, enabled=loop.trainer.context.is_main)
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        if loop.trainer.context.is_main and self.tracker is not None:
+            self.tracker.log_epoch(end.epoch, end.row)  # before the checkpoint: a resumed run rewrites this row, never loses it
+            self.tracker.log_confusion_matrix(end.confusion, end.label_names, end.epoch)
+
+    def after_train(self, loop: TrainingLoop) -> None:
+        if self.tracker is not None:
+            self.tracker.end()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"comet_key": self.tracker.key if self.tracker is not None else self.key}
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self.key = checkpoint.get("comet_key")
+
+
+class SampleGrid(Hook):
+    """At the final epoch, logs ``count`` validation images with their predictions to the tracker (rank 0)."""
+
+    def __init__(self, tracking: Tracking, count: int) -> None:
+        self.tracking, self.count = tracking, count
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        tracker = self.tracking.tracker
+        if not (end.final and loop.trainer.context.is_main and tracker is not None):
+            return
+        grid = sample_prediction_grid(loop.trainer, loop.data.val_loader, self.count, loop.data.label_index)
+        if grid is not None:
+            tracker.log_image(grid, "sample_predictions", end.epoch)
+
+
+class Checkpointer(Hook):
+    """Saves after every epoch (``<epoch>.pt`` every ``every`` epochs and at the final one, ``best.pt`` on
+    improvement, ``last.pt`` always) and ``last.pt`` when a signal stops an epoch. Rank 0 writes and prunes
+    old numbered files (``keep_last``; 0 keeps all); every rank waits for it."""
+
+    def __init__(self, directory: Path, every: int, keep_last: int) -> None:
+        self.directory, self.every, self.keep_last = directory, every, keep_last
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        self.save(loop, checkpoint_names(end.epoch, self.every, end.improved, end.final))
+
+    def on_signal(self, loop: TrainingLoop) -> None:
+        self.save(loop, [LAST])
+
+    def save(self, loop: TrainingLoop, names: list[str]) -> None:
+        """Write the loop's checkpoint under ``names`` (rank 0), then wait on every rank."""
+        if loop.trainer.context.is_main:
+            save_checkpoint(loop.checkpoint(), self.directory, names)
+            prune_checkpoints(self.directory, self.keep_last)
+        barrier(loop.trainer.context)

@@ -1,0 +1,84 @@
+"""The run folder's rules: which checkpoint a run resumes from, and archiving an earlier run to start again.
+
+``--resume`` (the default) continues from the newest readable checkpoint (a fresh start when
+there is none); ``--no-resume`` refuses to start over a run that has checkpoints unless
+``overwrite``, which moves ``checkpoints/``, ``metrics.csv`` and the run files to
+``archive/<UTC time>/`` (nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+
+from classification.errors import DataError, UserError
+from classification.runtime import DistributedContext, barrier
+from classification.training.checkpoint import (
+    available_checkpoints,
+    checkpoints_dir,
+    find_newest_checkpoint,
+    remove_partial_writes,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS_CSV = "metrics.csv"
+ARCHIVE_DIR = "archive"
+RUN_FILES = ("metrics.csv", "resolved_config.yml", "run_info.json")
+
+
+def archive_run(run_dir: Path) -> Path:
+    """Move ``checkpoints/`` and the run's files to ``archive/<UTC time>/``; nothing is deleted."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = run_dir / ARCHIVE_DIR / stamp
+    suffix = 1
+    while target.exists():
+        target, suffix = run_dir / ARCHIVE_DIR / f"{stamp}-{suffix}", suffix + 1
+    target.mkdir(parents=True)
+    for name in (checkpoints_dir(run_dir).name, *RUN_FILES):
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(target / name))
+    log.info("moved the earlier run's checkpoints and metrics to %s", target)
+    return target
+
+
+def usable_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint (None when the run has none); refuses a run whose checkpoints are all
+    unreadable rather than starting over it, and says when it falls back past unreadable files."""
+    found = find_newest_checkpoint(checkpoints_dir(run_dir))
+    if found.newest is None and found.unusable:
+        raise DataError(f"{checkpoints_dir(run_dir)}: no checkpoint can be resumed from: {found.describe_unusable()}; "
+                        f"nothing was changed: start again with --no-resume --overwrite (moves them to "
+                        f"{run_dir / ARCHIVE_DIR}/<time>/)")
+    if found.unusable:
+        log.warning("%s: resuming from %s, passing over checkpoints that cannot be read: %s", checkpoints_dir(run_dir),
+                    found.newest.name, found.describe_unusable())  # type: ignore[union-attr]
+    return found.newest
+
+
+def find_resume_checkpoint(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start; refuses to start over silently."""
+    present = available_checkpoints(run_dir)
+    if resume:
+        if overwrite:
+            raise UserError("--overwrite only applies with --no-resume (it archives the checkpoints to start again)")
+        return usable_resume_checkpoint(run_dir)
+    if (present or (run_dir / METRICS_CSV).is_file()) and not overwrite:
+        shown = ", ".join(present) if present else METRICS_CSV
+        raise UserError(f"{run_dir}: has an earlier run ({shown}); continue it with --resume, or start again "
+                        f"with --no-resume --overwrite (moves it to {run_dir / ARCHIVE_DIR}/<time>/)")
+    return None
+
+
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, context: DistributedContext) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start); rank 0 then clears half-written files and,
+    with ``--no-resume --overwrite``, archives the earlier run."""
+    resume_from = find_resume_checkpoint(run_dir, resume, overwrite)
+    barrier(context)  # every rank has looked at the run folder before rank 0 changes it
+    if context.is_main:
+        remove_partial_writes(checkpoints_dir(run_dir))
+        if not resume and overwrite and (checkpoints_dir(run_dir).exists() or (run_dir / METRICS_CSV).exists()):
+            archive_run(run_dir)
+    return resume_from
