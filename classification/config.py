@@ -38,7 +38,7 @@ MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macr
 RESUMABLE_FIELDS = frozenset({
     "device", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
     "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
-    "data_root", "crops_dir", "weights_file", "active_learning",
+    "data_root", "crops_dir", "weights_file", "active_learning", "postprocess",
 })
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
 # The active-learning strategies by name. The config owns the list (it imports no stage);
@@ -97,6 +97,47 @@ class ActiveLearningConfig(BaseModel):
     simulation: SimulationConfig = SimulationConfig()
 
 
+class PostprocessConfig(BaseModel):
+    """The ``postprocess:`` section: what ``predict.py`` does after the raw predictions (README "After prediction").
+
+    Every step is off or has a safe default; calibration and abstention thresholds are fitted by
+    predicting the val split and then applied to every later prediction with the same checkpoint.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibrate: bool = False  # temperature scaling fitted on the val split, applied before everything else
+    image_smoothing: bool = False  # in an image with several detections, unconfident minority ones take the dominant class
+    image_confident: float = Field(0.9, gt=0, le=1)  # ... unless their own confidence is at least this
+    sequence: Literal["off", "mean", "vote"] = "off"  # average probabilities over a sequence, or a majority vote
+    sequence_weights: Literal["none", "detection"] = "none"  # detection: weight each crop by its detector confidence
+    sequence_gap_s: float = Field(60.0, gt=0)  # without seq_id: frames of one location less than this apart are a sequence
+    abstain: bool = False  # answer a species only above its threshold (fitted on val for target_precision), else unknown
+    target_precision: float = Field(0.9, gt=0, le=1)
+    unknown_label: str = "unknown"
+    blank_threshold: float = Field(0.2, ge=0, le=1)  # MegaDetector input: no detection this confident -> "blank"
+    taxonomy: Path | None = None  # CSV label,genus,family,order,class: unconfident species roll up; relative to the config
+    rollup_threshold: float = Field(0.8, gt=0, le=1)  # the summed probability a taxon needs to be the answer
+    species_list: Path | None = None  # CSV location,label,status (allow|block); empty location = the whole project
+    species_list_action: Literal["renormalise", "rollup"] = "renormalise"  # rollup needs a taxonomy
+
+    @field_validator("unknown_label")
+    @classmethod
+    def _check_unknown(cls, value: str) -> str:
+        """The answer given when nothing is confident: a name, not blank."""
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("species_list_action")
+    @classmethod
+    def _rollup_needs_taxonomy(cls, value: str, info: ValidationInfo) -> str:
+        """Rolling a disallowed species up needs the taxonomy it rolls up in."""
+        if value == "rollup" and info.data.get("taxonomy") is None:
+            raise ValueError("rollup needs postprocess.taxonomy (or use renormalise)")
+        return value
+
+
 class ExperimentConfig(BaseModel):
     """Every option of a training run; unknown keys are errors (no silent typos)."""
 
@@ -152,6 +193,8 @@ class ExperimentConfig(BaseModel):
     log_sample_predictions: int = Field(8, ge=0)
     # active learning (classifier/active_learning.py)
     active_learning: ActiveLearningConfig = ActiveLearningConfig()
+    # after prediction (classifier/predict.py): calibration, smoothing, abstention, taxonomy, species lists
+    postprocess: PostprocessConfig = PostprocessConfig()
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -408,6 +451,10 @@ def resolve_paths(data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
     if isinstance(section, dict):
         resolved["active_learning"] = {**section, **{key: absolute_path(section[key], config_dir) for key in
                                                       ("pool", "label_studio_document_root") if key in section}}
+    section = resolved.get("postprocess")
+    if isinstance(section, dict):
+        resolved["postprocess"] = {**section, **{key: absolute_path(section[key], config_dir) for key in
+                                                  ("taxonomy", "species_list") if key in section}}
     return {k: v for k, v in resolved.items() if k in data or v is not None}
 
 

@@ -89,11 +89,14 @@ def write_megadetector_classifications(
     *,
     label_names: Sequence[str],
     classifier: str | None = None,
+    descriptions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``md_json`` plus the classifications of its crops to ``output_path`` (atomically); return it.
 
     ``predictions`` has one row per classified crop (``path`` = the crop's path in the
     manifest); ``topk`` is capped at the number of top-k columns the table has.
+    ``descriptions``: MegaDetector's ``classification_category_descriptions`` (the taxonomy
+    string of each category id), written when a taxonomy is known.
     """
     md = load_megadetector(Path(md_json))
     manifest = crops_manifest if isinstance(crops_manifest, pd.DataFrame) else read_crops_manifest(Path(crops_manifest))
@@ -103,5 +106,37 @@ def write_megadetector_classifications(
     output = add_classifications(md, predictions, manifest, label_names, min(topk, topk_of(predictions)))
     if classifier is not None:
         output.setdefault("info", {})["classifier"] = classifier
+    if descriptions is not None:
+        output["classification_category_descriptions"] = descriptions
     write_json_atomic(output_path, output)
     return output
+
+
+def image_answers(md: dict[str, Any], answers: pd.DataFrame, manifest: pd.DataFrame, blank_threshold: float) -> pd.DataFrame:
+    """One answer per MegaDetector image: blank, the detector's category, or the classifier's answer.
+
+    An image without a detection at ``blank_threshold`` is ``blank``; otherwise its answer is the
+    most confident kept detection's: the post-processed classifier answer where that detection
+    was classified (``answers``: ``path, answer, answer_confidence`` per crop), else the detector's
+    category (``person``, ``vehicle``, or ``animal`` for an animal that was not cropped).
+    ``all_answers`` lists each distinct answer of the image's kept detections once.
+    """
+    categories = md.get("detection_categories") or {}
+    locate = crop_detections(manifest)
+    classified = {locate[path]: (answer, float(confidence)) for path, answer, confidence in
+                  zip(answers["path"], answers["answer"], answers["answer_confidence"]) if path in locate}
+    rows = []
+    for image in md["images"]:
+        file = image["file"].replace("\\", "/")
+        kept = sorted(((float(d.get("conf", 0.0)), i, d) for i, d in enumerate(image.get("detections") or [])
+                       if float(d.get("conf", 0.0)) >= blank_threshold), key=lambda item: (-item[0], item[1]))
+        if not kept:
+            top = max((float(d.get("conf", 0.0)) for d in image.get("detections") or []), default=0.0)
+            rows.append({"file": file, "answer": "blank", "confidence": round(1.0 - top, PROBABILITY_DECIMALS),
+                         "source": "detector", "n_detections": 0, "all_answers": "blank"})
+            continue
+        named = [classified.get((file, i), (categories.get(str(d.get("category")), "animal"), conf)) for conf, i, d in kept]
+        sources = ["classifier" if (file, i) in classified else "detector" for _, i, _ in kept]
+        rows.append({"file": file, "answer": named[0][0], "confidence": round(named[0][1], PROBABILITY_DECIMALS),
+                     "source": sources[0], "n_detections": len(kept), "all_answers": ";".join(dict.fromkeys(n for n, _ in named))})
+    return pd.DataFrame(rows, columns=["file", "answer", "confidence", "source", "n_detections", "all_answers"])

@@ -33,6 +33,13 @@ from classification.data.dataset import read_crops_manifest
 from classification.data.detections import load_megadetector
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
+from classification.evaluation.postprocess import (
+    PostprocessInput,
+    PostprocessResult,
+    megadetector_descriptions_for,
+    probabilities_from_topk,
+    run_postprocess,
+)
 from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
 from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
@@ -87,6 +94,7 @@ class PredictionResult:
     metrics: dict[str, Any] | None
     images_per_second: float
     megadetector_output: Path | None = None
+    postprocess: PostprocessResult | None = None  # the config's postprocess: section, when a step is on
 
 
 # ---------------------------------------------------------------- the model
@@ -363,7 +371,15 @@ def run_prediction(
     if source.megadetector is not None:
         md_output = output_dir / f"{source.megadetector.stem}_classified.json"
         write_megadetector_classifications(source.megadetector, predictions, source.manifest, md_output, topk,
-                                           label_names=model.label_names, classifier=f"{model.architecture} {checkpoint_path}")
+                                           label_names=model.label_names, classifier=f"{model.architecture} {checkpoint_path}",
+                                           descriptions=megadetector_descriptions_for(config.postprocess, model.label_names))
+    # After prediction (classification/evaluation/postprocess.py): the raw outputs above are final; this adds
+    # postprocessed.csv and postprocess_metrics.json beside them when the config's postprocess: section turns a step on.
+    where = PostprocessInput(run_dir, checkpoint_path, fit=split is not None and split == config.val_split,
+                             manifest=source.manifest if source.manifest is not None else source.root / MANIFEST_NAME,
+                             megadetector=source.megadetector, classifier=f"{model.architecture} {checkpoint_path}")
+    post = run_postprocess(config.postprocess, model.label_names, predictions,
+                           probabilities_from_topk(predictions, model.label_names), output_dir, where)
     log.info("predictions: %s", predictions_path)
     return PredictionResult(output_dir, predictions_path, predictions, skipped["path"].tolist(), metrics,
-                            scores.images_per_second, md_output)
+                            scores.images_per_second, md_output, post)
