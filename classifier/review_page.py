@@ -1,0 +1,37 @@
+"""Write a static HTML review page of a prediction run: sample crops per predicted class, the unknown bucket, the mistakes.
+
+    python classifier/review_page.py --predictions runs/resnet-18/baseline/predictions/val_best/predictions.csv
+    python classifier/review_page.py --predictions .../predictions.csv --embed-thumbnails --output review_portable.html
+
+The page (default: review.html beside predictions.csv) opens from disk in any browser, no
+server: images are linked by relative paths to the run's images folder (prediction_info.json)
+or, with --embed-thumbnails, embedded so the file can be sent on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from classification.cli import ArgumentParser, run_main
+from classification.evaluation.review_page import DEFAULT_PER_CLASS, PageOptions, write_review_page
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predictions", type=Path, required=True, help="predictions.csv written by classifier/predict.py")
+    parser.add_argument("--output", type=Path, help="the HTML file to write (default: review.html beside the predictions)")
+    parser.add_argument("--images-root", type=Path, help="folder the predictions' paths are relative to (default: from prediction_info.json)")
+    parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="crops shown per class (and mistakes per true class)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-class sample")
+    parser.add_argument("--embed-thumbnails", action="store_true", help="embed JPEG thumbnails: one self-contained file")
+    args = parser.parse_args(argv)
+    options = PageOptions(per_class=args.per_class, seed=args.seed, embed=args.embed_thumbnails)
+    page = write_review_page(args.predictions, args.output, args.images_root, options)
+    print(f"review page: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,197 @@
+"""The static HTML review page (classifier/review_page.py): parsed, and rendered in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.parse
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from classification.evaluation.report import prediction_columns
+from classification.evaluation.review_page import PageOptions, write_review_page
+from tests.conftest import run_entry_point, run_in_process
+
+HOSTILE = '<script>alert("x")</script> & \'quotes\''  # a class name from the data that must stay text
+ODD_NAME = "odd name #1 ü.jpg"  # a crop whose file name needs percent-encoding in a URL
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+@dataclass
+class Page:
+    """What an HTML parser sees in a page."""
+
+    images: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    scripts: int = 0
+    figures: list[dict[str, str]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class PageParser(HTMLParser):
+    """Collects img sources, link targets, element ids, figures and scripts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.page = Page()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {key: value or "" for key, value in attrs}
+        if "id" in values:
+            self.page.ids.add(values["id"])
+        if tag == "img":
+            self.page.images.append(values.get("src", ""))
+        elif tag == "a":
+            self.page.links.append(values.get("href", ""))
+        elif tag == "script":
+            self.page.scripts += 1
+        elif tag == "figure":
+            self.page.figures.append(values)
+
+    def handle_data(self, data: str) -> None:
+        self.page.text.append(data)
+
+
+def parse(html_text: str) -> Page:
+    parser = PageParser()
+    parser.feed(html_text)
+    return parser.page
+
+
+def target_of(url: str, page: Path) -> Path:
+    """The file a relative URL of the page points to."""
+    return (page.parent / urllib.parse.unquote(url)).resolve()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A prediction run over real crops: predictions.csv, prediction_info.json, the crops with their manifest."""
+
+    predictions: Path
+    crops: Path
+
+
+@pytest.fixture
+def run(shared_data: Path, tmp_path: Path) -> Run:
+    """Twelve real MCT images as crops: three classes, an unknown bucket, mistakes, a hostile label, an odd file name."""
+    images = sorted((shared_data / "mct" / "images").rglob("*.JPG"))[:12]
+    if len(images) < 12:
+        pytest.skip("fewer than 12 MCT images in ../shared/data/mct")
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    names = [f"crop_{i}.jpg" for i in range(11)] + [ODD_NAME]
+    for image, name in zip(images, names):
+        shutil.copy(image, crops / name)
+    truth = ["deer", "deer", "deer", "fox", "fox", "fox", "bird", "bird", "deer", "fox", "", "bird"]
+    predicted = ["deer", "deer", "fox", "fox", "fox", "unknown", "bird", "deer", "unknown", HOSTILE, "deer", "bird"]
+    rows = [{"path": name, "dataset": "mct", "location": f"loc{i % 3}", "true_label": t, "true_prob": 0.5, "pred_label": p,
+             "confidence": 0.4 + 0.05 * i, "top1_label": p, "top2_label": "deer", "top1_prob": 0.4 + 0.05 * i, "top2_prob": 0.1}
+            for i, (name, t, p) in enumerate(zip(names, truth, predicted))]
+    out = tmp_path / "runs" / "tiny" / "predictions" / "val_best"
+    out.mkdir(parents=True)
+    pd.DataFrame(rows, columns=prediction_columns(2)).to_csv(out / "predictions.csv", index=False)
+    (out / "prediction_info.json").write_text(json.dumps({"images_root": str(crops)}))
+    manifest = pd.DataFrame({"crop_path": names, "dataset": "mct", "location": "x", "label": truth,
+                             "seq_id": [f"seq<{i // 4}>" for i in range(12)]})
+    manifest.to_csv(crops / "crops_manifest.csv", index=False)
+    return Run(out / "predictions.csv", crops)
+
+
+def test_the_page_shows_classes_unknown_and_mistakes_with_escaped_text(run: Run) -> None:
+    page_path = write_review_page(run.predictions)
+    assert page_path == run.predictions.parent / "review.html"
+    text = page_path.read_text(encoding="utf-8")
+    page = parse(text)
+    assert page.scripts == 1  # ours: the hostile label did not become a script
+    assert HOSTILE not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#x27;quotes&#x27;" in text
+    body = " ".join(page.text)
+    assert "Unknown: the model did not answer (2 crops)" in body and "Mistakes" in body
+    assert "sequence: seq<2>" in body  # the sequence, from the crops manifest, shown as text
+    assert "3 of 11 labelled crops are predicted as another class" in body  # unknown answers are abstentions, not mistakes
+    wrong = [f for f in page.figures if f.get("class") == "wrong"]
+    assert len(wrong) == 2 * 3  # each mistake shows in its class section and in the mistakes section
+
+
+def test_every_image_and_link_of_the_page_exists(run: Run) -> None:
+    page_path = write_review_page(run.predictions)
+    page = parse(page_path.read_text(encoding="utf-8"))
+    assert len(page.images) == 12 + 3 and not any(src.startswith(("/", "file:", "data:")) for src in page.images)
+    for src in page.images:
+        assert target_of(src, page_path).is_file(), src
+    assert any(ODD_NAME in urllib.parse.unquote(src) for src in page.images)
+    for href in page.links:
+        if href.startswith("#"):
+            assert href[1:] in page.ids, href
+        else:
+            assert target_of(href, page_path).is_file(), href
+
+
+def test_a_missing_crop_is_shown_as_missing(run: Run) -> None:
+    (run.crops / "crop_0.jpg").unlink()
+    page = parse(write_review_page(run.predictions).read_text(encoding="utf-8"))
+    assert "image not found" in " ".join(page.text) and len(page.images) == 12 + 3 - 1
+
+
+def test_embedded_thumbnails_make_one_self_contained_file(run: Run, tmp_path: Path) -> None:
+    page_path = write_review_page(run.predictions, tmp_path / "elsewhere" / "page.html", options=PageOptions(embed=True, per_class=2))
+    page = parse(page_path.read_text(encoding="utf-8"))
+    assert page.images and all(src.startswith("data:image/jpeg;base64,") for src in page.images)
+
+
+def test_the_entry_point(run: Run) -> None:
+    result = run_entry_point("classifier/review_page.py", "--predictions", run.predictions, "--per-class", "3")
+    assert result.returncode == 0, result.stderr
+    assert (run.predictions.parent / "review.html").is_file()
+    result = run_in_process("classifier/review_page.py", "--predictions", run.predictions.parent / "nope.csv")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nope.csv: file not found" in result.stderr
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def chromium() -> str:
+    """The headless browser's executable; the test is skipped (with how to install it) where there is none."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("no Chromium: `apt-get install chromium` (Debian; .ci/run does this) to render the review page in a real browser")
+
+
+def browser(*args: str) -> str:
+    """Run headless Chromium on a file:// page (root needs --no-sandbox) and return its stdout."""
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--allow-file-access-from-files",
+               "--virtual-time-budget=10000", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_the_page_renders_in_headless_chromium_with_every_image_loaded(run: Run, tmp_path: Path) -> None:
+    page_path = write_review_page(run.predictions)
+    dom = browser("--dump-dom", page_path.resolve().as_uri())
+    rendered = parse(dom)
+    assert 'data-images-checked="yes"' in dom, "the page's load handler did not run"
+    assert 'data-broken-images="0"' in dom
+    assert dom.count('data-loaded="yes"') == len(rendered.images) == 12 + 3
+    assert rendered.scripts == 1 and "&lt;script&gt;alert" in dom
+    for href in rendered.links:  # links as the browser resolved the DOM: anchors exist, files exist
+        assert href[1:] in rendered.ids if href.startswith("#") else target_of(href, page_path).is_file(), href
+    screenshot = tmp_path / "review.png"
+    browser(f"--screenshot={screenshot}", "--window-size=1200,1600", page_path.resolve().as_uri())
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_crop_is_reported_by_the_browser_too(run: Run) -> None:
+    page_path = write_review_page(run.predictions)
+    (run.crops / "crop_1.jpg").unlink()  # deleted after the page was written: the browser finds it broken
+    dom = browser("--dump-dom", page_path.resolve().as_uri())
+    assert 'data-broken-images="1"' in dom and dom.count('data-loaded="no"') == 1
+    assert '<figure class="right broken">' in dom
