@@ -76,6 +76,9 @@ class DaskOptions:
             raise UserError("give --dask-workers (a local cluster) or --scheduler (an existing one), not both")
 
 
+NO_DASK = DaskOptions()  # the default of every stage: one process, no Dask
+
+
 @dataclass(frozen=True)
 class Shard(Generic[J]):
     """A contiguous piece of the job list and the file its result goes to."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classification.active_learning.embeddings import DEFAULT_CHUNK_SIZE, backbone_config, embed_folder
 from classification.active_learning.scores import SCORE_FUNCTIONS
-from classification.cli import ArgumentParser, run_main
+from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
 from classification.config import load_config
 from classification.errors import UserError
 
@@ -37,7 +37,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--score", default="margin", choices=sorted(SCORE_FUNCTIONS), help="the al_score column")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk (one Dask shard each)")
+    add_dask_arguments(parser, unit="images", shard_size=False)
     return parser
 
 
@@ -53,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = backbone_config(args.architecture or "", args.image_size, args.batch_size, args.num_workers, args.device,
                                  pretrained=not args.no_pretrained, pretrained_source=args.pretrained_source)
         run_dir = None
-    result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, args.score, args.chunk_size)
+    result = embed_folder(args.images, args.output_dir, config, run_dir, args.checkpoint, args.score, args.chunk_size,
+                          dask_options(args))
     print(f"{result.embedded} images embedded, {result.skipped} skipped -> {result.output_dir}")
     return 0
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, run_main
+from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
 from classification.evaluation.predict import run_prediction
 
 
@@ -37,6 +37,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="default: the config's batch_size")
     parser.add_argument("--topk", type=int, default=3, help="top-k labels and probabilities per image")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's device)")
+    add_dask_arguments(parser, unit="images")
     return parser
 
 
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
                             megadetector=args.megadetector, crops_dir=args.crops_dir, output_dir=args.output_dir,
-                            batch_size=args.batch_size, topk=args.topk, device=args.device)
+                            batch_size=args.batch_size, topk=args.topk, device=args.device, dask=dask_options(args))
     print(f"{len(result.predictions)} predictions in {result.output_dir}"
           + (f" (top-1 {result.metrics['top1']:.4f})" if result.metrics else "")
           + (f"; {len(result.skipped)} unreadable images listed in skipped.csv" if result.skipped else ""))

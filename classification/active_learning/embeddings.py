@@ -16,7 +16,6 @@ are skipped and reported, never a crash. The pass itself is ``training.inference
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from classification.errors import DataError, UserError
 from classification.io import atomic_open, write_csv_atomic
 from classification.active_learning.lightly import write_embeddings_csv
 from classification.active_learning.scores import uncertainty_scores
-from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model
+from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model, trained_network
+from classification.shards import NO_DASK, DaskOptions
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_loader, image_files
 from classification.runtime import DistributedContext, select_device
@@ -40,11 +40,13 @@ from classification.training.inference import (
     EMBEDDINGS,
     PROBABILITIES,
     ChunkCache,
+    Compute,
     embeddings,
     embeddings_and_probabilities,
     inference_options,
     run_in_chunks,
 )
+from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards
 from classification.training.models import build_model, input_spec_of
 from classification.training.weights import InputSpec
 
@@ -74,12 +76,28 @@ def cache_key(samples: Sequence[Sample], model_id: str, spec: InputSpec, chunk_s
             "interpolation": spec.interpolation, "chunk_size": chunk_size, "n": len(samples), "paths_sha256": digest}
 
 
+def outputs_of(with_probabilities: bool) -> tuple[Compute, tuple[str, ...]]:
+    """What a pass computes: embeddings and probabilities (a trained model), or embeddings only (a backbone)."""
+    return (embeddings_and_probabilities, (EMBEDDINGS, PROBABILITIES)) if with_probabilities else (embeddings, (EMBEDDINGS,))
+
+
+def embed_on_dask(source: ModelSource, samples: Sequence[Sample], config: ExperimentConfig, with_probabilities: bool,
+                  cache_dir: Path | None, chunk_size: int, dask: DaskOptions) -> PoolEmbeddings:
+    """``embed_samples`` as shards on Dask: one shard per chunk (the same batches as one process, so the same
+    numbers), shard files in ``<cache_dir>/shards`` and reused by a re-run, as the chunks are."""
+    compute, names = outputs_of(with_probabilities)
+    folder = (cache_dir if cache_dir is not None else Path("embedding_chunks")) / "shards"
+    result = run_inference_shards(source, samples, config, compute, names, folder, dask, chunk_size, "embed")
+    return PoolEmbeddings(result.indices, result.outputs[EMBEDDINGS], result.outputs[PROBABILITIES] if with_probabilities else None,
+                          result.skipped)
+
+
 def embed_samples(model: nn.Module, samples: Sequence[Sample], config: ExperimentConfig, device: torch.device,
                   with_probabilities: bool = True, cache_dir: Path | None = None, model_id: str = "",
                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
     """Embed (and score) ``samples`` with ``model`` in eval mode, through the one inference path (the config's AMP
     and channels_last); chunks cached in ``cache_dir`` when given."""
-    compute, names = (embeddings_and_probabilities, (EMBEDDINGS, PROBABILITIES)) if with_probabilities else (embeddings, (EMBEDDINGS,))
+    compute, names = outputs_of(with_probabilities)
     cache = ChunkCache(cache_dir, cache_key(samples, model_id, input_spec_of(config), chunk_size)) if cache_dir is not None else None
     result = run_in_chunks(model, samples, lambda part: build_loader(config, part, train=False), compute, names,
                            inference_options(config, device), chunk_size, cache, "embed")
@@ -108,26 +126,40 @@ def write_embedding_outputs(output_dir: Path, relative_paths: Sequence[str], res
 
 def describe_model_file(path: Path) -> str:
     """An identity for a weights file that changes when the file does (path, size, modification time)."""
-    stat = Path(path).stat()
-    return json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return file_identity(path)
 
 
 def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: ExperimentConfig,
-                          cache_dir: Path | None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
-    """Embeddings and probabilities of ``samples`` with a trained checkpoint, at the size it was trained at."""
+                          cache_dir: Path | None, chunk_size: int = DEFAULT_CHUNK_SIZE, dask: DaskOptions = NO_DASK) -> PoolEmbeddings:
+    """Embeddings and probabilities of ``samples`` with a trained checkpoint, at the size it was trained at
+    (as shards on Dask when ``dask`` asks for it)."""
     model = load_trained_model(checkpoint, config)
     config = model.config_for(config)
+    if dask.enabled:
+        source = ModelSource(trained_network, (checkpoint, config), file_identity(checkpoint))
+        return embed_on_dask(source, samples, config, True, cache_dir, chunk_size, dask)
     device = select_device(config.device, DistributedContext())
     return embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint), chunk_size)
 
 
+def backbone_network(architecture: str, pretrained: bool, pretrained_source: str) -> nn.Module:
+    """A backbone by name (one output, unused: only its features are taken)."""
+    return build_model(architecture, 1, pretrained, pretrained_source=pretrained_source)
+
+
 def embed_with_backbone(config: ExperimentConfig, samples: Sequence[Sample], cache_dir: Path | None,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
+                        chunk_size: int = DEFAULT_CHUNK_SIZE, dask: DaskOptions = NO_DASK) -> PoolEmbeddings:
     """Features of ``config.architecture`` as a frozen backbone (ImageNet weights from ``pretrained_source``
-    when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities."""
-    device = select_device(config.device, DistributedContext())
-    model = build_model(config.architecture, 1, config.pretrained, pretrained_source=config.pretrained_source)
+    when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities. On Dask only with
+    pretrained weights: random ones would differ from worker to worker."""
     model_id = f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})"
+    if dask.enabled:
+        if not config.pretrained:
+            raise UserError("embedding on Dask needs pretrained weights or a checkpoint: random weights would differ between workers")
+        source = ModelSource(backbone_network, (config.architecture, config.pretrained, config.pretrained_source), model_id)
+        return embed_on_dask(source, samples, config, False, cache_dir, chunk_size, dask)
+    device = select_device(config.device, DistributedContext())
+    model = backbone_network(config.architecture, config.pretrained, config.pretrained_source)
     return embed_samples(model, samples, config, device, False, cache_dir, model_id, chunk_size)
 
 
@@ -158,7 +190,8 @@ def unlabelled_samples(images_dir: Path) -> list[Sample]:
 
 
 def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, run_dir: Path | None = None,
-                 checkpoint: str | None = None, score: str = "margin", chunk_size: int = DEFAULT_CHUNK_SIZE) -> EmbeddingRun:
+                 checkpoint: str | None = None, score: str = "margin", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 dask: DaskOptions = NO_DASK) -> EmbeddingRun:
     """Embed every image under ``images_dir`` with a trained checkpoint of ``run_dir`` (embeddings, probabilities
     and an ``al_score``) or, without a checkpoint, with ``config.architecture`` as a backbone (embeddings only)."""
     images_dir, output_dir = Path(images_dir).resolve(), Path(output_dir)
@@ -167,12 +200,12 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
             raise UserError("--checkpoint needs --config (the experiment whose checkpoints/ it names)")
         path = resolve_checkpoint(run_dir, checkpoint)
         samples = folder_input(images_dir, load_trained_model(path, config)).samples
-        result = embed_with_checkpoint(path, samples, config, output_dir / "chunks", chunk_size)
+        result = embed_with_checkpoint(path, samples, config, output_dir / "chunks", chunk_size, dask)
         labels: list[int] | None = [max(s.label, 0) for s in samples]
         al_scores = uncertainty_scores(result.probabilities, score) if len(result) else None
     else:
         samples = unlabelled_samples(images_dir)
-        result = embed_with_backbone(config, samples, output_dir / "chunks", chunk_size)
+        result = embed_with_backbone(config, samples, output_dir / "chunks", chunk_size, dask)
         labels, al_scores = None, None
     relative = [s.path.relative_to(images_dir).as_posix() for s in samples]
     files_written = write_embedding_outputs(output_dir, relative, result, labels, al_scores)
