@@ -114,9 +114,27 @@ def test_the_page_shows_classes_unknown_and_mistakes_with_escaped_text(run: Run)
     body = " ".join(page.text)
     assert "Unknown: the model did not answer (2 crops)" in body and "Mistakes" in body
     assert "sequence: seq<2>" in body  # the sequence, from the crops manifest, shown as text
-    assert "3 of 11 labelled crops are predicted as another class" in body  # unknown answers are abstentions, not mistakes
+    assert "3 of 11 labelled crops are answered with another class" in body  # unknown answers are abstentions, not mistakes
     wrong = [f for f in page.figures if f.get("class") == "wrong"]
     assert len(wrong) == 2 * 3  # each mistake shows in its class section and in the mistakes section
+
+
+def test_the_postprocessed_answers_are_shown_with_unknown_and_taxa(run: Run) -> None:
+    predictions = pd.read_csv(run.predictions, dtype=str, keep_default_na=False)
+    answers = ["deer", "deer", "Cervidae", "fox", "fox", "unknown", "bird", "deer", "unknown", "unknown", "deer", "bird"]
+    ranks = ["species", "species", "family", "species", "species", "none", "species", "species", "none", "none", "species", "species"]
+    table = pd.DataFrame({"path": predictions["path"], "dataset": "mct", "location": predictions["location"], "image": "",
+                          "seq_id": [f"s{i // 3}" for i in range(12)], "true_label": predictions["true_label"],
+                          "raw_label": predictions["pred_label"], "raw_confidence": predictions["confidence"],
+                          "pred_label": predictions["pred_label"], "confidence": predictions["confidence"], "answer": answers,
+                          "answer_rank": ranks, "answer_confidence": 0.9, "species_list": ""})
+    table.to_csv(run.predictions.parent / "postprocessed.csv", index=False)
+    page_path = write_review_page(run.predictions.parent / "postprocessed.csv")
+    body = " ".join(parse(page_path.read_text(encoding="utf-8")).text)
+    assert "Unknown: the model did not answer (3 crops)" in body
+    assert "Rolled up to Cervidae (family): no class was sure enough (1 crops)" in body
+    assert "1 of 11 labelled crops are answered with another class" in body  # bird answered deer; the roll-up is no mistake
+    assert "sequence: s3" in body and "model top-1: fox" in body
 
 
 def test_every_image_and_link_of_the_page_exists(run: Run) -> None:

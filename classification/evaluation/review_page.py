@@ -1,7 +1,9 @@
 """A static HTML review page of one prediction run: what the model said, class by class, for a person to check.
 
-``write_review_page`` reads a ``predictions.csv`` (and ``prediction_info.json`` beside it for
-the images folder; the crops manifest there for each crop's sequence) and writes one HTML
+``write_review_page`` reads a ``predictions.csv``, or the ``postprocessed.csv`` of the post-prediction
+stage (then the final answer is shown: a class, a taxon it rolled up to, or unknown), with
+``prediction_info.json`` beside it for the images folder (the crops manifest there gives each
+crop's sequence when the table has none), and writes one HTML
 file that opens from disk with no server: a summary table, then per predicted class a seeded
 sample of crops with the predicted label, confidence, true label (when known), sequence and
 location; the "unknown" bucket (a classifier that abstains predicts ``unknown``); and the
@@ -26,12 +28,12 @@ import pandas as pd
 
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.data.images import DECODE_ERRORS, read_thumbnail
-from classification.errors import UserError
-from classification.evaluation.report import read_predictions
-from classification.io import read_json, write_text_atomic
+from classification.errors import DataError, UserError
+from classification.io import read_json, read_string_csv, write_text_atomic
 
 PAGE_NAME = "review.html"
 UNKNOWN_LABEL = "unknown"
+SPECIES, NO_ANSWER = "species", "none"  # ranks: a model class; no answer (unknown); anything else is a taxon's rank
 DEFAULT_PER_CLASS = 12
 THUMBNAIL_SIDE = 192
 
@@ -89,6 +91,24 @@ def images_root_of(predictions_path: Path, given: Path | None) -> Path:
     return Path(str(root)) if root else predictions_path.parent
 
 
+def read_review_table(path: Path) -> pd.DataFrame:
+    """``predictions.csv`` or ``postprocessed.csv`` as one table: ``pred_label`` the label shown (the final ``answer`` when
+    there is one) with its ``confidence`` and ``rank``, and ``model_label`` the model's own top-1."""
+    frame = read_string_csv(path, ("path", "true_label", "pred_label", "confidence"))
+    frame["model_label"] = frame["pred_label"]
+    if "answer" in frame:
+        frame["pred_label"] = frame["answer"]
+        frame["confidence"] = frame.get("answer_confidence", frame["confidence"])
+        frame["rank"] = frame.get("answer_rank", SPECIES)
+    else:
+        frame["rank"] = [NO_ANSWER if label == UNKNOWN_LABEL else SPECIES for label in frame["pred_label"]]
+    try:
+        frame["confidence"] = pd.to_numeric(frame["confidence"].replace("", "nan")).astype(float)
+    except ValueError:
+        raise DataError(f"{path}: confidence: expected numbers from 0 to 1") from None
+    return frame
+
+
 def with_sequences(predictions: pd.DataFrame, images_root: Path) -> pd.DataFrame:
     """``predictions`` with a ``seq_id`` column: its own when it has one, else the crops manifest's, else empty."""
     frame = predictions.copy()
@@ -112,8 +132,9 @@ def sample_rows(frame: pd.DataFrame, count: int, seed: int) -> pd.DataFrame:
 
 
 def mistakes_of(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows with a known true label that the model got wrong (an ``unknown`` answer is an abstention, not a mistake)."""
-    known = frame[(frame["true_label"] != "") & (frame["pred_label"] != UNKNOWN_LABEL)]
+    """Rows with a known true label whose class answer is another class (an ``unknown`` answer is an abstention, and a taxon
+    it rolled up to is not checked here: neither is a mistake)."""
+    known = frame[(frame["true_label"] != "") & (frame["rank"] == SPECIES)]
     return known[known["true_label"] != known["pred_label"]].sort_values("confidence", ascending=False, kind="stable")
 
 
@@ -146,8 +167,11 @@ def embedded_thumbnail(path: Path) -> str | None:
 def card(row: Any, images_root: Path, page_dir: Path, embed: bool) -> str:
     """One crop: the image (linked to its file), predicted label and confidence, true label, sequence, location."""
     path = image_file(str(row["path"]), images_root)
-    wrong = bool(row["true_label"]) and row["true_label"] != row["pred_label"] and row["pred_label"] != UNKNOWN_LABEL
-    lines = [f"<b>{escape(row['pred_label'])}</b> {float(row['confidence']):.1%}"]
+    wrong = bool(row["true_label"]) and row["rank"] == SPECIES and row["true_label"] != row["pred_label"]
+    rank = "" if row["rank"] in (SPECIES, NO_ANSWER) else f" ({escape(row['rank'])})"
+    lines = [f"<b>{escape(row['pred_label'])}</b>{rank} {float(row['confidence']):.1%}"]
+    if row["model_label"] != row["pred_label"]:
+        lines.append(f"model top-1: {escape(row['model_label'])}")
     if row["true_label"]:
         lines.append(f"true: {escape(row['true_label'])}")
     if row["seq_id"]:
@@ -177,7 +201,7 @@ def summary_table(frame: pd.DataFrame, anchors: dict[str, str]) -> str:
     rows = ["<tr><th>predicted</th><th>crops</th><th>mean confidence</th><th>labelled</th><th>right</th></tr>"]
     for label, group in frame.groupby("pred_label", sort=True):
         labelled = group[group["true_label"] != ""]
-        right = int((labelled["true_label"] == labelled["pred_label"]).sum())
+        right = int((labelled["true_label"] == labelled["pred_label"]).sum()) if group["rank"].iloc[0] == SPECIES else ""
         rows.append(f'<tr><td><a href="#{escape(anchors[str(label)])}">{escape(label)}</a></td><td>{len(group)}</td>'
                     f'<td>{group["confidence"].mean():.1%}</td><td>{len(labelled)}</td>'
                     f'<td>{right if len(labelled) else ""}</td></tr>')
@@ -187,12 +211,18 @@ def summary_table(frame: pd.DataFrame, anchors: dict[str, str]) -> str:
 def class_sections(frame: pd.DataFrame, anchors: dict[str, str], images_root: Path, page_dir: Path,
                    options: PageOptions) -> list[str]:
     """One section per predicted class, the unknown bucket last."""
-    labels = sorted(anchors, key=lambda label: (label == UNKNOWN_LABEL, label))
+    ranks = frame.groupby("pred_label")["rank"].first().to_dict()
+    labels = sorted(anchors, key=lambda label: (ranks[label] == NO_ANSWER, ranks[label] != SPECIES, label))
     sections = []
     for label in labels:
         group = frame[frame["pred_label"] == label]
         sample = sample_rows(group, options.per_class, options.seed)
-        title = f"Unknown: the model did not answer ({len(group)} crops)" if label == UNKNOWN_LABEL else f"Predicted {label} ({len(group)} crops)"
+        if ranks[label] == NO_ANSWER:
+            title = f"Unknown: the model did not answer ({len(group)} crops)"
+        elif ranks[label] != SPECIES:
+            title = f"Rolled up to {label} ({ranks[label]}): no class was sure enough ({len(group)} crops)"
+        else:
+            title = f"Predicted {label} ({len(group)} crops)"
         note = f"{len(sample)} of {len(group)} shown (a random sample, seed {options.seed}), most confident first."
         sections.append(section(anchors[label], title, note, [card(row, images_root, page_dir, options.embed)
                                                                for row in sample.to_dict("records")]))
@@ -205,7 +235,7 @@ def mistakes_section(frame: pd.DataFrame, images_root: Path, page_dir: Path, opt
     shown = mistakes.groupby("true_label", sort=True, group_keys=False).head(options.per_class)
     shown = shown.sort_values(["true_label", "confidence"], ascending=[True, False], kind="stable")
     labelled = int((frame["true_label"] != "").sum())
-    note = (f"{len(mistakes)} of {labelled} labelled crops are predicted as another class; "
+    note = (f"{len(mistakes)} of {labelled} labelled crops are answered with another class; "
             f"up to {options.per_class} per true class shown, most confident first.")
     return section("mistakes", "Mistakes", note, [card(row, images_root, page_dir, options.embed) for row in shown.to_dict("records")])
 
@@ -235,8 +265,7 @@ def write_review_page(predictions_path: str | Path, output: str | Path | None = 
         raise UserError(f"--per-class must be at least 1, got {options.per_class}")
     predictions_path = Path(predictions_path)
     root = images_root_of(predictions_path, images_root)
-    frame = with_sequences(read_predictions(predictions_path), root)
-    frame["true_label"] = frame["true_label"].fillna("").astype(str)
+    frame = with_sequences(read_review_table(predictions_path), root)
     output = Path(output) if output is not None else predictions_path.parent / PAGE_NAME
     title = f"Review: {predictions_path.parent.name}/{predictions_path.name}"
     write_text_atomic(output, render_review_page(frame, title, root, output.parent, options))
