@@ -1,15 +1,19 @@
 """Location-disjoint split search: the score against a naive loop, the searches' invariants,
---match-test, user-supplied splits files, the report, and a run on the real MCT data."""
+--match-test, user-supplied splits files, the report, a run on the real MCT data, and
+splits held out in time (unit rules, then the entry point on MCT's real datetimes)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from classification.data import splits as splits_module
+from classification.data.crops import crop_file_name
 from classification.data.splits import (
     FREE,
     SPLIT_NAMES,
@@ -30,7 +34,9 @@ from classification.data.splits import (
     splits_to_json,
     target_fractions,
 )
+from classification.data.time_splits import TimeRule, parse_duration, parse_period, time_split_of_crops
 from classification.errors import DataError, UserError
+from tests.conftest import run_in_process
 
 FRACTIONS = np.array([0.7, 0.2, 0.1])
 
@@ -326,3 +332,154 @@ def test_pinning_every_split_leaves_free_locations_nowhere_to_go() -> None:
     everything = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN, VAL], dtype=np.int8)
     result = random_search(problem, FRACTIONS, n_candidates=10, fixed=everything)
     assert np.array_equal(result.assignment, everything) and result.candidates == 1
+
+
+@pytest.mark.parametrize(("n_locations", "n_labels", "seed"), [(30, 7, 1), (25, 1, 2), (40, 12, 3)])
+def test_move_deltas_equal_a_rescore(n_locations: int, n_labels: int, seed: int) -> None:
+    problem = make_problem(n_locations, n_labels, seed)
+    rng = np.random.default_rng(seed)
+    for fractions in (FRACTIONS, np.array([0.8, 0.2, 0.0])):
+        assignment = rng.integers(0, 3 if fractions[TEST] else 2, size=n_locations).astype(np.int8)
+        assignment[: n_locations // 3] = VAL  # one big val, and a location alone in its split below
+        assignment[-1] = TEST if fractions[TEST] else TRAIN
+        terms = splits_module._ScoreTerms(problem, fractions)
+        scorer = splits_module._MoveScorer(splits_module._Stats(problem, terms), assignment)
+        before = naive_score(problem, assignment, fractions)
+        for target in (TRAIN, VAL, TEST):
+            deltas = scorer.move_deltas(target)
+            for k in range(n_locations):
+                if assignment[k] == target:
+                    assert deltas[k] == np.inf
+                    continue
+                moved = assignment.copy()
+                moved[k] = target
+                assert deltas[k] == pytest.approx(naive_score(problem, moved, fractions) - before, abs=1e-9)
+
+
+def test_improve_locally_at_a_few_thousand_locations_beats_the_search() -> None:
+    problem = make_problem(3000, 60, 21)
+    searched = random_search(problem, FRACTIONS, n_candidates=500, seed=0)
+    improved = improve_locally(problem, searched, FRACTIONS)
+    assert improved.score < searched.score and improved.improved_moves > 0
+    assert improved.score == pytest.approx(score_assignments(problem, improved.assignment[None], FRACTIONS)[0], rel=1e-12)
+    assert_partition(problem, improved.assignment)
+
+
+def test_durations_and_periods_parse_or_name_the_flag() -> None:
+    assert parse_duration("3M", "--test-last") == pd.DateOffset(months=3)
+    assert parse_duration("90d", "--test-last") == pd.DateOffset(days=90)
+    assert parse_period("2011", "--test-period") == (pd.Timestamp("2011-01-01"), pd.Timestamp("2012-01-01"))
+    assert parse_period("2011-06..2011-08", "--test-period") == (pd.Timestamp("2011-06-01"), pd.Timestamp("2011-09-01"))
+    assert parse_period("2011-06-01..2011-06-30", "--p")[1] == pd.Timestamp("2011-07-01")
+    for bad in ("3", "0M", "3 months", "M3"):
+        with pytest.raises(UserError, match="--test-last"):
+            parse_duration(bad, "--test-last")
+    for bad in ("June", "2011-13", "2011-08..2011-06", "11-06"):
+        with pytest.raises(UserError, match="--val-period"):
+            parse_period(bad, "--val-period")
+
+
+def timed_frame() -> pd.DataFrame:
+    """Two locations: a 3-second sequence, then one image a day for ten days; one crop without a datetime."""
+    rows = []
+    for location in ("a", "b"):
+        for frame in range(3):
+            rows.append((location, "seq0", f"2011-01-01 00:00:0{frame}"))
+        for day in range(1, 11):
+            rows.append((location, "", f"2011-01-{day + 1:02d} 12:00:00"))
+    rows.append(("a", "seq0", ""))  # takes its sequence's time
+    rows.append(("b", "", ""))  # no time at all
+    frame = pd.DataFrame(rows, columns=["location", "seq_id", "datetime"])
+    return frame.assign(dataset="ds", label="fox")
+
+
+def test_time_rules_cut_each_location_between_moments() -> None:
+    frame = timed_frame()
+    split, times, counts = time_split_of_crops(frame, TimeRule(test_frac=0.2, val_frac=0.2))
+    assert counts == {"with_datetime": 26, "filled_from_sequence": 1, "without_datetime": 1, "without_datetime_dropped": 1}
+    assert split[-1] == -1 and split[-2] == TRAIN  # dropped; the sequence's frame follows its sequence
+    for location in ("a", "b"):
+        rows = (frame["location"] == location).to_numpy() & (split >= 0)
+        by_split = {s: times[rows & (split == s)] for s in (TRAIN, VAL, TEST)}
+        assert by_split[TRAIN].max() < by_split[VAL].min() and by_split[VAL].max() < by_split[TEST].min()
+        assert len(by_split[TEST]) == 3  # the last 3 of 13 or 14 crops (middle crop rule)
+    last = time_split_of_crops(frame, TimeRule(test_last="3D", val_last="2D", missing="train"))[0]
+    assert list(last[3:13]) == [TRAIN] * 5 + [VAL] * 2 + [TEST] * 3 and last[-1] == TRAIN
+    period = time_split_of_crops(frame, TimeRule(test_period="2011-01-05..2011-01-06", val_period="2011-01-01"))[0]
+    assert list(period[:13]) == [VAL] * 3 + [TRAIN] * 3 + [TEST] * 2 + [TRAIN] * 5
+    with pytest.raises(UserError, match="--test-last and --test-period"):
+        time_split_of_crops(frame, TimeRule(test_last="1M", test_period="2011"))
+
+
+def mct_crops(root: Path, shared: Path) -> Path:
+    """Placeholder files for every boxed annotation of the real MCT CCT (splits never read pixels)."""
+    cct = json.loads((shared / "mct" / "mct_cct.json").read_text())
+    images = {image["id"]: image for image in cct["images"]}
+    for annotation in cct["annotations"]:
+        if annotation.get("bbox") is not None:
+            path = root / "crops" / crop_file_name(images[annotation["image_id"]]["file_name"], str(annotation["id"]))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    return root / "crops"
+
+
+def split_crops_of(out: Path) -> pd.DataFrame:
+    """classification_cct.json's crops with their split (from splits.json), location and parsed time."""
+    cct = json.loads((out / "classification_cct.json").read_text())
+    splits = json.loads((out / "splits.json").read_text())
+    split_of = {tuple(key): name for name, keys in splits.items() for key in keys}
+    frame = pd.DataFrame([(image["location"], image.get("datetime"), split_of[(image["dataset"], image["location"])])
+                          for image in cct["images"]], columns=["unit", "datetime", "split"])
+    frame["location"] = frame["unit"].str.rsplit("@", n=1).str[0]
+    frame["time"] = pd.to_datetime(frame["datetime"])
+    return frame
+
+
+@pytest.mark.parametrize("flags", [(), ("--test-last", "1D", "--val-last", "1D")])
+def test_mct_time_held_out_splits_never_overlap_in_time(shared_data: Path, tmp_path: Path, flags: tuple) -> None:
+    crops = mct_crops(tmp_path, shared_data)
+    out = tmp_path / "ds"
+    result = run_in_process("utils/create_classification_dataset.py", out, "--mode", "csv", "cct", "splits",
+                            "--crops-dir", crops, "--cct-json", shared_data / "mct" / "mct_cct.json",
+                            "--split-by", "time", *flags)
+    assert result.returncode == 0, result.stderr
+    frame = split_crops_of(out)
+    report = json.loads((out / "split_report.json").read_text())
+    assert report["split_by"] == "time" and report["method"] == "time"
+    assert report["time"]["datetimes"]["without_datetime"] + len(frame) == 1108  # none silently lost
+    spans = {name: frame[frame["split"] == name].groupby("location")["time"].agg(["min", "max"]) for name in SPLIT_NAMES}
+    for first, second in (("train", "val"), ("val", "test"), ("train", "test")):
+        shared = spans[first].index.intersection(spans[second].index)
+        assert len(shared) or (bool(flags) and "val" in (first, second)), (first, second)  # sparse days: val may miss
+        assert (spans[first].loc[shared, "max"] < spans[second].loc[shared, "min"]).all()  # no overlap, in order
+        apart = report["time"]["apart"][f"{first}/{second}"]
+        assert apart["locations_in_both"] == len(shared) and apart.get("locations_overlapping", 0) == 0
+        assert not len(shared) or apart["min_gap_days"] > 0
+    assert not any("overlap" in warning for warning in report["warnings"])
+    whole_tests = report["time"]["whole_locations"]["test"]  # MCT: most locations are one sequence
+    assert (whole_tests > 0) == bool(flags) and (f"{whole_tests} location(s) entirely in test" in str(report["warnings"])) == bool(flags)
+
+
+def test_mct_location_time_holds_out_both(shared_data: Path, tmp_path: Path) -> None:
+    crops = mct_crops(tmp_path, shared_data)
+    out = tmp_path / "ds"
+    result = run_in_process("utils/create_classification_dataset.py", out, "--mode", "csv", "splits",
+                            "--crops-dir", crops, "--cct-json", shared_data / "mct" / "mct_cct.json",
+                            "--split-by", "location-time", "--val-frac", "0.3", "--test-frac", "0.3",
+                            "--candidates", "500", "--missing-datetimes", "train")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "split_report.json").read_text())
+    counts = report["time"]["datetimes"]
+    assert counts["outside_both_splits_dropped"] > 0 and counts["without_datetime_in_train"] >= 0
+    assert all(row["locations_in_both"] == 0 for row in report["time"]["apart"].values())
+    table = pd.read_csv(out / "classification_ds.csv", dtype=str)
+    assert len(table) == 1108 - counts["outside_both_splits_dropped"]
+    assert not table["location"].str.contains("@").any()
+
+
+def test_time_flags_without_split_by_time_are_refused(tmp_path: Path) -> None:
+    result = run_in_process("utils/create_classification_dataset.py", tmp_path / "ds", "--test-last", "3M")
+    assert result.returncode != 0 and "--test-last needs --split-by time" in result.stderr
+    result = run_in_process("utils/create_classification_dataset.py", tmp_path / "ds", "--mode", "splits",
+                            "--split-by", "time")
+    assert result.returncode != 0 and "needs --mode csv and splits" in result.stderr

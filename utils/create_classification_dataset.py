@@ -13,6 +13,13 @@ Without ``csv`` in ``--mode`` the existing OUTPUT_DIR/classification_ds.csv is t
 
 Splits keep every (dataset, location) in one split; ``random`` keeps the best of
 ``--candidates`` scored candidates (GUIDE section 3), then improves it locally.
+``--split-by time`` holds out the later crops of every location instead (the last
+``--test-frac``, ``--test-last 3M`` or ``--test-period 2011-06..2011-08``), and
+``--split-by location-time`` holds out both::
+
+    python utils/create_classification_dataset.py data/processed/mct_time \
+        --mode csv cct splits --crops-dir data/interim/crops \
+        --cct-json data/interim/clean_cct.json --split-by time --test-last 1M --val-last 2W
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import ArgumentParser, run_main
-from classification.data.dataset import MODES, DatasetOptions, create_classification_dataset
+from classification.data.dataset import MODES, SPLIT_BY, DatasetOptions, create_classification_dataset
 from classification.errors import UserError
 
 
@@ -48,7 +55,25 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--splits-file", type=Path, help="use this splits.json as is (validated)")
     parser.add_argument("--missing-locations", choices=["sequence", "image", "drop"], default="sequence",
                         help="with --cct-json: images without a location grouped by sequence, by image, or dropped")
+    add_time_arguments(parser)
     return parser
+
+
+TIME_FLAGS = ("test_last", "val_last", "test_period", "val_period")
+
+
+def add_time_arguments(parser: ArgumentParser) -> None:
+    """The flags of splits held out in time (docs/splits.md, 'Held out in time')."""
+    parser.add_argument("--split-by", choices=SPLIT_BY, default="location",
+                        help="hold out whole locations (default), the later crops of every location (time), or both")
+    parser.add_argument("--test-last", metavar="SPAN",
+                        help="with --split-by time: the last SPAN (e.g. 3M, 90D, 2W, 1Y) of every location to test")
+    parser.add_argument("--val-last", metavar="SPAN", help="with --split-by time: the SPAN before test to val")
+    parser.add_argument("--test-period", metavar="START..END",
+                        help="with --split-by time: a calendar period to test, e.g. 2011 or 2011-06..2011-08 (inclusive)")
+    parser.add_argument("--val-period", metavar="START..END", help="with --split-by time: a calendar period to val")
+    parser.add_argument("--missing-datetimes", choices=["drop", "train"], default="drop",
+                        help="with --split-by time: crops without a datetime (nor a sequence with one) left out, or kept in train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--splits-file and --match-test: give one or the other")
     if args.candidates < 1:
         raise UserError(f"--candidates: must be at least 1, got {args.candidates}")
+    given = [name for name in TIME_FLAGS if getattr(args, name)]
+    if given and args.split_by == "location":
+        raise UserError(f"--{given[0].replace('_', '-')} needs --split-by time or location-time")
     options = DatasetOptions(
         crops_dir=args.crops_dir,
         cct_json=args.cct_json,
@@ -72,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         match_test=tuple(args.match_test) if args.match_test else None,
         splits_file=args.splits_file,
         missing_locations=args.missing_locations,
+        split_by=args.split_by,
+        test_last=args.test_last,
+        val_last=args.val_last,
+        test_period=args.test_period,
+        val_period=args.val_period,
+        missing_datetimes=args.missing_datetimes,
     )
     report = create_classification_dataset(args.output_dir, options)
     print(f"{report.crops} crops written to {args.output_dir}"

@@ -37,6 +37,14 @@ from classification.data.splits import (
     splits_to_json,
     target_fractions,
 )
+from classification.data.time_splits import (
+    NO_SPLIT,
+    MissingDatetimeRule,
+    TimeRule,
+    time_report,
+    time_split_of_crops,
+    time_warnings,
+)
 from classification.errors import DataError, UserError
 from classification.io import read_json, read_string_csv, write_csv_atomic, write_json_atomic
 
@@ -45,6 +53,8 @@ log = logging.getLogger(__name__)
 DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
 MODES = ("csv", "cct", "splits")
 SplitMethod = Literal["random", "smallest_first"]
+SplitBy = Literal["location", "time", "location-time"]
+SPLIT_BY = ("location", "time", "location-time")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,27 @@ class DatasetOptions:
     match_test: tuple[Path, Path] | None = None
     splits_file: Path | None = None
     missing_locations: MissingLocationRule = "sequence"
+    split_by: SplitBy = "location"  # what is held out: locations, time (per location), or both
+    test_last: str | None = None  # e.g. "3M": the last 3 months of every location to test
+    val_last: str | None = None
+    test_period: str | None = None  # e.g. "2011-06..2011-08": a calendar period to test
+    val_period: str | None = None
+    missing_datetimes: MissingDatetimeRule = "drop"
+
+    def time_rule(self) -> TimeRule:
+        """The time part of the options (``--split-by time`` or ``location-time``)."""
+        return TimeRule(test_frac=self.test_frac, val_frac=self.val_frac, test_last=self.test_last,
+                        val_last=self.val_last, test_period=self.test_period, val_period=self.val_period,
+                        missing=self.missing_datetimes)
+
+
+@dataclass
+class TimeSplit:
+    """Each crop's split by time (``--split-by time``/``location-time``) and the report's ``time`` section."""
+
+    split: np.ndarray  # (crops,) int8 split per row of the dataset frame
+    method: str
+    report: dict[str, Any]
 
 
 @dataclass
@@ -262,6 +293,57 @@ def choose_splits(problem: SplitProblem, frame: pd.DataFrame, options: DatasetOp
     return result
 
 
+def check_split_by(options: DatasetOptions) -> None:
+    """Refuse, before any work, time-held-out options that cannot work together."""
+    if options.split_by not in SPLIT_BY:
+        raise UserError(f"--split-by: unknown value {options.split_by!r} (choose from {', '.join(SPLIT_BY)})")
+    if options.split_by == "location":
+        return
+    if not {"csv", "splits"} <= set(options.modes):
+        raise UserError(f"--split-by {options.split_by} needs --mode csv and splits (the datetimes come from the CCT"
+                        " or the crops manifest, not from classification_ds.csv)")
+    if options.splits_file or options.match_test:
+        raise UserError(f"--split-by {options.split_by}: --splits-file and --match-test hold out locations only")
+    options.time_rule().check()
+
+
+def hold_out_in_time(frame: pd.DataFrame, options: DatasetOptions) -> tuple[pd.DataFrame, TimeSplit]:
+    """``--split-by time``: every crop's split by its time at its location, and the location column
+    renamed ``<location>@<split>`` (the unit ``splits.json`` lists); ``location-time``: only the crops
+    whose location split (the usual search) and time split agree. Crops left out are counted."""
+    split, times, counts = time_split_of_crops(frame, options.time_rule())
+    keep = split != NO_SPLIT
+    if options.split_by == "location-time":
+        located = location_split_of_crops(frame[keep], options)
+        agree = np.zeros(len(frame), dtype=bool)
+        agree[np.flatnonzero(keep)] = located == split[keep]
+        counts["outside_both_splits_dropped"] = int(keep.sum() - agree.sum())
+        log.warning("--split-by location-time: %d crops whose location and time splits differ: left out",
+                    counts["outside_both_splits_dropped"])
+        keep = agree
+    report = time_report(frame["dataset"] + "/" + frame["location"], times, np.where(keep, split, NO_SPLIT), counts)
+    frame, split = frame[keep].reset_index(drop=True), split[keep]
+    if options.split_by == "time":
+        frame = frame.assign(location=frame["location"] + "@" + pd.Series(SPLIT_NAMES)[split].to_numpy())
+    return frame, TimeSplit(split, options.split_by, report)
+
+
+def location_split_of_crops(frame: pd.DataFrame, options: DatasetOptions) -> np.ndarray:
+    """Per crop, the split of its location chosen by the usual search (``--method``, ``--seed``, ...)."""
+    problem = SplitProblem.from_frame(frame[["dataset", "location", "label"]])
+    result = choose_splits(problem, frame, options)
+    split_of = dict(zip(problem.locations, result.assignment))
+    return np.array([split_of[key] for key in zip(frame["dataset"], frame["location"])], dtype=np.int8)
+
+
+def time_split_result(problem: SplitProblem, frame: pd.DataFrame, time_split: TimeSplit,
+                      fractions: np.ndarray) -> SplitResult:
+    """The assignment of ``problem``'s locations that the crops' time splits imply (one split per location)."""
+    split_of = dict(zip(zip(frame["dataset"], frame["location"]), time_split.split))
+    assignment = np.array([split_of[key] for key in problem.locations], dtype=np.int8)
+    return SplitResult(assignment, score_of(problem, assignment, fractions), time_split.method, 0, 0)
+
+
 def score_of(problem: SplitProblem, assignment: np.ndarray, fractions: np.ndarray) -> float:
     """The score of one assignment."""
     return float(score_assignments(problem, assignment[None, :], fractions)[0])
@@ -289,6 +371,7 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     unknown = sorted(set(options.modes) - set(MODES))
     if unknown:
         raise UserError(f"--mode: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
+    check_split_by(options)
     report = DatasetReport()
     if "csv" in options.modes:
         frame = load_crops(options, report)
@@ -300,6 +383,11 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     frame, report.dropped_labels = drop_rare_labels(frame, options.min_locs)
     if frame.empty:
         raise DataError("no labelled crops left to build a dataset from (see the warnings above)")
+    time_split = None
+    if options.split_by != "location":
+        frame, time_split = hold_out_in_time(frame, options)
+        if frame.empty:
+            raise DataError("no crops left after holding out in time (see the warnings above)")
     report.crops = len(frame)
     warn_split_sequences(frame)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,11 +399,17 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
         write_json_atomic(output_dir / "classification_cct.json", crops_cct(frame, labels))
     if "splits" in options.modes:
         problem = SplitProblem.from_frame(frame[["dataset", "location", "label"]])
-        result = choose_splits(problem, frame, options)
         fractions = target_fractions(options.val_frac, options.test_frac)
+        if time_split is None:
+            result = choose_splits(problem, frame, options)
+        else:
+            result = time_split_result(problem, frame, time_split, fractions)
         report.split_report = build_split_report(problem, result.assignment, fractions, report.dropped_labels)
         report.split_report.update(method=result.method, candidates=result.candidates,
-                                   improved_moves=result.improved_moves, seed=options.seed)
+                                   improved_moves=result.improved_moves, seed=options.seed, split_by=options.split_by)
+        if time_split is not None:
+            report.split_report["time"] = time_split.report
+            report.split_report["warnings"] += time_warnings(time_split.report, options.split_by == "time")
         splits = splits_to_json(problem, result.assignment)
         write_json_atomic(output_dir / "splits.json", splits)
         write_json_atomic(output_dir / "split_report.json", report.split_report)

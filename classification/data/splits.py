@@ -2,8 +2,11 @@
 
 Every ``(dataset, location)`` goes to exactly one split, so a classifier is never tested on
 backgrounds it was trained on. Candidates are scored as whole matrices: the crops of label
-``y`` in split ``s`` for ``B`` candidates are one ``(B, M) @ (M, Y)`` product, so 10,000
-candidates take milliseconds where the references' per-candidate pandas loops take minutes.
+``y`` in split ``s`` for ``B`` candidates are one sparse ``(Y, M) @ (M, B)`` product (float32,
+the count matrix holding a few species per location), so 10,000 candidates over 10,000
+locations take seconds where the references' per-candidate pandas loops take hours. The
+local improvement scores every single move from per-split count deltas, in O(non-zero
+counts) for all locations at once, and applies the label-disjoint improving ones together.
 
 Conventions (documented once here, relied on everywhere):
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from classification.errors import DataError, UserError
 
@@ -39,7 +43,9 @@ FREE = -1
 JITTER = 0.03  # candidate sizes vary by U(-JITTER, JITTER) around the target, as the references do
 FRACTION_TOLERANCE = 0.05  # a split whose crop fraction is further than this from its target is reported
 IMPROVEMENT_TOLERANCE = 1e-12  # a move must lower the score by more than this (no float-noise cycling)
-_CHUNK_ELEMENTS = 1 << 20  # candidates x locations scored at once: bounds memory to a few tens of MB
+_CHUNK_ELEMENTS = 1 << 22  # candidates x locations scored at once: bounds memory to a few tens of MB
+_FLOAT32_EXACT = 1 << 24  # integers below this are exact in float32: label totals under it are summed in float32
+_SWAP_CANDIDATES = 32  # per side of a split pair, the best movers whose swaps the local improvement scores
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,15 +218,29 @@ class _ScoreTerms:
         self.crops_per_label = counts.sum(axis=0)  # N_y
         self.locations_per_label = (counts > 0).sum(axis=0).astype(np.float64)  # K_y
         self.prior = self.crops_per_label / self.crops_per_label.sum()  # p_y
+        self.prior_square = float(np.square(self.prior).sum())  # Σ_y p_y²
         # Largest Σ_y (q_y − p_y)² over distributions q: q all on the rarest label.
-        self.empty_penalty = 1.0 + float(np.square(self.prior).sum()) - 2.0 * float(self.prior.min())
+        self.empty_penalty = 1.0 + self.prior_square - 2.0 * float(self.prior.min())
+
+    def has_held_out_term(self, split: int) -> bool:
+        """Whether ``split`` pays the held-out term (val or test with a target above 0)."""
+        return split != TRAIN and self.fractions[split] > 0
+
+    def held_out_term(self, total: np.ndarray, square_sum: np.ndarray, prior_dot: np.ndarray) -> np.ndarray:
+        """``2·Σ_y (N_sy/N_s − p_y)²`` from ``N_s``, ``Σ_y N_sy²`` and ``Σ_y N_sy·p_y`` (the expanded square).
+
+        The expansion lets a move be scored from the labels it touches; an empty split scores the penalty.
+        """
+        safe = np.where(total > 0, total, 1.0)
+        value = square_sum / np.square(safe) - 2.0 * prior_dot / safe + self.prior_square
+        return 2.0 * np.where(total > 0, np.maximum(value, 0.0), self.empty_penalty)
 
     def split_term(self, split: int, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
         """Score contribution of split ``split`` holding ``crops`` (N_sy) at ``present`` (K_sy) locations."""
         f = self.fractions[split]
         value = 2.0 * np.square(crops / self.crops_per_label - f).sum(axis=-1)
         value += np.square(present / self.locations_per_label - f).sum(axis=-1)
-        if split != TRAIN and f > 0:
+        if self.has_held_out_term(split):
             total = crops.sum(axis=-1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 held_out = np.square(crops / total - self.prior).sum(axis=-1)
@@ -229,12 +249,42 @@ class _ScoreTerms:
 
 
 def _chunk_rows(n_locations: int, chunk_size: int | None) -> int:
-    """Candidates per block: ``chunk_size`` if given, else enough to fill ~1M cells."""
+    """Candidates per block: ``chunk_size`` if given, else enough to fill ~4M cells."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         return chunk_size
     return max(1, _CHUNK_ELEMENTS // max(n_locations, 1))
+
+
+class _Scorer:
+    """Scores blocks of candidate assignments: one sparse product per held-out split, train is the remainder."""
+
+    def __init__(self, problem: SplitProblem, fractions: np.ndarray) -> None:
+        self.terms = _ScoreTerms(problem, fractions)
+        self.n_labels = problem.n_labels
+        self.totals = np.concatenate([self.terms.crops_per_label, self.terms.locations_per_label])
+        # Crops and presence as a sparse (2Y, M) matrix; float32 while every label total is exact in it.
+        dtype = np.float32 if self.terms.crops_per_label.max(initial=0) < _FLOAT32_EXACT else np.float64
+        counts = sparse.csr_matrix(problem.counts.T.astype(dtype))
+        present = counts.copy()
+        present.data[:] = 1
+        self.weights = sparse.vstack([counts, present], format="csr")
+
+    def split_sums(self, block: np.ndarray, split: int) -> np.ndarray:
+        """``(B, 2Y)`` crops and present-location counts of ``split`` for each candidate row of ``block``."""
+        members = np.ascontiguousarray(block.T == split, dtype=self.weights.dtype)  # (M, B) one-hot, C order
+        return np.asarray(self.weights @ members, dtype=np.float64).T
+
+    def score(self, block: np.ndarray) -> np.ndarray:
+        """Scores (B,) of the candidate rows of ``block`` (B, M)."""
+        held = [self.split_sums(block, split) for split in (VAL, TEST)]
+        train = self.totals - held[0] - held[1]  # exact: integer-valued float64
+        n, terms = self.n_labels, self.terms
+        score = terms.split_term(TRAIN, train[:, :n], train[:, n:])
+        for split, sums in zip((VAL, TEST), held):
+            score += terms.split_term(split, sums[:, :n], sums[:, n:])
+        return score
 
 
 def score_assignments(
@@ -246,7 +296,7 @@ def score_assignments(
     """Scores (B,) of candidate assignments (B, M) by GUIDE §3's formula; lower is better.
 
     ``S = Σ_s [2·Σ_y (N_sy/N_y − f_s)² + Σ_y (K_sy/K_y − f_s)²] + Σ_{val,test} 2·Σ_y (N_sy/N_s − p_y)²``,
-    with N_sy and K_sy for all candidates from two matrix products (train is the remainder).
+    with N_sy and K_sy for all candidates from one sparse product per held-out split (train is the remainder).
     """
     f = _check_fractions(fractions)
     candidates = np.asarray(assignments)
@@ -254,21 +304,12 @@ def score_assignments(
         raise ValueError(f"assignments must have shape (B, {problem.n_locations}), got {candidates.shape}")
     if candidates.size and (candidates.min() < TRAIN or candidates.max() > TEST):
         raise ValueError("assignments must hold split numbers 0 (train), 1 (val) or 2 (test)")
-    terms = _ScoreTerms(problem, f)
-    counts = problem.counts.astype(np.float64)
-    weights = np.concatenate([counts, (counts > 0).astype(np.float64)], axis=1)  # (M, 2Y)
-    totals = np.concatenate([terms.crops_per_label, terms.locations_per_label])
-    n_labels = problem.n_labels
+    scorer = _Scorer(problem, f)
     scores = np.empty(candidates.shape[0], dtype=np.float64)
     step = _chunk_rows(problem.n_locations, chunk_size)
     for start in range(0, candidates.shape[0], step):
         block = candidates[start : start + step]
-        held = [(block == split).astype(np.float64) @ weights for split in (VAL, TEST)]
-        train = totals - held[0] - held[1]  # exact: integer-valued float64
-        score = terms.split_term(TRAIN, train[:, :n_labels], train[:, n_labels:])
-        for split, sums in zip((VAL, TEST), held):
-            score += terms.split_term(split, sums[:, :n_labels], sums[:, n_labels:])
-        scores[start : start + len(block)] = score
+        scores[start : start + len(block)] = scorer.score(block)
     return scores
 
 
@@ -320,6 +361,7 @@ def random_search(
     target_codes = np.asarray(targets, dtype=np.int8)
     ranks = np.arange(free.size)
     best_score, best = np.inf, base
+    scorer = _Scorer(problem, f)
     step = _chunk_rows(problem.n_locations, chunk_size)
     for start in range(0, n_candidates, step):
         block_sizes = sizes[start : start + step]
@@ -328,66 +370,165 @@ def random_search(
             position += ranks[None, :] >= bound[:, None]
         block = np.repeat(base[None, :], len(block_sizes), axis=0)
         block[:, free] = rng.permuted(target_codes[position], axis=1)  # one shuffle per candidate
-        scores = score_assignments(problem, block, f, chunk_size=len(block))
+        scores = scorer.score(block)
         winner = int(np.argmin(scores))
         if scores[winner] < best_score:
             best_score, best = float(scores[winner]), block[winner].copy()
     return SplitResult(best, best_score, "random", n_candidates, 0)
 
 
-class _LocalState:
-    """Per-split crop and presence sums of one assignment, updated as locations move."""
+class _Stats:
+    """The non-zero counts of a problem, and a split's sums recomputed from them in O(non-zeros)."""
 
-    def __init__(self, problem: SplitProblem, assignment: np.ndarray, terms: _ScoreTerms) -> None:
+    def __init__(self, problem: SplitProblem, terms: _ScoreTerms) -> None:
+        self.n_locations, self.n_labels = problem.n_locations, problem.n_labels
+        self.rows, self.labels = np.nonzero(problem.counts)  # one entry per (location, label) with crops
+        self.crops = problem.counts[self.rows, self.labels].astype(np.float64)
+        self.location_crops = np.bincount(self.rows, self.crops, minlength=self.n_locations)  # n_k
+        self.location_prior = np.bincount(self.rows, self.crops * terms.prior[self.labels], minlength=self.n_locations)
+        self.entries = np.bincount(self.rows, minlength=self.n_locations)  # labels per location
         self.terms = terms
-        self.crops = problem.counts.astype(np.float64)
-        self.present = (self.crops > 0).astype(np.float64)
-        self.assignment = assignment
-        self.split_crops = np.stack([self.crops[assignment == s].sum(axis=0) for s in range(3)])
-        self.split_present = np.stack([self.present[assignment == s].sum(axis=0) for s in range(3)])
-        self.values = np.array([terms.split_term(s, self.split_crops[s], self.split_present[s]) for s in range(3)])
 
-    def change(self, split: int, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
-        """Change of ``split``'s term when ``crops``/``present`` rows are added to it (negative rows remove)."""
-        new = self.terms.split_term(split, self.split_crops[split] + crops, self.split_present[split] + present)
-        return new - self.values[split]
+    def sums(self, assignment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(3, Y)`` crops and present-location counts per split."""
+        flat = assignment[self.rows].astype(np.int64) * self.n_labels + self.labels
+        size = 3 * self.n_labels
+        crops = np.bincount(flat, self.crops, minlength=size).reshape(3, self.n_labels)
+        present = np.bincount(flat, minlength=size).astype(np.float64).reshape(3, self.n_labels)
+        return crops, present
 
-    def move(self, location: int, target: int) -> None:
-        """Move one location to ``target`` and update the sums and terms of both splits."""
-        source = int(self.assignment[location])
-        for split, sign in ((source, -1.0), (target, 1.0)):
-            self.split_crops[split] += sign * self.crops[location]
-            self.split_present[split] += sign * self.present[location]
-            self.values[split] = self.terms.split_term(split, self.split_crops[split], self.split_present[split])
-        self.assignment[location] = target
+    def score(self, crops: np.ndarray, present: np.ndarray) -> float:
+        """The score of one assignment from its per-split sums."""
+        return float(sum(self.terms.split_term(s, crops[s], present[s]) for s in range(3)))
 
 
-def _best_step(state: _LocalState, location: int, free: np.ndarray, targets: tuple[int, ...]) -> tuple[float, int, int]:
-    """Best (score change, target split, swap partner or -1) for one location: a move or a swap."""
-    source = int(state.assignment[location])
-    crops, present = state.crops[location], state.present[location]
-    best = (-IMPROVEMENT_TOLERANCE, -1, -1)
-    for target in targets:
-        if target == source:
-            continue
-        delta = float(state.change(source, -crops, -present) + state.change(target, crops, present))
-        if delta < best[0]:
-            best = (delta, target, -1)
-    if source not in targets:
-        return best
-    for target in targets:
-        if target == source:
-            continue
-        partners = free[state.assignment[free] == target]
-        if partners.size == 0:
-            continue
-        crop_diff = state.crops[partners] - crops  # what the source split gains in a swap
-        present_diff = state.present[partners] - present
-        deltas = state.change(source, crop_diff, present_diff) + state.change(target, -crop_diff, -present_diff)
-        j = int(np.argmin(deltas))
-        if deltas[j] < best[0]:
-            best = (float(deltas[j]), target, int(partners[j]))
-    return best
+class _MoveScorer:
+    """Score changes of moving each location to another split, from per-split count deltas.
+
+    A move touches only the labels its location holds: the first two terms change on those
+    labels alone, and the held-out term is kept as ``N_s``, ``Σ_y N_sy²`` and ``Σ_y N_sy·p_y``
+    (see ``_ScoreTerms.held_out_term``), so all moves are scored in O(non-zero counts).
+    """
+
+    def __init__(self, stats: _Stats, assignment: np.ndarray) -> None:
+        self.stats, self.terms = stats, stats.terms
+        self.crops, self.present = stats.sums(assignment)
+        self.totals = self.crops.sum(axis=1)
+        self.square_sums = np.square(self.crops).sum(axis=1)
+        self.prior_dots = self.crops @ self.terms.prior
+        held_out = np.array([self.terms.has_held_out_term(s) for s in range(3)])
+        self.held_out = held_out
+        self.held_out_values = np.where(held_out, self.terms.held_out_term(self.totals, self.square_sums, self.prior_dots), 0.0)
+        self.source = assignment.astype(np.int64)
+        label_out, square_out = self._label_change(self.source[stats.rows], -1.0)
+        self.leave = label_out + self._held_out_change(self.source, -1.0, square_out)  # (M,) change of leaving
+
+    def _label_change(self, split: np.ndarray | int, sign: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per location: change of the label terms of ``split`` (per entry) and of ``Σ_y N_sy²``, adding sign·row."""
+        stats, terms = self.stats, self.terms
+        f = self.terms.fractions[split]
+        crops = self.crops[split, stats.labels]
+        present = self.present[split, stats.labels]
+        n_y, k_y = terms.crops_per_label[stats.labels], terms.locations_per_label[stats.labels]
+        change = 2.0 * (np.square((crops + sign * stats.crops) / n_y - f) - np.square(crops / n_y - f))
+        change += np.square((present + sign) / k_y - f) - np.square(present / k_y - f)
+        square = stats.crops * (stats.crops + sign * 2.0 * crops)
+        size = stats.n_locations
+        return np.bincount(stats.rows, change, minlength=size), np.bincount(stats.rows, square, minlength=size)
+
+    def _held_out_change(self, split: np.ndarray, sign: float, square_change: np.ndarray) -> np.ndarray:
+        """Per location: change of the held-out term of ``split`` (an (M,) array of splits) adding sign·row."""
+        stats = self.stats
+        new = self.terms.held_out_term(
+            self.totals[split] + sign * stats.location_crops,
+            self.square_sums[split] + square_change,
+            self.prior_dots[split] + sign * stats.location_prior,
+        )
+        return np.where(self.held_out[split], new - self.held_out_values[split], 0.0)
+
+    def move_deltas(self, target: int) -> np.ndarray:
+        """(M,) score change of moving each location to ``target``; +inf for locations already there."""
+        label_in, square_in = self._label_change(target, 1.0)
+        delta = self.leave + label_in + self._held_out_change(np.full_like(self.source, target), 1.0, square_in)
+        delta[self.source == target] = np.inf
+        return delta
+
+
+def _apply_moves(stats: _Stats, assignment: np.ndarray, score: float, moves: np.ndarray, to: np.ndarray) -> float | None:
+    """Apply ``moves`` (locations) to splits ``to`` in place when the exact score drops; the new score or None."""
+    before = assignment[moves].copy()
+    assignment[moves] = to
+    new_score = stats.score(*stats.sums(assignment))
+    if new_score < score - IMPROVEMENT_TOLERANCE:
+        return new_score
+    assignment[moves] = before
+    return None
+
+
+def _move_round(stats: _Stats, assignment: np.ndarray, score: float, free: np.ndarray, targets: tuple[int, ...],
+                batch: int) -> tuple[float, int, int]:
+    """One round of moves: the ``batch`` best improving moves at once, halved until the exact score drops.
+
+    Moves that share labels interact, so a batch is checked against the exact score; a single
+    move's delta is exact, so the round always moves when any move improves. Returns the new
+    score, the moves made and the next round's batch (twice this one's).
+    """
+    scorer = _MoveScorer(stats, assignment)
+    deltas = np.stack([scorer.move_deltas(t) for t in targets])
+    choice = np.argmin(deltas, axis=0)
+    best = deltas[choice, np.arange(stats.n_locations)]
+    best_target = np.asarray(targets, dtype=np.int8)[choice]
+    improving = free[best[free] < -IMPROVEMENT_TOLERANCE]
+    ordered = improving[np.lexsort((improving, best[improving]))]
+    size = min(batch, ordered.size)
+    while size >= 1:
+        new_score = _apply_moves(stats, assignment, score, ordered[:size], best_target[ordered[:size]])
+        if new_score is not None:
+            return new_score, size, 2 * size
+        size //= 2
+    return score, 0, batch
+
+
+def _swap_round(problem: SplitProblem, stats: _Stats, assignment: np.ndarray, score: float, free: np.ndarray,
+                targets: tuple[int, ...]) -> tuple[float, int]:
+    """The best swap of two free locations between two open splits, among each side's best movers; applied if it helps."""
+    scorer = _MoveScorer(stats, assignment)
+    deltas = {t: scorer.move_deltas(t) for t in targets}
+    best: tuple[float, int, int] = (-IMPROVEMENT_TOLERANCE, -1, -1)
+    for i, first in enumerate(targets):
+        for second in targets[i + 1 :]:
+            left = _best_movers(free[assignment[free] == first], deltas[second])
+            right = _best_movers(free[assignment[free] == second], deltas[first])
+            if left.size == 0 or right.size == 0:
+                continue
+            change = _swap_changes(problem, stats.terms, scorer, first, second, left, right)
+            k, j = np.unravel_index(int(np.argmin(change)), change.shape)
+            if change[k, j] < best[0]:
+                best = (float(change[k, j]), int(left[k]), int(right[j]))
+    if best[1] < 0:
+        return score, 0
+    moves = np.array([best[1], best[2]])
+    new_score = _apply_moves(stats, assignment, score, moves, assignment[moves[::-1]])
+    return (score, 0) if new_score is None else (new_score, 1)
+
+
+def _best_movers(locations: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """The ``_SWAP_CANDIDATES`` locations with the lowest move deltas (ties by index)."""
+    if locations.size <= _SWAP_CANDIDATES:
+        return locations
+    return locations[np.lexsort((locations, deltas[locations]))[:_SWAP_CANDIDATES]]
+
+
+def _swap_changes(problem: SplitProblem, terms: _ScoreTerms, scorer: _MoveScorer, first: int, second: int,
+                  left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Exact score changes (L, R) of swapping each ``left`` location (in ``first``) with each ``right`` one."""
+    counts = problem.counts.astype(np.float64)
+    crops = counts[right][None, :, :] - counts[left][:, None, :]  # what ``first`` gains
+    present = (counts[right] > 0)[None, :, :].astype(np.float64) - (counts[left] > 0)[:, None, :]
+    change = terms.split_term(first, scorer.crops[first] + crops, scorer.present[first] + present)
+    change += terms.split_term(second, scorer.crops[second] - crops, scorer.present[second] - present)
+    old = terms.split_term(first, scorer.crops[first], scorer.present[first])
+    return change - old - terms.split_term(second, scorer.crops[second], scorer.present[second])
 
 
 def improve_locally(
@@ -395,13 +536,15 @@ def improve_locally(
     result: SplitResult,
     fractions: Sequence[float] | np.ndarray,
     fixed: np.ndarray | None = None,
-    max_passes: int = 20,
+    max_rounds: int = 5_000,
 ) -> SplitResult:
-    """Hill-climb from ``result``: move or swap free locations while the score drops.
+    """Hill-climb from ``result``: move free locations, and swap pairs, while the score drops.
 
-    Each pass visits the free locations in key order and applies, for each, the best single
-    move to another open split or swap with a location of another open split. Deterministic;
-    pinned locations never move; the returned score is never above the input's.
+    Each round scores every single move from per-split count deltas and applies the best
+    improving ones together (as many as the exact score agrees with, down to the single
+    best); when no move helps, the best swap among each open split pair's
+    ``_SWAP_CANDIDATES`` best movers. Deterministic; pinned locations never move; the
+    returned score is never above the input's.
     """
     f = _check_fractions(fractions)
     pinned = _check_fixed(problem, fixed)
@@ -414,25 +557,27 @@ def improve_locally(
     if free.size == 0:
         return result
     targets = open_splits(pinned, f)
-    state = _LocalState(problem, assignment, _ScoreTerms(problem, f))
-    moves = 0
-    for _ in range(max_passes):
-        moves_before = moves
-        for location in free:
-            _, target, partner = _best_step(state, int(location), free, targets)
-            if target < 0:
-                continue
-            if partner >= 0:
-                state.move(partner, int(assignment[location]))
-            state.move(int(location), target)
-            moves += 1
-        if moves == moves_before:
+    stats = _Stats(problem, _ScoreTerms(problem, f))
+    score = stats.score(*stats.sums(assignment))
+    moves, batch = 0, free.size
+    for _ in range(max_rounds):
+        score, moved, batch = _move_round(stats, assignment, score, free, targets, batch)
+        if not moved:
+            score, moved = _swap_round(problem, stats, assignment, score, free, targets)
+        if not moved:
             break
+        moves += moved
+    return _improved_result(problem, result, assignment, f, moves)
+
+
+def _improved_result(problem: SplitProblem, result: SplitResult, assignment: np.ndarray, fractions: np.ndarray,
+                     moves: int) -> SplitResult:
+    """The improved result, or ``result`` itself when nothing moved or float noise made it no better."""
     if moves == 0:
         return result
-    original = float(score_assignments(problem, np.asarray(result.assignment)[None, :], f)[0])
-    score = float(score_assignments(problem, assignment[None, :], f)[0])
-    if score > original:  # float noise on a flat score: keep what we were given
+    original = float(score_assignments(problem, np.asarray(result.assignment)[None, :], fractions)[0])
+    score = float(score_assignments(problem, assignment[None, :], fractions)[0])
+    if score > original:
         return result
     return SplitResult(assignment, score, f"{result.method}+local", result.candidates, result.improved_moves + moves)
 
@@ -531,30 +676,13 @@ def _fraction(part: float, whole: float) -> float:
     return float(part) / float(whole) if whole else 0.0
 
 
-def build_split_report(
-    problem: SplitProblem,
-    assignment: np.ndarray,
-    fractions: Sequence[float] | np.ndarray,
-    dropped_labels: dict[str, int] | None = None,
-) -> dict:
-    """A JSON-able ``split_report.json``: sizes and class fractions per split against targets, score, warnings.
-
-    ``dropped_labels`` maps each label removed by ``--min-locs`` to the number of locations it was seen at.
-    """
-    f = _check_fractions(fractions)
-    assignment = np.asarray(assignment)
-    counts = problem.counts
-    label_totals = counts.sum(axis=0)
-    label_locations = (counts > 0).sum(axis=0)
-    in_split = [assignment == s for s in range(3)]
-    split_crops = np.stack([counts[mask].sum(axis=0) for mask in in_split])
-    split_locations = np.stack([(counts[mask] > 0).sum(axis=0) for mask in in_split])
-    total = int(label_totals.sum())
-    warnings: list[str] = []
-    splits = {}
+def _split_sizes(in_split: list[np.ndarray], split_crops: np.ndarray, f: np.ndarray) -> tuple[dict, list[str]]:
+    """The report's ``splits`` rows (locations, crops, fraction against target) and their warnings."""
+    total = split_crops.sum()
+    rows, warnings = {}, []
     for s, name in enumerate(SPLIT_NAMES):
         fraction = _fraction(split_crops[s].sum(), total)
-        splits[name] = {
+        rows[name] = {
             "n_locations": int(in_split[s].sum()),
             "n_crops": int(split_crops[s].sum()),
             "fraction": round(fraction, 4),
@@ -564,9 +692,17 @@ def build_split_report(
             warnings.append(f"{name} is empty (target {f[s]:.2f})")
         elif abs(fraction - f[s]) > FRACTION_TOLERANCE:
             warnings.append(f"{name} holds {fraction:.1%} of the crops, target {f[s]:.0%}")
-    classes = {}
+    return rows, warnings
+
+
+def _class_rows(problem: SplitProblem, split_crops: np.ndarray, split_locations: np.ndarray,
+                f: np.ndarray) -> tuple[dict, list[str]]:
+    """The report's ``classes`` rows (crops and locations per split) and a warning per class absent from a split."""
+    label_totals = problem.counts.sum(axis=0)
+    label_locations = (problem.counts > 0).sum(axis=0)
+    rows, warnings = {}, []
     for y, label in enumerate(problem.labels):
-        classes[label] = {
+        rows[label] = {
             "n_crops": int(label_totals[y]),
             "n_locations": int(label_locations[y]),
             **{
@@ -581,16 +717,36 @@ def build_split_report(
         absent = [name for s, name in enumerate(SPLIT_NAMES) if f[s] > 0 and split_crops[s, y] == 0]
         if absent:
             warnings.append(f"class {label!r} is absent from {' and '.join(absent)}")
-    for label, n_locations in sorted((dropped_labels or {}).items()):
-        warnings.append(f"class {label!r} dropped: seen at {n_locations} location(s), below --min-locs")
+    return rows, warnings
+
+
+def build_split_report(
+    problem: SplitProblem,
+    assignment: np.ndarray,
+    fractions: Sequence[float] | np.ndarray,
+    dropped_labels: dict[str, int] | None = None,
+) -> dict:
+    """A JSON-able ``split_report.json``: sizes and class fractions per split against targets, score, warnings.
+
+    ``dropped_labels`` maps each label removed by ``--min-locs`` to the number of locations it was seen at.
+    """
+    f = _check_fractions(fractions)
+    assignment = np.asarray(assignment)
+    in_split = [assignment == s for s in range(3)]
+    split_crops = np.stack([problem.counts[mask].sum(axis=0) for mask in in_split])
+    split_locations = np.stack([(problem.counts[mask] > 0).sum(axis=0) for mask in in_split])
+    splits, split_warnings = _split_sizes(in_split, split_crops, f)
+    classes, class_warnings = _class_rows(problem, split_crops, split_locations, f)
+    dropped = dict(sorted((dropped_labels or {}).items()))
+    dropped_warnings = [f"class {label!r} dropped: seen at {n} location(s), below --min-locs" for label, n in dropped.items()]
     score = float(score_assignments(problem, assignment[None, :], f)[0])
     return {
         "score": round(score, 6),
         "targets": {name: round(float(f[s]), 4) for s, name in enumerate(SPLIT_NAMES)},
         "splits": splits,
         "classes": classes,
-        "dropped_labels": dict(sorted((dropped_labels or {}).items())),
-        "warnings": warnings,
+        "dropped_labels": dropped,
+        "warnings": split_warnings + class_warnings + dropped_warnings,
     }
 
 

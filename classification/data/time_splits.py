@@ -1,0 +1,247 @@
+"""Splits held out in time (issue 11 §5): each location's later crops, or a calendar period, to val and test.
+
+A location-held-out split asks "does the model work at a camera it has never seen"; a
+time-held-out split asks "does it still work next season at the cameras it was trained on".
+Here every crop gets a split from its time, location by location:
+
+- ``test_last``/``val_last`` (``"3M"``, ``"90D"``, ``"2W"``, ``"1Y"``): test is the last 3 months
+  of every location's record; val the given span just before test's first crop there.
+- ``test_period``/``val_period`` (``"2011"``, ``"2011-06..2011-08"``, ``"2011-06-01..2011-06-30"``):
+  a calendar period, both ends inclusive at their own precision, for every location.
+- neither: the last ``test_frac`` of each location's crops in time to test, the ``val_frac``
+  before it to val (a moment goes to the split its middle crop falls in).
+
+The unit that is never cut is a *moment*: the crops of one location that share a start time,
+where a sequence's crops all take its first frame's time. So the frames of one burst, and two
+cameras firing at the same second, never straddle two splits.
+
+Crops without a datetime take their sequence's time when another frame of it has one; the
+rest follow ``missing`` (``"drop"``: left out of the dataset, ``"train"``: kept in train),
+and are counted in the report either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from classification.data.splits import SPLIT_NAMES, TEST, TRAIN, VAL
+from classification.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+MissingDatetimeRule = Literal["drop", "train"]
+NO_SPLIT = -1  # a crop left out (no datetime under the "drop" rule)
+_DURATION = re.compile(r"^\s*(\d+)\s*([DWMY])\s*$", re.IGNORECASE)
+_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
+_EXIF_DATE = re.compile(r"^(\d{4}):(\d{2}):(\d{2})")
+
+
+@dataclass(frozen=True)
+class TimeRule:
+    """How val and test are taken from each location's time line (see the module doc)."""
+
+    test_frac: float = 0.1
+    val_frac: float = 0.2
+    test_last: str | None = None
+    val_last: str | None = None
+    test_period: str | None = None
+    val_period: str | None = None
+    missing: MissingDatetimeRule = "drop"
+
+    def check(self) -> None:
+        """Parse every flag once, so a typo fails before any work (one-line ``UserError``)."""
+        for split in ("test", "val"):
+            last, period = getattr(self, f"{split}_last"), getattr(self, f"{split}_period")
+            if last and period:
+                raise UserError(f"--{split}-last and --{split}-period: give one or the other")
+            if last:
+                parse_duration(last, f"--{split}-last")
+            if period:
+                parse_period(period, f"--{split}-period")
+
+
+def parse_duration(text: str, flag: str) -> pd.DateOffset:
+    """``"3M"`` → 3 months; units D, W, M, Y; a bad value is a ``UserError`` naming ``flag``."""
+    match = _DURATION.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise UserError(f"{flag}: expected a positive number and a unit D, W, M or Y (e.g. 3M), got {text!r}")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    return pd.DateOffset(**{{"D": "days", "W": "weeks", "M": "months", "Y": "years"}[unit]: number})
+
+
+def _period_bound(text: str, flag: str, end: bool) -> pd.Timestamp:
+    """Start (or the end, exclusive) of ``YYYY``, ``YYYY-MM`` or ``YYYY-MM-DD``."""
+    text = text.strip()
+    if not _DATE.match(text):
+        raise UserError(f"{flag}: expected YYYY, YYYY-MM or YYYY-MM-DD, got {text!r}")
+    try:
+        start = pd.Timestamp(text if len(text) > 4 else f"{text}-01-01")
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not a date") from None
+    if not end:
+        return start
+    step = {4: pd.DateOffset(years=1), 7: pd.DateOffset(months=1), 10: pd.DateOffset(days=1)}[len(text)]
+    return start + step
+
+
+def parse_period(text: str, flag: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """``"2011-06..2011-08"`` → [2011-06-01, 2011-09-01); one date is a period of its own length."""
+    first, _, last = text.partition("..")
+    start, end = _period_bound(first, flag, end=False), _period_bound(last or first, flag, end=True)
+    if end <= start:
+        raise UserError(f"{flag}: the period {text!r} ends before it starts")
+    return start, end
+
+
+def parse_datetimes(values: pd.Series) -> pd.Series:
+    """Datetimes from CCT/manifest text (ISO or EXIF ``YYYY:MM:DD``); empty or unreadable → NaT."""
+    text = values.fillna("").astype(str).str.strip().str.replace(_EXIF_DATE, r"\1-\2-\3", regex=True)
+    parsed = pd.to_datetime(text.where(text != ""), errors="coerce", format="mixed")
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_localize(None)
+    return parsed.astype("datetime64[ns]")  # one unit, so the 1 ns steps of the rules are exact
+
+
+def crop_times(frame: pd.DataFrame) -> tuple[pd.Series, dict[str, int]]:
+    """Each crop's moment: its sequence's first time (or its own); counts of filled and missing ones."""
+    if "datetime" not in frame.columns:
+        raise UserError("splits held out in time need datetimes: build with --mode csv from a CCT or crops manifest")
+    own = parse_datetimes(frame["datetime"])
+    sequence = frame["seq_id"].fillna("").astype(str) if "seq_id" in frame.columns else pd.Series("", index=frame.index)
+    group = np.where(sequence != "", frame["dataset"] + "\x1f" + frame["location"] + "\x1f" + sequence, frame.index.astype(str))
+    times = own.groupby(group).transform("min")
+    counts = {"with_datetime": int(own.notna().sum()), "filled_from_sequence": int((own.isna() & times.notna()).sum()),
+              "without_datetime": int(times.isna().sum())}
+    return times, counts
+
+
+def _moments(frame: pd.DataFrame, times: pd.Series) -> pd.DataFrame:
+    """One row per (location, time): its crops, sorted by location then time."""
+    keys = frame["dataset"] + "\x1f" + frame["location"]
+    moments = pd.DataFrame({"location": keys, "time": times}).dropna(subset=["time"])
+    moments = moments.groupby(["location", "time"], sort=True).size().rename("crops").reset_index()
+    moments["total"] = moments.groupby("location")["crops"].transform("sum")
+    return moments
+
+
+def _latest_share(moments: pd.DataFrame, eligible: pd.Series, share: float) -> pd.Series:
+    """Eligible moments whose middle crop lies in the last ``share`` of their location's crops, counted back in time."""
+    crops = moments["crops"].where(eligible, 0)
+    after = crops[::-1].groupby(moments["location"][::-1]).cumsum()[::-1] - crops  # eligible crops later in time
+    return eligible & (after + crops / 2 < share * moments["total"])
+
+
+def _held_out(moments: pd.DataFrame, eligible: pd.Series, last: str | None, period: str | None, share: float,
+              end: pd.Series, flag: str) -> pd.Series:
+    """The moments of one held-out split: a period, the span ``[end − span, end)``, or the latest share."""
+    if period:
+        start, stop = parse_period(period, f"--{flag}-period")
+        return eligible & (moments["time"] >= start) & (moments["time"] < stop)
+    if last:
+        span = parse_duration(last, f"--{flag}-last")
+        return eligible & (moments["time"] >= end - span) & (moments["time"] < end)
+    return _latest_share(moments, eligible, share)
+
+
+def assign_moments(moments: pd.DataFrame, rule: TimeRule) -> np.ndarray:
+    """Split (0, 1, 2) of each moment: test first, then val from what is before test's first moment."""
+    after_last = moments.groupby("location")["time"].transform("max") + pd.Timedelta(1, "ns")
+    everything = pd.Series(True, index=moments.index)
+    test = _held_out(moments, everything, rule.test_last, rule.test_period, rule.test_frac, after_last, "test")
+    test_start = moments["time"].where(test).groupby(moments["location"]).transform("min").fillna(after_last)
+    before_test = moments["time"] < test_start
+    val = _held_out(moments, before_test & ~test, rule.val_last, rule.val_period, rule.val_frac, test_start, "val")
+    split = np.full(len(moments), TRAIN, dtype=np.int8)
+    split[val.to_numpy()] = VAL
+    split[test.to_numpy()] = TEST
+    return split
+
+
+def time_split_of_crops(frame: pd.DataFrame, rule: TimeRule) -> tuple[np.ndarray, pd.Series, dict[str, int]]:
+    """Per crop: its split by time (``NO_SPLIT`` for a crop left out), its moment, and the datetime counts."""
+    rule.check()
+    times, counts = crop_times(frame)
+    if counts["without_datetime"] == len(frame):
+        raise DataError("no crop has a datetime: splits cannot be held out in time (use --split-by location)")
+    moments = _moments(frame, times)
+    moments["split"] = assign_moments(moments, rule)
+    keys = pd.MultiIndex.from_arrays([frame["dataset"] + "\x1f" + frame["location"], times])
+    lookup = moments.set_index(["location", "time"])["split"]
+    split = lookup.reindex(keys).to_numpy()
+    missing = np.isnan(split)
+    split = np.where(missing, NO_SPLIT if rule.missing == "drop" else TRAIN, split).astype(np.int8)
+    if missing.any():
+        action = "left out" if rule.missing == "drop" else "kept in train"
+        log.warning("%d crops have no datetime (nor a sequence with one): %s (--missing-datetimes %s)",
+                    int(missing.sum()), action, rule.missing)
+    counts[f"without_datetime_{'dropped' if rule.missing == 'drop' else 'in_train'}"] = int(missing.sum())
+    return split, times, counts
+
+
+def _days(delta: pd.Series | pd.Timedelta) -> float:
+    """A time difference in days, rounded for the report."""
+    return round(pd.Timedelta(delta).total_seconds() / 86_400, 5)  # ~1 s resolution: a gap of seconds shows
+
+
+def _pair_report(locations: pd.Series, times: pd.Series, split: np.ndarray, first: int, second: int) -> dict:
+    """How far ``first`` and ``second`` are apart in time at the locations holding both."""
+    a = pd.DataFrame({"location": locations[split == first], "time": times[split == first]}).dropna()
+    b = pd.DataFrame({"location": locations[split == second], "time": times[split == second]}).dropna()
+    shared = sorted(set(a["location"]) & set(b["location"]))
+    if not shared:
+        return {"locations_in_both": 0}
+    a, b = a[a["location"].isin(shared)], b[b["location"].isin(shared)]
+    span = b.groupby("location")["time"].agg(["min", "max"])
+    inside = (a["time"] >= a["location"].map(span["min"])) & (a["time"] <= a["location"].map(span["max"]))
+    nearest = pd.merge_asof(b.sort_values("time"), a.sort_values("time").rename(columns={"time": "other"}),
+                            left_on="time", right_on="other", by="location", direction="nearest")
+    gaps = (nearest["time"] - nearest["other"]).abs().groupby(nearest["location"]).min()
+    return {
+        "locations_in_both": len(shared),
+        "locations_overlapping": int(a.loc[inside, "location"].nunique()),
+        "min_gap_days": _days(gaps.min()),
+        "median_gap_days": _days(gaps.median()),
+    }
+
+
+def time_report(locations: pd.Series, times: pd.Series, split: np.ndarray, counts: dict[str, int]) -> dict:
+    """The report's ``time`` section: each split's period and how far the splits are apart at shared locations.
+
+    ``locations_overlapping`` counts locations where a crop of the first split lies within the
+    second split's time span there (0 for a clean time-held-out split); gaps are between the
+    closest crops of the two splits at one location.
+    """
+    locations, times = locations.reset_index(drop=True), times.reset_index(drop=True)
+    periods = {}
+    for s, name in enumerate(SPLIT_NAMES):
+        held = times[split == s].dropna()
+        periods[name] = {"first": str(held.min()) if len(held) else None, "last": str(held.max()) if len(held) else None}
+    pairs = {f"{SPLIT_NAMES[a]}/{SPLIT_NAMES[b]}": _pair_report(locations, times, split, a, b)
+             for a, b in ((TRAIN, TEST), (TRAIN, VAL), (VAL, TEST))}
+    kept = split != NO_SPLIT
+    splits_per_location = pd.Series(split[kept]).groupby(locations[kept].to_numpy()).agg(["nunique", "first"])
+    whole = splits_per_location[splits_per_location["nunique"] == 1]["first"].value_counts()
+    return {"datetimes": counts, "periods": periods, "apart": pairs,
+            "whole_locations": {name: int(whole.get(s, 0)) for s, name in enumerate(SPLIT_NAMES)}}
+
+
+def time_warnings(report: dict, cut_locations: bool) -> list[str]:
+    """Warnings for the split report: splits that overlap in time at a location, crops without a time, and
+    (when ``cut_locations``, i.e. ``--split-by time``) locations held out whole because their record is short."""
+    warnings = [f"{pair}: {row['locations_overlapping']} location(s) where they overlap in time"
+                for pair, row in report["apart"].items() if row.get("locations_overlapping")]
+    for name in ("val", "test") if cut_locations else ():
+        if report["whole_locations"][name]:
+            warnings.append(f"{report['whole_locations'][name]} location(s) entirely in {name}: their record"
+                            " is shorter than the held-out span, or lies in the held-out period")
+    counts = report["datetimes"]
+    if counts.get("without_datetime"):
+        action = "left out" if "without_datetime_dropped" in counts else "kept in train"
+        warnings.append(f"{counts['without_datetime']} crop(s) without a datetime: {action}")
+    return warnings
