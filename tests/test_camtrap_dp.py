@@ -246,3 +246,18 @@ def test_predictions_of_no_medium_are_refused(example: Path, tmp_path: Path) -> 
     result = run_in_process("classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", example,
                             "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "no prediction is of a medium" in result.stderr
+
+
+def test_predictions_on_whole_images_are_matched_by_file_name(example: Path, tmp_path: Path) -> None:
+    local = sorted(p.relative_to(example).as_posix() for p in (example / "media").glob("*.JPG"))
+    run = tmp_path / "predictions"
+    run.mkdir()
+    rows = [{"path": path, "dataset": "example", "location": "", "true_label": "", "true_prob": "", "pred_label": "blank",
+             "confidence": 0.6, "top1_label": "blank", "top1_prob": 0.6} for path in local]
+    pd.DataFrame(rows, columns=prediction_columns(1)).to_csv(run / "predictions.csv", index=False)
+    (run / "prediction_info.json").write_text(json.dumps({"images_root": str(example), "architecture": "resnet18"}))
+    report = export_predictions(run / "predictions.csv", example, tmp_path / "out", timestamp=TIMESTAMP)
+    assert report.problems == [] and report.media_observations == 10 and report.event_observations == 1
+    observations = pd.read_csv(tmp_path / "out" / "observations.csv", dtype=str, keep_default_na=False)
+    assert set(observations["observationType"]) == {"blank"} and set(observations["bboxX"]) == {""}
+    assert set(observations["count"]) == {""} and set(observations["scientificName"]) == {""}

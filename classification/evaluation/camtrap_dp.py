@@ -9,7 +9,8 @@ types), ``classificationMethod`` machine, ``classifiedBy`` the model and run,
 ``classificationProbability`` the prediction's confidence. Each event (``eventID``) with
 predictions also gets one event-level observation per class that is some crop's top-1: its
 probability is the mean of that class's probability over the event's crops (0 where it is
-not in a crop's top-k), its count the most crops of that class in any one image of the event.
+not in a crop's top-k), its count the most crops of that class in any one image of the event
+(none for predictions on whole images).
 Deployments and media are the source package's (local media files are hard-linked, else
 copied, so relative ``filePath`` values stay valid); ``datapackage.json`` keeps the source's
 metadata with a new ``created``, ``title``, ``observationLevel`` and ``taxonomic`` coverage.
@@ -214,6 +215,7 @@ def event_observation_rows(matched: list[MatchedPrediction], media: dict[str, di
     for event_id, predictions in by_event.items():
         start, end = event_span(members[event_id], media, times)
         labels = list(dict.fromkeys(p.label for p in predictions))
+        counted = all(p.is_crop for p in predictions)  # one crop is one individual; a whole image's count is not known
         for number_in_event, label in enumerate(labels, start=1):
             probability = sum(p.probabilities.get(label, 0.0) for p in predictions) / len(predictions)
             per_image: dict[str, int] = defaultdict(int)
@@ -221,7 +223,7 @@ def event_observation_rows(matched: list[MatchedPrediction], media: dict[str, di
                 per_image[p.media_id] += p.label == label
             row = {"observationID": f"{event_id}_machine{number_in_event}", "deploymentID": media[predictions[0].media_id]["deploymentID"],
                    "eventID": event_id, "eventStart": start, "eventEnd": end, "observationLevel": "event",
-                   "count": str(max(per_image.values())) if label.lower() not in TYPE_OF_CLASS else ""}
+                   "count": str(max(per_image.values())) if counted and label.lower() not in TYPE_OF_CLASS else ""}
             row.update(classification(label, probability, classified_by, timestamp))
             rows.append(row)
     return rows
