@@ -261,3 +261,13 @@ def test_predictions_on_whole_images_are_matched_by_file_name(example: Path, tmp
     observations = pd.read_csv(tmp_path / "out" / "observations.csv", dtype=str, keep_default_na=False)
     assert set(observations["observationType"]) == {"blank"} and set(observations["bboxX"]) == {""}
     assert set(observations["count"]) == {""} and set(observations["scientificName"]) == {""}
+
+
+def test_the_source_package_is_never_overwritten(example: Path, tmp_path: Path) -> None:
+    predictions = fake_predictions(crops_of_example(example, tmp_path), tmp_path / "predictions")
+    package = copy_tables(example, tmp_path / "package")
+    before = (package / "observations.csv").read_bytes()
+    result = run_in_process("classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", package,
+                            "--output-dir", package)
+    assert result.returncode == 2 and "is the source package" in result.stderr
+    assert (package / "observations.csv").read_bytes() == before

@@ -37,7 +37,7 @@ from classification.data.camtrap_dp import (
 )
 from classification.data.camtrap_dp_schema import PROFILE_URL, TABLES, column_names, resource_descriptor, validate_camtrap_dp
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
-from classification.errors import DataError
+from classification.errors import DataError, UserError
 from classification.evaluation.report import read_predictions, topk_of
 from classification.io import copy_file_atomic, link_atomic, read_json, write_csv_atomic, write_json_atomic
 
@@ -284,6 +284,8 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     predictions_path, output_dir = Path(predictions_path), Path(output_dir)
     predictions = read_predictions(predictions_path)
     package = read_package(package_path)
+    if output_dir.resolve() == package.root.resolve():
+        raise UserError(f"--output-dir {output_dir}: is the source package; its observations.csv would be replaced (choose another folder)")
     info = prediction_info(predictions_path)
     classified_by = classified_by or default_classified_by(info)
     timestamp = timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
