@@ -128,6 +128,8 @@ def test_amp_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
     assert fast.outputs[PROBABILITIES].dtype == np.float32
     np.testing.assert_allclose(fast.outputs[PROBABILITIES], plain.outputs[PROBABILITIES], atol=0.05)
     assert inference_options(tiny_config(tmp_path, amp="bf16", channels_last="on"), CPU) == InferenceOptions(CPU, None, True)
+    model.train()(torch.zeros(2, 3, 32, 32)).sum().backward()  # converted outside inference_mode: still trainable
+    assert convolution.grad is not None
 
 
 class Interrupt(Exception):
