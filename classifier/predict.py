@@ -19,6 +19,7 @@ from pathlib import Path
 
 from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
 from classification.evaluation.predict import run_prediction
+from classification.evaluation.review_page import write_review_page
 
 
 def build_parser() -> ArgumentParser:
@@ -37,6 +38,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="default: the config's batch_size")
     parser.add_argument("--topk", type=int, default=3, help="top-k labels and probabilities per image")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's device)")
+    parser.add_argument("--review-page", action="store_true",
+                        help="also write review.html (classifier/review_page.py) of the answers: postprocessed.csv when the "
+                             "config post-processes, else predictions.csv")
     add_dask_arguments(parser, unit="images")
     return parser
 
@@ -49,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(result.predictions)} predictions in {result.output_dir}"
           + (f" (top-1 {result.metrics['top1']:.4f})" if result.metrics else "")
           + (f"; {len(result.skipped)} unreadable images listed in skipped.csv" if result.skipped else ""))
+    if args.review_page:
+        table = result.postprocess.paths["table"] if result.postprocess is not None else result.predictions_path
+        print(f"review page: {write_review_page(table)}")
     return 0
 
 

@@ -17,6 +17,8 @@ import pytest
 from classification.evaluation.report import prediction_columns
 from classification.evaluation.review_page import PageOptions, write_review_page
 from tests.conftest import run_entry_point, run_in_process
+from tests.test_predict import TrainedRun, trained  # noqa: F401 (the fixture: a tiny model trained once per module)
+from tests.test_train import train_env
 
 HOSTILE = '<script>alert("x")</script> & \'quotes\''  # a class name from the data that must stay text
 ODD_NAME = "odd name #1 ü.jpg"  # a crop whose file name needs percent-encoding in a URL
@@ -169,6 +171,20 @@ def test_the_entry_point(run: Run) -> None:
     assert (run.predictions.parent / "review.html").is_file()
     result = run_in_process("classifier/review_page.py", "--predictions", run.predictions.parent / "nope.csv")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nope.csv: file not found" in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_writes_the_page_of_a_real_run(request: pytest.FixtureRequest) -> None:
+    """classifier/predict.py --review-page on a tiny model trained by classifier/train.py on the demo pipeline's crops."""
+    real: TrainedRun = request.getfixturevalue("trained")
+    result = run_in_process("classifier/predict.py", "--config", real.config, "--checkpoint", "best", "--split", "val",
+                            "--review-page", env=train_env())
+    assert result.returncode == 0, result.stderr
+    page_path = real.run_dir / "predictions" / "val_best" / "review.html"
+    assert f"review page: {page_path}" in result.stdout
+    page = parse(page_path.read_text(encoding="utf-8"))
+    assert page.images and all(target_of(src, page_path).is_file() for src in page.images)
+    assert "sequence: " in " ".join(page.text)  # the demo's sequences, from its crops manifest
 
 
 # ---------------------------------------------------------------- a real browser
