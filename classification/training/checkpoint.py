@@ -56,7 +56,9 @@ def checkpoints_dir(run_dir: Path) -> Path:
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy (legacy global) and torch CPU/CUDA random states, as tensors and plain values."""
     version, mt_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # legacy=True: the MT19937 tuple, never the dict
+    kind, keys, position, has_gauss, cached = numpy_state
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,15 @@ from classification.training.checkpoint import (
     repair_best,
     restore_rng_state,
 )
-from classification.training.data import SkippedImages, build_loader, build_samples, load_label_index, set_loader_epoch
+from classification.training.data import (
+    CropDataset,
+    EpochSampler,
+    SkippedImages,
+    build_loader,
+    build_samples,
+    load_label_index,
+    set_loader_epoch,
+)
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
@@ -138,7 +146,8 @@ def load_run_data(config: ExperimentConfig, context: DistributedContext, config_
     return RunData(
         label_index=label_index, train_loader=train_loader, val_loader=val_loader,
         train_labels=[sample.label for sample in train_samples],
-        train_skipped=SkippedImages(train_loader.dataset), val_skipped=SkippedImages(val_loader.dataset),
+        train_skipped=SkippedImages(cast(CropDataset, train_loader.dataset)),
+        val_skipped=SkippedImages(cast(CropDataset, val_loader.dataset)),
     )
 
 
@@ -250,8 +259,8 @@ def record_start(loop: TrainingLoop, options: TrainOptions, resume_from: Path | 
         "resumed_from": str(resume_from) if resume_from else None, "starts_at": start,
         "world_size": context.world_size, "device": str(device)})
     log.info("%s: %s, %d classes, %d train / %d val images, %s%s, starting at %s", loop.run_dir.name,
-             loop.config.architecture, len(data.label_index), len(data.train_loader.dataset),
-             len(data.val_loader.dataset), device, f" x {context.world_size}" if context.distributed else "", start)
+             loop.config.architecture, len(data.label_index), len(cast(CropDataset, data.train_loader.dataset)),
+             len(cast(CropDataset, data.val_loader.dataset)), device, f" x {context.world_size}" if context.distributed else "", start)
 
 
 def run_with_hooks(loop: TrainingLoop, rng_state: Mapping[str, Any] | None) -> TrainResult:
@@ -317,7 +326,8 @@ def start_epoch(loop: TrainingLoop, epoch: int) -> MetricAccumulator:
         loop.backbone_frozen = frozen
         set_frozen_backbone(loop.trainer, frozen)
     loader = loop.data.train_loader
-    set_loader_epoch(loader, epoch, min(progress.batch_in_epoch * config.batch_size, loader.sampler.rank_size()))
+    rank_size = cast(EpochSampler, loader.sampler).rank_size()
+    set_loader_epoch(loader, epoch, min(progress.batch_in_epoch * config.batch_size, rank_size))
     metrics = MetricAccumulator(len(loop.data.label_index))
     if progress.partial_train_metrics is not None and loop.trainer.context.is_main:
         metrics.load_state_tensor(progress.partial_train_metrics)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from classification.training.data import load_image
+from classification.training.data import CropDataset, load_image
 from classification.training.trainer import Trainer
 
 TILE = 128  # side of one sample-prediction tile, in pixels
@@ -19,7 +20,7 @@ TILE = 128  # side of one sample-prediction tile, in pixels
 
 def sample_prediction_grid(trainer: Trainer, loader: DataLoader, count: int, label_names: Mapping[int, str]) -> Image.Image | None:
     """A grid of ``count`` evenly spaced validation images captioned ``true -> predicted (confidence)``."""
-    dataset = loader.dataset
+    dataset = cast(CropDataset, loader.dataset)  # build_loader's
     if count <= 0 or len(dataset) == 0:
         return None
     indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})

@@ -41,5 +41,5 @@ class StopRequest:
         try:
             yield self
         finally:
-            for signum, handler in self.previous.items():
-                signal.signal(signum, handler)
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
