@@ -44,7 +44,9 @@ from classification.evaluation.report import evaluate_predictions, prediction_co
 from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
+from classification.shards import NO_DASK, SHARDS_DIR, DaskOptions, remove_shard_files
 from classification.training.inference import TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
+from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards, whole_batches
 from classification.runtime import DistributedContext, select_device
 from classification.training.models import build_model
 
@@ -127,6 +129,11 @@ def load_trained_model(path: Path, config: ExperimentConfig) -> TrainedModel:
     epoch = checkpoint.get("epoch")
     return TrainedModel(model.eval(), label_names, path, architecture, image_size,
                         int(epoch) if epoch is not None else None, weights, inputs)
+
+
+def trained_network(path: Path, config: ExperimentConfig) -> nn.Module:
+    """The network of a checkpoint (``load_trained_model``), as a Dask worker builds it for its shards."""
+    return load_trained_model(path, config).model
 
 
 def check_label_index(dataset_index: dict[int, str], label_names: Sequence[str], where: Path, checkpoint: Path) -> None:
@@ -219,12 +226,20 @@ class Scores:
 
 
 def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
-                  topk: int) -> Scores:
+                  topk: int, dask: DaskOptions = NO_DASK, shard_folder: Path | None = None) -> Scores:
     """Top-k softmax probabilities of every readable sample, batched, with eval transforms, through the one
-    inference path (the config's AMP and channels_last); unreadable ones listed."""
+    inference path (the config's AMP and channels_last); unreadable ones listed. With ``dask`` enabled, as shards
+    of whole batches on Dask (shard files in ``shard_folder``): the same numbers, see ``training.inference_shards``."""
     k = min(topk, len(model.label_names))
-    loader = build_loader(model.config_for(config), samples, train=False)
-    result = run_inference(model.model, loader, top_k_probabilities(k), TOP_K_OUTPUTS, inference_options(config, device), "predict")
+    if dask.enabled:
+        source = ModelSource(trained_network, (model.checkpoint, config), file_identity(model.checkpoint))
+        result = run_inference_shards(source, samples, model.config_for(config), top_k_probabilities(k), TOP_K_OUTPUTS,
+                                      shard_folder or Path(SHARDS_DIR), dask, whole_batches(dask.shard_size, config.batch_size),
+                                      "predict")
+    else:
+        loader = build_loader(model.config_for(config), samples, train=False)
+        result = run_inference(model.model, loader, top_k_probabilities(k), TOP_K_OUTPUTS, inference_options(config, device),
+                               "predict")
     if not len(result):
         return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), result.skipped, result.images_per_second)
     outputs = result.outputs
@@ -346,10 +361,13 @@ def run_prediction(
     device: str | None = None,
     crops_dir: Path | None = None,
     run_dir: Path | None = None,
+    dask: DaskOptions = NO_DASK,
 ) -> PredictionResult:
-    """Predict one input with one checkpoint and write the outputs (see the module docstring)."""
+    """Predict one input with one checkpoint and write the outputs (see the module docstring); on Dask as shards
+    when ``dask`` asks for it (``classification.shards``), with the same outputs."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
+    dask.validate()
     config, run_dir = resolve_config(config_path_or_config, run_dir)
     config = with_overrides(config, batch_size=batch_size, device=device)
     checkpoint_path = resolve_checkpoint(run_dir, checkpoint)
@@ -357,7 +375,7 @@ def run_prediction(
     source = build_input(config, model, split, images_dir, cct, megadetector, crops_dir)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "predictions" / f"{source.name}_{checkpoint_path.stem}"
     torch_device = select_device(config.device, DistributedContext())
-    scores = score_samples(model, source.samples, config, torch_device, topk)
+    scores = score_samples(model, source.samples, config, torch_device, topk, dask, output_dir / SHARDS_DIR)
     predictions = predictions_table(source, scores, model.label_names)  # the raw predictions: complete from here on
     skipped = skipped_table(source, scores.skipped)
     log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
@@ -380,6 +398,7 @@ def run_prediction(
                              megadetector=source.megadetector, classifier=f"{model.architecture} {checkpoint_path}")
     post = run_postprocess(config.postprocess, model.label_names, predictions,
                            probabilities_from_topk(predictions, model.label_names), output_dir, where)
+    remove_shard_files(output_dir / SHARDS_DIR)  # predictions.csv holds their rows now
     log.info("predictions: %s", predictions_path)
     return PredictionResult(output_dir, predictions_path, predictions, skipped["path"].tolist(), metrics,
                             scores.images_per_second, md_output, post)
