@@ -53,14 +53,20 @@ class DemoLocation:
     horizon: float
 
 
+def random_colour(rng: np.random.Generator, low: int, high: int) -> tuple[int, int, int]:
+    """An RGB colour with each channel drawn from [low, high)."""
+    red, green, blue = (int(v) for v in rng.integers(low, high, size=3))
+    return red, green, blue
+
+
 def demo_locations(rng: np.random.Generator, n_locations: int) -> list[DemoLocation]:
     """Cameras with distinct backgrounds, each visited by 2-3 classes (as in real data)."""
     names = [c.name for c in DEMO_CLASSES]
     locations = []
     for k in range(n_locations):
         visiting = tuple(sorted(rng.choice(names, size=int(rng.integers(2, 4)), replace=False).tolist()))
-        ground = tuple(int(v) for v in rng.integers(60, 160, size=3))
-        sky = tuple(int(v) for v in rng.integers(150, 230, size=3))
+        ground = random_colour(rng, 60, 160)
+        sky = random_colour(rng, 150, 230)
         locations.append(DemoLocation(f"Site {k + 1:02d}", visiting, ground, sky, float(rng.uniform(0.25, 0.5))))
     # One camera whose station name was never recorded: its sequences test the missing-location rule.
     locations.append(DemoLocation(None, tuple(names[:2]), (90, 110, 70), (190, 200, 210), 0.35))

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.sax.saxutils import quoteattr
 
@@ -183,13 +183,17 @@ def _row_choices(row: Mapping[str, Any], choice_name: str) -> list[tuple[str | N
 ANNOTATION_FIELDS = ("annotator", "annotation_id", "lead_time", "created_at", "updated_at")
 
 
+def _list_field(mapping: Mapping[str, Any], name: str) -> list[Any]:
+    """``mapping[name]`` when it is a list, else an empty list."""
+    value = mapping.get(name)
+    return value if isinstance(value, list) else []
+
+
 def result_names(rows: Sequence[Any]) -> set[str]:
     """The ``from_name`` of every annotation result in full ``JSON`` export rows."""
     return {str(result.get("from_name")) for row in rows if isinstance(row, Mapping)
-            for annotation in (row.get("annotations") if isinstance(row.get("annotations"), list) else [])
-            if isinstance(annotation, Mapping)
-            for result in (annotation.get("result") if isinstance(annotation.get("result"), list) else [])
-            if isinstance(result, Mapping)}
+            for annotation in _list_field(row, "annotations") if isinstance(annotation, Mapping)
+            for result in _list_field(annotation, "result") if isinstance(result, Mapping)}
 
 
 def check_choice_field(rows: Sequence[Any], choice_name: str, where: str) -> None:
@@ -368,6 +372,8 @@ class LabelStudioClient:
         config = labelling_config(label_names)
         with self._calling("create project"):
             project = self._sdk.projects.create(title=title, label_config=config)
+        if project.id is None:
+            raise UserError(f"Label Studio created project {title!r} without an id")
         if image_folder is not None:
             self.add_local_storage(int(project.id), image_folder)
         return int(project.id)
@@ -382,10 +388,11 @@ class LabelStudioClient:
     def import_tasks(self, project_id: int, tasks: Sequence[Mapping[str, Any]]) -> list[int]:
         """Add tasks (see ``build_tasks``) to a project; returns their task ids."""
         with self._calling(f"project {project_id}: import {len(tasks)} tasks"):
-            response = self._sdk.projects.import_tasks(
-                project_id, request=[dict(task) for task in tasks], return_task_ids=True
+            response = self._sdk.projects.import_tasks(  # the SDK validates plain task dicts into its request model
+                project_id, request=cast(Any, [dict(task) for task in tasks]), return_task_ids=True
             )
-        return [int(task_id) for task_id in response.task_ids or []]
+        task_ids = getattr(response, "task_ids", None) or []  # an extra field, sent because of return_task_ids
+        return [int(task_id) for task_id in task_ids]
 
     def export_json_min(self, project_id: int) -> list[dict[str, Any]]:
         """The project's ``JSON_MIN`` export, all tasks included (one row per annotation)."""

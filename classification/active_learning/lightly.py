@@ -109,8 +109,8 @@ def write_embeddings_csv(
     path: str | Path,
     file_names: Sequence[str],
     embeddings: Any,
-    labels: Sequence[int] | None = None,
-    al_scores: Sequence[float] | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+    al_scores: Sequence[float] | np.ndarray | None = None,
 ) -> None:
     """Write Lightly's ``embeddings.csv`` atomically (labels default to 0; ``al_score`` column when given)."""
     vectors = np.asarray(embeddings, dtype=np.float64)

@@ -468,7 +468,7 @@ def dataset_rows(config: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, list
     rows, splits = [], {}
     for split in available_splits(config):
         samples = build_samples(config, split)
-        keys = {}
+        keys: dict[tuple[str, str], None] = {}
         for sample in samples:
             key = (sample.dataset, sample.location) if from_folder else (sample.dataset, split)
             keys[key] = None

@@ -41,13 +41,13 @@ class CarvedPool:
     pooled: int
 
 
-def stratified_mask(labels: Sequence[Any], fraction: float, seed: int) -> np.ndarray:
+def stratified_mask(labels: Sequence[Any] | np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded ``fraction`` of each label's items (at least one of each label), as a boolean mask."""
-    labels = np.asarray(labels)
+    values = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    chosen = np.zeros(len(labels), dtype=bool)
-    for label in sorted(set(labels.tolist())):
-        members = np.flatnonzero(labels == label)
+    chosen = np.zeros(len(values), dtype=bool)
+    for label in sorted(set(values.tolist())):
+        members = np.flatnonzero(values == label)
         count = max(1, int(round(fraction * len(members))))
         chosen[rng.choice(members, size=min(count, len(members)), replace=False)] = True
     return chosen

@@ -564,8 +564,9 @@ def crop_record(request: ImageRequest, crop: CropRequest, crop_path: str, size: 
         box = [_number(v) for v in pixel_box(crop.bbox, request, size)]
     else:
         box = [""] * 4 if request.normalized else [_number(v) for v in crop.bbox]
+    x, y, w, h = box
     return CropRecord(
-        crop_path, request.image_id, crop.annotation_id, request.file_name, *box,
+        crop_path, request.image_id, crop.annotation_id, request.file_name, x, y, w, h,
         request.dataset, request.location, request.seq_id, request.datetime, crop.label,
         "" if crop.confidence is None else str(crop.confidence), strategy,
     )
@@ -756,7 +757,7 @@ def check_same_strategy(manifest: Path, strategy: str) -> None:
     if not manifest.is_file():
         return
     with open(manifest, encoding="utf-8", newline="") as handle:
-        found = {row.get("crop_strategy") for row in csv.DictReader(handle)} - {strategy, None, ""}
+        found = {value for row in csv.DictReader(handle) if (value := row.get("crop_strategy")) and value != strategy}
     if found:
         raise UserError(
             f"{manifest.parent} holds crops made with --crop-strategy {', '.join(sorted(found))} (see {manifest.name});"
@@ -819,7 +820,7 @@ def crop_detections(input_json: Path, crops_dir: Path, images_dir: Path, options
     remove_shard_files(crops_dir / SHARDS_DIR)  # the manifest lists their crops: a re-run skips by it
     report.seconds = time.perf_counter() - started
     if options.logdir is not None:
-        arguments = {"input_json": str(input_json), "crops_dir": str(crops_dir), "images_dir": str(images_dir)}
+        arguments: dict[str, object] = {"input_json": str(input_json), "crops_dir": str(crops_dir), "images_dir": str(images_dir)}
         arguments.update({f.name: _jsonable(getattr(options, f.name)) for f in fields(options)})
         report.log_file = write_run_log(report, options.logdir, arguments)
     return report

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -121,7 +121,8 @@ def build_torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Modul
 
 def record_timm_head(model: nn.Module) -> nn.Module:
     """Note the name of a timm model's classification head (from its pretrained config, else the last Linear)."""
-    head_name = model.pretrained_cfg.get("classifier")
+    pretrained_cfg: Mapping[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    head_name = pretrained_cfg.get("classifier")
     if not isinstance(head_name, str) or not isinstance(model.get_submodule(head_name), nn.Linear):
         head_name = last_linear_name(model)
     setattr(model, HEAD_ATTRIBUTE, head_name)
@@ -151,7 +152,7 @@ def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     trip (offline, huggingface_hub would otherwise retry for half a minute first).
     """
     cached = cached_timm_file(name) if pretrained else None
-    overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    overlay: dict[str, Any] = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overlay)
     except Exception as error:
@@ -164,7 +165,7 @@ def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
 def build_timm_packaged(name: str, num_classes: int) -> nn.Module:
     """A timm model with the packaged ImageNet weights (offline) and a fresh head for ``num_classes``
     (the ImageNet head itself for 1000 classes)."""
-    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    model: Any = timm.create_model(name, pretrained=False, num_classes=1000)  # a timm model: reset_classifier
     model.load_state_dict(packaged_state_dict(name, model.state_dict()))
     if num_classes != 1000:
         model.reset_classifier(num_classes)
@@ -205,12 +206,19 @@ def input_spec(architecture: str, pretrained_source: str = "library") -> InputSp
         except ValueError:  # no weights for this model
             return InputSpec(224)
         size = preset.crop_size[0] if isinstance(preset.crop_size, (list, tuple)) else int(preset.crop_size)
-        return InputSpec(int(size), tuple(preset.mean), tuple(preset.std), preset.interpolation.value)
+        return InputSpec(int(size), three_floats(preset.mean), three_floats(preset.std), preset.interpolation.value)
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None:
         return InputSpec(224)
     interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic", "nearest") else "bicubic"
-    return InputSpec(int(cfg.input_size[-1]), tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD), interpolation)
+    return InputSpec(int(cfg.input_size[-1]), three_floats(cfg.mean or IMAGENET_MEAN), three_floats(cfg.std or IMAGENET_STD),
+                     interpolation)
+
+
+def three_floats(values: Any) -> tuple[float, float, float]:
+    """Per-channel statistics (a sequence of three numbers) as a tuple of three floats."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 def head_name(model: nn.Module) -> str:
@@ -220,8 +228,8 @@ def head_name(model: nn.Module) -> str:
 
 
 def head_module(model: nn.Module) -> nn.Linear:
-    """The classification head."""
-    return model.get_submodule(head_name(model))
+    """The classification head (a Linear: ``build_model`` records only those)."""
+    return cast(nn.Linear, model.get_submodule(head_name(model)))
 
 
 INPUT_KEYS = ("image_size", "mean", "std", "interpolation")
@@ -367,7 +375,8 @@ def is_timm_model(model: nn.Module) -> bool:
 def forward_features(model: nn.Module, x: Tensor) -> Tensor:
     """Penultimate features ``(B, embedding_dim)``: what the head sees (for embeddings, active learning)."""
     if is_timm_model(model):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
+        timm_model: Any = model  # forward_features and forward_head are timm's
+        return timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
     captured: list[Tensor] = []
     handle = head_module(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:

