@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from classification.errors import DataError
 from classification.training.metrics import accumulate_probabilities
 
-MIN_SUPPORT = 5  # val predictions of a class below which it takes the pooled threshold
+MIN_SUPPORT = 20  # val predictions of a class below which it takes the pooled threshold (5 overfitted on MCT: see README)
 LOG_T_BOUNDS = (-3.0, 3.0)  # T between e^-3 and e^3
 EPSILON = 1e-12
 
