@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from classification.config import ExperimentConfig, PostprocessConfig, config_hash, load_config
 from classification.data.cct import load_cct
@@ -23,6 +24,7 @@ from classification.evaluation import calibration as cal
 from classification.evaluation.postprocess import (
     PostprocessInput,
     group_mean,
+    group_vote,
     prediction_context,
     probabilities_from_topk,
     run_postprocess,
@@ -161,6 +163,16 @@ def test_image_smoothing_gives_unconfident_minority_detections_the_dominant_clas
     smoothed, changed = smooth_images(probabilities, images, confident=0.9)
     assert changed == 1  # the unconfident deer; the confident one (0.98) stays a deer; image b is alone
     assert smoothed.argmax(1).tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_vote_and_detection_weights() -> None:
+    probabilities = np.array([[0.6, 0.4], [0.55, 0.45], [0.0, 1.0], [0.7, 0.3]])
+    keys = np.array(["s", "s", "s", "t"])
+    voted = group_vote(probabilities, keys, np.ones(4))
+    assert voted.argmax(1).tolist() == [0, 0, 0, 0] and voted[0, 0] == pytest.approx(2 / 3, abs=1e-5)  # 2 votes of 3
+    assert group_mean(probabilities, keys, np.ones(4)).argmax(1).tolist() == [1, 1, 1, 0]  # the sure one outweighs two unsure
+    weighted = group_mean(probabilities, keys, np.array([0.9, 0.9, 0.1, 1.0]))  # ... unless the detector barely saw it
+    assert weighted.argmax(1).tolist() == [0, 0, 0, 0]
 
 
 # ---------------------------------------------------------------- calibration and abstention
@@ -382,3 +394,26 @@ def test_predict_writes_raw_and_postprocessed_answers_side_by_side(trained: Trai
     notebook = run_notebook("evaluate_results.ipynb")
     text = outputs_text(cell(notebook, "postprocess"))
     assert "calibrated" in text and "sequence" in text
+
+
+@pytest.mark.slow
+def test_predict_megadetector_input_with_taxonomy_writes_descriptions_and_image_answers(
+        trained: TrainedRun, md_crops: tuple[Path, Path], tmp_path: Path) -> None:
+    md_path, crops = md_crops
+    settings = yaml.safe_load(trained.config.read_text())
+    (trained.run_dir / "taxonomy_demo.csv").write_text("label,genus,family,order,class\nbird,,,,aves\n"
+                                                       "deer,,cervidae,artiodactyla,mammalia\nrabbit,,leporidae,lagomorpha,mammalia\n"
+                                                       "wild_boar,sus,suidae,artiodactyla,mammalia\n")
+    settings["postprocess"] = {"taxonomy": "taxonomy_demo.csv", "image_smoothing": True, "rollup_threshold": 0.7}
+    config = trained.run_dir / "config_md.yml"
+    config.write_text(yaml.safe_dump(settings))
+    result = predict_here("--config", config, "--checkpoint", "last", "--megadetector", md_path, "--crops-dir", crops,
+                          "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    raw = json.loads((tmp_path / "out" / "md_v5a_output_classified.json").read_text())
+    assert raw["classification_category_descriptions"]["1"].split(";")[1:] == ["mammalia", "artiodactyla", "cervidae", "", "", "deer"]
+    post = json.loads((tmp_path / "out" / "md_v5a_output_postprocessed.json").read_text())
+    assert set(post["classification_category_descriptions"]) == set(post["classification_categories"])
+    images = pd.read_csv(tmp_path / "out" / "image_answers.csv", keep_default_na=False)
+    assert len(images) == 31 and (images["answer"] == "blank").sum() == 14
+    assert not (trained.run_dir / "postprocess" / "last.json").exists()  # nothing to fit without calibrate/abstain
