@@ -477,6 +477,9 @@ def run_postprocess(config: PostprocessConfig, label_names: list[str], predictio
     if not is_enabled(config):
         return None
     label_names = list(label_names)
+    if topk_of(predictions) < len(label_names):
+        log.info("postprocess: from the top-%d of %d probabilities per crop (the rest spread evenly); --topk %d makes them exact",
+                 topk_of(predictions), len(label_names), len(label_names))
     if config.unknown_label in label_names:
         raise DataError(f"postprocess.unknown_label: {config.unknown_label!r} is one of the model's classes: choose another name")
     taxonomy = read_taxonomy(config.taxonomy, label_names) if config.taxonomy is not None else None
