@@ -356,6 +356,25 @@ def test_move_deltas_equal_a_rescore(n_locations: int, n_labels: int, seed: int)
                 assert deltas[k] == pytest.approx(naive_score(problem, moved, fractions) - before, abs=1e-9)
 
 
+@pytest.mark.parametrize("fractions", [FRACTIONS, np.array([0.8, 0.2, 0.0])])
+def test_swap_changes_equal_a_rescore(fractions: np.ndarray) -> None:
+    problem = make_problem(30, 6, 4)
+    assignment = np.random.default_rng(4).integers(0, 2, size=30).astype(np.int8)
+    assignment[:3] = TEST if fractions[TEST] else VAL
+    terms = splits_module._ScoreTerms(problem, fractions)
+    scorer = splits_module._MoveScorer(splits_module._Stats(problem, terms), assignment)
+    deltas = {t: scorer.move_deltas(t) for t in (TRAIN, VAL, TEST)}
+    before = naive_score(problem, assignment, fractions)
+    for first, second in ((TRAIN, VAL), (TRAIN, TEST), (VAL, TEST)):
+        left, right = np.flatnonzero(assignment == first), np.flatnonzero(assignment == second)
+        change = splits_module._swap_changes(problem, scorer, (first, left, deltas[second]), (second, right, deltas[first]))
+        for a, k in enumerate(left):
+            for b, j in enumerate(right):
+                swapped = assignment.copy()
+                swapped[k], swapped[j] = second, first
+                assert change[a, b] == pytest.approx(naive_score(problem, swapped, fractions) - before, abs=1e-9)
+
+
 def test_improve_locally_at_a_few_thousand_locations_beats_the_search() -> None:
     problem = make_problem(3000, 60, 21)
     searched = random_search(problem, FRACTIONS, n_candidates=500, seed=0)

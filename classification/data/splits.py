@@ -45,7 +45,7 @@ FRACTION_TOLERANCE = 0.05  # a split whose crop fraction is further than this fr
 IMPROVEMENT_TOLERANCE = 1e-12  # a move must lower the score by more than this (no float-noise cycling)
 _CHUNK_ELEMENTS = 1 << 22  # candidates x locations scored at once: bounds memory to a few tens of MB
 _FLOAT32_EXACT = 1 << 24  # integers below this are exact in float32: label totals under it are summed in float32
-_SWAP_CANDIDATES = 32  # per side of a split pair, the best movers whose swaps the local improvement scores
+_SWAP_CANDIDATES = 512  # per side of a split pair, the best movers whose swaps the local improvement scores
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,25 +96,22 @@ class SplitProblem:
             raise DataError(f"the crop table has no column {', '.join(missing)} (needs dataset, location, label)")
         if len(frame) == 0:
             raise DataError("the crop table is empty: no crops to split")
-        datasets = _text_values(frame, "dataset")
-        locations = _text_values(frame, "location")
-        labels = _text_values(frame, "label")
-        keys = list(zip(datasets, locations))
-        location_keys = sorted(set(keys))
-        label_names = sorted(set(labels))
-        location_index = {key: i for i, key in enumerate(location_keys)}
-        label_index = {name: i for i, name in enumerate(label_names)}
-        rows = np.fromiter((location_index[key] for key in keys), dtype=np.int64, count=len(keys))
-        columns = np.fromiter((label_index[name] for name in labels), dtype=np.int64, count=len(labels))
+        dataset_codes, dataset_names = _text_codes(frame, "dataset")
+        location_codes, location_names = _text_codes(frame, "location")
+        columns, label_names = _text_codes(frame, "label")
+        # Codes are ranks in sorted order, so sorted pair codes are the (dataset, location) keys in sorted order.
+        pairs, rows = np.unique(dataset_codes * len(location_names) + location_codes, return_inverse=True)
+        location_keys = [(dataset_names[p // len(location_names)], location_names[p % len(location_names)]) for p in pairs]
         flat = np.bincount(rows * len(label_names) + columns, minlength=len(location_keys) * len(label_names))
         return cls(location_keys, label_names, flat.reshape(len(location_keys), len(label_names)))
 
 
-def _text_values(frame: pd.DataFrame, column: str) -> list[str]:
-    """The column as Python strings; nulls, blanks and non-text values raise ``DataError``.
+def _text_codes(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
+    """Each row's code into the column's sorted distinct texts; nulls, blanks and non-text values raise ``DataError``.
 
     Integers become their decimal text; floats are refused, because a location read as a
     float (``1.0``) has already lost its spelling (``"001"``): read CSVs with ``dtype=str``.
+    Values are checked once per distinct value, so a million crops cost a hash each.
     """
     series = frame[column]
     null = series.isna().to_numpy()
@@ -124,21 +121,25 @@ def _text_values(frame: pd.DataFrame, column: str) -> list[str]:
             f"{int(null.sum())} crop(s) have no {column} (first at row {first!r}); "
             f"resolve missing {column}s before building splits"
         )
-    values: list[str] = []
-    for value in series.tolist():
-        if isinstance(value, str):
-            text = value
-        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-            text = str(value)
-        else:
-            raise DataError(
-                f"{column} {value!r} is a {type(value).__name__}, expected text "
-                "(read CSV files with dtype=str so that '001' stays '001')"
-            )
-        if not text.strip():
-            raise DataError(f"a crop has an empty {column}; resolve missing {column}s before building splits")
-        values.append(text)
-    return values
+    codes, distinct = pd.factorize(series.to_numpy(dtype=object), sort=False)
+    texts = [_as_text(value, column) for value in distinct]
+    if any(not text.strip() for text in texts):
+        raise DataError(f"a crop has an empty {column}; resolve missing {column}s before building splits")
+    names = sorted(set(texts))  # 1 and "1" are one text
+    rank = {text: i for i, text in enumerate(names)}
+    return np.array([rank[text] for text in texts], dtype=np.int64)[codes], names
+
+
+def _as_text(value: object, column: str) -> str:
+    """A str (subclass) or an integer as text; anything else is a ``DataError``."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(value)
+    raise DataError(
+        f"{column} {value!r} is a {type(value).__name__}, expected text "
+        "(read CSV files with dtype=str so that '001' stays '001')"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -420,8 +421,9 @@ class _MoveScorer:
         self.held_out = held_out
         self.held_out_values = np.where(held_out, self.terms.held_out_term(self.totals, self.square_sums, self.prior_dots), 0.0)
         self.source = assignment.astype(np.int64)
-        label_out, square_out = self._label_change(self.source[stats.rows], -1.0)
-        self.leave = label_out + self._held_out_change(self.source, -1.0, square_out)  # (M,) change of leaving
+        label_out, self.square_out = self._label_change(self.source[stats.rows], -1.0)
+        self.leave = label_out + self._held_out_change(self.source, -1.0, self.square_out)  # (M,) change of leaving
+        self.square_in: dict[int, np.ndarray] = {}  # per target: change of Σ_y N_ty² when each location joins it
 
     def _label_change(self, split: np.ndarray | int, sign: float) -> tuple[np.ndarray, np.ndarray]:
         """Per location: change of the label terms of ``split`` (per entry) and of ``Σ_y N_sy²``, adding sign·row."""
@@ -449,6 +451,7 @@ class _MoveScorer:
     def move_deltas(self, target: int) -> np.ndarray:
         """(M,) score change of moving each location to ``target``; +inf for locations already there."""
         label_in, square_in = self._label_change(target, 1.0)
+        self.square_in[target] = square_in
         delta = self.leave + label_in + self._held_out_change(np.full_like(self.source, target), 1.0, square_in)
         delta[self.source == target] = np.inf
         return delta
@@ -491,25 +494,43 @@ def _move_round(stats: _Stats, assignment: np.ndarray, score: float, free: np.nd
 
 def _swap_round(problem: SplitProblem, stats: _Stats, assignment: np.ndarray, score: float, free: np.ndarray,
                 targets: tuple[int, ...]) -> tuple[float, int]:
-    """The best swap of two free locations between two open splits, among each side's best movers; applied if it helps."""
+    """The best improving swaps of free locations between open splits, among each side's best movers.
+
+    Swaps that share no location are applied together, halved until the exact score drops
+    (a single swap's change is exact). Returns the new score and the swaps made.
+    """
     scorer = _MoveScorer(stats, assignment)
     deltas = {t: scorer.move_deltas(t) for t in targets}
-    best: tuple[float, int, int] = (-IMPROVEMENT_TOLERANCE, -1, -1)
+    found: list[tuple[float, int, int]] = []
     for i, first in enumerate(targets):
         for second in targets[i + 1 :]:
             left = _best_movers(free[assignment[free] == first], deltas[second])
             right = _best_movers(free[assignment[free] == second], deltas[first])
-            if left.size == 0 or right.size == 0:
-                continue
-            change = _swap_changes(problem, stats.terms, scorer, first, second, left, right)
-            k, j = np.unravel_index(int(np.argmin(change)), change.shape)
-            if change[k, j] < best[0]:
-                best = (float(change[k, j]), int(left[k]), int(right[j]))
-    if best[1] < 0:
-        return score, 0
-    moves = np.array([best[1], best[2]])
-    new_score = _apply_moves(stats, assignment, score, moves, assignment[moves[::-1]])
-    return (score, 0) if new_score is None else (new_score, 1)
+            if left.size and right.size:
+                change = _swap_changes(problem, scorer, (first, left, deltas[second]), (second, right, deltas[first]))
+                found += _disjoint_swaps(change, left, right)
+    found.sort()
+    size = len(found)
+    while size >= 1:
+        pairs = np.array([(k, j) for _, k, j in found[:size]], dtype=np.int64).reshape(-1)
+        new_score = _apply_moves(stats, assignment, score, pairs, assignment[pairs.reshape(-1, 2)[:, ::-1].reshape(-1)])
+        if new_score is not None:
+            return new_score, size
+        size //= 2
+    return score, 0
+
+
+def _disjoint_swaps(change: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[tuple[float, int, int]]:
+    """Improving swaps (change, left location, right location), best first, no location in two of them."""
+    flat = np.flatnonzero(change.reshape(-1) < -IMPROVEMENT_TOLERANCE)
+    flat = flat[np.argsort(change.reshape(-1)[flat], kind="stable")][: _SWAP_CANDIDATES]
+    used_left, used_right, swaps = set(), set(), []
+    for k, j in zip(*np.unravel_index(flat, change.shape)):
+        if k not in used_left and j not in used_right:
+            used_left.add(k)
+            used_right.add(j)
+            swaps.append((float(change[k, j]), int(left[k]), int(right[j])))
+    return swaps
 
 
 def _best_movers(locations: np.ndarray, deltas: np.ndarray) -> np.ndarray:
@@ -519,16 +540,42 @@ def _best_movers(locations: np.ndarray, deltas: np.ndarray) -> np.ndarray:
     return locations[np.lexsort((locations, deltas[locations]))[:_SWAP_CANDIDATES]]
 
 
-def _swap_changes(problem: SplitProblem, terms: _ScoreTerms, scorer: _MoveScorer, first: int, second: int,
-                  left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Exact score changes (L, R) of swapping each ``left`` location (in ``first``) with each ``right`` one."""
-    counts = problem.counts.astype(np.float64)
-    crops = counts[right][None, :, :] - counts[left][:, None, :]  # what ``first`` gains
-    present = (counts[right] > 0)[None, :, :].astype(np.float64) - (counts[left] > 0)[:, None, :]
-    change = terms.split_term(first, scorer.crops[first] + crops, scorer.present[first] + present)
-    change += terms.split_term(second, scorer.crops[second] - crops, scorer.present[second] - present)
-    old = terms.split_term(first, scorer.crops[first], scorer.present[first])
-    return change - old - terms.split_term(second, scorer.crops[second], scorer.present[second])
+def _swap_changes(problem: SplitProblem, scorer: _MoveScorer, left_side: tuple[int, np.ndarray, np.ndarray],
+                  right_side: tuple[int, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Exact score changes (L, R) of swapping each ``left`` location (in split ``first``) with each ``right`` one.
+
+    A swap is the two single moves plus their interaction, which is bilinear in the two count
+    rows: the label terms are quadratic (second differences ``−8·Σ c_k c_j / N_y²`` and
+    ``−4·Σ [k∋y][j∋y] / K_y²``), and the held-out term is recomputed from ``N_s``, ``Σ N_sy²``
+    (cross term ``−2·Σ c_k c_j``) and ``Σ N_sy·p_y``.
+    """
+    (first, left, left_deltas), (second, right, right_deltas) = left_side, right_side
+    terms, stats = scorer.terms, scorer.stats
+    rows, cols = problem.counts[left].astype(np.float64), problem.counts[right].astype(np.float64)
+    shared = rows @ cols.T  # Σ_y c_ky·c_jy
+    change = left_deltas[left][:, None] + right_deltas[right][None, :]
+    change -= 8.0 * (rows / np.square(terms.crops_per_label)) @ cols.T
+    change -= 4.0 * ((rows > 0) / np.square(terms.locations_per_label)) @ (cols > 0).T
+    n, b = stats.location_crops, stats.location_prior
+    if scorer.held_out[first]:  # left leaves ``first``, right joins it
+        change += _held_out_interaction(scorer, first, (-n[left], scorer.square_out[left], -b[left]),
+                                        (n[right], scorer.square_in[first][right], b[right]), shared)
+    if scorer.held_out[second]:  # left joins ``second``, right leaves it
+        change += _held_out_interaction(scorer, second, (n[left], scorer.square_in[second][left], b[left]),
+                                        (-n[right], scorer.square_out[right], -b[right]), shared)
+    return change
+
+
+def _held_out_interaction(scorer: _MoveScorer, split: int, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...],
+                          shared: np.ndarray) -> np.ndarray:
+    """(L, R): held-out term of ``split`` after both changes, less each change alone (``(N, Σ N², Σ N·p)`` deltas)."""
+    term = scorer.terms.held_out_term
+    base = scorer.totals[split], scorer.square_sums[split], scorer.prior_dots[split]
+    both = term(base[0] + rows[0][:, None] + cols[0][None, :], base[1] + rows[1][:, None] + cols[1][None, :] - 2.0 * shared,
+                base[2] + rows[2][:, None] + cols[2][None, :])
+    row_alone = term(base[0] + rows[0], base[1] + rows[1], base[2] + rows[2])[:, None]
+    col_alone = term(base[0] + cols[0], base[1] + cols[1], base[2] + cols[2])[None, :]
+    return both - row_alone - col_alone + term(*(np.float64(v) for v in base))
 
 
 def improve_locally(
