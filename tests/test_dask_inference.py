@@ -92,6 +92,12 @@ def test_embeddings_on_a_cluster_equal_one_process(trained: TrainedRun, tmp_path
     assert again.embedded == one.embedded
     assert {path: path.stat().st_mtime_ns for path in shards} == shards, "reused, not made again"
     same_files(tmp_path / "one", tmp_path / "dask", outputs)
+    lost = sorted(shards)[1]  # as if its worker had been killed: only that shard is computed again
+    lost.unlink()
+    embed_folder(folder, tmp_path / "dask", config, trained.run_dir, "last", chunk_size=6, dask=dask)
+    assert lost.is_file() and {path: path.stat().st_mtime_ns for path in shards if path != lost} == {
+        path: mtime for path, mtime in shards.items() if path != lost}
+    same_files(tmp_path / "one", tmp_path / "dask", outputs)
 
 
 def test_random_backbone_is_refused_on_dask(tmp_path: Path) -> None:
