@@ -589,9 +589,9 @@ def improve_locally(
 
     Each round scores every single move from per-split count deltas and applies the best
     improving ones together (as many as the exact score agrees with, down to the single
-    best); when no move helps, the best swap among each open split pair's
-    ``_SWAP_CANDIDATES`` best movers. Deterministic; pinned locations never move; the
-    returned score is never above the input's.
+    best); when no move helps, the best location-disjoint swaps among each open split
+    pair's ``_SWAP_CANDIDATES`` best movers, checked the same way. Deterministic; pinned
+    locations never move; the returned score is never above the input's.
     """
     f = _check_fractions(fractions)
     pinned = _check_fixed(problem, fixed)
