@@ -502,3 +502,33 @@ def test_time_flags_without_split_by_time_are_refused(tmp_path: Path) -> None:
     result = run_in_process("utils/create_classification_dataset.py", tmp_path / "ds", "--mode", "splits",
                             "--split-by", "time")
     assert result.returncode != 0 and "needs --mode csv and splits" in result.stderr
+
+
+def test_crops_without_a_datetime_are_counted_and_left_out_or_kept(tmp_path: Path) -> None:
+    images, annotations = [], []
+    for k in range(4):
+        for day in range(6):
+            image_id = f"l{k}_d{day}"
+            when = "" if (k, day) == (0, 5) else f"2012:03:{day + 1:02d} 10:00:00"  # EXIF style; one without
+            images.append({"id": image_id, "file_name": f"{image_id}.jpg", "location": f"l{k}", "datetime": when})
+            annotations.append({"id": f"a_{image_id}", "image_id": image_id, "category_id": 1 + (k + day) % 2, "bbox": [0, 0, 5, 5]})
+            (tmp_path / "crops").mkdir(exist_ok=True)
+            (tmp_path / "crops" / crop_file_name(f"{image_id}.jpg", f"a_{image_id}")).write_bytes(b"")
+    cct = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "fox"}, {"id": 2, "name": "owl"}]}
+    (tmp_path / "cct.json").write_text(json.dumps(cct))
+    for rule, rows in (("drop", 23), ("train", 24)):
+        out = tmp_path / rule
+        result = run_in_process("utils/create_classification_dataset.py", out, "--mode", "csv", "splits", "--crops-dir",
+                                tmp_path / "crops", "--cct-json", tmp_path / "cct.json", "--split-by", "time",
+                                "--test-last", "2D", "--val-last", "1D", "--missing-datetimes", rule)
+        assert result.returncode == 0, result.stderr
+        assert "1 crops have no datetime" in result.stderr
+        table = pd.read_csv(out / "classification_ds.csv", dtype=str)
+        assert len(table) == rows and set(table["location"].str.split("@").str[1]) == {"train", "val", "test"}
+        report = json.loads((out / "split_report.json").read_text())
+        assert report["time"]["datetimes"]["without_datetime"] == 1
+        assert "1 crop(s) without a datetime: " + ("left out" if rule == "drop" else "kept in train") in report["warnings"]
+        splits = json.loads((out / "splits.json").read_text())
+        assert ["cct", "l1@test"] in splits["test"] and ["cct", "l1@val"] in splits["val"]
+        assert report["splits"]["test"]["n_crops"] == 8  # each location's last 2 days (l0 ends on day 5)
+        assert report["splits"]["train"]["n_crops"] == 11 + (rule == "train")
