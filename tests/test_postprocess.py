@@ -417,3 +417,24 @@ def test_predict_megadetector_input_with_taxonomy_writes_descriptions_and_image_
     images = pd.read_csv(tmp_path / "out" / "image_answers.csv", keep_default_na=False)
     assert len(images) == 31 and (images["answer"] == "blank").sum() == 14
     assert not (trained.run_dir / "postprocess" / "last.json").exists()  # nothing to fit without calibrate/abstain
+
+
+@pytest.mark.slow
+def test_postprocess_reads_every_class_probability_whatever_topk(trained: TrainedRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict.py keeps every class's probability for the post-prediction stage: the top-k approximation
+    (``probabilities_from_topk``, for tables read back from disk) is not used, and --topk changes nothing in it."""
+    import classification.evaluation.predict as predict_module
+
+    def approximation_used(*_args: object) -> None:
+        raise AssertionError("post-processing read the top-k approximation")
+
+    monkeypatch.setattr(predict_module, "probabilities_from_topk", approximation_used)
+    config = trained.config.with_name("config_topk.yml")  # beside config.yml: the same relative paths
+    config.write_text(trained.config.read_text().split("postprocess:")[0] + "postprocess:\n  sequence: mean\n")
+    answers = {}
+    for topk in (1, 100):  # 100: every class (k is capped at the number of classes)
+        out = config.parent / f"predictions_top{topk}"
+        result = predict_here("--config", config, "--checkpoint", "best", "--split", "test", "--topk", str(topk), "--output-dir", out)
+        assert result.returncode == 0, result.stderr
+        answers[topk] = pd.read_csv(out / "postprocessed.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(answers[1], answers[100])

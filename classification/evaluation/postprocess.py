@@ -70,9 +70,13 @@ FITTED_DIR = "postprocess"
 def probabilities_from_topk(predictions: pd.DataFrame, label_names: list[str]) -> np.ndarray:
     """(N, C) probabilities from a predictions table's top-k columns; the rest of each row's mass spread evenly.
 
-    Exact when k equals the number of classes (``predict.py --topk C``). The true label's
+    For a predictions table read back from disk: ``predict.py`` itself hands the stage every class's
+    probability. Exact when k equals the number of classes (``--topk C``). The true label's
     probability is not used: fitting on it would leak the answer.
     """
+    if topk_of(predictions) < len(label_names):
+        log.info("postprocess: from the top-%d of %d probabilities per crop (the rest spread evenly)",
+                 topk_of(predictions), len(label_names))
     index = {name: i for i, name in enumerate(label_names)}
     rows = np.arange(len(predictions))
     probabilities = np.zeros((len(predictions), len(label_names)))
@@ -477,9 +481,6 @@ def run_postprocess(config: PostprocessConfig, label_names: list[str], predictio
     if not is_enabled(config):
         return None
     label_names = list(label_names)
-    if topk_of(predictions) < len(label_names):
-        log.info("postprocess: from the top-%d of %d probabilities per crop (the rest spread evenly); --topk %d makes them exact",
-                 topk_of(predictions), len(label_names), len(label_names))
     if config.unknown_label in label_names:
         raise DataError(f"postprocess.unknown_label: {config.unknown_label!r} is one of the model's classes: choose another name")
     taxonomy = read_taxonomy(config.taxonomy, label_names) if config.taxonomy is not None else None

@@ -36,6 +36,7 @@ from classification.evaluation.megadetector import write_megadetector_classifica
 from classification.evaluation.postprocess import (
     PostprocessInput,
     PostprocessResult,
+    is_enabled,
     megadetector_descriptions_for,
     probabilities_from_topk,
     run_postprocess,
@@ -45,7 +46,7 @@ from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
 from classification.shards import NO_DASK, SHARDS_DIR, DaskOptions, remove_shard_files
-from classification.training.inference import TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
+from classification.training.inference import PROBABILITIES, TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
 from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards, whole_batches
 from classification.runtime import DistributedContext, select_device
 from classification.training.models import build_model
@@ -223,28 +224,33 @@ class Scores:
     true_probs: np.ndarray
     skipped: list[int]
     images_per_second: float
+    probabilities: np.ndarray | None = None  # (N, C), only when asked for (``full``): what post-processing reads
 
 
 def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
-                  topk: int, dask: DaskOptions = NO_DASK, shard_folder: Path | None = None) -> Scores:
+                  topk: int, dask: DaskOptions = NO_DASK, shard_folder: Path | None = None, full: bool = False) -> Scores:
     """Top-k softmax probabilities of every readable sample, batched, with eval transforms, through the one
-    inference path (the config's AMP and channels_last); unreadable ones listed. With ``dask`` enabled, as shards
-    of whole batches on Dask (shard files in ``shard_folder``): the same numbers, see ``training.inference_shards``."""
+    inference path (the config's AMP and channels_last); unreadable ones listed; with ``full`` every class's
+    probability too. With ``dask`` enabled, as shards of whole batches on Dask (shard files in
+    ``shard_folder``): the same numbers, see ``training.inference_shards``."""
     k = min(topk, len(model.label_names))
+    names = (*TOP_K_OUTPUTS, PROBABILITIES) if full else TOP_K_OUTPUTS
     if dask.enabled:
         source = ModelSource(trained_network, (model.checkpoint, config), file_identity(model.checkpoint))
-        result = run_inference_shards(source, samples, model.config_for(config), top_k_probabilities(k), TOP_K_OUTPUTS,
+        result = run_inference_shards(source, samples, model.config_for(config), top_k_probabilities(k, full), names,
                                       shard_folder or Path(SHARDS_DIR), dask, whole_batches(dask.shard_size, config.batch_size),
                                       "predict")
     else:
         loader = build_loader(model.config_for(config), samples, train=False)
-        result = run_inference(model.model, loader, top_k_probabilities(k), TOP_K_OUTPUTS, inference_options(config, device),
+        result = run_inference(model.model, loader, top_k_probabilities(k, full), names, inference_options(config, device),
                                "predict")
     if not len(result):
-        return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), result.skipped, result.images_per_second)
+        empty = np.zeros((0, len(model.label_names))) if full else None
+        return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), result.skipped,
+                      result.images_per_second, empty)
     outputs = result.outputs
     return Scores(result.indices, outputs["top_classes"], outputs["top_probs"], outputs["true_probs"], result.skipped,
-                  result.images_per_second)
+                  result.images_per_second, outputs.get(PROBABILITIES))
 
 
 def relative_path(path: Path, root: Path) -> str:
@@ -375,7 +381,8 @@ def run_prediction(
     source = build_input(config, model, split, images_dir, cct, megadetector, crops_dir)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "predictions" / f"{source.name}_{checkpoint_path.stem}"
     torch_device = select_device(config.device, DistributedContext())
-    scores = score_samples(model, source.samples, config, torch_device, topk, dask, output_dir / SHARDS_DIR)
+    scores = score_samples(model, source.samples, config, torch_device, topk, dask, output_dir / SHARDS_DIR,
+                           full=is_enabled(config.postprocess))
     predictions = predictions_table(source, scores, model.label_names)  # the raw predictions: complete from here on
     skipped = skipped_table(source, scores.skipped)
     log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
@@ -396,8 +403,8 @@ def run_prediction(
     where = PostprocessInput(run_dir, checkpoint_path, fit=split is not None and split == config.val_split,
                              manifest=source.manifest if source.manifest is not None else source.root / MANIFEST_NAME,
                              megadetector=source.megadetector, classifier=f"{model.architecture} {checkpoint_path}")
-    post = run_postprocess(config.postprocess, model.label_names, predictions,
-                           probabilities_from_topk(predictions, model.label_names), output_dir, where)
+    probabilities = scores.probabilities if scores.probabilities is not None else probabilities_from_topk(predictions, model.label_names)
+    post = run_postprocess(config.postprocess, model.label_names, predictions, probabilities, output_dir, where)
     remove_shard_files(output_dir / SHARDS_DIR)  # predictions.csv holds their rows now
     log.info("predictions: %s", predictions_path)
     return PredictionResult(output_dir, predictions_path, predictions, skipped["path"].tolist(), metrics,

@@ -97,16 +97,19 @@ def embeddings_and_probabilities(model: nn.Module, images: Tensor, labels: Tenso
     return {EMBEDDINGS: features.float(), PROBABILITIES: torch.softmax(logits.float(), dim=1)}
 
 
-def top_k_probabilities(k: int) -> Compute:
+def top_k_probabilities(k: int, full: bool = False) -> Compute:
     """A ``Compute`` giving ``top_classes`` and ``top_probs`` (B, k) and ``true_probs`` (B,): the true label's
-    probability, NaN where the label is unknown (-1)."""
+    probability, NaN where the label is unknown (-1); with ``full`` also ``probabilities`` (B, C)."""
 
     def compute(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         probs = torch.softmax(model(images).float(), dim=1)
         values, classes = probs.topk(k, dim=1)
         labels = labels.to(probs.device)
         true = torch.where(labels >= 0, probs.gather(1, labels.clamp(min=0)[:, None])[:, 0], torch.nan)
-        return dict(zip(TOP_K_OUTPUTS, (classes, values, true)))
+        outputs = dict(zip(TOP_K_OUTPUTS, (classes, values, true)))
+        if full:
+            outputs[PROBABILITIES] = probs
+        return outputs
 
     return compute
 
