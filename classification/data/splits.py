@@ -388,6 +388,9 @@ class _Stats:
         self.location_crops = np.bincount(self.rows, self.crops, minlength=self.n_locations)  # n_k
         self.location_prior = np.bincount(self.rows, self.crops * terms.prior[self.labels], minlength=self.n_locations)
         self.entries = np.bincount(self.rows, minlength=self.n_locations)  # labels per location
+        self.inverse_crops = 1.0 / terms.crops_per_label[self.labels]  # 1/N_y per entry
+        self.crop_shares = self.crops * self.inverse_crops  # c_ky/N_y
+        self.inverse_locations = 1.0 / terms.locations_per_label[self.labels]  # 1/K_y per entry
         self.terms = terms
 
     def sums(self, assignment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -426,14 +429,18 @@ class _MoveScorer:
         self.square_in: dict[int, np.ndarray] = {}  # per target: change of Σ_y N_ty² when each location joins it
 
     def _label_change(self, split: np.ndarray | int, sign: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per location: change of the label terms of ``split`` (per entry) and of ``Σ_y N_sy²``, adding sign·row."""
-        stats, terms = self.stats, self.terms
+        """Per location: change of the label terms of ``split`` (one split, or one per entry) and of ``Σ_y N_sy²``,
+        adding sign·row; ``(x + d)² − x² = d·(2x + d)`` with ``x = N_sy/N_y − f`` and ``d = ±c/N_y`` (likewise K)."""
+        stats = self.stats
         f = self.terms.fractions[split]
-        crops = self.crops[split, stats.labels]
-        present = self.present[split, stats.labels]
-        n_y, k_y = terms.crops_per_label[stats.labels], terms.locations_per_label[stats.labels]
-        change = 2.0 * (np.square((crops + sign * stats.crops) / n_y - f) - np.square(crops / n_y - f))
-        change += np.square((present + sign) / k_y - f) - np.square(present / k_y - f)
+        if np.ndim(split):
+            index = split * stats.n_labels + stats.labels
+            crops, present = self.crops.ravel()[index], self.present.ravel()[index]
+        else:
+            crops, present = self.crops[split][stats.labels], self.present[split][stats.labels]
+        shares, inverse = stats.crop_shares, stats.inverse_locations
+        change = 2.0 * shares * (2.0 * sign * (crops * stats.inverse_crops - f) + shares)
+        change += inverse * (2.0 * sign * (present * inverse - f) + inverse)
         square = stats.crops * (stats.crops + sign * 2.0 * crops)
         size = stats.n_locations
         return np.bincount(stats.rows, change, minlength=size), np.bincount(stats.rows, square, minlength=size)
