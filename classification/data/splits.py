@@ -46,6 +46,7 @@ IMPROVEMENT_TOLERANCE = 1e-12  # a move must lower the score by more than this (
 _CHUNK_ELEMENTS = 1 << 22  # candidates x locations scored at once: bounds memory to a few tens of MB
 _FLOAT32_EXACT = 1 << 24  # integers below this are exact in float32: label totals under it are summed in float32
 _SWAP_CANDIDATES = 512  # per side of a split pair, the best movers whose swaps the local improvement scores
+_SWAP_ALL_PAIRS = 1 << 18  # ... unless the two sides make at most this many pairs: then all of them
 
 
 @dataclass(frozen=True, eq=False)
@@ -511,8 +512,9 @@ def _swap_round(problem: SplitProblem, stats: _Stats, assignment: np.ndarray, sc
     found: list[tuple[float, int, int]] = []
     for i, first in enumerate(targets):
         for second in targets[i + 1 :]:
-            left = _best_movers(free[assignment[free] == first], deltas[second])
-            right = _best_movers(free[assignment[free] == second], deltas[first])
+            left, right = free[assignment[free] == first], free[assignment[free] == second]
+            if left.size * right.size > _SWAP_ALL_PAIRS:  # else every pair: small problems get the full scan
+                left, right = _best_movers(left, deltas[second]), _best_movers(right, deltas[first])
             if left.size and right.size:
                 change = _swap_changes(problem, scorer, (first, left, deltas[second]), (second, right, deltas[first]))
                 found += _disjoint_swaps(change, left, right)
@@ -596,8 +598,9 @@ def improve_locally(
 
     Each round scores every single move from per-split count deltas and applies the best
     improving ones together (as many as the exact score agrees with, down to the single
-    best); when no move helps, the best location-disjoint swaps among each open split
-    pair's ``_SWAP_CANDIDATES`` best movers, checked the same way. Deterministic; pinned
+    best); when no move helps, the best location-disjoint swaps between each open split
+    pair (every pair of its locations, or of each side's ``_SWAP_CANDIDATES`` best movers on
+    large problems), checked the same way. Deterministic; pinned
     locations never move; the returned score is never above the input's.
     """
     f = _check_fractions(fractions)
