@@ -584,7 +584,7 @@ def _held_out_interaction(scorer: _MoveScorer, split: int, rows: tuple[np.ndarra
                 base[2] + rows[2][:, None] + cols[2][None, :])
     row_alone = term(base[0] + rows[0], base[1] + rows[1], base[2] + rows[2])[:, None]
     col_alone = term(base[0] + cols[0], base[1] + cols[1], base[2] + cols[2])[None, :]
-    return both - row_alone - col_alone + term(*(np.float64(v) for v in base))
+    return both - row_alone - col_alone + term(*(np.asarray(v, dtype=np.float64) for v in base))
 
 
 def improve_locally(
