@@ -8,6 +8,7 @@ other part of the library, and pandas only inside the CSV helpers, so importing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,11 +24,25 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+NAME_MAX = 255  # bytes in one file name on the usual filesystems (ext4, XFS, APFS)
+
+
 def temporary_name(path: Path) -> str:
     """``.<name>.<process>-<thread>.tmp`` beside ``path``: unique to its writer (no two writers of one
     path share a process and thread), so it needs no random name and no exclusive create, which cost
-    ~0.07 ms a file (a tenth of writing a crop); permissions follow the umask, as for a plain file."""
-    return str(path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"))
+    ~0.07 ms a file (a tenth of writing a crop); permissions follow the umask, as for a plain file.
+
+    The suffix adds up to ~30 bytes (mkstemp's added 14): where that would pass ``NAME_MAX``, the name
+    is cut and a digest of the whole name added (``.<start>~<digest>.<process>-<thread>.tmp``), so a file
+    whose own name fits is still written (a crop named after a long image file name)."""
+    suffix = f".{os.getpid()}-{threading.get_ident()}.tmp"
+    name = path.name
+    encoded = os.fsencode(name)
+    if len(encoded) + len(suffix) + 1 > NAME_MAX:
+        digest = hashlib.sha256(encoded).hexdigest()[:16]
+        start = encoded[: NAME_MAX - len(suffix) - len(digest) - 2]
+        name = f"{start.decode('utf-8', 'ignore')}~{digest}"  # a character cut in two is dropped
+    return str(path.with_name(f".{name}{suffix}"))
 
 
 @contextmanager
