@@ -500,3 +500,79 @@ def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
     samples = build_samples(experiment.config, "test")
     with pytest.raises(UserError, match="trained on pretrained embeddings, the config says fine_tuned; retrain the round"):
         head_rounds.scored_features(head_context(experiment), stale, "test", samples, len(experiment.label_names))
+
+
+def fine_tuned_heads(loop: LoopRun) -> LoopRun:
+    """``loop`` with head-only rounds on the round-0 CNN's features (no packaged weights needed)."""
+    values = yaml.safe_load(loop.config.read_text())
+    values["active_learning"].update(retrain="head", embeddings="fine_tuned", head_epochs=5)
+    loop.config.write_text(yaml.safe_dump(values, sort_keys=False))
+    return loop
+
+
+def test_head_rounds_use_their_own_labels_and_write_predictions(loop: LoopRun) -> None:
+    """A head round is retrained on the labels of its rounds only, counts only readable labelled images, and its
+    evaluation writes the per-image predictions.csv and metrics.json a full round's does."""
+    from classification.evaluation.report import prediction_columns, read_predictions
+
+    run = fine_tuned_heads(loop)
+    train_size, test_size = len(split_paths(run.dataset, "train")), len(split_paths(run.dataset, "test"))
+    done = lambda k: json.loads((run.round(k) / "model" / "done.json").read_text())  # noqa: E731
+    ok(al("select", run))
+    ok(al("import", run, "--file", answer(run, 1)))
+    ok(al("retrain", run))
+    metrics = json.loads(ok(al("evaluate", run)) and (run.round(1) / "metrics.json").read_text())
+    evaluation = run.round(1) / "evaluation"
+    predictions = read_predictions(evaluation / "predictions.csv")
+    assert list(predictions.columns) == prediction_columns(3) and len(predictions) == test_size
+    assert json.loads((evaluation / "prediction_info.json").read_text())["model"] == "head"
+    per_image = json.loads((evaluation / "metrics.json").read_text())
+    assert per_image["top1"] == pytest.approx(metrics["top1"]) == pytest.approx((predictions["pred_label"] == predictions["true_label"]).mean())
+    ok(al("select", run))
+    ok(al("import", run, "--file", answer(run, 2)))
+    ok(al("retrain", run, "--round", "1"))  # retraining round 1 after round 2's labels came in
+    assert done(1)["pool_labels"] == BATCH and done(1)["labelled_images"] == train_size + BATCH
+    broken = pd.read_csv(run.round(2) / "selection.csv", dtype={"path": str})["path"].iloc[0]
+    (run.pool / broken).write_bytes(b"not a jpeg")  # unreadable since it was labelled
+    shutil.copy(run.pool / pd.read_csv(run.round(1) / "selection.csv", dtype={"path": str})["path"].iloc[0],
+                run.pool / "new_image.jpg")  # the pool grew: its features are computed again
+    result = ok(al("retrain", run))
+    assert done(2)["pool_labels"] == 2 * BATCH - 1 and done(2)["labelled_images"] == train_size + 2 * BATCH - 1
+    assert done(2)["unreadable_labelled"] == [str(run.pool / broken)]
+    assert result.stderr.count("could not be read and are not used") == 1 and broken in result.stderr
+
+
+def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -> None:
+    """With fine_tuned embeddings the features and round 0's head follow the round-0 checkpoint's contents (not its
+    path or time); a later round's head made from the old features is refused in one line."""
+    import torch
+
+    from classification.active_learning import head_rounds
+    from classification.active_learning.loop import head_context, model_checkpoint, round_model
+    from classification.training.data import build_samples
+
+    experiment = open_experiment(fine_tuned_heads(loop).config)
+    context, classes = head_context(experiment), len(experiment.label_names)
+    checkpoint = model_checkpoint(experiment, 0)
+    torch.save(torch.load(checkpoint, map_location="cpu", weights_only=False), checkpoint)  # as torch.save writes it below
+    head = round_model(experiment, 0)
+    before = torch.load(head, weights_only=True)
+    stale = experiment.round(1).model / head_rounds.HEAD_FILE
+    stale.parent.mkdir(parents=True)
+    shutil.copy(head, stale)
+    train = build_samples(experiment.config, experiment.config.train_split)
+    features = head_rounds.cached_features(context, "train", train).embeddings
+    stat = checkpoint.stat()  # now retrained, as a user would with classifier/train.py --overwrite
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        for tensor in (saved.get(key) or {}).values():
+            if tensor.is_floating_point():
+                tensor.mul_(1.5)
+    torch.save(saved, checkpoint)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same time (and size): only the contents differ
+    assert checkpoint.stat().st_size == stat.st_size
+    after = torch.load(round_model(experiment, 0), weights_only=True)
+    assert any(not torch.equal(after["state_dict"][k], before["state_dict"][k]) for k in before["state_dict"])  # trained again
+    assert not np.allclose(head_rounds.cached_features(context, "train", train).embeddings, features)
+    with pytest.raises(UserError, match="trained on features of another round-0 checkpoint .*; retrain the round"):
+        head_rounds.scored_features(context, stale, "test", build_samples(experiment.config, "test"), classes)

@@ -15,6 +15,7 @@ are skipped and reported, never a crash. The pass itself is ``training.inference
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -125,8 +126,20 @@ def write_embedding_outputs(output_dir: Path, relative_paths: Sequence[str], res
 
 
 def describe_model_file(path: Path) -> str:
-    """An identity for a weights file that changes when the file does (path, size, modification time)."""
-    return file_identity(path)
+    """An identity for a weights file that changes when its contents do (a SHA-256 of them, not its path or
+    modification time: a checkpoint retrained or written over with its time kept is another)."""
+    stat = Path(path).stat()  # any write changes st_ctime, which nobody can set back: the digest is reused until then
+    return file_digest(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def file_digest(path: str, *identity: int) -> str:
+    """``sha256:<hex>`` of a file's contents (hashed once per path and ``identity``: inode, size, times)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: ExperimentConfig,
@@ -147,12 +160,17 @@ def backbone_network(architecture: str, pretrained: bool, pretrained_source: str
     return build_model(architecture, 1, pretrained, pretrained_source=pretrained_source)
 
 
+def backbone_model_id(config: ExperimentConfig) -> str:
+    """What a backbone's features are made from (the cache key's model): the architecture and its weights."""
+    return f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})"
+
+
 def embed_with_backbone(config: ExperimentConfig, samples: Sequence[Sample], cache_dir: Path | None,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, dask: DaskOptions = NO_DASK) -> PoolEmbeddings:
     """Features of ``config.architecture`` as a frozen backbone (ImageNet weights from ``pretrained_source``
     when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities. On Dask only with
     pretrained weights: random ones would differ from worker to worker."""
-    model_id = f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})"
+    model_id = backbone_model_id(config)
     if dask.enabled:
         if not config.pretrained:
             raise UserError("embedding on Dask needs pretrained weights or a checkpoint: random weights would differ between workers")

@@ -14,7 +14,8 @@ of ``runs/<model>/<experiment>/active_learning/`` (see ``store.py``).
 - ``import``: reads the labels back (a Timelapse CSV, a Label Studio export file, or the
   Label Studio project itself) into the append-only ``labels.csv``.
 - ``retrain``: trains round k's model on the experiment's train split plus every pool
-  image labelled so far (resumable like any training run).
+  image labelled in rounds 1 to k (a later round's labels are not round k's; resumable
+  like any training run).
 - ``evaluate``: scores round k's model on the **held-out** split ``eval_split`` of the
   experiment's dataset (the same images every round; not the remaining pool, which is
   what the original tools reported) and adds a row to ``history.csv``.
@@ -53,7 +54,13 @@ from classification.active_learning.strategies import Selection, SelectionInputs
 from classification.active_learning.timelapse import read_timelapse_export, write_request_csv
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
 from classification.errors import DataError, UserError
-from classification.evaluation.predict import labelled_samples, run_prediction
+from classification.evaluation.predict import (
+    labelled_samples,
+    run_prediction,
+    scores_from_probabilities,
+    split_samples_input,
+    write_prediction_files,
+)
 from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
 from classification.io import read_json, read_string_csv, write_bytes_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from classification.training.checkpoint import resolve_checkpoint
@@ -66,7 +73,6 @@ from classification.training.data import (
     load_label_index,
 )
 from classification.training.engine import TrainResult, train
-from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -524,12 +530,13 @@ def round_config(experiment: Experiment, files: store.RoundFiles) -> ExperimentC
 
 
 def retrain_round(experiment: Experiment, number: int | None = None, overwrite: bool = False) -> TrainResult:
-    """Train round ``number``'s model (default: the newest selected round without one); resumable."""
+    """Train round ``number``'s model (default: the newest selected round without one) on the labels imported for
+    rounds 1 to ``number``, never a later round's; resumable."""
     number = latest_selected_round(experiment) if number is None else number
     files = experiment.round(number)
     if number < 1 or not files.is_selected():
         raise UserError(f"round {number}: nothing was selected in this round; nothing to retrain")
-    labels = store.effective_labels(store.read_labels(experiment.labels_file))
+    labels = store.labels_up_to(store.read_labels(experiment.labels_file), number)  # not those of later rounds
     new = [path for path in files.selected_paths() if path in labels]
     if not new:
         raise UserError(f"round {number}: none of its {len(files.selected_paths())} images has a label yet; "
@@ -558,30 +565,37 @@ def retrain_round(experiment: Experiment, number: int | None = None, overwrite: 
 
 
 def retrain_head_round(experiment: Experiment, files: store.RoundFiles, labels: dict[str, str]) -> TrainResult:
-    """``retrain: head``: the round's MLP on the train split plus every labelled pool image (seconds; always anew)."""
+    """``retrain: head``: the round's MLP on the train split plus the round's labelled pool images (seconds; always
+    anew). ``pool_labels`` counts the readable ones; unreadable ones are listed (``unreadable_labelled``) and warned of."""
     known = {path: label for path, label in labels.items() if label in set(experiment.label_names)}
     pool = pool_samples(experiment, pool_paths(experiment.pool_dir()), known)
     files.metrics.unlink(missing_ok=True)  # they were the earlier head's
     trained = train_round_head(experiment, files.number, pool)
-    write_json_atomic(files.done, {"round": files.number, "mode": "head", "epochs": experiment.al.head_epochs,
-                                   "pool_labels": sum(s.label >= 0 for s in pool), **trained,
+    write_json_atomic(files.done, {"round": files.number, "mode": "head", "epochs": experiment.al.head_epochs, **trained,
                                    "finished_utc": store.utc_now()})
     return TrainResult(files.model, experiment.al.head_epochs, None, None)
 
 
-def evaluate_head_round(experiment: Experiment, number: int, split: str) -> dict[str, Any]:
-    """Held-out metrics of round ``number``'s head (features of ``split`` cached once)."""
-    samples = build_samples(experiment.config, split)
-    scored = head_rounds.scored_features(head_context(experiment), round_model(experiment, number), split, samples,
-                                         len(experiment.label_names))
-    truth = np.array([samples[i].label for i in scored.kept], dtype=np.int64)
-    if not len(truth):
-        raise DataError(f"{experiment.config.data_root}: the {split} split has no readable images to evaluate on")
+def evaluate_head_round(experiment: Experiment, number: int, split: str, output_dir: Path) -> dict[str, Any]:
+    """Held-out metrics of round ``number``'s head (features of ``split`` cached once), with the files a full round's
+    evaluation writes in ``output_dir`` (``predictions.csv``, ``skipped.csv``, ``prediction_info.json``, ``metrics.json``)."""
+    label_names = experiment.label_names
+    source = split_samples_input(experiment.config, split, label_names)
+    head = round_model(experiment, number)
+    scored = head_rounds.scored_features(head_context(experiment), head, split, source.samples, len(label_names))
     assert scored.probabilities is not None
-    result = accumulate_probabilities(scored.probabilities, truth, len(experiment.label_names)).compute()
+    truth = np.array([source.samples[i].label for i in scored.kept], dtype=np.int64)
+    scores = scores_from_probabilities(scored.kept, scored.probabilities, truth, scored.skipped, 3, len(label_names))
+    info = {"input": split, "images_root": str(source.root), "checkpoint": str(head), "model": "head",
+            "embeddings": experiment.al.embeddings, "architecture": experiment.config.architecture,
+            "n_images": len(source.samples), "n_predicted": len(scored), "n_skipped": len(scored.skipped), "topk": 3,
+            "label_names": label_names}
+    metrics = write_prediction_files(source, scores, label_names, output_dir, info)[3]
+    if metrics is None:
+        raise DataError(f"{experiment.config.data_root}: the {split} split has no readable images to evaluate on")
     done = experiment.round(number).done
     used = read_json(done).get("pool_labels", 0) if number and done.is_file() else 0
-    return {"n_scored": len(truth), "pool_labels": int(used), **result}
+    return {**metrics, "pool_labels": int(used)}
 
 
 # ---------------------------------------------------------------- evaluate
@@ -600,7 +614,7 @@ def evaluate_round(experiment: Experiment, number: int | None = None) -> dict[st
         raise UserError(f"{experiment.config_path}: active_learning.eval_split: {experiment.config.data_root} has no "
                         f"split {split!r} (available: {', '.join(available_splits(experiment.config))})")
     if uses_head(experiment):
-        scored = evaluate_head_round(experiment, number, split)
+        scored = evaluate_head_round(experiment, number, split, files.evaluation)
         used = scored["pool_labels"]
     else:
         result = run_prediction(experiment.config, checkpoint, split=split, run_dir=checkpoint.parent.parent,

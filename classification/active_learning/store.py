@@ -62,6 +62,12 @@ def effective_labels(rows: pd.DataFrame) -> dict[str, str]:
     return dict(zip(rows["path"], rows["label"]))
 
 
+def labels_up_to(rows: pd.DataFrame, round_number: int) -> dict[str, str]:
+    """``{path: label}`` as it stood for round ``round_number``: the latest row of each image among those imported
+    for rounds up to it (a later round's labels, or changes, are not that round's)."""
+    return effective_labels(rows[[int(r) <= round_number for r in rows["round"]]])
+
+
 def append_labels(path: Path, received: Sequence[ReceivedLabel], round_number: int) -> int:
     """Add each label that differs from the latest one stored for its image and annotator; returns how many."""
     rows = read_labels(path)

@@ -158,11 +158,16 @@ def labelled_samples(paths: Sequence[Path], true_labels: Sequence[str], location
 def split_input(config: ExperimentConfig, split: str, model: TrainedModel) -> PredictionInput:
     """Exactly the samples of ``split`` of the config's dataset (after checking its label index)."""
     check_label_index(load_label_index(config.data_root, config.train_split), model.label_names, config.data_root, model.checkpoint)
+    return split_samples_input(config, split, model.label_names)
+
+
+def split_samples_input(config: ExperimentConfig, split: str, label_names: Sequence[str]) -> PredictionInput:
+    """The samples of ``split`` with their true label names, paths relative to the crops (or image) folder."""
     samples = build_samples(config, split)
     if not samples:
         raise DataError(f"{config.data_root}: split {split!r} has no images")
     root = config.resolved_crops_dir() if (Path(config.data_root) / "classification_ds.csv").is_file() else config.data_root
-    return PredictionInput(split, samples, [model.label_names[s.label] for s in samples], Path(root))
+    return PredictionInput(split, samples, [label_names[s.label] for s in samples], Path(root))
 
 
 def folder_input(images_dir: Path, model: TrainedModel) -> PredictionInput:
@@ -251,6 +256,31 @@ def score_samples(model: TrainedModel, samples: list[Sample], config: Experiment
     outputs = result.outputs
     return Scores(result.indices, outputs["top_classes"], outputs["top_probs"], outputs["true_probs"], result.skipped,
                   result.images_per_second, outputs.get(PROBABILITIES))
+
+
+def scores_from_probabilities(indices: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, skipped: list[int],
+                              topk: int, num_classes: int) -> Scores:
+    """``Scores`` from every class's probabilities of the kept samples (a model outside this module, such as an
+    active-learning round's head on cached features): the same top-k and true-label columns ``score_samples`` gives."""
+    k = min(topk, num_classes)
+    probabilities = np.asarray(probabilities, dtype=np.float32).reshape(len(indices), num_classes)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    labels = np.asarray(labels, dtype=np.int64)
+    true_probs = np.where(labels >= 0, probabilities[np.arange(len(labels)), np.maximum(labels, 0)], np.nan)
+    return Scores(np.asarray(indices, dtype=np.int64), order, np.take_along_axis(probabilities, order, axis=1), true_probs,
+                  list(skipped), 0.0, probabilities)
+
+
+def write_prediction_files(source: PredictionInput, scores: Scores, label_names: list[str], output_dir: Path,
+                           info: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Path, dict[str, Any] | None]:
+    """``predictions.csv``, ``skipped.csv``, ``prediction_info.json`` and (with true labels) ``metrics.json`` and
+    the plots; returns the predictions, the skipped table, the predictions' path and the metrics."""
+    predictions = predictions_table(source, scores, label_names)
+    skipped = skipped_table(source, scores.skipped)
+    predictions_path = write_predictions(predictions, output_dir / "predictions.csv")
+    write_csv_atomic(output_dir / "skipped.csv", skipped)
+    write_json_atomic(output_dir / "prediction_info.json", info)
+    return predictions, skipped, predictions_path, write_metrics(predictions, label_names, output_dir, source.root, info)
 
 
 def relative_path(path: Path, root: Path) -> str:
@@ -383,15 +413,11 @@ def run_prediction(
     torch_device = select_device(config.device, DistributedContext())
     scores = score_samples(model, source.samples, config, torch_device, topk, dask, output_dir / SHARDS_DIR,
                            full=is_enabled(config.postprocess))
-    predictions = predictions_table(source, scores, model.label_names)  # the raw predictions: complete from here on
-    skipped = skipped_table(source, scores.skipped)
     log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
-             len(predictions), scores.images_per_second, torch_device, len(skipped))
-    info = prediction_info(source, model, torch_device, len(predictions), len(skipped), scores.images_per_second, topk)
-    predictions_path = write_predictions(predictions, output_dir / "predictions.csv")
-    write_csv_atomic(output_dir / "skipped.csv", skipped)
-    write_json_atomic(output_dir / "prediction_info.json", info)
-    metrics = write_metrics(predictions, model.label_names, output_dir, source.root, info)
+             len(scores.indices), scores.images_per_second, torch_device, len(scores.skipped))
+    info = prediction_info(source, model, torch_device, len(scores.indices), len(scores.skipped), scores.images_per_second, topk)
+    # the raw predictions: complete from here on
+    predictions, skipped, predictions_path, metrics = write_prediction_files(source, scores, model.label_names, output_dir, info)
     md_output = None
     if source.megadetector is not None:
         md_output = output_dir / f"{source.megadetector.stem}_classified.json"
