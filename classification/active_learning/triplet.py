@@ -66,14 +66,15 @@ class EmbeddingNetwork(nn.Module):
     """
 
     def __init__(self, architecture: str = "resnet18", embedding_dim: int = 128, pretrained: bool = True,
-                 weights_file: Path | None = None) -> None:
+                 weights_file: Path | None = None, pretrained_source: str = "library") -> None:
         super().__init__()
         if embedding_dim < 1:
             raise UserError(f"embedding_dim: must be at least 1, got {embedding_dim}")
         self.architecture = architecture
         self.embedding_dim = embedding_dim
-        self.backbone = build_model(architecture, embedding_dim, pretrained, weights_file)
-        self.input_spec = input_spec(architecture)  # the weights' normalisation and interpolation
+        self.backbone = build_model(architecture, embedding_dim, pretrained, weights_file, pretrained_source)
+        # the weights' normalisation and interpolation (those of the packaged weights when they are used)
+        self.input_spec = input_spec(architecture, pretrained_source if pretrained else "library")
 
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> L2-normalised embeddings (B, embedding_dim)."""
