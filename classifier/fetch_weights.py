@@ -12,15 +12,12 @@ variables at a shared filesystem, and set HF_HUB_OFFLINE=1 on the compute nodes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import ArgumentParser, run_main
-from classification.config import load_config
-from classification.errors import UserError
-from classification.training.models import fetch_weights
+from classification.training.models import fetch_weights, wanted_weights
 
 
 def build_parser() -> ArgumentParser:
@@ -32,21 +29,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def wanted_weights(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """``(architecture, source)`` pairs from the configs that use pretrained weights and the --architecture list."""
-    wanted = [(name, args.pretrained_source) for name in args.architecture]
-    for path in args.config:
-        config = load_config(path)
-        if config.pretrained:
-            wanted.append((config.architecture, config.pretrained_source))
-    if not wanted:
-        raise UserError("nothing to fetch: give --config files that use pretrained weights, or --architecture names")
-    return list(dict.fromkeys(wanted))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for architecture, source in wanted_weights(args):
+    for architecture, source in wanted_weights(args.config, args.architecture, args.pretrained_source):
         fetched = fetch_weights(architecture, source)
         spec = fetched.input
         print(f"{fetched.architecture} ({fetched.source}): ok, {spec.size} px, mean {list(spec.mean)}, "

@@ -103,3 +103,20 @@ def test_freezing_leaves_only_the_head_trainable(architecture: str) -> None:
     assert trainable == {f"{head}.weight", f"{head}.bias"}
     set_backbone_trainable(model, True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_wanted_weights_is_a_typed_library_function(tmp_path: Path) -> None:
+    """What fetch_weights.py fetches: typed pairs from the configs and the names, each once; nothing is one line."""
+    import typing
+
+    from classification.training.models import wanted_weights
+    from tests.test_train import write_run
+
+    hints = typing.get_type_hints(wanted_weights)
+    assert hints["return"] == list[tuple[str, typing.Literal["library", "package"]]]
+    package = write_run(tmp_path / "a", tmp_path, architecture="efficientnet_lite0", pretrained=True, pretrained_source="package")
+    scratch = write_run(tmp_path / "b", tmp_path, pretrained=False)
+    assert wanted_weights([package, scratch, package], ["resnet18"], "library") == [("resnet18", "library"),
+                                                                                  ("efficientnet_lite0", "package")]
+    with pytest.raises(UserError, match="nothing to fetch"):
+        wanted_weights([scratch], [])

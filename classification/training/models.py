@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -28,7 +28,7 @@ import torchvision
 from torch import Tensor, nn
 from timm.models import split_model_name_tag
 
-from classification.config import ExperimentConfig
+from classification.config import ExperimentConfig, PretrainedSource, load_config
 from classification.errors import DataError, UserError
 from classification.training.weights import (
     IMAGENET_MEAN,
@@ -277,7 +277,21 @@ def weights_cache_location(library: str, source: str) -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def fetch_weights(architecture: str, pretrained_source: str = "library") -> FetchedWeights:
+def wanted_weights(config_paths: Sequence[Path], architectures: Sequence[str],
+                   pretrained_source: PretrainedSource = "library") -> list[tuple[str, PretrainedSource]]:
+    """``(architecture, source)`` pairs, each once, in order: ``architectures`` from ``pretrained_source``, then
+    those of the configs that use pretrained weights; a UserError when there is nothing to fetch."""
+    wanted = [(name, pretrained_source) for name in architectures]
+    for path in config_paths:
+        config = load_config(path)
+        if config.pretrained:
+            wanted.append((config.architecture, config.pretrained_source))
+    if not wanted:
+        raise UserError("nothing to fetch: give --config files that use pretrained weights, or --architecture names")
+    return list(dict.fromkeys(wanted))
+
+
+def fetch_weights(architecture: str, pretrained_source: PretrainedSource = "library") -> FetchedWeights:
     """Download (or convert) an architecture's ImageNet weights into the cache training reads, then check
     them: the model builds from the cache and gives finite ImageNet logits on a fixed input."""
     library, name = resolve_architecture(architecture)
