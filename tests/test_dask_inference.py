@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from classification.active_learning.embeddings import embed_folder
 from classification.config import load_config
@@ -106,3 +107,17 @@ def test_random_backbone_is_refused_on_dask(tmp_path: Path) -> None:
     config = backbone_config("resnet18", 32, 4, 0, "cpu", pretrained=False)
     with pytest.raises(UserError, match="random weights would differ between workers"):
         embed_with_backbone(config, [], None, dask=DaskOptions(workers=2))
+
+
+@pytest.mark.parametrize(("dask", "message"), [(DaskOptions(workers=0), "--dask-workers must be at least 1"),
+                                                (DaskOptions(workers=2, scheduler="tcp://127.0.0.1:1"), "not both")])
+def test_embedding_refuses_dask_flags_that_contradict(tmp_path: Path, dask: DaskOptions, message: str) -> None:
+    """As predict.py and crop_detections.py do: --dask-workers 0, or a local cluster and a scheduler at once, is one line
+    (embedding used to run in one process for the first and ignore --dask-workers for the second)."""
+    from classification.active_learning.embeddings import backbone_config  # noqa: PLC0415
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (90, 120, 60)).save(tmp_path / "images" / "a.jpg")
+    config = backbone_config("resnet18", 32, 4, 0, "cpu", pretrained=False)
+    with pytest.raises(UserError, match=message):
+        embed_folder(tmp_path / "images", tmp_path / "out", config, dask=dask)

@@ -212,6 +212,7 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
                  dask: DaskOptions = NO_DASK) -> EmbeddingRun:
     """Embed every image under ``images_dir`` with a trained checkpoint of ``run_dir`` (embeddings, probabilities
     and an ``al_score``) or, without a checkpoint, with ``config.architecture`` as a backbone (embeddings only)."""
+    dask.validate()  # contradicting Dask flags are one line, as in prediction and cropping
     images_dir, output_dir = Path(images_dir).resolve(), Path(output_dir)
     if checkpoint is not None:
         if run_dir is None:
