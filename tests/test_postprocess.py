@@ -156,6 +156,17 @@ def test_without_seq_id_location_and_time_window_recover_mct_sequences(shared_da
     assert pairs.groupby("seq")["window"].nunique().mean() < 1.1
 
 
+def test_time_windows_read_exif_style_datetimes() -> None:
+    """CCT datetimes written the EXIF way (``2011:06:13 08:15:00``, which the time splits read too) keep their date:
+    pandas alone read them as 0001-01-01 at that time of day, so frames of one camera days apart, at the same hour,
+    were averaged as one sequence."""
+    times = ["2011:06:13 08:15:00", "2011:06:13 08:15:20", "2011:06:14 08:15:10", "2011-06-15 08:15:00"]
+    predictions = pd.DataFrame({"path": [f"{i}.jpg" for i in range(4)], "dataset": "d", "location": "cam1"})
+    context = pd.DataFrame({"image": predictions["path"], "seq_id": "", "datetime": times, "detection_conf": np.nan})
+    keys = sequence_keys(predictions, context, 60.0)
+    assert keys[0] == keys[1] and len(set(keys)) == 3, keys
+
+
 def test_image_smoothing_gives_unconfident_minority_detections_the_dominant_class() -> None:
     cow, deer = [0.9, 0.1], [0.3, 0.7]
     probabilities = np.array([cow, cow, cow, deer, [0.02, 0.98], [0.2, 0.8]])

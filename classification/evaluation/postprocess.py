@@ -39,6 +39,7 @@ import pandas as pd
 
 from classification.config import PostprocessConfig
 from classification.data.dataset import read_crops_manifest
+from classification.data.time_splits import parse_datetimes
 from classification.errors import DataError
 from classification.evaluation import calibration as cal
 from classification.evaluation.megadetector import image_answers, write_megadetector_classifications
@@ -120,7 +121,7 @@ def sequence_keys(predictions: pd.DataFrame, context: pd.DataFrame, gap_s: float
     keys = np.array([f"row:{i}" for i in range(len(predictions))], dtype=object)
     has_seq = context["seq_id"].to_numpy() != ""
     keys[has_seq] = [f"seq:{d}/{s}" for d, s in zip(datasets[has_seq], context["seq_id"].to_numpy()[has_seq])]
-    times = pd.to_datetime(context["datetime"].where(context["datetime"] != ""), errors="coerce", format="mixed")
+    times = parse_datetimes(context["datetime"])  # the time splits' reader: ISO or EXIF (2011:06:13 ...) text, else NaT
     timed = ~has_seq & times.notna().to_numpy() & (locations != "")
     if timed.any():
         frame = pd.DataFrame({"dataset": datasets[timed], "location": locations[timed], "time": times[timed].to_numpy(),
