@@ -55,10 +55,15 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     then syncs a whole batch at once (``sync_files``) before anything trusts those files.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a file to write")
+    ensure_folder(path.parent)
     tmp_name = temporary_name(path)
     access = os.O_RDWR if "+" in mode else os.O_WRONLY
-    fd = os.open(tmp_name, access | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp_name, access | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be written ({error.strerror})") from None
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
@@ -73,6 +78,33 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         except FileNotFoundError:
             pass
         raise
+
+
+def ensure_folder(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) for output; a file in the way, or a folder that cannot be created
+    (no permission, a read-only filesystem), is a one-line ``DataError`` naming it, not a traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError(f"{folder}: exists and is not a folder (an output folder is needed here)") from None
+    except NotADirectoryError:
+        raise DataError(f"{folder}: cannot be created: a file is in the way of one of its parent folders") from None
+    except OSError as error:
+        raise DataError(f"{folder}: cannot create the folder ({error.strerror})") from None
+    return folder
+
+
+def check_output_file(path: str | Path) -> None:
+    """Refuse, before any work, an output file that cannot be written where it is: a folder, or under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{path}: cannot be written: {parent} is a file, not a folder")
+            break
 
 
 def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", recursive: bool = False) -> list[Path]:
@@ -161,6 +193,10 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a JSON file") from None
+    except NotADirectoryError:  # a file given where a folder was expected: <file>/datapackage.json
+        raise DataError(f"{path}: not found ({path.parent} is a file, not a folder)") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied)") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except UnicodeDecodeError:
@@ -179,12 +215,42 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found{hint}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a CSV file") from None
+    except NotADirectoryError:
+        raise DataError(f"{path}: not found ({Path(path).parent} is a file, not a folder)") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
     missing = sorted(set(required) - set(frame.columns))
     if missing:
         raise DataError(f"{path}: missing columns {', '.join(missing)}")
+    fields = last_row_fields(Path(path))
+    if len(frame) and fields is not None and fields < len(frame.columns):
+        raise DataError(f"{path}: row {len(frame) + 1}: {fields} of {len(frame.columns)} fields: the file looks cut short "
+                        "(pandas would fill the rest with empty values)")
     return frame
+
+
+def last_row_fields(path: Path) -> int | None:
+    """The number of fields of a CSV's last line when it lacks its final newline (how a file cut short ends), else None.
+
+    pandas fills a short row with empty strings, so a truncated manifest or table would read as valid but for its rows lost."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            tail = handle.read()
+    except OSError:
+        return None
+    if not tail or tail.endswith((b"\n", b"\r")):
+        return None
+    last = tail.rsplit(b"\n", 1)[-1]
+    if b'"' in last:  # a quoted field may span lines: counting commas would guess
+        return None
+    return last.count(b",") + 1
 
 
 def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:

@@ -28,7 +28,7 @@ from classification.data.camtrap_dp_schema import TABLES
 from classification.data.cct import CCT, load_cct, read_image_size
 from classification.data.images import DECODE_ERRORS
 from classification.errors import DataError
-from classification.io import read_json, read_string_csv, write_json_atomic
+from classification.io import check_output_file, read_json, read_string_csv, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ REQUIRED_COLUMNS = {
 }
 BOX_COLUMNS = ("bboxX", "bboxY", "bboxWidth", "bboxHeight")
 TYPE_CATEGORIES = ("blank", "human", "vehicle", "unknown")  # observation types that are their own category
+OBSERVATION_TYPES = ("animal", *TYPE_CATEGORIES, "unclassified")  # Camtrap DP 1.0's values
+OBSERVATION_LEVELS = ("media", "event")
 CCT_DATETIME = "%Y-%m-%d %H:%M:%S"  # local time, as camera-trap CCT files write it
 BOX_TOLERANCE = 0.01
 
@@ -92,7 +94,11 @@ class ConversionReport:
 def package_root(path: str | Path) -> Path:
     """The package folder, given it or its ``datapackage.json``."""
     path = Path(path)
-    return path.parent if path.name == "datapackage.json" else path
+    if path.name == "datapackage.json":
+        return path.parent
+    if path.is_file():
+        raise DataError(f"{path}: expected the package folder or its datapackage.json, got another file")
+    return path
 
 
 def resource_paths(root: Path, descriptor: Any) -> dict[str, Path]:
@@ -100,7 +106,12 @@ def resource_paths(root: Path, descriptor: Any) -> dict[str, Path]:
     where = root / "datapackage.json"
     if not isinstance(descriptor, dict) or not isinstance(descriptor.get("resources"), list):
         raise DataError(f"{where}: resources: missing or not a list")
-    named = {r.get("name"): r for r in descriptor["resources"] if isinstance(r, dict)}
+    named: dict[Any, Any] = {}
+    for resource in descriptor["resources"]:
+        if isinstance(resource, dict):
+            if resource.get("name") in TABLES and resource.get("name") in named:
+                raise DataError(f"{where}: resources: {resource.get('name')!r} is given twice")
+            named[resource.get("name")] = resource
     paths = {}
     for table in TABLES:
         path = named.get(table, {}).get("path")
@@ -130,6 +141,30 @@ def check_references(frame: pd.DataFrame, column: str, known: pd.Series, path: P
         raise DataError(f"{path}: row {unknown[0] + 2}: {column}: {value!r} is not in {target}")
 
 
+def check_media_paths(media: pd.DataFrame, path: Path) -> None:
+    """Refuse a local ``filePath`` that is absolute or climbs out of the package (``..``): the standard forbids it,
+    and the files are read, linked and copied by that path."""
+    for i, file_path in enumerate(media["filePath"]):
+        if is_url(file_path):
+            continue
+        parts = PurePosixPath(file_path.replace("\\", "/"))
+        if not file_path.strip() or parts.is_absolute() or ".." in parts.parts or (len(file_path) > 1 and file_path[1] == ":"):
+            raise DataError(f"{path}: row {i + 2}: filePath: expected a URL or a relative path inside the package, got {file_path!r}")
+
+
+def check_observation_kinds(observations: pd.DataFrame, path: Path) -> None:
+    """Refuse an ``observationLevel`` or ``observationType`` outside the standard's values, and a media-level observation
+    without its ``mediaID``: each would otherwise be skipped without a word."""
+    for column, allowed in (("observationLevel", OBSERVATION_LEVELS), ("observationType", OBSERVATION_TYPES)):
+        wrong = observations.index[~observations[column].isin(allowed)]
+        if len(wrong):
+            raise DataError(f"{path}: row {wrong[0] + 2}: {column}: {observations[column][wrong[0]]!r} is not one of "
+                            f"{', '.join(allowed)}")
+    orphans = observations.index[(observations["observationLevel"] == "media") & (observations["mediaID"] == "")]
+    if len(orphans):
+        raise DataError(f"{path}: row {orphans[0] + 2}: mediaID: empty in a media-level observation (which medium is it of?)")
+
+
 def read_package(path: str | Path) -> CamtrapPackage:
     """Read ``datapackage.json`` and the three tables, checking their columns, identifiers and references."""
     root = package_root(path)
@@ -143,15 +178,22 @@ def read_package(path: str | Path) -> CamtrapPackage:
     check_references(media, "deploymentID", deployments["deploymentID"], paths["media"], "deployments.csv")
     check_references(observations, "deploymentID", deployments["deploymentID"], paths["observations"], "deployments.csv")
     check_references(observations, "mediaID", media["mediaID"], paths["observations"], "media.csv")
+    check_media_paths(media, paths["media"])
+    check_observation_kinds(observations, paths["observations"])
     return CamtrapPackage(root, descriptor, paths, deployments, media, observations)
 
 
 def parse_timestamp(value: str, path: Path, row: int, column: str) -> datetime:
     """An ISO 8601 date-time (with or without an offset); a bad one is a one-line error naming file, row and field."""
     try:
-        return datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise DataError(f"{path}: row {row + 2}: {column}: not an ISO 8601 date-time ({value!r})") from None
+    try:
+        instant(moment)
+    except OverflowError:  # 0001-01-01T00:00+05:00 is before the first instant Python can hold in UTC
+        raise DataError(f"{path}: row {row + 2}: {column}: {value!r} lies outside the years 1 to 9999 in UTC") from None
+    return moment
 
 
 def instant(moment: datetime) -> datetime:
@@ -327,6 +369,8 @@ def camtrap_dp_to_cct(package_path: str | Path, images_dir: Path | None = None) 
     """A CCT dict from a Camtrap DP package; ``images_dir`` (default: the package folder) holds the media files
     whose sizes turn normalised boxes into pixels."""
     package = read_package(package_path)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise DataError(f"--images-dir {images_dir}: folder not found")
     images_dir = Path(images_dir) if images_dir is not None else package.root
     times = media_times(package)
     events = media_events(package, times)
@@ -390,6 +434,7 @@ def event_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]]
 
 def convert_package(package_path: str | Path, output: Path, images_dir: Path | None = None) -> ConversionReport:
     """Convert a Camtrap DP package and write the CCT file (validated like any CCT file first)."""
+    check_output_file(output)
     data, report = camtrap_dp_to_cct(package_path, images_dir)
     load_cct(output, data)  # the same checks utils/validate_cct.py makes: a box outside its image is an error here too
     write_json_atomic(output, data)

@@ -39,7 +39,7 @@ from classification.data.camtrap_dp_schema import PROFILE_URL, TABLES, column_na
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.errors import DataError, UserError
 from classification.evaluation.report import read_predictions, topk_of
-from classification.io import copy_file_atomic, link_atomic, read_json, write_csv_atomic, write_json_atomic
+from classification.io import copy_file_atomic, ensure_folder, link_atomic, read_json, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ def package_descriptor(source: dict[str, Any], levels: list[str], names: set[str
     descriptor.pop("id", None)  # the source's identifier is not this package's
     descriptor["name"] = re.sub(r"[^a-z0-9._-]+", "-", f"{source.get('name') or 'camtrap-dp'}-predictions".lower())
     descriptor["title"] = f"Predictions of {classified_by} on: {source.get('title') or source.get('name') or 'a Camtrap DP package'}"
-    descriptor["project"] = {**(source.get("project") or {}), "observationLevel": levels}
+    project = source.get("project")
+    descriptor["project"] = {**(project if isinstance(project, dict) else {}), "observationLevel": levels}
     known = {t["scientificName"]: t for t in source.get("taxonomic") or [] if isinstance(t, dict) and t.get("scientificName")}
     descriptor["taxonomic"] = [known.get(name, {"scientificName": name}) for name in sorted(names)]
     return descriptor
@@ -268,7 +269,7 @@ def place_media(package: CamtrapPackage, output_dir: Path) -> int:
 def write_package(package: CamtrapPackage, observations: list[dict[str, str]], output_dir: Path, classified_by: str,
                   created: str) -> None:
     """The three tables and ``datapackage.json``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(output_dir)
     write_csv_atomic(output_dir / "deployments.csv", package.deployments)
     write_csv_atomic(output_dir / "media.csv", package.media)
     write_csv_atomic(output_dir / "observations.csv", pd.DataFrame(observations, columns=column_names("observations"), dtype=object).fillna(""))
@@ -284,6 +285,8 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     predictions_path, output_dir = Path(predictions_path), Path(output_dir)
     predictions = read_predictions(predictions_path)
     package = read_package(package_path)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise DataError(f"--images-dir {images_dir}: folder not found")
     if output_dir.resolve() == package.root.resolve():
         raise UserError(f"--output-dir {output_dir}: is the source package; its observations.csv would be replaced (choose another folder)")
     info = prediction_info(predictions_path)

@@ -62,9 +62,21 @@ def read_predictions(path: Path) -> pd.DataFrame:
     frame = read_string_csv(Path(path), ["path", "true_label", "pred_label", "confidence", "top1_label", "top1_prob"])
     if "true_prob" not in frame:
         frame["true_prob"] = ""
+    missing = [f"top{k}_prob" for k in range(1, topk_of(frame) + 1) if f"top{k}_prob" not in frame]
+    if missing:
+        raise DataError(f"{path}: missing columns {', '.join(missing)} (each top<k>_label needs its top<k>_prob)")
     for column in probability_columns(frame):
-        frame[column] = pd.to_numeric(frame[column].replace("", np.nan), errors="raise").astype(float)
+        frame[column] = probabilities_of(frame[column], Path(path), column)
     return frame
+
+
+def probabilities_of(values: pd.Series, path: Path, column: str) -> pd.Series:
+    """A column of probabilities (empty: NaN); text, NaN written out, or a value outside 0..1 is a one-line error naming its row."""
+    numbers = pd.to_numeric(values.replace("", np.nan), errors="coerce").astype(float)
+    bad = numbers.index[(numbers.isna() & (values != "")) | ~(numbers.isna() | numbers.between(0.0, 1.0 + 1e-6))]
+    if len(bad):
+        raise DataError(f"{path}: row {int(bad[0]) + 2}: {column}: expected a probability from 0 to 1, got {values[bad[0]]!r}")
+    return numbers
 
 
 def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:

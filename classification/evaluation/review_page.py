@@ -263,6 +263,10 @@ def write_review_page(predictions_path: str | Path, output: str | Path | None = 
     options = options or PageOptions()
     if options.per_class < 1:
         raise UserError(f"--per-class must be at least 1, got {options.per_class}")
+    if not 0 <= options.seed < 2**32:
+        raise UserError(f"--seed must be from 0 to 2**32 - 1 (numpy's seeds), got {options.seed}")
+    if images_root is not None and not Path(images_root).is_dir():
+        raise UserError(f"--images-root {images_root}: folder not found")
     predictions_path = Path(predictions_path)
     root = images_root_of(predictions_path, images_root)
     frame = with_sequences(read_review_table(predictions_path), root)
