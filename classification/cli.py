@@ -53,6 +53,7 @@ class ArgumentParser(argparse.ArgumentParser):
         """Append "did you mean" for each unknown ``--flag`` in an argparse message."""
         hints = []
         for word in message.replace(",", " ").split():
+            word = word.rstrip(":")  # argparse writes "argument --flag: ..." about a flag it knows
             if word.startswith("-") and word not in self.known_flags():
                 close = difflib.get_close_matches(word.split("=")[0], self.known_flags(), n=1, cutoff=0.6)
                 if close:

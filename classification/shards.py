@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -50,6 +51,7 @@ R = TypeVar("R")
 SHARDS_DIR = ".shards"  # a stage's shard files, in its output folder; removed once its outputs are written
 SHARD_FORMAT = 1  # bump when a shard file's content changes meaning: older files are then redone
 DEFAULT_SHARD_SIZE = 100  # jobs per shard: a few seconds to a minute of work, the most a killed worker loses
+MAX_WORKERS_PER_CORE = 4  # local Dask worker processes per core, at most
 CONNECT_TIMEOUT_S = 30
 
 
@@ -70,6 +72,10 @@ class DaskOptions:
         """Raise a one-line ``UserError`` for a value out of range or a contradiction."""
         if self.workers < 1:
             raise UserError(f"--dask-workers must be at least 1, got {self.workers}")
+        most = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+        if self.workers > most:  # each is a process: a typo'd 10**30 would start them until memory runs out
+            raise UserError(f"--dask-workers {self.workers}: more than {most} local worker processes "
+                            f"({MAX_WORKERS_PER_CORE} per core of this machine); for more machines, start a cluster and give --scheduler")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.scheduler is not None and self.workers > 1:

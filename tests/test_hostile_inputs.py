@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -536,3 +537,286 @@ def test_entry_point_refuses_hostile_flags_and_files(script: str, arguments: str
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     args = arguments.replace("{tmp}", str(files)).split()
     assert_one_line(run(capsys, script, *args), message)
+
+
+# ---------------------------------------------------------------- Camtrap DP in (utils/camtrap_dp_to_cct.py)
+
+
+@pytest.fixture
+def camtrap_example() -> Path:
+    path = REPO_ROOT.parent / "shared" / "data" / "camtrap_dp_example"
+    if not (path / "datapackage.json").is_file():
+        pytest.skip(f"{path}: the Camtrap DP example package is not there")
+    return path
+
+
+def copy_package(example: Path, target: Path) -> Path:
+    """The example's datapackage.json and tables (not its media) in a folder the case may spoil."""
+    target.mkdir(parents=True)
+    for name in ("datapackage.json", "deployments.csv", "media.csv", "observations.csv"):
+        shutil.copy(example / name, target / name)
+    return target
+
+
+def set_cell(path: Path, row: int, column: str, value: str) -> None:
+    """Rewrite one cell of a CSV (every column read as a string)."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[row, column] = value
+    frame.to_csv(path, index=False)
+
+
+def edit_descriptor(package: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    descriptor = json.loads((package / "datapackage.json").read_text())
+    change(descriptor)
+    (package / "datapackage.json").write_text(json.dumps(descriptor))
+
+
+def cut_short(path: Path) -> None:
+    """Cut a file in the middle of a row, as a copy or download that stopped would."""
+    data = path.read_bytes()
+    cut = data.rindex(b"\n", 0, len(data) // 2) + 12
+    path.write_bytes(data[:cut])
+
+
+# name -> (spoil the package copy (it returns the package argument and the output), a piece of the one-line message)
+CAMTRAP_IN: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
+    "a table's path is a folder": (lambda p: (edit_descriptor(p, lambda d: d["resources"][1].update(path="media")),
+                                              (p / "media").mkdir(), (p, p / "o.json"))[-1], "media: is a folder, expected a CSV file"),
+    "media.csv given as the package": (lambda p: (p / "media.csv", p / "o.json"), "expected the package folder or its datapackage.json"),
+    "datapackage.json not UTF-8": (lambda p: ((p / "datapackage.json").write_bytes(b"\xff\xfe\x81 resources"), (p, p / "o.json"))[-1],
+                                   "datapackage.json: not a UTF-8 text file"),
+    "media twice in resources": (lambda p: (edit_descriptor(p, lambda d: d["resources"].append(dict(d["resources"][1], path="deployments.csv"))),
+                                            (p, p / "o.json"))[-1], "resources: 'media' is given twice"),
+    "media.csv zero bytes": (lambda p: ((p / "media.csv").write_bytes(b""), (p, p / "o.json"))[-1], "media.csv: not a readable CSV"),
+    "observations.csv cut short mid-row": (lambda p: (cut_short(p / "observations.csv"), (p, p / "o.json"))[-1],
+                                           "the file looks cut short"),
+    "a repeated mediaID": (lambda p: (set_cell(p / "media.csv", 1, "mediaID", "07840dcc"), (p, p / "o.json"))[-1],
+                           "media.csv: row 3: mediaID: '07840dcc' repeats an earlier row"),
+    "year 1 with an offset": (lambda p: (set_cell(p / "media.csv", 0, "timestamp", "0001-01-01T00:00:00+05:00"), (p, p / "o.json"))[-1],
+                              "media.csv: row 2: timestamp: '0001-01-01T00:00:00+05:00' lies outside the years 1 to 9999"),
+    "eventStart in year 9999 west of UTC": (lambda p: (set_cell(p / "observations.csv", 0, "eventStart", "9999-12-31T23:59:59-05:00"),
+                                                       (p, p / "o.json"))[-1], "observations.csv: row 2: eventStart"),
+    "observationLevel in capitals": (lambda p: (set_cell(p / "observations.csv", 1, "observationLevel", "MEDIA"), (p, p / "o.json"))[-1],
+                                     "observations.csv: row 3: observationLevel: 'MEDIA' is not one of media, event"),
+    "observationType typo": (lambda p: (set_cell(p / "observations.csv", 1, "observationType", "animl"), (p, p / "o.json"))[-1],
+                             "observations.csv: row 3: observationType: 'animl' is not one of animal"),
+    "media-level observation without mediaID": (lambda p: (set_cell(p / "observations.csv", 1, "mediaID", ""), (p, p / "o.json"))[-1],
+                                                "observations.csv: row 3: mediaID: empty in a media-level observation"),
+    "filePath climbing out": (lambda p: (set_cell(p / "media.csv", 0, "filePath", "../../etc/passwd"), (p, p / "o.json"))[-1],
+                              "media.csv: row 2: filePath: expected a URL or a relative path inside the package"),
+    "filePath absolute": (lambda p: (set_cell(p / "media.csv", 0, "filePath", "C:/media/a.jpg"), (p, p / "o.json"))[-1],
+                          "media.csv: row 2: filePath"),
+    "bboxX beyond float": (lambda p: (set_cell(p / "observations.csv", 1, "bboxX", "1e400"), (p, p / "o.json"))[-1],
+                           "observations.csv: row 3: bboxX: 1e400 is outside 0..1"),
+    "output is a folder": (lambda p: ((p / "out").mkdir(), (p, p / "out"))[-1], "out: is a folder, expected a file to write"),
+    "output under a file": (lambda p: (p, p / "media.csv" / "o.json"), "media.csv is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(CAMTRAP_IN))
+def test_camtrap_dp_to_cct_refuses_hostile_packages(name: str, camtrap_example: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    spoil_package, message = CAMTRAP_IN[name]
+    package, output = spoil_package(copy_package(camtrap_example, tmp_path / "package"))
+    assert_one_line(run(capsys, "utils/camtrap_dp_to_cct.py", package, output), message)
+    assert not (output.is_file() and output.suffix == ".json")
+
+
+def test_camtrap_dp_to_cct_refuses_a_missing_images_folder(camtrap_example: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo'd --images-dir used to turn every box into an image-level label ("size unknown") and exit 0."""
+    outcome = run(capsys, "utils/camtrap_dp_to_cct.py", camtrap_example, tmp_path / "o.json", "--images-dir", tmp_path / "meda")
+    assert_one_line(outcome, "--images-dir", "meda: folder not found")
+
+
+# ---------------------------------------------------------------- predictions out (predictions_to_camtrap_dp.py, review_page.py)
+
+
+PREDICTION_COLUMNS = ["path", "dataset", "location", "true_label", "true_prob", "pred_label", "confidence", "top1_label", "top1_prob"]
+
+
+def whole_image_predictions(example: Path, folder: Path, first: dict[str, str] | None = None,
+                            extra_columns: Sequence[str] = ()) -> Path:
+    """predictions.csv on the example's 10 local media (whole images), its first row changed by ``first``."""
+    rows = [{"path": p.relative_to(example).as_posix(), "dataset": "ex", "location": "", "true_label": "blank", "true_prob": "",
+             "pred_label": "blank", "confidence": "0.6", "top1_label": "blank", "top1_prob": "0.6"}
+            for p in sorted((example / "media").glob("*.JPG"))]
+    rows[0].update(first or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=PREDICTION_COLUMNS + list(extra_columns)).to_csv(folder / "predictions.csv", index=False)
+    (folder / "prediction_info.json").write_text(json.dumps({"images_root": str(example), "architecture": "resnet18"}))
+    return folder / "predictions.csv"
+
+
+PREDICTIONS_OUT: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [  # name, first row, extra columns, message
+    ("confidence as text", {"confidence": "high"}, (), "predictions.csv: row 2: confidence: expected a probability from 0 to 1, got 'high'"),
+    ("confidence NaN written out", {"confidence": "nan"}, (), "row 2: confidence: expected a probability from 0 to 1, got 'nan'"),
+    ("confidence negative", {"confidence": "-1"}, (), "row 2: confidence: expected a probability from 0 to 1, got '-1'"),
+    ("top1_prob beyond float", {"top1_prob": "1e400"}, (), "row 2: top1_prob: expected a probability from 0 to 1"),
+    ("top2_label without top2_prob", {}, ("top2_label",), "missing columns top2_prob"),
+]
+
+
+@pytest.mark.parametrize("name, first, extra, message", PREDICTIONS_OUT, ids=[case[0] for case in PREDICTIONS_OUT])
+def test_predictions_to_camtrap_dp_refuses_hostile_predictions(name: str, first: dict[str, str], extra: tuple[str, ...], message: str,
+                                                               camtrap_example: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    predictions = whole_image_predictions(camtrap_example, tmp_path / "run", first, extra)
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", camtrap_example,
+                  "--output-dir", tmp_path / "out")
+    assert_one_line(outcome, message)
+    assert not (tmp_path / "out").exists()  # refused before anything is written, not after (it was: "not valid Camtrap DP")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("predictions is a folder", "run: is a folder, expected a CSV file"),
+    ("predictions cut short", "the file looks cut short"),
+    ("output-dir is a file", "exists and is not a folder"),
+    ("images-dir missing", "--images-dir"),
+    ("a medium's filePath climbing out of the package", "media.csv: row 2: filePath"),
+])
+def test_predictions_to_camtrap_dp_refuses_hostile_paths(case: str, message: str, camtrap_example: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    predictions = whole_image_predictions(camtrap_example, tmp_path / "run")
+    package, output, extra = camtrap_example, tmp_path / "out", []
+    if case == "predictions is a folder":
+        predictions = predictions.parent
+    elif case == "predictions cut short":
+        cut_short(predictions)
+    elif case == "output-dir is a file":
+        output = predictions
+    elif case == "images-dir missing":
+        extra = ["--images-dir", tmp_path / "no_such_folder"]
+    else:  # the file would have been linked or copied to <output-dir>/../outside.jpg, out of the package written
+        package = copy_package(camtrap_example, tmp_path / "package")
+        shutil.copytree(camtrap_example / "media", package / "media")
+        (tmp_path / "outside.jpg").write_bytes(b"not for the package")
+        set_cell(package / "media.csv", 0, "filePath", "../outside.jpg")
+        output = tmp_path / "deep" / "out"
+    assert_one_line(run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", package,
+                        "--output-dir", output, *extra), message)
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--seed", "-1"), "--seed must be from 0 to 2**32 - 1"),
+    (("--seed", "1" + "0" * 30), "--seed must be from 0 to 2**32 - 1"),
+    (("--images-root", "{tmp}/no_such_folder"), "--images-root"),
+    (("--output", "{tmp}"), "is a folder, expected a file to write"),
+    (("--output", "{tmp}/run/predictions.csv/review.html"), "predictions.csv: exists and is not a folder"),
+])
+def test_review_page_refuses_hostile_flags(flags: tuple[str, ...], message: str, camtrap_example: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    predictions = whole_image_predictions(camtrap_example, tmp_path / "run")
+    args = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
+    assert_one_line(run(capsys, "classifier/review_page.py", "--predictions", predictions, "--per-class", "2", *args), message)
+    assert not (tmp_path / "run" / "review.html").exists()
+
+
+# ---------------------------------------------------------------- Dask flags and time splits
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--dask-workers", "1" + "0" * 30), "local worker processes"),  # it used to start processes until memory ran out
+    (("--dask-workers", "-3"), "--dask-workers must be at least 1, got -3"),
+    (("--shard-size", "0"), "--shard-size must be at least 1, got 0"),
+    (("--dask-workers", "2", "--scheduler", "tcp://127.0.0.1:9"), "not both"),
+    (("--scheduler", "not-an-address"), "--scheduler not-an-address: cannot connect"),
+])
+def test_crop_detections_refuses_hostile_dask_flags(flags: tuple[str, ...], message: str, files: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = run(capsys, "utils/crop_detections.py", files / "cct.json", files / "c", "--images-dir", files / "images", *flags)
+    assert_one_line(outcome, message)
+    assert not (files / "c" / "crops_manifest.csv").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--test-last", "1" + "0" * 30 + "D"), "is longer than 200 years"),  # OutOfBoundsTimedelta before
+    (("--val-last", "99999999Y"), "--val-last: '99999999Y' is longer than 200 years"),  # OutOfBoundsDatetime before
+    (("--val-period", "2011-06-01..garbage"), "--val-period: expected YYYY, YYYY-MM or YYYY-MM-DD, got 'garbage'"),
+    (("--test-last", "-1M"), "argument --test-last: expected one argument (see --help)"),  # no "did you mean --test-last?"
+    (("--test-last", "3X"), "expected a positive number and a unit D, W, M or Y"),
+    (("--test-last", "0D"), "got '0D'"),
+    (("--test-period", "2011-08..2011-06"), "ends before it starts"),
+    (("--test-period", "2011-13"), "'2011-13' is not a date"),
+    (("--missing-datetimes", "maybe"), "invalid choice: 'maybe' (choose from 'drop', 'train') (see --help)"),
+])
+def test_dataset_refuses_hostile_time_split_flags(flags: tuple[str, ...], message: str, files: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = run(capsys, "utils/create_classification_dataset.py", files / "o", "--crops-dir", files / "crops",
+                  "--split-by", "time", *flags)
+    assert_one_line(outcome, message)
+    assert not (files / "o" / "splits.json").exists()
+
+
+def test_huge_spans_hold_the_whole_time_line(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """200 years, the longest span: every crop of a location is in its last 200 years, so all of it goes to test."""
+    manifest = files / "crops" / "crops_manifest.csv"
+    lines = manifest.read_text().splitlines()
+    dated = [line.replace(",,,", f",,1700-01-0{1 + i % 6} 10:00:00,", 1) for i, line in enumerate(lines[1:])]
+    manifest.write_text("\n".join([lines[0], *dated]) + "\n")
+    outcome = run(capsys, "utils/create_classification_dataset.py", files / "o", "--crops-dir", files / "crops",
+                  "--split-by", "time", "--test-last", "200Y")
+    assert outcome.code == 0 and "Traceback" not in outcome.err, outcome.err[-2000:]
+    splits = json.loads((files / "o" / "splits.json").read_text())
+    assert splits["train"] == [] and len(splits["test"]) == 3
+
+
+# ---------------------------------------------------------------- the postprocess: section, through predict.py
+
+
+def label_names_of(run_dir: Path) -> list[str]:
+    config = yaml.safe_load((run_dir / "config.yml").read_text())
+    index = json.loads((Path(config["data_root"]) / "label_index.json").read_text())
+    return [index[key] for key in sorted(index, key=int)]
+
+
+def taxonomy_rows(names: Sequence[str]) -> list[str]:
+    return [f"{name},g{i},f{i},o,c" for i, name in enumerate(names)]
+
+
+# name -> (postprocess section (YAML), {file name: lines, with {names} rows}, a piece of the message)
+POSTPROCESS: dict[str, tuple[str, dict[str, Callable[[list[str]], list[str]]], str]] = {
+    "taxonomy without a family column": ("taxonomy: tax.csv", {"tax.csv": lambda n: ["label,genus,order,class"] + [f"{x},g,o,c" for x in n]},
+                                         "tax.csv: missing columns family"),
+    "taxonomy with an unknown class": ("taxonomy: tax.csv", {"tax.csv": lambda n: ["label,genus,family,order,class", *taxonomy_rows(n),
+                                                                                   "unicorn,u,u,u,u"]}, "'unicorn' is not a model class"),
+    "taxonomy with a class twice": ("taxonomy: tax.csv", {"tax.csv": lambda n: ["label,genus,family,order,class", *taxonomy_rows(n),
+                                                                                f"{n[0]},g9,f9,o,c"]}, "given twice"),
+    "a genus under two families": ("taxonomy: tax.csv", {"tax.csv": lambda n: ["label,genus,family,order,class"]
+                                                         + [f"{x},g,f{i},o,c" for i, x in enumerate(n)]},
+                                   "genus 'g' sits under more than one family"),
+    "taxonomy cut short": ("taxonomy: tax.csv", {"tax.csv": lambda n: ["label,genus,family,order,class", *taxonomy_rows(n)[:-1],
+                                                                       f"{n[-1]},g"]}, "the file looks cut short"),
+    "species list with a bad status": ("species_list: sl.csv", {"sl.csv": lambda n: ["location,label,status", f",{n[0]},allowed"]},
+                                       "line 2: status 'allowed': expected allow or block"),
+    "species list with an unknown label": ("species_list: sl.csv", {"sl.csv": lambda n: ["location,label,status", ",unicorn,allow"]},
+                                           "line 2: label 'unicorn' is not a model class"),
+    "species list allowing and blocking one label": ("species_list: sl.csv", {"sl.csv": lambda n: [
+        "location,label,status", f"loc1,{n[0]},allow", f"loc1,{n[0]},block"]}, "line 3: label"),
+    "species list without a status column": ("species_list: sl.csv", {"sl.csv": lambda n: ["location,label", f",{n[0]}"]},
+                                             "missing columns status"),
+    "species list is a folder": ("species_list: sub", {}, "sub: is a folder, expected a CSV file"),
+    "rollup threshold above 1": ("taxonomy: tax.csv\n  rollup_threshold: 1.5", {}, "rollup_threshold"),
+    "blank threshold NaN": ("abstain: true\n  blank_threshold: .nan", {}, "blank_threshold"),
+    "a typo'd key": ("taxonmy: tax.csv", {}, "taxonmy: unknown key (did you mean taxonomy?)"),
+    "rollup without a taxonomy": ("species_list: sl.csv\n  species_list_action: rollup", {}, "rollup needs postprocess.taxonomy"),
+}
+
+
+@pytest.mark.parametrize("name", list(POSTPROCESS))
+def test_predict_refuses_a_hostile_postprocess_section(name: str, trained: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    section, contents, message = POSTPROCESS[name]
+    run_dir = copy_run(trained, tmp_path)
+    names = label_names_of(run_dir)
+    (run_dir / "sub").mkdir()
+    for file_name, lines in contents.items():
+        text = "\n".join(lines(names))
+        (run_dir / file_name).write_text(text if name.endswith("cut short") else text + "\n")
+    with open(run_dir / "config.yml", "a") as handle:
+        handle.write(f"postprocess:\n  {section}\n")
+    outcome = run(capsys, "classifier/predict.py", "--config", run_dir / "config.yml", "--checkpoint", "last", "--split", "val",
+                  "--review-page")
+    assert_one_line(outcome, message)
+    assert not list(run_dir.glob("predictions/*/postprocessed.csv")) and not list(run_dir.glob("predictions/*/review.html"))

@@ -40,6 +40,8 @@ NO_SPLIT = -1  # a crop left out (no datetime under the "drop" rule)
 _DURATION = re.compile(r"^\s*(\d+)\s*([DWMY])\s*$", re.IGNORECASE)
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 _EXIF_DATE = re.compile(r"^(\d{4}):(\d{2}):(\d{2})")
+MAX_SPAN_YEARS = 200
+_MOST_OF_UNIT = {"D": MAX_SPAN_YEARS * 365, "W": MAX_SPAN_YEARS * 52, "M": MAX_SPAN_YEARS * 12, "Y": MAX_SPAN_YEARS}
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def parse_duration(text: str, flag: str) -> pd.DateOffset:
     if not match or int(match.group(1)) == 0:
         raise UserError(f"{flag}: expected a positive number and a unit D, W, M or Y (e.g. 3M), got {text!r}")
     number, unit = int(match.group(1)), match.group(2).upper()
+    if number > _MOST_OF_UNIT[unit]:  # pandas' nanosecond times span 1677..2262: a longer span cannot be subtracted
+        raise UserError(f"{flag}: {text.strip()!r} is longer than {MAX_SPAN_YEARS} years (at most {_MOST_OF_UNIT[unit]}{unit})")
     return pd.DateOffset(**{{"D": "days", "W": "weeks", "M": "months", "Y": "years"}[unit]: number})
 
 
@@ -87,7 +91,10 @@ def _period_bound(text: str, flag: str, end: bool) -> pd.Timestamp:
     if not end:
         return start
     step = {4: pd.DateOffset(years=1), 7: pd.DateOffset(months=1), 10: pd.DateOffset(days=1)}[len(text)]
-    return start + step
+    try:
+        return start + step
+    except (OverflowError, ValueError):  # pandas' OutOfBoundsDatetime: the period ends after 2262-04-11
+        raise UserError(f"{flag}: {text!r} lies beyond the dates this tool can hold (1677-09-22 to 2262-04-11)") from None
 
 
 def parse_period(text: str, flag: str) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -145,7 +152,11 @@ def _held_out(moments: pd.DataFrame, eligible: pd.Series, last: str | None, peri
         return eligible & (moments["time"] >= start) & (moments["time"] < stop)
     if last:
         span = parse_duration(last, f"--{flag}-last")
-        return eligible & (moments["time"] >= end - span) & (moments["time"] < end)
+        try:
+            start = end - span
+        except (OverflowError, ValueError):  # a span reaching before 1677: it holds the whole time line
+            start = pd.Series(pd.Timestamp.min, index=end.index)
+        return eligible & (moments["time"] >= start) & (moments["time"] < end)
     return _latest_share(moments, eligible, share)
 
 

@@ -184,10 +184,15 @@ def read_species_list(path: Path, label_names: Sequence[str], taxonomy: Taxonomy
     """The species-list CSV; a label that is neither a class nor a taxon, or a bad status, is one line."""
     frame = read_string_csv(Path(path), ("location", "label", "status"))
     sets: dict[str, dict[str, set[int]]] = {status: {} for status in STATUSES}
+    given: dict[tuple[str, str], tuple[str, int]] = {}
     for number, row in enumerate(frame.itertuples(index=False), start=2):
         status, label = row.status.strip().lower(), row.label.strip()
         if status not in STATUSES:
             raise DataError(f"{path}: line {number}: status {row.status!r}: expected allow or block")
+        earlier = given.setdefault((row.location.strip(), label), (status, number))
+        if earlier[0] != status:  # which one was meant? block would win without a word
+            raise DataError(f"{path}: line {number}: label {label!r} at location {row.location.strip()!r}: {status}, "
+                            f"but line {earlier[1]} says {earlier[0]}")
         classes = taxonomy.classes_of(label) if taxonomy is not None else [i for i, n in enumerate(label_names) if n == label]
         if not classes:
             what = "a model class or a taxon of postprocess.taxonomy" if taxonomy is not None else "a model class"
