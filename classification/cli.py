@@ -9,6 +9,9 @@ import sys
 from typing import Any, NoReturn
 from collections.abc import Callable, Sequence
 
+from pydantic import ValidationError
+
+from classification.config import describe_error
 from classification.errors import UserError
 from classification.shards import DEFAULT_SHARD_SIZE, DaskOptions
 
@@ -23,6 +26,9 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return int(main(argv) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValidationError as error:  # a config built from flags in code (a backbone's, an override): name the field
+        print(f"error: {'; '.join(describe_error(e) for e in error.errors())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

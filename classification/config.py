@@ -139,6 +139,9 @@ class PostprocessConfig(BaseModel):
         return value
 
 
+MAX_IMAGE_SIZE = 8192  # px: a typo'd 10**20 overflowed deep in the resize instead of failing here
+
+
 class ExperimentConfig(BaseModel):
     """Every option of a training run; unknown keys are errors (no silent typos)."""
 
@@ -151,7 +154,7 @@ class ExperimentConfig(BaseModel):
     data_root: Path
     crops_dir: Path | None = None
     num_classes: int | None = Field(None, ge=2)
-    image_size: int | None = Field(None, ge=8)  # default: what the pretrained weights expect (224 for most)
+    image_size: int | None = Field(None, ge=8, le=MAX_IMAGE_SIZE)  # default: what the pretrained weights expect (224 for most)
     num_epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(0.01, gt=0)
@@ -476,6 +479,17 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
         problems = "; ".join(describe_error(e) for e in errors)
         raise DataError(f"{path}: {problems}") from None
+
+
+def with_overrides(config: ExperimentConfig, **overrides: Any) -> ExperimentConfig:
+    """``config`` with the options given on the command line, validated like the config file (``model_copy`` validates
+    nothing: ``--batch-size 0`` got through to the loader); a bad one is one line naming its ``--flag``."""
+    updates = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return ExperimentConfig.model_validate({**config.model_dump(), **updates}) if updates else config
+    except ValidationError as error:
+        problems = (describe_error(e).split(": ", 1) for e in error.errors())
+        raise UserError("; ".join(f"--{key.replace('_', '-')}: {problem}" for key, problem in problems)) from None
 
 
 def check_num_classes(config: ExperimentConfig, label_index: Mapping[int, str], config_path: Path | None = None) -> None:

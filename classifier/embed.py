@@ -18,7 +18,7 @@ from pathlib import Path
 from classification.active_learning.embeddings import DEFAULT_CHUNK_SIZE, backbone_config, embed_folder
 from classification.active_learning.scores import SCORE_FUNCTIONS
 from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
-from classification.config import load_config
+from classification.config import load_config, with_overrides
 from classification.errors import UserError
 
 
@@ -46,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.checkpoint is None) == (args.architecture is None):
         raise UserError("give either --config with --checkpoint (a trained model) or --architecture (a backbone)")
+    if (args.config is None) != (args.checkpoint is None):
+        raise UserError("--config and --checkpoint go together: the checkpoint is one of that run's (or give --architecture)")
     if args.config is not None:
-        config = load_config(args.config).model_copy(update={"batch_size": args.batch_size, "num_workers": args.num_workers,
-                                                             "device": args.device})
+        config = with_overrides(load_config(args.config), batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
         run_dir = args.config.resolve().parent
     else:
         config = backbone_config(args.architecture or "", args.image_size, args.batch_size, args.num_workers, args.device,

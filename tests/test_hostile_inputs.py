@@ -820,3 +820,30 @@ def test_predict_refuses_a_hostile_postprocess_section(name: str, trained: Path,
                   "--review-page")
     assert_one_line(outcome, message)
     assert not list(run_dir.glob("predictions/*/postprocessed.csv")) and not list(run_dir.glob("predictions/*/review.html"))
+
+
+# ---------------------------------------------------------------- embed.py
+
+
+EMBED = "--images {tmp}/images --output-dir {tmp}/e --architecture resnet18 --no-pretrained --num-workers 0 --image-size 32"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (EMBED + " --batch-size 0", "batch_size: must be greater than or equal to 1, got 0"),  # pydantic's ValidationError before
+    (EMBED + " --num-workers -1", "num_workers: must be greater than or equal to 0"),
+    (EMBED + " --image-size " + "1" + "0" * 20, "image_size: must be less than or equal to 8192"),  # OverflowError in the resize
+    (EMBED + " --device gpu0", "device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu0'"),
+    (EMBED.replace("{tmp}/e ", "{tmp}/cct.json "), "cct.json/chunks: cannot be created: a file is in the way"),
+    ("--images {tmp}/images --output-dir {tmp}/e --checkpoint best", "--config and --checkpoint go together"),
+    (EMBED + " --dask-workers 0", "--dask-workers must be at least 1, got 0"),
+])
+def test_embed_refuses_hostile_flags(arguments: str, message: str, files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line(run(capsys, "classifier/embed.py", *arguments.replace("{tmp}", str(files)).split()), message)
+    assert not (files / "e" / "embeddings.npy").exists()
+
+
+def test_embed_with_a_run_validates_its_overrides(trained: Path, files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--config`` with ``--batch-size 0``: the config was copied without validation and the loader failed later."""
+    outcome = run(capsys, "classifier/embed.py", "--images", files / "images", "--output-dir", files / "e", "--config",
+                  trained / "config.yml", "--checkpoint", "last", "--batch-size", "0", "--num-workers", "0")
+    assert_one_line(outcome, "--batch-size: must be greater than or equal to 1, got 0")

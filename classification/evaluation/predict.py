@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from classification.config import ExperimentConfig, describe_error, load_config, with_legacy_defaults
+from classification.config import ExperimentConfig, load_config, with_legacy_defaults, with_overrides
 from classification.data.cct import category_names, load_cct
 from classification.data.crops import MANIFEST_NAME
 from classification.data.dataset import read_crops_manifest
@@ -330,16 +329,6 @@ def resolve_config(config_path_or_config: str | Path | ExperimentConfig, run_dir
         return config_path_or_config, Path(run_dir)
     path = Path(config_path_or_config)
     return load_config(path), Path(run_dir) if run_dir is not None else path.resolve().parent
-
-
-def with_overrides(config: ExperimentConfig, **overrides: Any) -> ExperimentConfig:
-    """``config`` with the options given on the command line (validated like the config file)."""
-    updates = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return ExperimentConfig.model_validate({**config.model_dump(), **updates}) if updates else config
-    except ValidationError as error:
-        problems = (describe_error(e).split(": ", 1) for e in error.errors())
-        raise UserError("; ".join(f"--{key.replace('_', '-')}: {problem}" for key, problem in problems)) from None
 
 
 def build_input(config: ExperimentConfig, model: TrainedModel, split: str | None, images_dir: Path | None,

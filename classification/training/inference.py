@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from classification.config import ExperimentConfig
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_json, write_json_atomic
+from classification.io import atomic_open, ensure_folder, read_json, write_json_atomic
 from classification.runtime import DistributedContext, autocast, autocast_dtype, progress_bar, uses_channels_last
 from classification.training.data import Batch, Sample
 from classification.training.models import forward_features, head_module
@@ -208,7 +208,7 @@ class ChunkCache:
 
 def prepare_cache(cache: ChunkCache) -> None:
     """Keep the chunks of ``cache.directory`` when they were made from ``cache.key``; otherwise remove them."""
-    cache.directory.mkdir(parents=True, exist_ok=True)
+    ensure_folder(cache.directory)  # a file in the way is one line, not NotADirectoryError
     cache_file = cache.directory / CACHE_FILE
     if cache_file.is_file():
         try:
