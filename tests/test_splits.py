@@ -34,7 +34,7 @@ from classification.data.splits import (
     splits_to_json,
     target_fractions,
 )
-from classification.data.time_splits import TimeRule, parse_duration, parse_period, time_split_of_crops
+from classification.data.time_splits import TimeRule, parse_datetimes, parse_duration, parse_period, time_split_of_crops
 from classification.errors import DataError, UserError
 from tests.conftest import run_in_process
 
@@ -532,3 +532,17 @@ def test_crops_without_a_datetime_are_counted_and_left_out_or_kept(tmp_path: Pat
         assert ["cct", "l1@test"] in splits["test"] and ["cct", "l1@val"] in splits["val"]
         assert report["splits"]["test"]["n_crops"] == 8  # each location's last 2 days (l0 ends on day 5)
         assert report["splits"]["train"]["n_crops"] == 11 + (rule == "train")
+
+
+def test_datetimes_out_of_range_or_with_offsets_read_as_wall_clock_or_missing() -> None:
+    """Camera clocks write sentinels (9999-12-31, 0000:00:00, year 1) and Camtrap DP-style offsets (DST: +01:00 then
+    +02:00): each used to be an OutOfBoundsDatetime or 'Mixed timezones' traceback in --split-by time and in predict's
+    sequence windows; now what cannot be held is missing (NaT, counted as without a datetime) and an offset is dropped."""
+    text = pd.Series(["2012:03:01 10:00:00", "9999-12-31 23:59:59", "0001-01-01 00:00:00", "1601:01:01 00:00:00",
+                      "0000:00:00 00:00:00", "", None, "2020-03-28T10:00:00+01:00", "2020-03-30T10:00:00+02:00",
+                      "2020-03-30 11:00:00Z", "2020-03-30 12:00:00"])
+    times = parse_datetimes(text)
+    assert times.dtype == "datetime64[ns]"
+    assert times.isna().tolist() == [False, True, True, True, True, True, True, False, False, False, False]
+    assert [str(t) for t in times.dropna()] == ["2012-03-01 10:00:00", "2020-03-28 10:00:00", "2020-03-30 10:00:00",
+                                                "2020-03-30 11:00:00", "2020-03-30 12:00:00"]

@@ -40,6 +40,7 @@ NO_SPLIT = -1  # a crop left out (no datetime under the "drop" rule)
 _DURATION = re.compile(r"^\s*(\d+)\s*([DWMY])\s*$", re.IGNORECASE)
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 _EXIF_DATE = re.compile(r"^(\d{4}):(\d{2}):(\d{2})")
+_UTC_OFFSET = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}:?\d{2})$")  # after a time of day
 MAX_SPAN_YEARS = 200
 _MOST_OF_UNIT = {"D": MAX_SPAN_YEARS * 365, "W": MAX_SPAN_YEARS * 52, "M": MAX_SPAN_YEARS * 12, "Y": MAX_SPAN_YEARS}
 
@@ -109,9 +110,11 @@ def parse_period(text: str, flag: str) -> tuple[pd.Timestamp, pd.Timestamp]:
 def parse_datetimes(values: pd.Series) -> pd.Series:
     """Datetimes from CCT/manifest text (ISO or EXIF ``YYYY:MM:DD``); empty or unreadable → NaT."""
     text = values.fillna("").astype(str).str.strip().str.replace(_EXIF_DATE, r"\1-\2-\3", regex=True)
+    text = text.str.replace(_UTC_OFFSET, r"\1", regex=True)  # wall-clock time: mixed offsets (DST) cannot parse together
     parsed = pd.to_datetime(text.where(text != ""), errors="coerce", format="mixed")
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_localize(None)
+    parsed = parsed.where((parsed >= pd.Timestamp.min) & (parsed <= pd.Timestamp.max))  # sentinels (9999-12-31, year 1)
     return parsed.astype("datetime64[ns]")  # one unit, so the 1 ns steps of the rules are exact
 
 
