@@ -398,3 +398,16 @@ def test_entry_point_bad_json_is_one_line_and_exit_2(tmp_path: Path, content: st
 def test_entry_point_typo_flag_exits_2(tmp_path: Path) -> None:
     result = run_entry_point(SCRIPT, "--coco", "x.json", "--output-dir", tmp_path, "--base-url", "http://h/")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_an_image_that_cannot_be_written_fails_alone(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    """A local write problem of one image (here a file where its folder should be) is that image's failure, as the
+    module says: the others still download (atomic_open now reports it as a one-line DataError, which stopped the run)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loc1").write_text("a file where the folder loc1/ should be")
+    report = download_images(cct, out, server.base_url, threads=2, **FAST)
+    blocked = [name for name in FILE_NAMES if name.startswith("loc1/")]
+    assert blocked and report.failed == len(blocked) and report.downloaded == len(FILE_NAMES) - len(blocked)
+    assert all("cannot write" in failure.reason for failure in report.failures)
+    assert_identical(server, out, [name for name in FILE_NAMES if name not in blocked])

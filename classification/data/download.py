@@ -429,6 +429,8 @@ def _download_one(file_name: str, settings: _Settings) -> tuple[Outcome, int, st
         return "failed", 0, str(error)
     except OSError as error:  # local disk problems: permissions, disk full, ...
         return "failed", 0, f"cannot write {destination}: {error.strerror or error}"
+    except DataError as error:  # the same, as atomic_open reports them (a file where a folder should be, ...)
+        return "failed", 0, f"cannot write {destination}: {str(error).removeprefix(f'{destination}: ')}"
 
 
 # --------------------------------------------------------------------------- the run
