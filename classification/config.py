@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -55,7 +55,7 @@ class SimulationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategies: list[StrategyName] = ["random", "margin", "entropy", "k_center", "coral"]
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1, 2]  # numpy's generators take no negative seed
     rounds: int = Field(5, ge=1)
     initial_fraction: float = Field(0.1, gt=0, lt=1)  # of the train split, labelled at the start (per seed)
     retrain: Literal["head", "full"] = "head"  # head: an MLP on fixed embeddings each round; full: the whole CNN

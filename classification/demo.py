@@ -148,6 +148,8 @@ def make_demo_dataset(output_dir: Path, n_locations: int = 8, sequences_per_loca
     for flag, count in counts.items():
         if count < 1:
             raise UserError(f"{flag} must be at least 1, got {count}")
+    if seed < 0:  # numpy's generators take none
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     rng = np.random.default_rng(seed)
     categories = {c.name: i for i, c in enumerate(DEMO_CLASSES, start=1)}
     images: list[dict[str, Any]] = []

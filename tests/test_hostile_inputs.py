@@ -847,3 +847,27 @@ def test_embed_with_a_run_validates_its_overrides(trained: Path, files: Path, ca
     outcome = run(capsys, "classifier/embed.py", "--images", files / "images", "--output-dir", files / "e", "--config",
                   trained / "config.yml", "--checkpoint", "last", "--batch-size", "0", "--num-workers", "0")
     assert_one_line(outcome, "--batch-size: must be greater than or equal to 1, got 0")
+
+
+# ---------------------------------------------------------------- siblings: negative seeds, outputs that are files
+
+
+SIBLING_CASES: list[tuple[str, str, str]] = [  # as FLAG_CASES: numpy's generators refuse negative seeds (ValueError before)
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --seed -1", "--seed must be 0 or more, got -1"),
+    ("utils/create_classification_dataset.py", "{tmp}/cct.json --crops-dir {tmp}/crops", "cct.json: exists and is not a folder"),
+    ("utils/make_demo_data.py", "{tmp}/demo --seed -1 --locations 1", "--seed must be 0 or more, got -1"),
+    ("utils/make_al_pool.py", "{tmp}/o {tmp}/o2 {tmp}/pool --crops-dir {tmp}/crops --seed -1", "--seed must be 0 or more, got -1"),
+    ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/images", "images: is a folder, expected a file to write"),
+    ("utils/combine_cct.py", "{tmp}/cct.json/combined.json {tmp}/cct.json", "cct.json: exists and is not a folder"),
+]
+
+
+@pytest.mark.parametrize("script, arguments, message", SIBLING_CASES, ids=[f"{s.split('/')[1]}: {a}" for s, a, _ in SIBLING_CASES])
+def test_sibling_defects_are_one_line(script: str, arguments: str, message: str, files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line(run(capsys, script, *arguments.replace("{tmp}", str(files)).split()), message)
+
+
+def test_negative_simulation_seeds_are_refused_in_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text("data_root: .\nactive_learning:\n  simulation:\n    seeds: [0, -1]\n")
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config), "active_learning.simulation.seeds[1]: must be greater than or equal to 0")

@@ -67,6 +67,8 @@ def carve_pool(dataset_dir: Path, crops_dir: Path, output_dir: Path, pool_dir: P
     """Split the train split of ``dataset_dir`` into a labelled start (new dataset) and an unlabelled pool."""
     if not 0 < labelled_fraction < 1:
         raise UserError(f"--labelled-fraction must be between 0 and 1, got {labelled_fraction}")
+    if seed < 0:  # numpy's generators take none
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     frame = read_string_csv(Path(dataset_dir) / DATASET_CSV, ("path", "dataset", "location", "label"))
     train_keys = read_split_keys(Path(dataset_dir) / SPLITS_JSON, train_split)
     in_train = np.array([key in train_keys for key in zip(frame["dataset"], frame["location"])], dtype=bool)

@@ -46,7 +46,7 @@ from classification.data.time_splits import (
     time_warnings,
 )
 from classification.errors import DataError, UserError
-from classification.io import read_json, read_string_csv, write_csv_atomic, write_json_atomic
+from classification.io import ensure_folder, read_json, read_string_csv, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,10 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     if unknown:
         raise UserError(f"--mode: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
     check_split_by(options)
+    if options.seed < 0:  # numpy's generators take none (a ValueError deep in the split search)
+        raise UserError(f"--seed must be 0 or more, got {options.seed}")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir}: exists and is not a folder (the dataset's output folder)")
     report = DatasetReport()
     if "csv" in options.modes:
         frame = load_crops(options, report)
@@ -390,7 +394,7 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
             raise DataError("no crops left after holding out in time (see the warnings above)")
     report.crops = len(frame)
     warn_split_sequences(frame)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(output_dir)
     labels = label_index(frame["label"]) if "csv" in options.modes else existing_label_index(output_dir, frame)
     if "csv" in options.modes:
         write_csv_atomic(output_dir / "classification_ds.csv", dataset_table(frame))
