@@ -740,6 +740,7 @@ def test_crop_detections_refuses_hostile_dask_flags(flags: tuple[str, ...], mess
     (("--test-period", "2011-08..2011-06"), "ends before it starts"),
     (("--test-period", "2011-13"), "'2011-13' is not a date"),
     (("--missing-datetimes", "maybe"), "invalid choice: 'maybe' (choose from 'drop', 'train') (see --help)"),
+    (("--method", "smallest_first"), "--method smallest_first chooses location splits"),  # ignored without a word before
 ])
 def test_dataset_refuses_hostile_time_split_flags(flags: tuple[str, ...], message: str, files: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -304,6 +304,8 @@ def check_split_by(options: DatasetOptions) -> None:
                         " or the crops manifest, not from classification_ds.csv)")
     if options.splits_file or options.match_test:
         raise UserError(f"--split-by {options.split_by}: --splits-file and --match-test hold out locations only")
+    if options.split_by == "time" and options.method != "random":  # it searches locations, which time splits do not
+        raise UserError(f"--split-by time: --method {options.method} chooses location splits (use --split-by location-time)")
     options.time_rule().check()
 
 
