@@ -908,6 +908,7 @@ def test_fetch_weights_converts_a_corrupted_package_cache_again(tmp_path: Path, 
 
 @pytest.mark.parametrize("architecture, message", [
     ("no_such_net", "unknown model 'no_such_net'"),
+    ("resnt18", "(did you mean resnet18, resnet18d"),  # 'resnet18, resnet18, resnet18d' before: torchvision's and timm's
     ("", "unknown model ''"),
     ("resnet18 --pretrained-source package", "no packaged ImageNet weights for 'resnet18'"),
 ])

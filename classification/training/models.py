@@ -60,7 +60,8 @@ def resolve_architecture(architecture: str) -> tuple[str, str]:
         return "torchvision", name
     if library in ("", "timm") and timm.is_model(split_model_name_tag(name)[0]):
         return "timm", name
-    candidates = (torchvision_names() if library != "timm" else []) + (timm.list_models() if library != "torchvision" else [])
+    candidates = list(dict.fromkeys((torchvision_names() if library != "timm" else [])  # a name both libraries have, once
+                                    + (timm.list_models() if library != "torchvision" else [])))
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UserError(f"architecture: unknown model {architecture!r}{hint}; names are torchvision's "
