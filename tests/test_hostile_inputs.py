@@ -596,6 +596,8 @@ CAMTRAP_IN: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
                               "media.csv: row 2: timestamp: '0001-01-01T00:00:00+05:00' lies outside the years 1 to 9999"),
     "eventStart in year 9999 west of UTC": (lambda p: (set_cell(p / "observations.csv", 0, "eventStart", "9999-12-31T23:59:59-05:00"),
                                                        (p, p / "o.json"))[-1], "observations.csv: row 2: eventStart"),
+    "an event ending before it starts": (lambda p: (set_cell(p / "observations.csv", 0, "eventStart", "2020-05-30T03:57:37Z"),
+                                                    (p, p / "o.json"))[-1], "observations.csv: row 2: eventEnd: '2020-05-30T02:57:44Z' is before"),
     "observationLevel in capitals": (lambda p: (set_cell(p / "observations.csv", 1, "observationLevel", "MEDIA"), (p, p / "o.json"))[-1],
                                      "observations.csv: row 3: observationLevel: 'MEDIA' is not one of media, event"),
     "observationType typo": (lambda p: (set_cell(p / "observations.csv", 1, "observationType", "animl"), (p, p / "o.json"))[-1],

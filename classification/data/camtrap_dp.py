@@ -236,6 +236,8 @@ def event_windows(package: CamtrapPackage) -> dict[str, list[tuple[datetime, dat
     for i, row in observations[(observations["observationLevel"] == "event") & (observations["eventID"] != "")].iterrows():
         start = instant(parse_timestamp(row["eventStart"], path, int(i), "eventStart"))
         end = instant(parse_timestamp(row["eventEnd"], path, int(i), "eventEnd"))
+        if end < start:  # its media would fall in no window and lose the event's labels without a word
+            raise DataError(f"{path}: row {int(i) + 2}: eventEnd: {row['eventEnd']!r} is before eventStart {row['eventStart']!r}")
         windows[row["deploymentID"]].append((start, end, row["eventID"]))
     for spans in windows.values():
         spans.sort()
