@@ -40,7 +40,7 @@ from classification.shards import DaskOptions
 from classification.training.data import Sample, build_loader
 from classification.training.inference import PROBABILITIES, inference_options, probabilities, run_inference
 from classification.training.inference_shards import ModelSource, run_inference_shards
-from classification.training.models import build_model
+from classification.training.models import build_model, resolve_inputs
 from machine_load import describe_load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -86,7 +86,8 @@ def seeded_resnet18(num_classes: int) -> nn.Module:
 def predict_run(crops_dir: Path, n_images: int) -> Run:
     """A timed pass of softmax probabilities over the first ``n_images`` crops; shard files in a fresh temporary folder."""
     samples = [Sample(path, 0, "", "") for path in sorted(crops_dir.rglob("*.jpg"))[:n_images]]
-    config = ExperimentConfig(data_root=Path("."), architecture="resnet18", image_size=112, batch_size=32, num_workers=0, device="cpu")
+    config = resolve_inputs(ExperimentConfig(data_root=Path("."), architecture="resnet18", image_size=112, batch_size=32, num_workers=0,
+                                             device="cpu"))  # the weights' statistics, as a run resolves them
     source = ModelSource(seeded_resnet18, (20,), "resnet18 seed 0")
 
     def run(dask: DaskOptions | None) -> tuple[int, float]:

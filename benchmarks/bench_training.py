@@ -36,7 +36,7 @@ from classification.runtime import distributed_context
 from classification.training import trainer as trainer_module
 from classification.training.data import Batch, build_loader, build_samples, load_label_index, set_loader_epoch
 from classification.training.metrics import MetricAccumulator
-from classification.training.models import build_model
+from classification.training.models import build_model, resolve_inputs
 from machine_load import describe_load
 
 MCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mct"
@@ -111,7 +111,7 @@ def predict_step(model: nn.Module, device: torch.device, amp: str) -> Callable[[
 
 def loader_batches(config: ExperimentConfig, train: bool) -> Iterator[Batch]:
     """Batches from the real loader, epoch after epoch."""
-    loader = build_loader(config, build_samples(config, "train"), train=train)
+    loader = build_loader(resolve_inputs(config), build_samples(config, "train"), train=train)  # as the run resolves it
     for epoch in itertools.count():
         set_loader_epoch(loader, epoch)
         yield from (batch for batch in loader if len(batch))

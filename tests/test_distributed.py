@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from classification.config import ExperimentConfig, load_config
 from classification.training.checkpoint import load_checkpoint
 from classification.training.data import build_loader, build_samples
-from classification.training.models import build_model
+from classification.training.models import build_model, resolve_inputs
 from tests.conftest import REPO_ROOT
 from tests.test_train import build_dataset, read_metrics, train_env, write_run
 
@@ -33,7 +33,7 @@ def evaluate_alone(config: ExperimentConfig, weights: dict[str, torch.Tensor]) -
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     with torch.inference_mode():
-        for batch in build_loader(config, build_samples(config, config.val_split), train=False):
+        for batch in build_loader(resolve_inputs(config), build_samples(config, config.val_split), train=False):
             logits = model(batch.images)
             loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
             correct += int((logits.argmax(1) == batch.labels).sum())

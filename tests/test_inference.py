@@ -28,7 +28,7 @@ from classification.training.inference import (
     run_inference,
     top_k_probabilities,
 )
-from classification.training.models import build_model
+from classification.training.models import build_model, resolve_inputs
 
 ARCHITECTURE = "timm:test_efficientnet"
 CPU = torch.device("cpu")
@@ -51,7 +51,7 @@ def write_samples(folder: Path, count: int, broken: tuple[int, ...] = ()) -> lis
 def tiny_config(root: Path, **updates: object) -> ExperimentConfig:
     settings: dict[str, object] = {"architecture": ARCHITECTURE, "pretrained": False, "image_size": 32, "batch_size": 3,
                                    "num_workers": 0, "device": "cpu", **updates}
-    return ExperimentConfig(data_root=root, **settings)
+    return resolve_inputs(ExperimentConfig(data_root=root, **settings))  # as a run or the embeddings resolve it
 
 
 def tiny_model(architecture: str = ARCHITECTURE) -> nn.Module:

@@ -9,6 +9,7 @@ import torch
 from classification.config import load_config
 from classification.runtime import DistributedContext
 from classification.training.data import build_loader, build_samples, load_label_index
+from classification.training.models import resolve_inputs
 from classification.training.sample_grid import TILE, sample_prediction_grid
 from classification.training.trainer import build_trainer
 from tests.test_train import build_dataset, write_run
@@ -16,7 +17,7 @@ from tests.test_train import build_dataset, write_run
 
 def test_sample_grid_predicts_on_normalised_images_like_validation(tmp_path: Path) -> None:
     dataset = build_dataset(tmp_path, n_locations=4, sequences=2, frames=1)
-    config = load_config(write_run(tmp_path / "run", dataset))
+    config = resolve_inputs(load_config(write_run(tmp_path / "run", dataset)))  # as the training run does
     label_index = load_label_index(config.data_root)
     loader = build_loader(config, build_samples(config, "val"), train=False)
     trainer = build_trainer(config, len(label_index), [0], 1, torch.device("cpu"), DistributedContext())

@@ -35,6 +35,7 @@ from classification.training.data import (
     lower_worker_priority,
     set_loader_epoch,
 )
+from classification.training.models import resolve_inputs
 from classification.training.weights import InputSpec
 from tests.conftest import run_entry_point
 
@@ -42,7 +43,7 @@ from tests.conftest import run_entry_point
 def config_for(data_root: Path, **overrides: object) -> ExperimentConfig:
     """A small CPU config for ``data_root``."""
     values = {"data_root": data_root, "image_size": 32, "batch_size": 4, "num_workers": 0, "pretrained": False}
-    return ExperimentConfig(**{**values, **overrides})
+    return resolve_inputs(ExperimentConfig(**{**values, **overrides}))  # as a training run does
 
 
 def write_jpeg(path: Path, size: tuple[int, int], seed: int = 0, fmt: str = "JPEG") -> Path:
@@ -349,3 +350,13 @@ def test_pinned_batches_on_cuda(tmp_path: Path) -> None:
     assert loader.pin_memory
     batch = next(iter(loader))
     assert batch.images.is_pinned() and batch.labels.is_pinned() and batch.skipped == []
+
+
+def test_the_loader_reads_inputs_that_resolve_inputs_decided(tmp_path: Path) -> None:
+    """One place decides the input size and statistics (``resolve_inputs``: the run, with its checkpoint's); the
+    loader refuses a config that did not go through it instead of deciding them a second time."""
+    unresolved = ExperimentConfig(data_root=tmp_path, image_size=32, pretrained=False)
+    with pytest.raises(ValueError, match="not resolved: pass it through training.models.resolve_inputs"):
+        build_loader(unresolved, [], train=False)
+    resolved = resolve_inputs(unresolved, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"})
+    assert build_loader(resolved, [], train=False).collate_fn.keywords["finish"].mean == (0.5, 0.5, 0.5)

@@ -48,7 +48,7 @@ from classification.training.inference import (
     run_in_chunks,
 )
 from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards
-from classification.training.models import build_model, input_spec_of
+from classification.training.models import build_model, input_spec_of, resolve_inputs
 from classification.training.weights import InputSpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def embed_samples(model: nn.Module, samples: Sequence[Sample], config: Experimen
                   with_probabilities: bool = True, cache_dir: Path | None = None, model_id: str = "",
                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> PoolEmbeddings:
     """Embed (and score) ``samples`` with ``model`` in eval mode, through the one inference path (the config's AMP
-    and channels_last); chunks cached in ``cache_dir`` when given."""
+    and channels_last); chunks cached in ``cache_dir`` when given. Unset inputs (size, normalisation) are the weights'."""
+    config = resolve_inputs(config)
     compute, names = outputs_of(with_probabilities)
     cache = ChunkCache(cache_dir, cache_key(samples, model_id, input_spec_of(config), chunk_size)) if cache_dir is not None else None
     result = run_in_chunks(model, samples, lambda part: build_loader(config, part, train=False), compute, names,
@@ -170,6 +171,7 @@ def embed_with_backbone(config: ExperimentConfig, samples: Sequence[Sample], cac
     """Features of ``config.architecture`` as a frozen backbone (ImageNet weights from ``pretrained_source``
     when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities. On Dask only with
     pretrained weights: random ones would differ from worker to worker."""
+    config = resolve_inputs(config)  # the weights' input size and statistics where the config leaves them unset
     model_id = backbone_model_id(config)
     if dask.enabled:
         if not config.pretrained:

@@ -40,7 +40,6 @@ from classification.data.images import ImageLoadError, decode_failure, read_rgb
 from classification.data.splits import SPLIT_NAMES
 from classification.errors import DataError, UserError
 from classification.io import read_json, read_string_csv
-from classification.training.models import input_spec_of
 from classification.training.weights import InputSpec
 
 if TYPE_CHECKING:
@@ -529,14 +528,24 @@ def lower_worker_priority(worker_id: int) -> None:
         os.nice(WORKER_NICENESS)
 
 
+def resolved_input_spec(config: ExperimentConfig) -> InputSpec:
+    """The input size and statistics of a config that ``models.resolve_inputs`` resolved, read as they are: that is the
+    one place that decides them (a training run, with its checkpoint's; the backbone embeddings, with the weights')."""
+    if config.image_size is None or config.mean is None or config.std is None or config.interpolation is None:
+        raise ValueError("the config's image_size, mean, std and interpolation are not resolved: pass it through "
+                         "training.models.resolve_inputs first")
+    return InputSpec(config.image_size, config.mean, config.std, config.interpolation)
+
+
 def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: bool, rank: int = 0,
                  world_size: int = 1, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of ``Batch``es: shuffled (or label-balanced) for training, in order otherwise.
 
     Training shards are padded like ``DistributedSampler``; evaluation shards are not, so
-    every sample is scored exactly once. ``pin_memory`` defaults to "CUDA is used".
+    every sample is scored exactly once. ``pin_memory`` defaults to "CUDA is used". ``config``'s
+    input size and statistics are read as they are: ``models.resolve_inputs`` decides them first.
     """
-    spec = input_spec_of(config)
+    spec = resolved_input_spec(config)
     per_batch = not (train and config.augmentation == "strong")  # erasing needs normalised images
     transform = build_transforms(spec.size, config.augmentation, train, spec, normalize=not per_batch)
     dataset = CropDataset(samples, transform, config.seed, decode_size(spec.size, config.augmentation, train))
