@@ -66,7 +66,7 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"{word}: did you mean {close[0]}?")
         return f"{message} ({'; '.join(hints)})" if hints else message
 
-    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]  # typeshed's overloads
         """Report unknown ``--flags`` first: a typo matters more than what it left missing."""
         argv = list(sys.argv[1:] if args is None else args)
         unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in self.known_flags()]

@@ -223,7 +223,7 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
         samples = folder_input(images_dir, load_trained_model(path, config)).samples
         result = embed_with_checkpoint(path, samples, config, output_dir / "chunks", chunk_size, dask)
         labels: list[int] | None = [max(s.label, 0) for s in samples]
-        al_scores = uncertainty_scores(result.probabilities, score) if len(result) else None
+        al_scores = uncertainty_scores(result.probabilities, score) if len(result) and result.probabilities is not None else None
     else:
         samples = unlabelled_samples(images_dir)
         result = embed_with_backbone(config, samples, output_dir / "chunks", chunk_size, dask)

@@ -232,7 +232,8 @@ def train_embedding(network: EmbeddingNetwork, samples: Sequence[Sample], epochs
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(derived_seed(seed, 1))
     network.to(device).train()
-    losses, active, skipped = [], [], {}
+    losses, active = [], []
+    skipped: dict[Path, None] = {}
     with seeded(derived_seed(seed, 2)):
         for epoch in range(epochs):
             dataset.set_epoch(epoch)

@@ -96,8 +96,8 @@ def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], points:
     axes = figure.subplots()
     for name, (coverage, accuracy) in curves.items():
         axes.plot(coverage, accuracy, label=name)
-    for name, (coverage, accuracy) in points.items():
-        axes.scatter([coverage], [accuracy], zorder=3, label=f"{name} (coverage {coverage:.2f}, accuracy {accuracy:.2f})")
+    for name, (share, correct) in points.items():
+        axes.scatter([share], [correct], zorder=3, label=f"{name} (coverage {share:.2f}, accuracy {correct:.2f})")
     axes.set_xlabel("coverage (fraction answered)")
     axes.set_ylabel("accuracy of the answered")
     axes.set_xlim(0, 1)

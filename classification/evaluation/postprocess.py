@@ -195,7 +195,7 @@ class FittedPostprocess:
         """Per-class thresholds in label order (inf where never answered), or None when none were fitted."""
         if self.thresholds is None:
             return None
-        return np.array([np.inf if self.thresholds.get(name) is None else float(self.thresholds[name]) for name in label_names])
+        return np.array([np.inf if (value := self.thresholds.get(name)) is None else float(value) for name in label_names])
 
 
 def file_sha256(path: Path) -> str:

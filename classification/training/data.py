@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -386,7 +386,7 @@ def collate_skip_none(items: Sequence[tuple[Tensor | None, int, int]], finish: B
     ``finish``: normalise the stacked uint8 images (see ``BatchNormalize``)."""
     kept = [item for item in items if item[0] is not None]
     skipped = [index for image, _, index in items if image is None]
-    images = torch.stack([image for image, _, _ in kept]) if kept else torch.empty(0)
+    images = torch.stack([image for image, _, _ in kept if image is not None]) if kept else torch.empty(0)
     if finish is not None and kept:
         images = finish(images)
     labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
@@ -417,7 +417,7 @@ class SkippedImages:
 # ---------------------------------------------------------------- balancing and sampling
 
 
-def label_weights(labels: Sequence[int], weights: Sequence[float] | None = None) -> np.ndarray:
+def label_weights(labels: Sequence[int] | np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
     """MegaDetector's per-sample weights: ``w_i <- w_i * (n / c) / sum_{label_j = label_i} w_j``.
 
     Each of the ``c`` labels present then carries the same total weight ``n / c``, so a
@@ -572,6 +572,8 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
     """Point a loader from ``build_loader`` at ``epoch`` (order and augmentation), skipping ``start`` samples."""
-    loader.dataset.set_epoch(epoch)
-    loader.sampler.set_epoch(epoch)
-    loader.sampler.set_start(start)
+    dataset: Any = loader.dataset  # build_loader's CropDataset and sampler
+    sampler: Any = loader.sampler
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    sampler.set_start(start)

@@ -61,7 +61,7 @@ def inference_options(config: ExperimentConfig, device: torch.device) -> Inferen
 
 def default_options(device: torch.device) -> InferenceOptions:
     """The config's defaults (``amp: off``, ``channels_last: auto``) for a model run without an experiment config."""
-    return inference_options(ExperimentConfig.model_construct(), device)
+    return inference_options(ExperimentConfig.model_construct(), device)  # type: ignore[call-arg]  # defaults only, no data_root
 
 
 @dataclass
@@ -226,7 +226,7 @@ def prepare_cache(cache: ChunkCache) -> None:
 def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write one chunk's arrays atomically (a crash never leaves a chunk a later run trusts half-written)."""
     with atomic_open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **arrays against allow_pickle
 
 
 def load_chunk(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None:
