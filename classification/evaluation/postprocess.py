@@ -44,7 +44,7 @@ from classification.errors import DataError
 from classification.evaluation import calibration as cal
 from classification.evaluation.megadetector import image_answers, write_megadetector_classifications
 from classification.evaluation.plots import save_figure
-from classification.evaluation.report import topk_of
+from classification.evaluation.report import probability_matrix, topk_of
 from classification.evaluation.taxonomy import (
     SpeciesList,
     Taxonomy,
@@ -78,20 +78,7 @@ def probabilities_from_topk(predictions: pd.DataFrame, label_names: list[str]) -
     if topk_of(predictions) < len(label_names):
         log.info("postprocess: from the top-%d of %d probabilities per crop (the rest spread evenly)",
                  topk_of(predictions), len(label_names))
-    index = {name: i for i, name in enumerate(label_names)}
-    rows = np.arange(len(predictions))
-    probabilities = np.zeros((len(predictions), len(label_names)))
-    known = np.zeros(probabilities.shape, dtype=bool)
-    for k in range(1, topk_of(predictions) + 1):
-        columns = predictions[f"top{k}_label"].map(index)
-        if columns.isna().any():
-            raise DataError(f"predictions: top{k}_label {predictions[f'top{k}_label'][columns.isna()].iloc[0]!r} is not a model class")
-        probabilities[rows, columns.to_numpy(int)] = predictions[f"top{k}_prob"].to_numpy(float)
-        known[rows, columns.to_numpy(int)] = True
-    rest = np.clip(1.0 - probabilities.sum(axis=1), 0.0, None)
-    unknown = (~known).sum(axis=1)
-    share = np.divide(rest, unknown, out=np.zeros_like(rest), where=unknown > 0)
-    probabilities = np.where(known, probabilities, share[:, None])
+    probabilities = probability_matrix(predictions, label_names, with_true_label=False)
     return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 

@@ -90,8 +90,10 @@ def scored_rows(predictions: pd.DataFrame, label_names: Sequence[str]) -> pd.Dat
     return predictions[predictions["true_label"].isin(list(label_names))]
 
 
-def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str]) -> np.ndarray:
-    """(N, C) probabilities: the table's top-k and true-label values, the remaining mass spread evenly."""
+def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str], with_true_label: bool = True) -> np.ndarray:
+    """(N, C) probabilities: the table's top-k and true-label values, the remaining mass spread evenly.
+    ``with_true_label=False``: the top-k values only (what post-processing may fit on: the true label's
+    probability would leak the answer)."""
     index = {name: i for i, name in enumerate(label_names)}
     rows = np.arange(len(scored))
     probabilities = np.zeros((len(scored), len(label_names)))
@@ -102,11 +104,12 @@ def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str]) -> np.n
             raise DataError(f"predictions: top{k}_label {scored[f'top{k}_label'][columns.isna()].iloc[0]!r} is not a model class")
         probabilities[rows, columns.to_numpy(int)] = scored[f"top{k}_prob"].to_numpy(float)
         known[rows, columns.to_numpy(int)] = True
-    true_prob = scored["true_prob"].to_numpy(float)
-    has_true = ~np.isnan(true_prob)
-    true_columns = scored["true_label"].map(index).to_numpy(int)
-    probabilities[rows[has_true], true_columns[has_true]] = true_prob[has_true]
-    known[rows[has_true], true_columns[has_true]] = True
+    if with_true_label:
+        true_prob = scored["true_prob"].to_numpy(float)
+        has_true = ~np.isnan(true_prob)
+        true_columns = scored["true_label"].map(index).to_numpy(int)
+        probabilities[rows[has_true], true_columns[has_true]] = true_prob[has_true]
+        known[rows[has_true], true_columns[has_true]] = True
     rest = np.clip(1.0 - probabilities.sum(axis=1), 0.0, None)
     unknown = (~known).sum(axis=1)
     share = np.divide(rest, unknown, out=np.zeros_like(rest), where=unknown > 0)
