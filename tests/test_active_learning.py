@@ -576,3 +576,13 @@ def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -
     assert not np.allclose(head_rounds.cached_features(context, "train", train).embeddings, features)
     with pytest.raises(UserError, match="trained on features of another round-0 checkpoint .*; retrain the round"):
         head_rounds.scored_features(context, stale, "test", build_samples(experiment.config, "test"), classes)
+
+
+def test_labels_up_to_a_round_on_an_empty_or_later_labelled_store() -> None:
+    from classification.active_learning.store import LABEL_COLUMNS, labels_up_to
+
+    empty = pd.DataFrame(columns=LABEL_COLUMNS, dtype=str)
+    assert labels_up_to(empty, 1) == {}  # nothing imported yet: retrain's refusal, not a KeyError
+    rows = pd.DataFrame([{c: "" for c in LABEL_COLUMNS} | {"path": "a.jpg", "label": "deer", "round": "1"},
+                         {c: "" for c in LABEL_COLUMNS} | {"path": "a.jpg", "label": "elk", "round": "2"}], dtype=str)
+    assert labels_up_to(rows, 1) == {"a.jpg": "deer"} and labels_up_to(rows, 2) == {"a.jpg": "elk"}

@@ -65,7 +65,8 @@ def effective_labels(rows: pd.DataFrame) -> dict[str, str]:
 def labels_up_to(rows: pd.DataFrame, round_number: int) -> dict[str, str]:
     """``{path: label}`` as it stood for round ``round_number``: the latest row of each image among those imported
     for rounds up to it (a later round's labels, or changes, are not that round's)."""
-    return effective_labels(rows[[int(r) <= round_number for r in rows["round"]]])
+    # a boolean Series, not a list: on an empty table a list selects columns and drops them all
+    return effective_labels(rows[rows["round"].astype(int) <= round_number])
 
 
 def append_labels(path: Path, received: Sequence[ReceivedLabel], round_number: int) -> int:
