@@ -298,6 +298,13 @@ def test_timelapse_posix_separators_and_missing_label_column(tmp_path: Path) -> 
     assert str(caught.value) == f"{export}: no column 'Animal'; the columns are: File, RelativePath, Species"
     with pytest.raises(DataError, match="file not found"):
         read_timelapse_export(tmp_path / "missing.csv", LABELS, [])
+    cut = tmp_path / "cut.csv"  # an export cut short mid-row: refused, not read with the row's label empty
+    cut.write_text("File,RelativePath,Species\nIMG_1.JPG,cam03/2021,deer\nIMG_2.JPG,cam03", encoding="utf-8")
+    with pytest.raises(DataError, match="cut short"):
+        read_timelapse_export(cut, LABELS, ["cam03/2021/IMG_1.JPG"])
+    bom = tmp_path / "bom.csv"
+    bom.write_text("File,RelativePath,Species\nIMG_1.JPG,cam03/2021,deer\n", encoding="utf-8-sig")
+    assert read_timelapse_export(bom, LABELS, ["cam03/2021/IMG_1.JPG"]).label_by_path() == {"cam03/2021/IMG_1.JPG": "deer"}
 
 
 # --- Lightly ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from classification.active_learning.labels import (
     normalize_path,
 )
 from classification.errors import DataError
-from classification.io import atomic_open
+from classification.io import atomic_open, read_string_csv
 
 REQUEST_COLUMNS = ("File", "RelativePath", "Selected")
 TRUE_VALUES = {"true", "1", "yes"}
@@ -52,20 +52,10 @@ def write_request_csv(path: str | Path, relative_paths: Iterable[str]) -> None:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a CSV file (UTF-8, with or without a byte-order mark)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            return [name for name in reader.fieldnames or []], rows
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a Timelapse CSV export") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (export the CSV from Timelapse again)") from None
-    except csv.Error as error:
-        raise DataError(f"{path}: not a readable CSV file: {error}") from None
+    """Header and rows of a Timelapse CSV export, every value a string, read by the library's one CSV
+    reader (``io.read_string_csv``: UTF-8 with or without a byte-order mark, a file cut short refused)."""
+    frame = read_string_csv(path, required=())
+    return [str(name) for name in frame.columns], frame.to_dict("records")
 
 
 def _find_column(path: Path, header: list[str], wanted: str) -> str:
