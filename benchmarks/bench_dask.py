@@ -41,6 +41,7 @@ from classification.training.data import Sample, build_loader
 from classification.training.inference import PROBABILITIES, inference_options, probabilities, run_inference
 from classification.training.inference_shards import ModelSource, run_inference_shards
 from classification.training.models import build_model, resolve_inputs
+from bench_crops import time_run
 from machine_load import describe_load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -66,14 +67,7 @@ def repeated_mct(folder: Path, copies: int) -> tuple[Path, Path]:
 def crop_run(cct: Path, images_dir: Path) -> Run:
     """A timed cropping run into a fresh temporary folder."""
     def run(dask: DaskOptions | None) -> tuple[int, float]:
-        options = CropOptions(progress=False, dask=dask or DaskOptions())
-        with tempfile.TemporaryDirectory(prefix="bench_dask_") as crops_dir:
-            started = time.perf_counter()
-            report = crop_detections(cct, Path(crops_dir), images_dir, options)
-            seconds = time.perf_counter() - started
-        if report.failures or report.new != report.crops_requested:
-            raise SystemExit(f"benchmark run incomplete: {report.lines()}")
-        return report.new, seconds
+        return time_run(cct, images_dir, CropOptions(progress=False, dask=dask or DaskOptions()))
     return run
 
 
