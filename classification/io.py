@@ -108,7 +108,7 @@ def check_output_file(path: str | Path) -> None:
 
 
 def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", recursive: bool = False) -> list[Path]:
-    """Delete the temporary files (``.<name>.<random>.tmp``) that ``atomic_open`` leaves behind when its
+    """Delete the temporary files (``.<name>.<process>-<thread>.tmp``, see ``temporary_name``) that ``atomic_open`` leaves behind when its
     process is killed mid-write; they never become real files. Call it when a run that owns ``folder`` starts."""
     folder = Path(folder)
     if not folder.is_dir():
