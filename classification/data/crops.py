@@ -81,7 +81,15 @@ from classification.data.detections import (
     read_crop_requests,
 )
 from classification.data.download import fetch_bytes, image_url
-from classification.data.images import DECODE_ERRORS, Pixels, decode_failure, decode_pixels, displayed_size, is_valid_image
+from classification.data.images import (
+    DECODE_ERRORS,
+    Pixels,
+    decode_failure,
+    decode_pixels,
+    decode_region_pixels,
+    displayed_size,
+    is_valid_image,
+)
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
 from classification.shards import SHARDS_DIR, DaskOptions, Shard, cut_shards, remove_shard_files, run_shards
@@ -221,6 +229,19 @@ def extract_crop(image: Pixels, geometry: CropGeometry) -> Pixels:
     pil_canvas = Image.new("RGB", (geometry.side, geometry.side))
     pil_canvas.paste(piece, geometry.offset)
     return pil_canvas
+
+
+def union_region(geometries: Sequence[CropGeometry]) -> tuple[int, int, int, int]:
+    """The smallest rectangle (left, top, right, bottom) that holds the regions of all ``geometries``."""
+    regions = [g.region for g in geometries]
+    return (min(r[0] for r in regions), min(r[1] for r in regions),
+            max(r[2] for r in regions), max(r[3] for r in regions))
+
+
+def shifted(geometry: CropGeometry, origin: tuple[int, int]) -> CropGeometry:
+    """``geometry`` in the pixels of a decoded rectangle that starts at ``origin`` of the image."""
+    (x, y), (left, top, right, bottom) = origin, geometry.region
+    return replace(geometry, region=(left - x, top - y, right - x, bottom - y))
 
 
 def render_crop(image: Pixels, geometry: CropGeometry, target: int, scale: tuple[float, float]) -> Pixels:
@@ -531,12 +552,17 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
             ]
             factor = draft_factor([g.side for g in geometries], options.max_size, image.size)
             unscaled = all(stored_side(g.side, options.max_size) == g.side for g in geometries)
-            draft = (image.width // factor, image.height // factor) if factor > 1 else None
-            decoded = decode_pixels(image, draft, as_array=unscaled)  # an array only where render_crop may take one
+            if unscaled:  # an array (only where render_crop may take one), of the crops' rectangle where it can be
+                decoded, origin = decode_region_pixels(image, union_region(geometries))
+                geometries = [shifted(g, origin) for g in geometries]
+                scale = (1.0, 1.0)
+            else:
+                draft = (image.width // factor, image.height // factor) if factor > 1 else None
+                decoded = decode_pixels(image, draft)
+                width, height = pixels_size(decoded)
+                scale = (width / full_size[0], height / full_size[1])
         except DECODE_ERRORS as error:
             raise ImageError(decode_failure(error)) from None
-        width, height = pixels_size(decoded)
-        scale = (width / full_size[0], height / full_size[1])
         for geometry, (_, path, listed) in zip(geometries, todo):
             crop = render_crop(decoded, geometry, stored_side(geometry.side, options.max_size), scale)
             save_jpeg(crop, path, options.quality, durable=listed)

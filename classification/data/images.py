@@ -6,12 +6,13 @@ that is, EXIF orientation applied and CMYK, grayscale, 16-bit, palette and alpha
 converted; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``, about twice as
 fast) when the caller asks for at least a given size. Cropping decodes with ``decode_pixels``
 (a draft size from its own factor rule, and simplejpeg's array where that gives Pillow's exact
-pixels); training, prediction and the thumbnails with ``read_rgb`` (a draft size from the short
-side they need). An image that cannot be decoded is the same one line everywhere
-(``decode_failure``).
+pixels) and, at full scale, with ``decode_region_pixels`` (only a rectangle around an image's
+crops where libturbojpeg can: ``jpeg_region``); training, prediction and the thumbnails with
+``read_rgb`` (a draft size from the short side they need). An image that cannot be decoded is
+the same one line everywhere (``decode_failure``).
 
-A leaf of the ``data`` layer (it imports only PIL, numpy and, when installed, simplejpeg), so any
-stage may use it without borrowing from a sibling module.
+A leaf of the ``data`` layer (it imports only PIL, numpy, ``jpeg_region`` and, when installed,
+simplejpeg), so any stage may use it without borrowing from a sibling module.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from classification.data.jpeg_region import Region, decode_region
 
 try:
     import simplejpeg
@@ -108,11 +111,15 @@ def decode_rgb(image: Image.Image, draft: tuple[int, int] | None = None) -> Imag
     return to_rgb(image)
 
 
+def is_plain_jpeg(image: Image.Image) -> bool:
+    """A YCbCr/RGB JPEG without EXIF rotation: libjpeg-turbo's pixels are then the displayed image."""
+    return image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION, 1) == 1
+
+
 def fast_decodable(image: Image.Image) -> bool:
     """Whether simplejpeg gives exactly Pillow's pixels (both are libjpeg-turbo, same settings):
-    a YCbCr/RGB JPEG without EXIF rotation, decoded at full scale."""
-    return (simplejpeg is not None and image.format == "JPEG" and image.mode == "RGB"
-            and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
+    a plain JPEG (``is_plain_jpeg``) decoded at full scale."""
+    return simplejpeg is not None and is_plain_jpeg(image)
 
 
 def decode_pixels(image: Image.Image, draft: tuple[int, int] | None = None, as_array: bool = False) -> Pixels:
@@ -127,6 +134,20 @@ def decode_pixels(image: Image.Image, draft: tuple[int, int] | None = None, as_a
         except ValueError:  # strict: a recoverable flaw (e.g. stray bytes) that Pillow decodes through
             pass
     return decode_rgb(image, draft)
+
+
+def decode_region_pixels(image: Image.Image, region: Region) -> tuple[Pixels, tuple[int, int]]:
+    """The pixels of at least ``region`` (left, top, right, bottom of the displayed image) and where
+    they start in it: only a rectangle around the region where ``is_plain_jpeg`` and libturbojpeg
+    can (``jpeg_region.decode_region``, the same pixels at about half the time), else the whole
+    image (``decode_pixels``, as an array where it can be) at ``(0, 0)``."""
+    if is_plain_jpeg(image):
+        source: IO[bytes] = image.fp  # type: ignore[attr-defined]  # an opened JPEG file: Pillow's ImageFile keeps fp
+        source.seek(0)
+        decoded = decode_region(source.read(), region)
+        if decoded is not None:
+            return decoded
+    return decode_pixels(image, as_array=True), (0, 0)
 
 
 def read_rgb(path: Path, side: int | None = None) -> Image.Image:
