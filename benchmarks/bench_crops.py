@@ -12,6 +12,8 @@ JPEGs) and ../shared/data/lila_md_test (MegaDetector v5a output, threshold 0.2,
 1280x1024 to 5152x3968 JPEGs), each time into a fresh temporary folder, and prints
 wall-clock crops per second (reading the input, decoding, cropping, atomic JPEG writes,
 the sync, manifest). ``--max-size`` adds runs that store crops at most N pixels.
+Set ``CLASSIFICATION_LIBTURBOJPEG=none`` to time the whole-image decode instead of the
+crops' rectangle (``classification/data/jpeg_region.py``).
 
     python benchmarks/bench_crops.py [--threads 1 2 4] [--repeats 3] [--max-size 224] [--compare-only]
 """
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from classification.data import jpeg_region
 from classification.data.crops import CropOptions, crop_detections
 from machine_load import describe_load
 
@@ -80,6 +83,11 @@ def with_cpu_time(run: Callable[[], tuple[int, float]]) -> tuple[int, float, flo
     return crops, seconds, cpu_seconds() - before
 
 
+def region_decoding() -> str:
+    """Whether crops decode only their rectangle, and with which libturbojpeg."""
+    return f"on, {jpeg_region.library_path()}" if jpeg_region.available() else "off (the whole image is decoded)"
+
+
 def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
     """Print MegaDetector's cropper and ours on MCT side by side: alternating runs, best of ``repeats`` each."""
     try:
@@ -99,6 +107,7 @@ def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
             runs[name].append(with_cpu_time(run))
     best = {name: min(results, key=lambda r: r[1]) for name, results in runs.items()}
     print(f"MCT, every box of mct_cct.json; best of {repeats} alternating runs; {describe_load()}")
+    print(f"region decoding (classification/data/jpeg_region.py): {region_decoding()}")
     print(f"{'cropper':40s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s} {'vs MD':>6s} {'CPU s':>6s}")
     for name, (crops, seconds, cpu) in best.items():
         print(f"{name:40s} {crops:6d} {seconds:8.2f} {crops / seconds:8.1f} {best[reference][1] / seconds:5.2f}x {cpu:6.2f}")
@@ -119,7 +128,7 @@ def main() -> int:
     compare_with_megadetector(args.repeats, sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1}))
     if args.compare_only:
         return 0
-    print(f"CPU cores: {os.cpu_count()}; crops per second, best of {args.repeats}")
+    print(f"CPU cores: {os.cpu_count()}; crops per second, best of {args.repeats}; region decoding {region_decoding()}")
     print(f"{'data':32s} {'strategy':8s} {'max-size':>8s} {'threads':>7s} {'crops':>6s} {'seconds':>8s} {'crops/s':>8s}")
     for name, (input_json, images_dir) in DATASETS.items():
         for strategy in ("square", "pad"):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import classification.data.images as images_module
 from classification.data import jpeg_region
-from classification.data.crops import CropOptions, CropReport, crop_detections
+from classification.data.crops import CropOptions, CropReport, crop_detections, pad_geometry, render_crop, shifted
 from classification.data.images import decode_pixels, decode_region_pixels
 
 needs_library = pytest.mark.skipif(not jpeg_region.available(), reason="no libturbojpeg 3 here: the full decode is used")
@@ -59,14 +59,15 @@ def boxes_over(size: tuple[int, int], count: int, seed: int) -> list[list[float]
 
 
 def crop_folder(images_dir: Path, files: dict[str, tuple[int, int]], boxes: dict[str, list[list[float]]],
-                crops_dir: Path, strategy: str) -> CropReport:
+                crops_dir: Path, strategy: str, max_size: int | None = None) -> CropReport:
     """``crop_detections`` on a CCT file listing ``files`` with their ``boxes``."""
     images = [{"id": i, "file_name": name, "width": w, "height": h, "location": "a"} for i, (name, (w, h)) in enumerate(files.items())]
     annotations = [{"id": f"{i}-{j}", "image_id": i, "category_id": 1, "bbox": box}
                    for i, name in enumerate(files) for j, box in enumerate(boxes[name])]
     cct = images_dir.parent / "cct.json"
     cct.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "deer"}]}), encoding="utf-8")
-    return crop_detections(cct, crops_dir, images_dir, CropOptions(crop_strategy=strategy, progress=False))  # type: ignore[arg-type]
+    options = CropOptions(crop_strategy=strategy, max_size=max_size, progress=False)  # type: ignore[arg-type]
+    return crop_detections(cct, crops_dir, images_dir, options)
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -78,9 +79,9 @@ def without_region_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @needs_library
-@pytest.mark.parametrize("strategy", ["square", "pad"])
+@pytest.mark.parametrize(("strategy", "max_size"), [("square", None), ("pad", None), ("square", 40), ("pad", 40)])
 def test_crops_from_the_region_are_byte_identical_to_crops_from_the_whole_image(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, max_size: int | None) -> None:
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     files: dict[str, tuple[int, int]] = {}
@@ -92,17 +93,18 @@ def test_crops_from_the_region_are_byte_identical_to_crops_from_the_whole_image(
             files[name] = size
     boxes = {name: boxes_over(size, 5, seed=i) for i, (name, size) in enumerate(files.items())}
 
-    region = crop_folder(images_dir, files, boxes, tmp_path / "region", strategy)
+    region = crop_folder(images_dir, files, boxes, tmp_path / "region", strategy, max_size)
     without_region_decoding(monkeypatch)
-    full = crop_folder(images_dir, files, boxes, tmp_path / "full", strategy)
+    full = crop_folder(images_dir, files, boxes, tmp_path / "full", strategy, max_size)
 
     assert region.failures == [] and region.new == full.new == sum(len(b) for b in boxes.values())
     assert folder_bytes(tmp_path / "region") == folder_bytes(tmp_path / "full")
 
 
 @needs_library
-@pytest.mark.parametrize("dataset", ["mct", "lila_md_test"])
-def test_real_camera_trap_crops_are_byte_identical(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: str) -> None:
+@pytest.mark.parametrize(("dataset", "max_size"), [("mct", None), ("mct", 224), ("lila_md_test", None), ("lila_md_test", 224)])
+def test_real_camera_trap_crops_are_byte_identical(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   dataset: str, max_size: int | None) -> None:
     if dataset == "mct":  # the first 150 images of MCT (640 x 640) and every box on them
         cct = json.loads((shared_data / "mct" / "mct_cct.json").read_text(encoding="utf-8"))
         kept = {image["id"] for image in cct["images"][:150]}
@@ -110,15 +112,27 @@ def test_real_camera_trap_crops_are_byte_identical(shared_data: Path, tmp_path: 
         cct["annotations"] = [a for a in cct["annotations"] if a["image_id"] in kept]
         source = tmp_path / "mct_subset.json"
         source.write_text(json.dumps(cct), encoding="utf-8")
-        images_dir, options = shared_data / "mct" / "images", CropOptions(progress=False)
+        images_dir, options = shared_data / "mct" / "images", CropOptions(progress=False, max_size=max_size)
     else:  # MegaDetector boxes on 1280 x 1024 to 5152 x 3968 images, some with bytes after their end marker
         source, images_dir = shared_data / "lila_md_test" / "md_v5a_output.json", shared_data / "lila_md_test" / "images"
-        options = CropOptions(progress=False, threshold=0.2)
+        options = CropOptions(progress=False, threshold=0.2, max_size=max_size)
     region = crop_detections(source, tmp_path / "region", images_dir, options)
     without_region_decoding(monkeypatch)
     full = crop_detections(source, tmp_path / "full", images_dir, options)
     assert region.new == full.new > 20 and region.failures == full.failures
     assert folder_bytes(tmp_path / "region") == folder_bytes(tmp_path / "full")
+
+
+def test_a_downscaled_crop_does_not_depend_on_where_the_decoded_pixels_start() -> None:
+    # Pillow's resize picks its pass order from the size of the whole input, which changes its
+    # rounding: a crop resampled from the full image and from a rectangle around it differed by
+    # up to 24 grey levels before crops were resampled from their own window only.
+    picture = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    geometry = pad_geometry([518.12, 275.42, 121.88, 323.33], 640, 640)  # a crop at the right edge, 324 px -> 224
+    from_full = render_crop(picture, geometry, 224, (1.0, 1.0))
+    for origin in [(496, 253), (512, 256), (349, 0), (0, 253)]:
+        part = picture[origin[1]:, origin[0]:]
+        assert np.array_equal(np.asarray(render_crop(part, shifted(geometry, origin), 224, (1.0, 1.0))), np.asarray(from_full))
 
 
 def open_jpeg(data: bytes) -> Image.Image:

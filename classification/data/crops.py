@@ -231,9 +231,8 @@ def extract_crop(image: Pixels, geometry: CropGeometry) -> Pixels:
     return pil_canvas
 
 
-def union_region(geometries: Sequence[CropGeometry]) -> tuple[int, int, int, int]:
-    """The smallest rectangle (left, top, right, bottom) that holds the regions of all ``geometries``."""
-    regions = [g.region for g in geometries]
+def union_region(regions: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """The smallest rectangle (left, top, right, bottom) that holds all ``regions``."""
     return (min(r[0] for r in regions), min(r[1] for r in regions),
             max(r[2] for r in regions), max(r[3] for r in regions))
 
@@ -244,26 +243,57 @@ def shifted(geometry: CropGeometry, origin: tuple[int, int]) -> CropGeometry:
     return replace(geometry, region=(left - x, top - y, right - x, bottom - y))
 
 
-def render_crop(image: Pixels, geometry: CropGeometry, target: int, scale: tuple[float, float]) -> Pixels:
-    """The crop at ``target`` pixels a side from an image decoded at ``scale`` of full resolution.
+@dataclass(frozen=True)
+class ResamplePlan:
+    """How a downscaled crop is made: ``source_box`` (sub-pixel, in the decoded image) resampled
+    to ``size`` and pasted at ``offset`` on a black ``target`` square, reading only ``window``."""
 
-    ``geometry`` is in full-resolution pixels. Without scaling this is ``extract_crop``;
-    otherwise the region is resampled (Lanczos) straight from its exact sub-pixel box
-    (``image`` is then always a PIL image: see ``write_crops``).
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    source_box: tuple[float, float, float, float]
+    window: tuple[int, int, int, int]
+
+
+def plan_resampling(geometry: CropGeometry, target: int, scale: tuple[float, float], bounds: tuple[int, int]) -> ResamplePlan:
+    """The ``ResamplePlan`` of a crop stored at ``target`` pixels from an image decoded at ``scale``
+    of full resolution and ``bounds`` (width, height) in size.
+
+    ``window``: the source box grown by the Lanczos filter's reach (3 source pixels per
+    output pixel, plus one) and clipped to the image. Resampling only the window gives the same
+    pixels wherever the decoded image starts (a full decode or the crops' rectangle): Pillow's
+    resize otherwise picks its pass order from the whole input's size, which changes rounding.
     """
-    if target == geometry.side and scale == (1.0, 1.0):
-        return extract_crop(image, geometry)
-    assert isinstance(image, Image.Image), "scaled crops are rendered from PIL images"
     factor = target / geometry.side
     left, top, right, bottom = geometry.region
     x_off, y_off = round(geometry.offset[0] * factor), round(geometry.offset[1] * factor)
     size = (max(1, min(round((right - left) * factor), target - x_off)), max(1, min(round((bottom - top) * factor), target - y_off)))
-    source_box = (left * scale[0], top * scale[1], right * scale[0], bottom * scale[1])
-    piece = image.resize(size, Image.Resampling.LANCZOS, box=source_box)
+    box = (left * scale[0], top * scale[1], right * scale[0], bottom * scale[1])
+    reach_x = math.ceil(3 * max(1.0, (box[2] - box[0]) / size[0])) + 1
+    reach_y = math.ceil(3 * max(1.0, (box[3] - box[1]) / size[1])) + 1
+    window = (max(0, math.floor(box[0]) - reach_x), max(0, math.floor(box[1]) - reach_y),
+              min(bounds[0], math.ceil(box[2]) + reach_x), min(bounds[1], math.ceil(box[3]) + reach_y))
+    return ResamplePlan(size, (x_off, y_off), box, window)
+
+
+def render_crop(image: Pixels, geometry: CropGeometry, target: int, scale: tuple[float, float]) -> Pixels:
+    """The crop at ``target`` pixels a side from an image decoded at ``scale`` of full resolution.
+
+    ``geometry`` is in full-resolution pixels. Without scaling this is ``extract_crop``;
+    otherwise the region is resampled (Lanczos) straight from its exact sub-pixel box, reading
+    only its window (``plan_resampling``).
+    """
+    if target == geometry.side and scale == (1.0, 1.0):
+        return extract_crop(image, geometry)
+    plan = plan_resampling(geometry, target, scale, pixels_size(image))
+    window = crop_region(image, plan.window)
+    source = Image.fromarray(window) if isinstance(window, np.ndarray) else window
+    x0, y0 = plan.window[:2]
+    box = (plan.source_box[0] - x0, plan.source_box[1] - y0, plan.source_box[2] - x0, plan.source_box[3] - y0)
+    piece = source.resize(plan.size, Image.Resampling.LANCZOS, box=box)
     if piece.size == (target, target):
         return piece
     canvas = Image.new("RGB", (target, target))
-    canvas.paste(piece, (x_off, y_off))
+    canvas.paste(piece, plan.offset)
     return canvas
 
 
@@ -535,6 +565,34 @@ def save_jpeg(image: Pixels, path: Path, quality: int, durable: bool) -> None:
         raise UserError(f"cannot write crop {path}: {error}") from None
 
 
+def source_region(geometry: CropGeometry, target: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The pixels of a full-resolution image of ``size`` that a crop stored at ``target`` reads:
+    its region, or its resampling window when it is downscaled."""
+    if target == geometry.side:
+        return geometry.region
+    return plan_resampling(geometry, target, (1.0, 1.0), size).window
+
+
+def decode_for_crops(image: Image.Image, geometries: list[CropGeometry], max_size: int | None
+                     ) -> tuple[Pixels, list[CropGeometry], tuple[float, float], int]:
+    """The pixels the crops are cut from, their geometries in those pixels, the decoding scale and
+    the draft factor.
+
+    At full scale only the rectangle around the pixels every crop reads (``source_region``) is
+    decoded where it can be (``decode_region_pixels``). A JPEG whose crops are all downscaled
+    enough is decoded whole at 1/2 to 1/8 scale (``draft_factor``).
+    """
+    full_size = displayed_size(image)
+    factor = draft_factor([g.side for g in geometries], max_size, image.size)
+    if factor > 1:
+        decoded = decode_pixels(image, (image.width // factor, image.height // factor))
+        width, height = pixels_size(decoded)
+        return decoded, geometries, (width / full_size[0], height / full_size[1]), factor
+    needed = union_region([source_region(g, stored_side(g.side, max_size), full_size) for g in geometries])
+    pixels, origin = decode_region_pixels(image, needed)
+    return pixels, [shifted(g, origin) for g in geometries], (1.0, 1.0), 1
+
+
 def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]], images_dir: Path,
                 options: CropOptions) -> tuple[tuple[int, int], bool]:
     """Decode the image once and write each crop in ``todo`` (crop, path, listed in the manifest);
@@ -550,17 +608,7 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
                 crop_geometry(pixel_box(crop.bbox, request, full_size), *full_size, options.crop_strategy)
                 for crop, _, _ in todo
             ]
-            factor = draft_factor([g.side for g in geometries], options.max_size, image.size)
-            unscaled = all(stored_side(g.side, options.max_size) == g.side for g in geometries)
-            if unscaled:  # an array (only where render_crop may take one), of the crops' rectangle where it can be
-                decoded, origin = decode_region_pixels(image, union_region(geometries))
-                geometries = [shifted(g, origin) for g in geometries]
-                scale = (1.0, 1.0)
-            else:
-                draft = (image.width // factor, image.height // factor) if factor > 1 else None
-                decoded = decode_pixels(image, draft)
-                width, height = pixels_size(decoded)
-                scale = (width / full_size[0], height / full_size[1])
+            decoded, geometries, scale, factor = decode_for_crops(image, geometries, options.max_size)
         except DECODE_ERRORS as error:
             raise ImageError(decode_failure(error)) from None
         for geometry, (_, path, listed) in zip(geometries, todo):
