@@ -153,7 +153,7 @@ def copy_file_atomic(source: str | Path, target: str | Path) -> None:
     """Copy ``source`` to ``target`` with its metadata (``shutil.copy2``) atomically: into a temporary
     file beside ``target``, fsynced, then moved into place, so a crash never leaves a partial copy."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(target.parent)
     tmp = Path(temporary_name(target))
     try:
         shutil.copy2(source, tmp)
@@ -182,6 +182,21 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> No
     write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def unreadable_file(path: Path, error: OSError, expected: str, hint: str = "") -> DataError:
+    """The one-line error for a file that cannot be opened for reading: missing (``hint`` added),
+    a folder, under a file (a file given where a folder was expected: ``<file>/datapackage.json``),
+    not permitted, or another I/O error."""
+    if isinstance(error, FileNotFoundError):
+        return DataError(f"{path}: file not found{hint}")
+    if isinstance(error, IsADirectoryError):
+        return DataError(f"{path}: is a folder, expected {expected}")
+    if isinstance(error, NotADirectoryError):
+        return DataError(f"{path}: not found ({path.parent} is a file, not a folder)")
+    if isinstance(error, PermissionError):
+        return DataError(f"{path}: cannot be read (permission denied)")
+    return DataError(f"{path}: cannot be read ({error.strerror or error})")
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file (UTF-8, with or without a byte-order mark); a missing, malformed or hostile file
     (a number of thousands of digits, nesting thousands deep) raises a one-line ``DataError``."""
@@ -189,14 +204,8 @@ def read_json(path: str | Path) -> Any:
     try:
         with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a JSON file") from None
-    except NotADirectoryError:  # a file given where a folder was expected: <file>/datapackage.json
-        raise DataError(f"{path}: not found ({path.parent} is a file, not a folder)") from None
-    except PermissionError:
-        raise DataError(f"{path}: cannot be read (permission denied)") from None
+    except OSError as error:
+        raise unreadable_file(path, error, "a JSON file") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except UnicodeDecodeError:
@@ -213,14 +222,8 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
 
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found{hint}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a CSV file") from None
-    except NotADirectoryError:
-        raise DataError(f"{path}: not found ({Path(path).parent} is a file, not a folder)") from None
-    except PermissionError:
-        raise DataError(f"{path}: cannot be read (permission denied)") from None
+    except OSError as error:
+        raise unreadable_file(Path(path), error, "a CSV file", hint) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
     missing = sorted(set(required) - set(frame.columns))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from classification.errors import DataError
 from classification.io import copy_file_atomic, link_atomic, remove_stale_temporaries, temporary_name, write_bytes_atomic
 
 NAME_MAX = 255  # bytes in one path component on Linux and macOS filesystems
@@ -38,3 +39,12 @@ def test_temporary_names_fit_are_distinct_and_are_found_as_stale(tmp_path: Path)
         (tmp_path / name).write_bytes(b"half")
     assert sorted(path.name for path in remove_stale_temporaries(tmp_path)) == sorted(names)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copying_under_a_file_is_one_line(tmp_path: Path) -> None:
+    """A file where the copy's folder should be is the same one-line error as for every output folder."""
+    source = tmp_path / "a.jpg"
+    source.write_bytes(b"crop")
+    (tmp_path / "taken").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(DataError, match=r"cannot be created: a file is in the way"):
+        copy_file_atomic(source, tmp_path / "taken" / "sub" / "a.jpg")

@@ -364,6 +364,17 @@ def test_lightly_embeddings_csv_round_trip(tmp_path: Path) -> None:
         read_embeddings_csv(path)
 
 
+def test_an_unreadable_lightly_embeddings_csv_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"is a folder, expected a Lightly embeddings.csv"):
+        read_embeddings_csv(tmp_path)
+    with pytest.raises(DataError, match=r"not found \(.* is a file, not a folder\)"):
+        (tmp_path / "file").write_text("x")
+        read_embeddings_csv(tmp_path / "file" / "embeddings.csv")
+    (tmp_path / "huge.csv").write_text("filenames,embedding_0,labels\n" + "x" * 200_000 + ",0.5,0\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"not a readable CSV \(field larger than field limit"):
+        read_embeddings_csv(tmp_path / "huge.csv")
+
+
 # --- A real Label Studio server -------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from classification.active_learning.labels import label_name_list, normalize_path
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_json, write_json_atomic
+from classification.io import atomic_open, read_json, unreadable_file, write_json_atomic
 
 PREDICTIONS_DIR = Path(".lightly") / "predictions"
 EMBEDDING_COLUMN = re.compile(r"embedding_(\d+)")
@@ -163,10 +163,12 @@ def read_embeddings_csv(path: str | Path) -> LightlyEmbeddings:
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             rows = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+    except OSError as error:
+        raise unreadable_file(path, error, "a Lightly embeddings.csv") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as error:  # e.g. a field larger than the csv module's limit
+        raise DataError(f"{path}: not a readable CSV ({error})") from None
     header = rows[0] if rows else []
     columns = _embedding_columns(path, header)
     label_at = header.index("labels")
