@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from classification.errors import DataError, UserError
-from classification.io import write_json_atomic, write_text_atomic
+from classification.io import unreadable_file, write_json_atomic, write_text_atomic
 
 MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
 # Fields that may change between a run and its resume without changing what has been
@@ -390,10 +390,10 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a config.yml file") from None
+    except OSError as error:
+        raise unreadable_file(path, error, "a config.yml file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})") from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as error:

@@ -48,7 +48,7 @@ from classification.config import SimulationConfig, describe_error
 from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
 from classification.errors import DataError, UserError
 from classification.evaluation.plots import save_figure
-from classification.io import write_csv_atomic, write_json_atomic
+from classification.io import read_string_csv, write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import Sample, build_samples
 from classification.training.engine import train
@@ -57,6 +57,21 @@ from classification.training.metrics import accumulate_probabilities
 log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ["strategy", "seed", "round", "labels", "top1", "macro_f1"]
+
+
+def read_curve(path: Path, strategy: str, seed: int) -> list[list[Any]]:
+    """The rows of a curve an earlier simulation run finished (``<seed_dir>/<strategy>.csv``); one that
+    cannot be read, or is not this strategy's and seed's, is a one-line ``DataError``."""
+    frame = read_string_csv(path, CURVE_COLUMNS)
+    try:
+        rows = [[row.strategy, int(row.seed), int(row.round), int(row.labels), float(row.top1), float(row.macro_f1)]
+                for row in frame[CURVE_COLUMNS].itertuples(index=False)]
+    except ValueError as error:
+        raise DataError(f"{path}: not a finished learning curve ({error}); delete it to run this strategy again") from None
+    if any(row[0] != strategy or row[1] != seed for row in rows):
+        raise DataError(f"{path}: holds another strategy's or seed's curve, not {strategy} with seed {seed}; "
+                        "delete it to run this strategy again")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -297,7 +312,7 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
         for strategy in settings.strategies:
             curve_file = seed_dir / f"{strategy}.csv"
             if curve_file.is_file():
-                all_rows += pd.read_csv(curve_file)[CURVE_COLUMNS].values.tolist()
+                all_rows += read_curve(curve_file, strategy, seed)
                 continue
             log.info("simulation: seed %d, %s, %d rounds of %d from %d labelled", seed, strategy, settings.rounds, budget,
                      int(start.sum()))

@@ -91,7 +91,14 @@ from classification.data.images import (
     is_valid_image,
 )
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, remove_stale_temporaries, sync_files, write_bytes_atomic, write_json_atomic
+from classification.io import (
+    atomic_open,
+    remove_stale_temporaries,
+    sync_files,
+    unreadable_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from classification.shards import SHARDS_DIR, DaskOptions, Shard, cut_shards, remove_shard_files, run_shards
 
 log = logging.getLogger(__name__)
@@ -815,23 +822,29 @@ def write_run_log(report: CropReport, logdir: Path, arguments: dict[str, object]
     return path
 
 
-def listed_crops(manifest: Path) -> set[str]:
-    """The crop paths that an existing manifest lists (empty when there is none or it cannot be read)."""
+def manifest_column(manifest: Path, column: str) -> list[str]:
+    """The non-empty values of one column of an existing crops manifest ([] when there is none);
+    a manifest that cannot be read is a one-line ``DataError`` (the run would replace it)."""
     if not manifest.is_file():
-        return set()
+        return []
     try:
         with open(manifest, encoding="utf-8", newline="") as handle:
-            return {row["crop_path"] for row in csv.DictReader(handle) if row.get("crop_path")}
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
-        return set()
+            return [value for row in csv.DictReader(handle) if (value := row.get(column))]
+    except OSError as error:
+        raise unreadable_file(manifest, error, "a crops manifest") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{manifest}: not a readable crops manifest ({str(error).splitlines()[0]}); move it away to crop "
+                        "into this folder again (existing crops are then decoded and kept when valid)") from None
+
+
+def listed_crops(manifest: Path) -> set[str]:
+    """The crop paths that an existing manifest lists (empty when there is none)."""
+    return set(manifest_column(manifest, "crop_path"))
 
 
 def check_same_strategy(manifest: Path, strategy: str) -> None:
     """Refuse to mix strategies: existing crops are skipped by name, so they would keep the old one."""
-    if not manifest.is_file():
-        return
-    with open(manifest, encoding="utf-8", newline="") as handle:
-        found = {value for row in csv.DictReader(handle) if (value := row.get("crop_strategy")) and value != strategy}
+    found = {value for value in manifest_column(manifest, "crop_strategy") if value != strategy}
     if found:
         raise UserError(
             f"{manifest.parent} holds crops made with --crop-strategy {', '.join(sorted(found))} (see {manifest.name});"

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from dotenv import dotenv_values
 
 from classification.errors import DataError, UserError
-from classification.io import atomic_open
+from classification.io import atomic_open, unreadable_file
 
 log = logging.getLogger(__name__)
 
@@ -332,20 +332,33 @@ def public_parameters(parameters: Mapping[str, Any], secrets: Iterable[str] = ()
 
 
 def read_metrics_csv(path: Path) -> dict[int, dict[str, str]]:
-    """Rows of an existing ``metrics.csv`` by epoch (values kept as written); {} when absent."""
+    """Rows of an existing ``metrics.csv`` by epoch (values kept as written); {} when absent. A file
+    that cannot be read, or a row that is not one epoch's metrics, is a one-line ``DataError``."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "epoch" not in reader.fieldnames:
-            raise DataError(f"{path}: no 'epoch' column")
-        rows: dict[int, dict[str, str]] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                epoch = int(row.pop("epoch"))
-            except (TypeError, ValueError):
-                raise DataError(f"{path}: line {line}: epoch is not an integer") from None
-            rows[epoch] = {name: value for name, value in row.items() if value not in ("", None)}
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            return metrics_rows(path, csv.DictReader(handle))
+    except OSError as error:
+        raise unreadable_file(path, error, "a metrics.csv file") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable metrics.csv ({str(error).splitlines()[0]})") from None
+
+
+def metrics_rows(path: Path, reader: csv.DictReader[str]) -> dict[int, dict[str, str]]:
+    """``read_metrics_csv``'s rows from an open reader."""
+    if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+        raise DataError(f"{path}: no 'epoch' column")
+    rows: dict[int, dict[str, str]] = {}
+    for line, row in enumerate(reader, start=2):
+        if None in row:  # more values than columns
+            extra = len(row[None])  # DictReader keeps the extra values under None
+            raise DataError(f"{path}: line {line}: {len(reader.fieldnames) + extra} values, expected {len(reader.fieldnames)}")
+        try:
+            epoch = int(row.pop("epoch"))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: line {line}: epoch is not an integer") from None
+        rows[epoch] = {name: value for name, value in row.items() if value not in ("", None)}
     return rows
 
 

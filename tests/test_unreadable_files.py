@@ -1,0 +1,89 @@
+"""Files an entry point reads back that are not what it wrote: not UTF-8, under a file instead of a
+folder, or with rows of the wrong shape. One line ``error: ...`` and exit code 2, never a traceback
+(each case was a UnicodeDecodeError, NotADirectoryError or TypeError page before)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from classification.active_learning.simulation import CURVE_COLUMNS, read_curve
+from classification.config import load_config
+from classification.errors import DataError
+from classification.io import write_csv_atomic
+from classification.training.engine import train
+from tests.test_hostile_inputs import assert_one_line, jpeg, run
+from tests.test_train import build_dataset, write_run
+
+NOT_UTF8 = b"\xff\xfe\x00garbage \x81\x82\n"
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yml"
+    config.write_bytes(b"data_root: .\nmodel: \x81\x82\n")
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config), str(config), "not a UTF-8 text file (invalid byte at offset 20)")
+
+
+def test_a_config_under_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run").write_text("a file, not a run folder", encoding="utf-8")
+    assert_one_line(run(capsys, "classifier/train.py", "--config", tmp_path / "run" / "config.yml"),
+                    "is a file, not a folder")
+
+
+def test_a_crops_manifest_that_is_not_utf8_stops_the_crop_run_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jpeg(tmp_path / "images" / "a.jpg")
+    cct = {"images": [{"id": "a", "file_name": "a.jpg", "width": 64, "height": 48, "location": "x"}],
+           "annotations": [{"id": "1", "image_id": "a", "category_id": 1, "bbox": [4, 4, 20, 20]}],
+           "categories": [{"id": 1, "name": "deer"}]}
+    (tmp_path / "cct.json").write_text(json.dumps(cct), encoding="utf-8")
+    manifest = tmp_path / "crops" / "crops_manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_bytes(NOT_UTF8)
+    outcome = run(capsys, "utils/crop_detections.py", tmp_path / "cct.json", tmp_path / "crops", "--images-dir", tmp_path / "images")
+    assert_one_line(outcome, str(manifest), "not a readable crops manifest", "move it away")
+    assert manifest.read_bytes() == NOT_UTF8  # kept for the user to look at, not overwritten
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run of one epoch, trained in this process."""
+    root = tmp_path_factory.mktemp("unreadable_run")
+    config = write_run(root / "run", build_dataset(root, n_locations=4, sequences=2, frames=2), num_workers=0, num_epochs=1)
+    train(load_config(config), config.parent)
+    return config.parent
+
+
+@pytest.mark.parametrize("content, message", [
+    (NOT_UTF8, "not a readable metrics.csv"),
+    (b"epoch,val_loss\n1,0.5,0.7\n", "line 2: 3 values, expected 2"),
+])
+def test_a_spoiled_metrics_csv_stops_resuming_in_one_line(content: bytes, message: str, one_epoch: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    (run_dir / "metrics.csv").write_bytes(content)
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=2")
+    assert_one_line(outcome, "metrics.csv", message)
+    assert (run_dir / "metrics.csv").read_bytes() == content
+
+
+def test_a_finished_learning_curve_is_read_back_or_refused_in_one_line(tmp_path: Path) -> None:
+    curve = tmp_path / "margin.csv"
+    rows = [["margin", 3, 0, 40, 0.25, 0.125], ["margin", 3, 1, 60, 0.3125, 0.2]]
+    write_csv_atomic(curve, pd.DataFrame(rows, columns=CURVE_COLUMNS))
+    assert read_curve(curve, "margin", 3) == rows
+    with pytest.raises(DataError, match="holds another strategy's or seed's curve, not margin with seed 4"):
+        read_curve(curve, "margin", 4)
+    curve.write_text(",".join(CURVE_COLUMNS) + "\nmargin,3,0,forty,0.25,0.1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"margin.csv: not a finished learning curve .*delete it"):
+        read_curve(curve, "margin", 3)
+    curve.write_text("strategy,seed\nmargin,3\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"margin.csv: missing columns labels, macro_f1, round, top1"):
+        read_curve(curve, "margin", 3)
+    curve.write_bytes(NOT_UTF8)
+    with pytest.raises(DataError, match=r"margin.csv: not a readable CSV"):
+        read_curve(curve, "margin", 3)
