@@ -87,3 +87,13 @@ def test_a_finished_learning_curve_is_read_back_or_refused_in_one_line(tmp_path:
     curve.write_bytes(NOT_UTF8)
     with pytest.raises(DataError, match=r"margin.csv: not a readable CSV"):
         read_curve(curve, "margin", 3)
+
+
+def test_a_dot_env_that_is_not_utf8_is_one_line_without_its_contents(one_epoch: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    (run_dir / ".env").write_bytes(b"COMET_API_KEY=secret-\xff\xfe-key\n")
+    line = assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=2"),
+                           ".env: not a UTF-8 text file")
+    assert "secret" not in line

@@ -100,10 +100,21 @@ def find_env_files(run_dir: Path) -> list[Path]:
     return [path for path in files if path.is_file()]
 
 
+def read_env_file(path: Path) -> dict[str, str | None]:
+    """The settings of a ``.env`` file; one that cannot be read is a one-line ``DataError`` (its
+    contents, which may hold the API key, are never shown)."""
+    try:
+        return dict(dotenv_values(path))
+    except OSError as error:
+        raise unreadable_file(path, error, "a .env file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})") from None
+
+
 def load_comet_settings(run_dir: Path) -> CometSettings:
     """Each setting from the environment, else from the nearest ``.env`` that sets it."""
     sources: list[Mapping[str, str | None]] = [os.environ]
-    sources += [dotenv_values(path) for path in find_env_files(run_dir)]
+    sources += [read_env_file(path) for path in find_env_files(run_dir)]
     found: dict[str, str | None] = {}
     for name in SETTING_NAMES:
         found[name] = next((source[name] for source in sources if source.get(name)), None)
