@@ -216,6 +216,31 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not usable JSON: nested too deeply") from None
 
 
+JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def read_json_object(path: str | Path, optional: bool = False) -> dict[str, Any]:
+    """A JSON file that must hold an object (a state file an earlier run wrote: a fit, a round's ``done.json``).
+
+    With ``optional``, nothing at ``path`` reads as ``{}``; whatever is there is read, so a folder, a file cut
+    short or one holding a list is a one-line ``DataError``, never taken for a file not written yet."""
+    path = Path(path)
+    if optional and not path.exists():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, found {JSON_KINDS.get(type(data), type(data).__name__)}")
+    return data
+
+
+def json_count(data: dict[str, Any], key: str, path: Path) -> int:
+    """``data[key]`` as a count (an integer >= 0) of a JSON object read from ``path``, else a one-line ``DataError``."""
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{path}: {key}: expected a count (a whole number >= 0), got {value!r}")
+    return value
+
+
 def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd.DataFrame:
     """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
     import pandas as pd  # noqa: PLC0415 - only the CSV helpers need pandas; the rest of io stays cheap to import

@@ -930,3 +930,43 @@ def test_predict_with_review_page_refuses_an_output_that_is_a_file(case: str, tr
                   "--output-dir", output, "--review-page")
     assert_one_line(outcome, "a_file")
     assert blocker.read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- state files an earlier run wrote, spoiled since
+
+
+SELECTION_ROW = "rank,path,score,distance,cluster,predicted,confidence,reason\n1,a.jpg,0.5,,,bird,0.5,margin\n"
+LABEL_ROW = "path,label,annotator,source,round,imported_utc\na.jpg,bird,,timelapse:x.csv,1,2026-01-01T00:00:00+00:00\n"
+
+# name -> (command, label tool, {file under active_learning/: text, or None for a folder}, a piece of the message)
+AL_STATE: dict[str, tuple[str, str, dict[str, str | None], str]] = {
+    "labels.csv a folder": ("status", "timelapse", {"labels.csv": None}, "labels.csv: is a folder, expected a CSV file"),
+    "selection.csv a folder": ("status", "timelapse", {"round_1/selection.csv": None}, "selection.csv: is a folder"),
+    "metrics.json a folder": ("status", "timelapse", {"round_1/selection.csv": SELECTION_ROW, "round_1/metrics.json": None},
+                              "metrics.json: is a folder, expected a JSON file"),
+    "label_studio.json a list": ("import", "label_studio", {"round_1/selection.csv": SELECTION_ROW, "round_1/label_studio.json": "[1]"},
+                                 "label_studio.json: expected a JSON object, found a list"),
+    "label_studio.json without a project id": ("import", "label_studio", {"round_1/selection.csv": SELECTION_ROW,
+                                                                          "round_1/label_studio.json": '{"project_id": "7"}'},
+                                               "label_studio.json: project_id: expected a count (a whole number >= 0), got '7'"),
+    "labels_used.json a list": ("retrain", "timelapse", {"round_1/selection.csv": SELECTION_ROW, "labels.csv": LABEL_ROW,
+                                                         "round_1/dataset/labels_used.json": "[1]"},
+                                "labels_used.json: expected a JSON object, found a list"),
+}
+
+
+@pytest.mark.parametrize("name", list(AL_STATE))
+def test_active_learning_refuses_spoiled_state_files(name: str, trained: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder in place of labels.csv or selection.csv read as 'nothing imported / selected yet' (a retrain then said no
+    image had a label); a JSON state file holding a list was an AttributeError or TypeError traceback."""
+    command, tool, state, message = AL_STATE[name]
+    run_dir = copy_run(trained, tmp_path)
+    (tmp_path / "pool").mkdir()
+    with open(run_dir / "config.yml", "a") as handle:
+        handle.write(f"active_learning:\n  pool: {tmp_path / 'pool'}\n  label_tool: {tool}\n")
+    for relative, text in state.items():
+        path = run_dir / "active_learning" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if text is None else path.write_text(text)
+    assert_one_line(run(capsys, "classifier/active_learning.py", command, "--config", run_dir / "config.yml"), message)

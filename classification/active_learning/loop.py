@@ -62,7 +62,15 @@ from classification.evaluation.predict import (
     write_prediction_files,
 )
 from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
-from classification.io import read_json, read_string_csv, write_bytes_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from classification.io import (
+    json_count,
+    read_json_object,
+    read_string_csv,
+    write_bytes_atomic,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.data import (
     Sample,
@@ -208,7 +216,7 @@ def is_trained(experiment: Experiment, number: int) -> bool:
         except UserError:
             return False
         return True
-    return experiment.round(number).done.is_file()
+    return experiment.round(number).done.exists()  # a folder in its place: reading it says so
 
 
 def round_states(experiment: Experiment) -> list[RoundState]:
@@ -381,7 +389,7 @@ def handoff_to_label_tool(experiment: Experiment, files: store.RoundFiles, paths
 
 def create_label_studio_project(experiment: Experiment, files: store.RoundFiles, paths: list[str]) -> Path:
     """A Label Studio project for the round with its images as tasks, once (its id kept in ``label_studio.json``)."""
-    state = read_json(files.label_studio) if files.label_studio.is_file() else {}
+    state = read_json_object(files.label_studio, optional=True)
     if state.get("tasks_imported"):
         return files.label_studio
     client = LabelStudioClient()
@@ -439,10 +447,10 @@ def read_export(experiment: Experiment, files: store.RoundFiles, export: Path | 
 
 def read_label_studio_project(experiment: Experiment, files: store.RoundFiles, requested: list[str], stamp: str) -> tuple[LabelImport, Path]:
     """Export the round's Label Studio project (``JSON_MIN``), keep the export, read its labels."""
-    if not files.label_studio.is_file():
+    if not files.label_studio.exists():
         raise UserError(f"{files.label_studio}: no Label Studio project for round {files.number}; give --file with an "
                         "export (JSON_MIN) or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY and run select again")
-    project = int(read_json(files.label_studio)["project_id"])
+    project = json_count(read_json_object(files.label_studio), "project_id", files.label_studio)
     copy = files.imports / f"{stamp}_label_studio_project_{project}.json"
     received = LabelStudioClient().read_project_labels(project, experiment.label_names, requested,
                                                        document_root_prefix(experiment), keep_copy=copy)
@@ -544,7 +552,7 @@ def retrain_round(experiment: Experiment, number: int | None = None, overwrite: 
     if uses_head(experiment):
         return retrain_head_round(experiment, files, labels)
     used = files.dataset / "labels_used.json"
-    changed = used.is_file() and read_json(used).get("fingerprint") != labels_fingerprint(labels)
+    changed = used.exists() and read_json_object(used).get("fingerprint") != labels_fingerprint(labels)
     if changed and not overwrite:
         raise UserError(f"round {number}: labels were imported after this round's model was started; retrain it "
                         "with them using --overwrite (the earlier model is moved to model/archive/)")
@@ -594,8 +602,8 @@ def evaluate_head_round(experiment: Experiment, number: int, split: str, output_
     if metrics is None:
         raise DataError(f"{experiment.config.data_root}: the {split} split has no readable images to evaluate on")
     done = experiment.round(number).done
-    used = read_json(done).get("pool_labels", 0) if number and done.is_file() else 0
-    return {**metrics, "pool_labels": int(used)}
+    used = json_count(read_json_object(done), "pool_labels", done) if number and done.exists() else 0
+    return {**metrics, "pool_labels": used}
 
 
 # ---------------------------------------------------------------- evaluate
@@ -622,7 +630,8 @@ def evaluate_round(experiment: Experiment, number: int | None = None) -> dict[st
         if result.metrics is None:
             raise DataError(f"{experiment.config.data_root}: the {split} split has no labelled images to evaluate on")
         scored = result.metrics
-        used = read_json(files.dataset / "labels_used.json")["pool_labels"] if number else 0
+        used = json_count(read_json_object(files.dataset / "labels_used.json"), "pool_labels",
+                          files.dataset / "labels_used.json") if number else 0
     labels = store.read_labels(experiment.labels_file)
     metrics = {
         "round": number, "pool_labels": int(used), "eval_split": split, "eval_images": scored["n_scored"],

@@ -29,8 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from classification.active_learning.labels import ReceivedLabel
-from classification.errors import DataError
-from classification.io import read_json, read_string_csv, write_csv_atomic
+from classification.io import read_json_object, read_string_csv, write_csv_atomic
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ["path", "label", "annotator", "source", "round", "imported_utc"]
@@ -51,8 +50,9 @@ def utc_now() -> str:
 
 
 def read_labels(path: Path) -> pd.DataFrame:
-    """Every stored label row (strings), or an empty table when nothing was imported yet."""
-    if not path.is_file():
+    """Every stored label row (strings), or an empty table when nothing was imported yet (a folder in its place is
+    an error, not an empty store)."""
+    if not path.exists():
         return pd.DataFrame(columns=LABEL_COLUMNS, dtype=str)
     return read_string_csv(path, LABEL_COLUMNS)[LABEL_COLUMNS]
 
@@ -135,7 +135,8 @@ class RoundFiles:
         return self.root / "label_studio.json"
 
     def is_selected(self) -> bool:
-        return self.selection.is_file()
+        """Whether ``selection.csv`` was written (anything in its place counts: reading it then says what is wrong)."""
+        return self.selection.exists()
 
     def selected_paths(self) -> list[str]:
         """The relative paths picked in this round, in rank order ([] before the selection)."""
@@ -168,12 +169,9 @@ def requested_paths(al_root: Path, up_to: int | None = None) -> list[str]:
 
 def read_metrics(files: RoundFiles) -> dict | None:
     """A round's ``metrics.json``, or None before its evaluation."""
-    if not files.metrics.is_file():
+    if not files.metrics.exists():
         return None
-    metrics = read_json(files.metrics)
-    if not isinstance(metrics, dict):
-        raise DataError(f"{files.metrics}: expected an object")
-    return metrics
+    return read_json_object(files.metrics)
 
 
 def write_history(al_root: Path, rows: Iterable[dict]) -> Path:
