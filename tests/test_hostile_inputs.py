@@ -970,3 +970,24 @@ def test_active_learning_refuses_spoiled_state_files(name: str, trained: Path, t
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir() if text is None else path.write_text(text)
     assert_one_line(run(capsys, "classifier/active_learning.py", command, "--config", run_dir / "config.yml"), message)
+
+
+@pytest.mark.parametrize("spoiled, message", [
+    (None, "last.json: is a folder, expected a JSON file"),  # taken for 'nothing fitted': steps skipped with a warning
+    ("[1]", "last.json: expected a JSON object, found a list"),
+    ('{"checkpoint": "c", "checkpoint_sha256": "0", "fitted_on": "val", "n_fitted": 3, "temperature": "hot"}',
+     "last.json: not a postprocess fit: temperature: expected a number, got 'hot'"),  # numpy's TypeError traceback
+    ('{"checkpoint": "c", "checkpoint_sha256": "0", "fitted_on": "val", "n_fitted": 3, "thresholds": {"a": "x"}}',
+     "thresholds.a: expected a number, got 'x'"),
+])
+def test_predict_refuses_a_spoiled_postprocess_fit(spoiled: str | None, message: str, trained: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    with open(run_dir / "config.yml", "a") as handle:
+        handle.write("postprocess:\n  calibrate: true\n  abstain: true\n")
+    args = ("--config", run_dir / "config.yml", "--checkpoint", "last")
+    assert run(capsys, "classifier/predict.py", *args, "--split", "val").code == 0
+    fit = run_dir / "postprocess" / "last.json"
+    fit.unlink()
+    fit.mkdir() if spoiled is None else fit.write_text(spoiled)
+    assert_one_line(run(capsys, "classifier/predict.py", *args, "--split", "test"), message)

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
-from classification.config import PostprocessConfig
+from classification.config import PostprocessConfig, describe_error
 from classification.data.dataset import read_crops_manifest
 from classification.data.time_splits import parse_datetimes
 from classification.errors import DataError
@@ -57,7 +58,7 @@ from classification.evaluation.taxonomy import (
     renormalise,
     roll_up,
 )
-from classification.io import read_json, write_csv_atomic, write_json_atomic
+from classification.io import read_json_object, write_csv_atomic, write_json_atomic
 from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,13 @@ def fitted_path(run_dir: Path, checkpoint: Path) -> Path:
 def load_fitted(run_dir: Path, checkpoint: Path) -> tuple[FittedPostprocess | None, str]:
     """The fit saved for this checkpoint, or None and why not (no file, or a fit of another checkpoint file)."""
     path = fitted_path(run_dir, checkpoint)
-    if not path.is_file():
+    if not path.exists():
         return None, f"nothing fitted for {Path(checkpoint).name} ({path} missing): predict the val split first"
-    data = read_json(path)
-    try:
-        fitted = FittedPostprocess(**data)
-    except TypeError as error:
-        raise DataError(f"{path}: not a postprocess fit ({error})") from None
+    try:  # each field's type: a temperature or threshold that is not a number was a numpy traceback when applied
+        fitted = TypeAdapter(FittedPostprocess).validate_python(read_json_object(path))
+    except ValidationError as error:
+        problems = "; ".join(describe_error(e) for e in error.errors())
+        raise DataError(f"{path}: not a postprocess fit: {problems}; predict the val split again") from None
     if fitted.checkpoint_sha256 != file_sha256(Path(checkpoint)):
         return None, f"{path} was fitted for another {Path(checkpoint).name} (it changed since): predict the val split again"
     return fitted, ""
