@@ -991,3 +991,23 @@ def test_predict_refuses_a_spoiled_postprocess_fit(spoiled: str | None, message:
     fit.unlink()
     fit.mkdir() if spoiled is None else fit.write_text(spoiled)
     assert_one_line(run(capsys, "classifier/predict.py", *args, "--split", "test"), message)
+
+
+@pytest.mark.parametrize("how", ["cut short", "one byte flipped"])
+def test_embed_computes_a_spoiled_cached_chunk_again(how: str, files: Path, capsys: pytest.CaptureFixture[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A cached chunk (``<output>/chunks/chunk_*.npz``) that is not a whole zip was zipfile.BadZipFile's traceback."""
+    args = EMBED.replace("{tmp}", str(files)).split()
+    assert run(capsys, "classifier/embed.py", *args).code == 0
+    [chunk] = (files / "e" / "chunks").glob("chunk_*.npz")
+    data = bytearray(chunk.read_bytes())
+    if how == "cut short":
+        del data[len(data) // 2:]
+    else:
+        data[60] ^= 0xFF  # inside the first array's bytes: the zip's CRC check fails
+    chunk.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        outcome = run(capsys, "classifier/embed.py", *args)
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert "unreadable cached chunk, computing it again" in caplog.text
+    assert (files / "e" / "files.csv").read_text().splitlines() == ["path", "a.jpg"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,8 @@ def load_chunk(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None
     try:
         with np.load(path) as data:
             arrays = {name: data[name] for name in ("kept", "skipped", *names)}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # BadZipFile: a chunk cut short or flipped
+        log.warning("%s: unreadable cached chunk, computing it again (%s)", path, error)
         return None
     return arrays if all(len(arrays[name]) == len(arrays["kept"]) for name in names) else None
 
