@@ -1011,3 +1011,21 @@ def test_embed_computes_a_spoiled_cached_chunk_again(how: str, files: Path, caps
     assert outcome.code == 0, outcome.err[-2000:]
     assert "unreadable cached chunk, computing it again" in caplog.text
     assert (files / "e" / "files.csv").read_text().splitlines() == ["path", "a.jpg"]
+
+
+@pytest.mark.parametrize("spoiled, message", [
+    (None, "prediction_info.json: is a folder, expected a JSON file"),
+    ("[1]", "prediction_info.json: expected a JSON object, found a list"),
+    ('{"images_root": 5}', "prediction_info.json: images_root: expected a string, got 5"),
+])
+def test_review_page_refuses_a_spoiled_prediction_info(spoiled: str | None, message: str, trained: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Read as {} before: the page looked for the crops in the predictions' own folder and showed none, without a word."""
+    run_dir = copy_run(trained, tmp_path)
+    assert run(capsys, "classifier/predict.py", "--config", run_dir / "config.yml", "--checkpoint", "last", "--split", "val",
+               "--output-dir", tmp_path / "p").code == 0
+    info = tmp_path / "p" / "prediction_info.json"
+    info.unlink()
+    info.mkdir() if spoiled is None else info.write_text(spoiled)
+    assert_one_line(run(capsys, "classifier/review_page.py", "--predictions", tmp_path / "p" / "predictions.csv"), message)
+    assert not (tmp_path / "p" / "review.html").exists()

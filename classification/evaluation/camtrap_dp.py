@@ -38,8 +38,8 @@ from classification.data.camtrap_dp import (
 from classification.data.camtrap_dp_schema import PROFILE_URL, TABLES, column_names, resource_descriptor, validate_camtrap_dp
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.errors import DataError, UserError
-from classification.evaluation.report import read_predictions, topk_of
-from classification.io import copy_file_atomic, ensure_folder, link_atomic, read_json, write_csv_atomic, write_json_atomic
+from classification.evaluation.report import read_prediction_info, read_predictions, topk_of
+from classification.io import copy_file_atomic, ensure_folder, link_atomic, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,6 @@ class ExportReport:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def prediction_info(predictions_path: Path) -> dict[str, Any]:
-    """``prediction_info.json`` beside a predictions file (written by classifier/predict.py), or {}."""
-    path = Path(predictions_path).parent / "prediction_info.json"
-    info = read_json(path) if path.is_file() else {}
-    return info if isinstance(info, dict) else {}
 
 
 def default_classified_by(info: dict[str, Any]) -> str:
@@ -289,7 +282,7 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
         raise DataError(f"--images-dir {images_dir}: folder not found")
     if output_dir.resolve() == package.root.resolve():
         raise UserError(f"--output-dir {output_dir}: is the source package; its observations.csv would be replaced (choose another folder)")
-    info = prediction_info(predictions_path)
+    info = read_prediction_info(predictions_path)
     classified_by = classified_by or default_classified_by(info)
     timestamp = timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     manifest_path = manifest_path_of(info, crops_manifest)

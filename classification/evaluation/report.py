@@ -23,7 +23,7 @@ import pandas as pd
 
 from classification.errors import DataError
 from classification.evaluation.plots import write_evaluation_plots
-from classification.io import read_string_csv, write_csv_atomic, write_json_atomic
+from classification.io import read_json_object, read_string_csv, write_csv_atomic, write_json_atomic
 from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator, accumulate_probabilities
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,19 @@ def topk_of(predictions: pd.DataFrame) -> int:
 def probability_columns(predictions: pd.DataFrame) -> list[str]:
     """The columns that hold probabilities."""
     return ["confidence", "true_prob"] + [f"top{k}_prob" for k in range(1, topk_of(predictions) + 1)]
+
+
+def read_prediction_info(predictions_path: Path) -> dict[str, Any]:
+    """``prediction_info.json`` beside a predictions file (written by classifier/predict.py), or {} where there is none.
+
+    A folder or a list in its place, or an ``images_root`` that is not text, is a one-line ``DataError``: read as {} it sent
+    the review page and the Camtrap DP export to the predictions' own folder for the images, without a word."""
+    path = Path(predictions_path).parent / "prediction_info.json"
+    info = read_json_object(path, optional=True)
+    for key in ("images_root", "checkpoint", "architecture"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise DataError(f"{path}: {key}: expected a string, got {info[key]!r}")
+    return info
 
 
 def read_predictions(path: Path) -> pd.DataFrame:

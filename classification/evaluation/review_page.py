@@ -29,7 +29,8 @@ import pandas as pd
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.data.images import DECODE_ERRORS, read_thumbnail
 from classification.errors import DataError, UserError
-from classification.io import read_json, read_string_csv, write_text_atomic
+from classification.evaluation.report import read_prediction_info
+from classification.io import read_string_csv, write_text_atomic
 
 PAGE_NAME = "review.html"
 UNKNOWN_LABEL = "unknown"
@@ -85,10 +86,8 @@ def images_root_of(predictions_path: Path, given: Path | None) -> Path:
     """The folder the predictions' paths are relative to: the one given, else ``prediction_info.json``'s, else the file's folder."""
     if given is not None:
         return Path(given)
-    info_path = predictions_path.parent / "prediction_info.json"
-    info = read_json(info_path) if info_path.is_file() else {}
-    root = info.get("images_root") if isinstance(info, dict) else None
-    return Path(str(root)) if root else predictions_path.parent
+    root = read_prediction_info(predictions_path).get("images_root")
+    return Path(root) if root else predictions_path.parent
 
 
 def read_review_table(path: Path) -> pd.DataFrame:
