@@ -480,6 +480,37 @@ def test_embedding_cache_is_made_again_for_other_input_statistics(tmp_path: Path
     np.testing.assert_array_equal(cached.embeddings, fresh.embeddings)
 
 
+def test_a_random_backbone_is_the_same_network_every_time_and_names_its_seed(tmp_path: Path) -> None:
+    """Random weights come from the config's seed (the global RNG untouched): a re-run that reuses cached chunks
+    embeds the rest with the same network, and another seed's chunks are not reused."""
+    import torch
+
+    from classification.active_learning.embeddings import backbone_config, backbone_network, embed_with_backbone
+    from classification.training.data import Sample
+
+    state = torch.random.get_rng_state()
+    first, second = (backbone_network("timm:test_efficientnet", False, "library", seed=3) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    other = backbone_network("timm:test_efficientnet", False, "library", seed=4)
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+
+    samples = []
+    for i in range(5):
+        Image.new("RGB", (40, 40), (50 * i, 100, 30)).save(tmp_path / f"{i}.jpg")
+        samples.append(Sample(tmp_path / f"{i}.jpg", 0, "", ""))
+    config = backbone_config("timm:test_efficientnet", 32, 2, 0, "cpu", pretrained=False)
+    cache = tmp_path / "cache"
+    whole = embed_with_backbone(config, samples, cache, chunk_size=2)
+    chunks = sorted(cache.rglob("chunk_*.npz"))
+    assert len(chunks) == 3
+    chunks[1].unlink()  # as if the run had stopped there: a re-run computes only that chunk, with a new network
+    resumed = embed_with_backbone(config, samples, cache, chunk_size=2)
+    np.testing.assert_array_equal(resumed.embeddings, whole.embeddings)
+    reseeded = embed_with_backbone(config.model_copy(update={"seed": 4}), samples, cache, chunk_size=2)
+    assert not np.allclose(reseeded.embeddings, whole.embeddings)
+
+
 def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
     """Switching active_learning.embeddings retrains round 0's head; a later round's stale head is one line."""
     import torch

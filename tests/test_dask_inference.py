@@ -101,12 +101,16 @@ def test_embeddings_on_a_cluster_equal_one_process(trained: TrainedRun, tmp_path
     same_files(tmp_path / "one", tmp_path / "dask", outputs)
 
 
-def test_random_backbone_is_refused_on_dask(tmp_path: Path) -> None:
-    from classification.active_learning.embeddings import backbone_config, embed_with_backbone  # noqa: PLC0415
+def test_a_random_backbone_on_dask_equals_one_process(trained: TrainedRun, tmp_path: Path, scheduler: str) -> None:  # noqa: F811
+    """Random weights are drawn from the config's seed, so every worker builds the same network (this was refused:
+    each worker drew its own)."""
+    from classification.active_learning.embeddings import backbone_config  # noqa: PLC0415
 
+    folder = image_folder(trained, tmp_path / "images")
     config = backbone_config("resnet18", 32, 4, 0, "cpu", pretrained=False)
-    with pytest.raises(UserError, match="random weights would differ between workers"):
-        embed_with_backbone(config, [], None, dask=DaskOptions(workers=2))
+    embed_folder(folder, tmp_path / "one", config, chunk_size=6)
+    embed_folder(folder, tmp_path / "dask", config, chunk_size=6, dask=DaskOptions(scheduler=scheduler))
+    same_files(tmp_path / "one", tmp_path / "dask", ["embeddings.npy", "files.csv", "skipped.csv"])
 
 
 @pytest.mark.parametrize(("dask", "message"), [(DaskOptions(workers=0), "--dask-workers must be at least 1"),

@@ -156,31 +156,35 @@ def embed_with_checkpoint(checkpoint: Path, samples: Sequence[Sample], config: E
     return embed_samples(model.model, samples, config, device, True, cache_dir, describe_model_file(checkpoint), chunk_size)
 
 
-def backbone_network(architecture: str, pretrained: bool, pretrained_source: str) -> nn.Module:
-    """A backbone by name (one output, unused: only its features are taken)."""
-    return build_model(architecture, 1, pretrained, pretrained_source=pretrained_source)
+def backbone_network(architecture: str, pretrained: bool, pretrained_source: str, seed: int = 0) -> nn.Module:
+    """A backbone by name (one output, unused: only its features are taken). Random weights (not
+    ``pretrained``) are drawn from ``seed`` without touching the global RNG, so the same network comes
+    out every time: in a re-run that reuses cached chunks and in every Dask worker."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(architecture, 1, pretrained, pretrained_source=pretrained_source)
 
 
 def backbone_model_id(config: ExperimentConfig) -> str:
-    """What a backbone's features are made from (the cache key's model): the architecture and its weights."""
-    return f"{config.architecture} pretrained={config.pretrained} ({config.pretrained_source})"
+    """What a backbone's features are made from (the cache key's model): the architecture and its weights
+    (ImageNet's and where from, or random ones and their seed)."""
+    if config.pretrained:
+        return f"{config.architecture} pretrained=True ({config.pretrained_source})"
+    return f"{config.architecture} pretrained=False (random, seed {config.seed})"
 
 
 def embed_with_backbone(config: ExperimentConfig, samples: Sequence[Sample], cache_dir: Path | None,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, dask: DaskOptions = NO_DASK) -> PoolEmbeddings:
     """Features of ``config.architecture`` as a frozen backbone (ImageNet weights from ``pretrained_source``
-    when ``config.pretrained``, random otherwise), at the weights' input size; no probabilities. On Dask only with
-    pretrained weights: random ones would differ from worker to worker."""
+    when ``config.pretrained``, else random ones drawn from ``config.seed``), at the weights' input size; no
+    probabilities."""
     config = resolve_inputs(config)  # the weights' input size and statistics where the config leaves them unset
     model_id = backbone_model_id(config)
+    network = (config.architecture, config.pretrained, config.pretrained_source, config.seed)
     if dask.enabled:
-        if not config.pretrained:
-            raise UserError("embedding on Dask needs pretrained weights or a checkpoint: random weights would differ between workers")
-        source = ModelSource(backbone_network, (config.architecture, config.pretrained, config.pretrained_source), model_id)
-        return embed_on_dask(source, samples, config, False, cache_dir, chunk_size, dask)
+        return embed_on_dask(ModelSource(backbone_network, network, model_id), samples, config, False, cache_dir, chunk_size, dask)
     device = select_device(config.device, DistributedContext())
-    model = backbone_network(config.architecture, config.pretrained, config.pretrained_source)
-    return embed_samples(model, samples, config, device, False, cache_dir, model_id, chunk_size)
+    return embed_samples(backbone_network(*network), samples, config, device, False, cache_dir, model_id, chunk_size)
 
 
 @dataclass
