@@ -1029,3 +1029,55 @@ def test_review_page_refuses_a_spoiled_prediction_info(spoiled: str | None, mess
     info.mkdir() if spoiled is None else info.write_text(spoiled)
     assert_one_line(run(capsys, "classifier/review_page.py", "--predictions", tmp_path / "p" / "predictions.csv"), message)
     assert not (tmp_path / "p" / "review.html").exists()
+
+
+# ---------------------------------------------------------------- the dataset folder train.py reads (its csv and two json files)
+
+
+def copy_dataset_run(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the trained run whose config points at its own copy of the dataset (so it can be spoiled)."""
+    run_dir = copy_run(trained, tmp_path)
+    config = yaml.safe_load((run_dir / "config.yml").read_text())
+    dataset = tmp_path / "dataset"
+    shutil.copytree(config["data_root"], dataset)
+    config["data_root"] = str(dataset)
+    (run_dir / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return run_dir, dataset
+
+
+def spoil_dataset(dataset: Path, name: str, content: str | bytes | None) -> None:
+    """Replace ``dataset/name`` by ``content`` (text or bytes), or by a folder when ``content`` is None."""
+    path = dataset / name
+    path.unlink()
+    if content is None:
+        path.mkdir()
+        (path / "inside.txt").write_text("x")
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
+def label_names(dataset: Path) -> list[str]:
+    index = json.loads((dataset / "label_index.json").read_text())
+    return [index[str(i)] for i in range(len(index))]
+
+
+DATASET_CASES: list[tuple[str, str, Callable[[list[str]], str | bytes | None], str]] = [
+    ("csv is a folder", "classification_ds.csv", lambda names: None, "classification_ds.csv: is a folder, expected a CSV file"),
+    ("label index is a folder", "label_index.json", lambda names: None, "label_index.json: is a folder, expected a JSON file"),
+    ("label index empty file", "label_index.json", lambda names: "", "label_index.json: not valid JSON"),
+    ("label index not UTF-8", "label_index.json", lambda names: b'{"0": "\xff"}', "label_index.json: not a UTF-8 text file"),
+    ("splits is a folder", "splits.json", lambda names: None, "splits.json: is a folder, expected a JSON file"),
+    ("splits empty file", "splits.json", lambda names: "", "splits.json: not valid JSON"),
+    ("splits not UTF-8", "splits.json", lambda names: b'{"train": [["\xff", "a"]]}', "splits.json: not a UTF-8 text file"),
+]
+
+
+@pytest.mark.parametrize("case, name, content, message", DATASET_CASES, ids=[c[0] for c in DATASET_CASES])
+def test_train_refuses_a_spoiled_dataset_folder(case: str, name: str, content: Callable[[list[str]], str | bytes | None], message: str,
+                                                trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, dataset = copy_dataset_run(trained, tmp_path)
+    spoil_dataset(dataset, name, content(label_names(dataset)))
+    assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml"), str(dataset / name), message)
+

@@ -43,7 +43,7 @@ from classification.evaluation.postprocess import (
 from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
 from classification.io import write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
-from classification.training.data import Sample, build_loader, build_samples, image_files, load_label_index
+from classification.training.data import Sample, build_loader, build_samples, image_files, is_dataset_folder, load_label_index
 from classification.shards import NO_DASK, SHARDS_DIR, DaskOptions, remove_shard_files
 from classification.training.inference import PROBABILITIES, TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
 from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards, whole_batches
@@ -165,7 +165,7 @@ def split_samples_input(config: ExperimentConfig, split: str, label_names: Seque
     samples = build_samples(config, split)
     if not samples:
         raise DataError(f"{config.data_root}: split {split!r} has no images")
-    root = config.resolved_crops_dir() if (Path(config.data_root) / "classification_ds.csv").is_file() else config.data_root
+    root = config.resolved_crops_dir() if is_dataset_folder(Path(config.data_root)) else config.data_root
     return PredictionInput(split, samples, [label_names[s.label] for s in samples], Path(root))
 
 

@@ -69,8 +69,12 @@ class Sample:
 
 
 def is_dataset_folder(data_root: Path) -> bool:
-    """True for a folder made by ``create_classification_dataset.py``, False for an image folder."""
-    return (data_root / DATASET_CSV).is_file()
+    """True for a folder made by ``create_classification_dataset.py``, False for an image folder.
+
+    Anything named ``classification_ds.csv`` counts (a folder, a broken link): reading it then says what is wrong
+    with it, where taking the dataset for an image folder would blame a split it lacks."""
+    csv_path = data_root / DATASET_CSV
+    return csv_path.exists() or csv_path.is_symlink()
 
 
 def split_folders(data_root: Path, train_split: str = "train") -> list[str]:
