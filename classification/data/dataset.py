@@ -11,6 +11,7 @@ another seed, or a user's own CSV). Output, in the formats MegaDetector's and an
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from classification.data.time_splits import (
     time_warnings,
 )
 from classification.errors import DataError, UserError
-from classification.io import ensure_folder, read_json, read_string_csv, write_csv_atomic, write_json_atomic
+from classification.io import ensure_folder, read_json, read_json_object, read_string_csv, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,40 @@ def warn_split_sequences(frame: pd.DataFrame) -> None:
 def label_index(labels: Collection[str]) -> dict[str, str]:
     """``{"0": "agouti", "1": "bird_spec", ...}``, sorted by name."""
     return {str(i): name for i, name in enumerate(sorted(set(labels)))}
+
+
+def shown_json(value: object, limit: int = 80) -> str:
+    """``value`` as JSON for a one-line message, cut to about ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def class_number(key: str, path: Path) -> int:
+    """A ``label_index.json`` key: a class number written plainly (``"0"``, ``"12"``; not ``"01"``, ``"-1"``, ``"x"``)."""
+    if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+        raise DataError(f'{path}: {shown_json(key)}: expected a class number "0", "1", ... as the key')
+    return int(key)
+
+
+def read_label_index(path: Path) -> dict[int, str]:
+    """``label_index.json`` (``{"0": "agouti", "1": "bird_spec", ...}``) as ``{0: "agouti", ...}``, checked: keys
+    ``"0".."n-1"`` without gaps, each a distinct class name; anything else is one line naming the file and the key."""
+    raw = read_json_object(path)
+    if not raw:
+        raise DataError(f'{path}: no classes (expected {{"0": "<class name>", "1": ...}})')
+    index: dict[int, str] = {}
+    key_of: dict[str, str] = {}
+    for key, name in raw.items():
+        number = class_number(key, path)
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{path}: {shown_json(key)}: expected a class name (text), got {shown_json(name)}")
+        if name in key_of:
+            raise DataError(f"{path}: {shown_json(key)}: class name {shown_json(name)} is also class {shown_json(key_of[name])}")
+        index[number], key_of[name] = name, key
+    missing = next((i for i in range(len(index)) if i not in index), None)
+    if missing is not None:
+        raise DataError(f'{path}: class numbers must be 0..{len(index) - 1} without gaps: "{missing}" is missing')
+    return dict(sorted(index.items()))
 
 
 DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
@@ -434,9 +469,7 @@ def existing_label_index(output_dir: Path, frame: pd.DataFrame) -> dict[str, str
         write_json_atomic(path, labels)
         log.info("%s: written from classification_ds.csv's labels", path)
         return labels
-    labels = read_json(path)
-    if not isinstance(labels, dict) or not all(isinstance(name, str) for name in labels.values()):
-        raise DataError(f'{path}: expected {{"0": "<label>", "1": ...}}')
+    labels = {str(i): name for i, name in read_label_index(path).items()}
     unknown = sorted(set(frame["label"]) - set(labels.values()))
     if unknown:
         raise DataError(f"{path}: does not name labels of classification_ds.csv ({', '.join(unknown[:3])});"

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from classification.data.cct import CCT, Problem, normalize_location
-from classification.data.dataset import read_dataset_csv
+from classification.data.dataset import read_dataset_csv, read_label_index
 from classification.data.figures import Thumbnail, plot_thumbnail_grid
 from classification.data.images import read_thumbnail as read_thumbnail  # re-exported: the notebooks' thumbnails
 from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits
@@ -58,13 +58,8 @@ class DatasetView:
 
 
 def _read_label_index(path: Path) -> dict[str, str]:
-    """``label_index.json``, checked: keys ``"0".."n-1"``, string names."""
-    index = read_json(path)
-    if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
-        raise DataError(f'{path}: expected {{"0": "<class name>", ...}}')
-    if sorted(index, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(index))]:
-        raise DataError(f"{path}: keys must be 0..{len(index) - 1}")
-    return index
+    """``label_index.json``, checked (``read_label_index``), keyed as in the file: ``{"0": "agouti", ...}``."""
+    return {str(i): name for i, name in read_label_index(path).items()}
 
 
 def _assign_splits(crops: pd.DataFrame, splits: Mapping[str, Any], source: str) -> pd.Categorical:

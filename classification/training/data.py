@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from classification.data.dataset import read_label_index
 from classification.data.images import ImageLoadError, decode_failure, read_rgb
 from classification.data.splits import SPLIT_NAMES
 from classification.errors import DataError, UserError
@@ -112,19 +113,7 @@ def load_label_index(data_root: Path, train_split: str = "train") -> dict[int, s
     data_root = Path(data_root)
     if not is_dataset_folder(data_root):
         return dict(enumerate(class_folders(image_folder_root(data_root, train_split, train_split))))
-    path = data_root / LABEL_INDEX_JSON
-    raw = read_json(path)
-    if not isinstance(raw, dict) or not raw:
-        raise DataError(f"{path}: expected a non-empty object {{\"0\": \"name\", ...}}")
-    try:
-        index = {int(key): str(name) for key, name in raw.items()}
-    except ValueError:
-        raise DataError(f"{path}: keys must be class numbers \"0\", \"1\", ...") from None
-    if sorted(index) != list(range(len(index))):
-        raise DataError(f"{path}: class numbers must be 0..{len(index) - 1} without gaps")
-    if len(set(index.values())) != len(index):
-        raise DataError(f"{path}: a class name appears twice")
-    return dict(sorted(index.items()))
+    return read_label_index(data_root / LABEL_INDEX_JSON)
 
 
 def available_splits(config: ExperimentConfig) -> list[str]:
