@@ -233,6 +233,12 @@ def read_json_object(path: str | Path, optional: bool = False) -> dict[str, Any]
     return data
 
 
+def shown_json(value: object, limit: int = 80) -> str:
+    """``value`` as JSON for a one-line message (``null``, ``[1]``, ``"ab"``), cut to about ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def json_count(data: dict[str, Any], key: str, path: Path) -> int:
     """``data[key]`` as a count (an integer >= 0) of a JSON object read from ``path``, else a one-line ``DataError``."""
     value = data.get(key)

@@ -27,6 +27,7 @@ from classification.active_learning.label_studio import read_json_min
 from classification.cli import run_main
 from classification.config import load_config
 from classification.errors import DataError
+from classification.training.data import read_split_keys
 from classification.training.engine import train
 from classification.training.models import build_model
 from tests.conftest import REPO_ROOT
@@ -513,7 +514,7 @@ FLAG_CASES: list[tuple[str, str, str]] = [  # script, arguments ({tmp} is the fi
     ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --splits-file {tmp}/splits_no_test.json",
      "missing split(s) ['test']"),
     ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --match-test {tmp}/binary.csv {tmp}/splits_list.json",
-     "expected {\"test\""),
+     "splits_list.json: expected a JSON object, found a list"),
     ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --crops-manifest {tmp}/binary.csv", "not a readable CSV"),
     ("classifier/train.py", "--config {tmp}/bomb.yml", "expands to more than 100,000 values through aliases"),
     ("classifier/train.py", "--config {tmp}/deep.yml", "nested too deeply"),
@@ -1084,6 +1085,17 @@ DATASET_CASES: list[tuple[str, str, Callable[[list[str]], str | bytes | None], s
      'label_index.json: class numbers must be 0..1 without gaps: "1" is missing'),
     ("label index duplicate name", "label_index.json", lambda names: json.dumps({"0": names[0], "1": names[0]}),
      'label_index.json: "1": class name'),
+    ("splits a string unpacked", "splits.json", lambda names: '{"train": ["ab"], "val": [], "test": []}',
+     'splits.json: train[0]: expected a [dataset, location] pair of strings, got "ab"'),
+    ("splits entry with null", "splits.json", lambda names: '{"train": [["demo", null]], "val": [], "test": []}',
+     'splits.json: train[0]: expected a [dataset, location] pair of strings, got ["demo", null]'),
+    ("splits a triple", "splits.json", lambda names: '{"train": [["demo", "a", "b"]], "val": [], "test": []}',
+     "splits.json: train[0]: expected a [dataset, location] pair"),
+    ("splits split not a list", "splits.json", lambda names: '{"train": "demo", "val": [], "test": []}',
+     "splits.json: train: expected a list of [dataset, location] pairs, found a string"),
+    ("splits of another split not a list", "splits.json", lambda names: '{"train": [], "val": [], "test": {"a": 1}}',
+     "splits.json: test: expected a list of [dataset, location] pairs"),
+    ("splits a list", "splits.json", lambda names: "[]", "splits.json: expected a JSON object, found a list"),
     ("splits is a folder", "splits.json", lambda names: None, "splits.json: is a folder, expected a JSON file"),
     ("splits empty file", "splits.json", lambda names: "", "splits.json: not valid JSON"),
     ("splits not UTF-8", "splits.json", lambda names: b'{"train": [["\xff", "a"]]}', "splits.json: not a UTF-8 text file"),
@@ -1096,4 +1108,11 @@ def test_train_refuses_a_spoiled_dataset_folder(case: str, name: str, content: C
     run_dir, dataset = copy_dataset_run(trained, tmp_path)
     spoil_dataset(dataset, name, content(label_names(dataset)))
     assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml"), str(dataset / name), message)
+
+
+def test_train_reads_an_old_splits_json_with_number_locations(tmp_path: Path) -> None:
+    """MegaDetector's CCT files may hold whole-number locations: splits.json then lists them as numbers, read as their text."""
+    path = tmp_path / "splits.json"
+    path.write_text('{"train": [["demo", 12], ["demo", "a"]], "val": [], "test": []}')
+    assert read_split_keys(path, "train") == {("demo", "12"), ("demo", "a")}
 

@@ -11,7 +11,6 @@ another seed, or a user's own CSV). Output, in the formats MegaDetector's and an
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from classification.data.splits import (
     improve_locally,
     pin_test_locations,
     random_search,
+    read_splits,
     score_assignments,
     smallest_first,
     splits_to_json,
@@ -47,7 +47,7 @@ from classification.data.time_splits import (
     time_warnings,
 )
 from classification.errors import DataError, UserError
-from classification.io import ensure_folder, read_json, read_json_object, read_string_csv, write_csv_atomic, write_json_atomic
+from classification.io import ensure_folder, read_json, read_json_object, read_string_csv, shown_json, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,6 @@ def label_index(labels: Collection[str]) -> dict[str, str]:
     return {str(i): name for i, name in enumerate(sorted(set(labels)))}
 
 
-def shown_json(value: object, limit: int = 80) -> str:
-    """``value`` as JSON for a one-line message, cut to about ``limit`` characters."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def class_number(key: str, path: Path) -> int:
     """A ``label_index.json`` key: a class number written plainly (``"0"``, ``"12"``; not ``"01"``, ``"-1"``, ``"x"``)."""
     if not (key.isascii() and key.isdigit() and str(int(key)) == key):
@@ -291,11 +285,11 @@ def fixed_test_locations(problem: SplitProblem, match_test: tuple[Path, Path], f
     Earlier test crops that this dataset lacks are counted and reported.
     """
     old_csv, old_splits_path = match_test
-    old_splits = read_json(old_splits_path)
-    if not isinstance(old_splits, dict) or not isinstance(old_splits.get("test"), list):
-        raise DataError(f"{old_splits_path}: expected {{\"test\": [[dataset, location], ...], ...}}")
+    old_splits = read_splits(old_splits_path)
+    if "test" not in old_splits:
+        raise DataError(f"{old_splits_path}: no test split (expected {{\"test\": [[dataset, location], ...], ...}})")
     fixed = pin_test_locations(problem, old_splits["test"])
-    old_test = {(str(d), str(loc)) for d, loc in old_splits["test"]}
+    old_test = set(old_splits["test"])
     old = read_dataset_csv(old_csv)
     is_old_test = [(d, loc) in old_test for d, loc in zip(old["dataset"], old["location"])]
     missing = set(old.loc[is_old_test, "path"]) - set(frame["crop_path"])

@@ -28,12 +28,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from classification.errors import DataError, UserError
+from classification.io import JSON_KINDS, read_json_object, shown_json
 
 log = logging.getLogger(__name__)
 
@@ -681,11 +683,29 @@ def splits_to_json(problem: SplitProblem, assignment: np.ndarray) -> dict[str, l
     }
 
 
-def _location_entry(entry: object, where: str) -> tuple[str, str]:
-    """One ``[dataset, location]`` entry of a splits file, checked."""
-    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(v, str) for v in entry):
-        raise DataError(f"{where}: expected a [dataset, location] pair of strings, got {entry!r}")
-    return entry[0], entry[1]
+def location_entry(entry: object, where: str, numbers: bool = False) -> tuple[str, str]:
+    """One ``[dataset, location]`` entry of a splits file, checked. ``numbers``: a whole number is read as its text
+    (MegaDetector's CCT files may hold number locations, and its splits.json then lists them as numbers)."""
+    allowed = (str, int) if numbers else (str,)
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(
+            isinstance(v, allowed) and not isinstance(v, bool) for v in entry):
+        raise DataError(f"{where}: expected a [dataset, location] pair of strings, got {shown_json(entry)}")
+    return str(entry[0]), str(entry[1])
+
+
+def read_splits(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """``splits.json`` (``{"train": [[dataset, location], ...], "val": [...], ...}``) with every entry checked: a split
+    that is not a list, or an entry that is not a pair (``"ab"`` would unpack as ``("a", "b")``), is one line naming
+    the file, the split and the entry. Split names are not checked here: a config may name its own. Number locations
+    of older files are read as their text, as this reader always did."""
+    splits = read_json_object(path)
+    checked = {}
+    for name, entries in splits.items():
+        if not isinstance(entries, list):
+            kind = JSON_KINDS.get(type(entries), type(entries).__name__)
+            raise DataError(f"{path}: {name}: expected a list of [dataset, location] pairs, found {kind}")
+        checked[name] = [location_entry(entry, f"{path}: {name}[{i}]", numbers=True) for i, entry in enumerate(entries)]
+    return checked
 
 
 def assignment_from_splits(problem: SplitProblem, splits: Mapping[str, object], source: str) -> np.ndarray:
@@ -710,7 +730,7 @@ def assignment_from_splits(problem: SplitProblem, splits: Mapping[str, object], 
         if not isinstance(entries, list):
             raise DataError(f"{source}: {name}: expected a list of [dataset, location] pairs")
         for i, entry in enumerate(entries):
-            key = _location_entry(entry, f"{source}: {name}[{i}]")
+            key = location_entry(entry, f"{source}: {name}[{i}]")
             if key in seen and seen[key] != name:
                 raise DataError(f"{source}: location {list(key)} is in both {seen[key]} and {name}")
             seen[key] = name

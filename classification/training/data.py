@@ -38,9 +38,9 @@ from torchvision.transforms import v2
 
 from classification.data.dataset import read_label_index
 from classification.data.images import ImageLoadError, decode_failure, read_rgb
-from classification.data.splits import SPLIT_NAMES
+from classification.data.splits import SPLIT_NAMES, read_splits
 from classification.errors import DataError, UserError
-from classification.io import read_json, read_string_csv
+from classification.io import read_string_csv
 from classification.training.weights import InputSpec
 
 if TYPE_CHECKING:
@@ -120,22 +120,16 @@ def available_splits(config: ExperimentConfig) -> list[str]:
     """The split names ``build_samples`` accepts for this ``data_root``."""
     data_root = Path(config.data_root)
     if is_dataset_folder(data_root):
-        splits = read_json(data_root / SPLITS_JSON)
-        return list(splits) if isinstance(splits, dict) else []
+        return list(read_splits(data_root / SPLITS_JSON))
     return split_folders(data_root, config.train_split) or [config.train_split]
 
 
 def read_split_keys(path: Path, split: str) -> set[tuple[str, str]]:
     """The ``(dataset, location)`` pairs of ``split`` in ``splits.json``."""
-    splits = read_json(path)
-    if not isinstance(splits, dict):
-        raise DataError(f"{path}: expected an object {{\"train\": [[dataset, location], ...], ...}}")
+    splits = read_splits(path)
     if split not in splits:
-        raise UserError(f"{path}: no split {split!r} (available: {', '.join(map(str, splits)) or 'none'})")
-    try:
-        return {(str(dataset), str(location)) for dataset, location in splits[split]}
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {split}: expected a list of [dataset, location] pairs") from None
+        raise UserError(f"{path}: no split {split!r} (available: {', '.join(splits) or 'none'})")
+    return set(splits[split])
 
 
 def dataset_folder_samples(data_root: Path, crops_dir: Path, split: str) -> list[Sample]:
