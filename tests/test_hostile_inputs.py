@@ -1116,3 +1116,23 @@ def test_train_reads_an_old_splits_json_with_number_locations(tmp_path: Path) ->
     path.write_text('{"train": [["demo", 12], ["demo", "a"]], "val": [], "test": []}')
     assert read_split_keys(path, "train") == {("demo", "12"), ("demo", "a")}
 
+
+@pytest.mark.parametrize("name, content", [("splits.json", '{"train": ["ab"], "val": [], "test": []}'),
+                                           ("label_index.json", '{"0": null}'), ("classification_ds.csv", None)])
+def test_train_no_resume_overwrite_moves_nothing_when_the_dataset_is_spoiled(
+        name: str, content: str | None, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The dataset is read before the earlier run is archived: a run that then fails on its input leaves the folder as it was."""
+    run_dir, dataset = copy_dataset_run(trained, tmp_path)
+    spoil_dataset(dataset, name, content)
+    before = snapshot(run_dir)
+    assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--no-resume", "--overwrite"), name)
+    assert snapshot(run_dir) == before and not (run_dir / "archive").exists()
+
+
+def test_train_no_resume_overwrite_moves_nothing_when_num_classes_disagrees(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, _ = copy_dataset_run(trained, tmp_path)
+    before = snapshot(run_dir)
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--no-resume", "--overwrite", "--set", "num_classes=9")
+    assert_one_line(outcome, "num_classes: 9")
+    assert snapshot(run_dir) == before and not (run_dir / "archive").exists()

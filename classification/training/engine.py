@@ -21,7 +21,8 @@ Run folder rules (``run_folder.py``): ``--resume`` (the default) continues from
 ``checkpoints/last.pt`` (a fresh start when there is none) and refuses a config whose
 training fields changed unless ``force``; ``--no-resume`` refuses to start over a run that
 has checkpoints unless ``overwrite``, which moves ``checkpoints/``, ``metrics.csv`` and the
-run files to ``archive/<UTC time>/`` (nothing is deleted).
+run files to ``archive/<UTC time>/`` (nothing is deleted), once the dataset, the config and
+the model are read: a run that fails on its input moves nothing.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from classification.training.data import (
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
-from classification.training.run_folder import prepare_run_folder
+from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder
 from classification.training.signals import StopRequest
 from classification.training.trainer import Trainer, build_trainer, set_frozen_backbone, train_step
 
@@ -230,7 +231,7 @@ def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrit
 def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions, context: DistributedContext,
                  device: torch.device) -> TrainResult:
     """``train`` once the process group and the device are set up."""
-    resume_from = prepare_run_folder(run_dir, options.resume, options.overwrite, context)
+    resume_from = find_resume_checkpoint(run_dir, options.resume, options.overwrite)  # looks only: nothing moves yet
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     # input size and normalisation where the config leaves them unset: those the run was trained with
     # (checkpoints from before these keys: ImageNet's, bilinear), else the weights'; saved with the run
@@ -238,6 +239,8 @@ def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions,
     configure_determinism(config.deterministic)
     seed_everything(config.seed)
     loop = build_loop(config, run_dir, load_run_data(config, context, options.config_path), device, context)
+    # the dataset, the config and the model are checked: only now is the run folder changed (an earlier run archived)
+    prepare_run_folder(run_dir, options.resume, options.overwrite, context)
     if checkpoint is not None and resume_from is not None:
         restore_loop(loop, checkpoint, resume_from, options)
     if is_finished(loop):

@@ -72,13 +72,13 @@ def find_resume_checkpoint(run_dir: Path, resume: bool, overwrite: bool) -> Path
     return None
 
 
-def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, context: DistributedContext) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start); rank 0 then clears half-written files and,
-    with ``--no-resume --overwrite``, archives the earlier run."""
-    resume_from = find_resume_checkpoint(run_dir, resume, overwrite)
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, context: DistributedContext) -> None:
+    """Rank 0 clears half-written files and, with ``--no-resume --overwrite``, archives the earlier run.
+
+    Call it after ``find_resume_checkpoint`` and once the run's inputs (dataset, config, model) are read and
+    checked: a run that fails on its input then leaves the folder as it was, its earlier run not archived."""
     barrier(context)  # every rank has looked at the run folder before rank 0 changes it
     if context.is_main:
         remove_partial_writes(checkpoints_dir(run_dir))
         if not resume and overwrite and (checkpoints_dir(run_dir).exists() or (run_dir / METRICS_CSV).exists()):
             archive_run(run_dir)
-    return resume_from
