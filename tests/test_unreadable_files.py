@@ -97,3 +97,27 @@ def test_a_dot_env_that_is_not_utf8_is_one_line_without_its_contents(one_epoch: 
     line = assert_one_line(run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=2",
                                "--set", "comet=offline"), ".env: not a UTF-8 text file")
     assert "secret" not in line
+
+
+def test_a_folder_in_place_of_a_state_file_is_not_taken_for_no_file(one_epoch: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder named like splits.json, split_report.json or metrics.csv used to read as 'not written yet'
+    (a dataset without splits, a run without metrics); now it is one line naming it."""
+    from classification.data.inspect import load_dataset  # noqa: PLC0415
+
+    config = load_config(one_epoch / "config.yml")
+    dataset = tmp_path / "dataset"
+    shutil.copytree(config.data_root, dataset)
+    for name, message in [("splits.json", "is a folder, expected a JSON file"), ("split_report.json", "is a folder")]:
+        spoiled = tmp_path / f"spoiled_{name}"
+        shutil.copytree(dataset, spoiled)
+        (spoiled / name).unlink(missing_ok=True)
+        (spoiled / name).mkdir()
+        with pytest.raises(DataError, match=message):
+            load_dataset(spoiled)
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    (run_dir / "metrics.csv").unlink()
+    (run_dir / "metrics.csv").mkdir()
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=2")
+    assert_one_line(outcome, "metrics.csv: is a folder")

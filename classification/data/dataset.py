@@ -120,9 +120,10 @@ def read_crops_manifest(path: Path) -> pd.DataFrame:
 
 
 def find_crops_manifest(crops_dir: str | Path) -> Path | None:
-    """``<crops_dir>/crops_manifest.csv`` when it exists (the crops' images, sequences and boxes), else None."""
+    """``<crops_dir>/crops_manifest.csv`` when it exists (the crops' images, sequences and boxes), else None;
+    whatever is there is read (a folder in its place is one line, not a dataset without sequences)."""
     path = Path(crops_dir) / MANIFEST_NAME
-    return path if path.is_file() else None
+    return path if path.exists() else None
 
 
 def crops_frame_from_cct(data: CCT, crops_dir: Path, dataset: str) -> pd.DataFrame:
@@ -458,7 +459,7 @@ def existing_label_index(output_dir: Path, frame: pd.DataFrame) -> dict[str, str
     """``label_index.json`` of a dataset being re-split: read when it exists (and checked to name every
     label of the CSV), else made from the CSV's labels and written (a user's own CSV becomes trainable)."""
     path = output_dir / "label_index.json"
-    if not path.is_file():
+    if not path.exists():
         labels = label_index(frame["label"])
         write_json_atomic(path, labels)
         log.info("%s: written from classification_ds.csv's labels", path)

@@ -24,9 +24,9 @@ from classification.data.cct import CCT, Problem, normalize_location
 from classification.data.dataset import read_dataset_csv, read_label_index
 from classification.data.figures import Thumbnail, plot_thumbnail_grid
 from classification.data.images import read_thumbnail as read_thumbnail  # re-exported: the notebooks' thumbnails
-from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits
+from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits, read_splits
 from classification.errors import DataError, UserError
-from classification.io import read_json
+from classification.io import read_json_object
 
 NO_LOCATION = "(no location)"  # never a normalised location: those have no spaces
 SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
@@ -42,7 +42,7 @@ class DatasetView:
     root: Path
     crops: pd.DataFrame  # classification_ds.csv columns (all strings) + split (categorical, NaN without splits.json)
     label_index: dict[str, str]
-    splits: dict[str, list[list[str]]] | None
+    splits: dict[str, list[tuple[str, str]]] | None
     split_report: dict[str, Any] | None
 
     @property
@@ -80,12 +80,12 @@ def load_dataset(dataset_dir: str | Path) -> DatasetView:
     if unknown:
         raise DataError(f"{root / 'classification_ds.csv'}: labels not in label_index.json: {', '.join(unknown[:5])}")
     splits_path, report_path = root / "splits.json", root / "split_report.json"
-    splits = read_json(splits_path) if splits_path.is_file() else None
+    splits = read_splits(splits_path) if splits_path.exists() else None  # a folder or a bad entry there is one line
     if splits is not None and len(crops):
         crops["split"] = _assign_splits(crops, splits, str(splits_path))
     else:
         crops["split"] = pd.Categorical([None] * len(crops), categories=list(SPLIT_NAMES))
-    report = read_json(report_path) if report_path.is_file() else None
+    report = read_json_object(report_path, optional=True) or None
     return DatasetView(root=root, crops=crops, label_index=label_index, splits=splits, split_report=report)
 
 

@@ -87,7 +87,7 @@ def prediction_context(predictions: pd.DataFrame, manifest: pd.DataFrame | Path 
     """Per prediction row: its image, sequence id, time and detector confidence (from the crops manifest when there is one)."""
     context = pd.DataFrame({"image": predictions["path"].to_numpy(), "seq_id": "", "datetime": "", "detection_conf": np.nan})
     if isinstance(manifest, Path):
-        manifest = read_crops_manifest(manifest) if manifest.is_file() else None
+        manifest = read_crops_manifest(manifest) if manifest.exists() else None
     if manifest is None or manifest.empty:
         return context
     table = manifest.drop_duplicates("crop_path").set_index("crop_path")

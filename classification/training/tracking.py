@@ -345,7 +345,7 @@ def public_parameters(parameters: Mapping[str, Any], secrets: Iterable[str] = ()
 def read_metrics_csv(path: Path) -> dict[int, dict[str, str]]:
     """Rows of an existing ``metrics.csv`` by epoch (values kept as written); {} when absent. A file
     that cannot be read, or a row that is not one epoch's metrics, is a one-line ``DataError``."""
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
         with open(path, encoding="utf-8", newline="") as handle:
