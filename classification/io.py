@@ -197,19 +197,39 @@ def unreadable_file(path: Path, error: OSError, expected: str, hint: str = "") -
     return DataError(f"{path}: cannot be read ({error.strerror or error})")
 
 
-def read_json(path: str | Path) -> Any:
+class DuplicateKeyError(ValueError):
+    """A JSON object that names a key twice (``json`` would keep only the last)."""
+
+
+def unique_keys_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json``'s ``object_pairs_hook`` that refuses a key given twice in one object."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise DuplicateKeyError(key)
+        found[key] = value
+    return found
+
+
+def read_json(path: str | Path, unique_keys: bool = False) -> Any:
     """Read a JSON file (UTF-8, with or without a byte-order mark); a missing, malformed or hostile file
-    (a number of thousands of digits, nesting thousands deep) raises a one-line ``DataError``."""
+    (a number of thousands of digits, nesting thousands deep) raises a one-line ``DataError``.
+
+    ``unique_keys``: a key given twice in one object is refused too (for the small state files an
+    earlier run wrote, where the earlier value would otherwise be lost without a word; it makes
+    reading about twice as slow, so large inputs such as MegaDetector output do not ask for it)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8-sig") as handle:
-            return json.load(handle)
+            return json.load(handle, object_pairs_hook=unique_keys_object if unique_keys else None)
     except OSError as error:
         raise unreadable_file(path, error, "a JSON file") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
+    except DuplicateKeyError as error:
+        raise DataError(f"{path}: the key {json.dumps(str(error))} is given twice in one object (only the last would count)") from None
     except ValueError as error:  # Python refuses integers of more than 4300 digits
         raise DataError(f"{path}: not usable JSON: a number with too many digits ({str(error).split(':')[0]})") from None
     except RecursionError:
@@ -227,7 +247,7 @@ def read_json_object(path: str | Path, optional: bool = False) -> dict[str, Any]
     path = Path(path)
     if optional and not path.exists():
         return {}
-    data = read_json(path)
+    data = read_json(path, unique_keys=True)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object, found {JSON_KINDS.get(type(data), type(data).__name__)}")
     return data

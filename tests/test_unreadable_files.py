@@ -121,3 +121,18 @@ def test_a_folder_in_place_of_a_state_file_is_not_taken_for_no_file(one_epoch: P
     (run_dir / "metrics.csv").mkdir()
     outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", "num_epochs=2")
     assert_one_line(outcome, "metrics.csv: is a folder")
+
+
+def test_a_key_given_twice_in_a_state_file_is_refused(one_epoch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """label_index.json with class "0" twice used to keep the last silently (the first class lost)."""
+    config = load_config(one_epoch / "config.yml")
+    dataset = tmp_path / "dataset"
+    shutil.copytree(config.data_root, dataset)
+    names = json.loads((dataset / "label_index.json").read_text(encoding="utf-8"))
+    text = "{" + ", ".join(f'"{k}": "{v}"' for k, v in names.items()) + ', "0": "impostor"}'
+    (dataset / "label_index.json").write_text(text, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", f"data_root={dataset}",
+                  "--set", "num_epochs=2")
+    assert_one_line(outcome, "label_index.json", 'the key "0" is given twice')
