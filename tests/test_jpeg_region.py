@@ -75,7 +75,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def without_region_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images_module, "decode_region", lambda data, region: None)
+    monkeypatch.setattr(images_module, "decode_region", lambda *arguments: None)
 
 
 @needs_library
@@ -153,7 +153,14 @@ def test_only_the_rectangle_around_the_region_is_decoded() -> None:
 @needs_library
 def test_bytes_after_the_end_marker_do_not_stop_region_decoding() -> None:
     data = jpeg_bytes((320, 240), "420") + b"camera trailer \xff\xd8 0932353509"
-    assert jpeg_region.decode_region(data, (10, 10, 50, 50)) is not None
+    assert jpeg_region.decode_region(data, (10, 10, 50, 50), (320, 240)) is not None
+
+
+@needs_library
+def test_a_header_read_otherwise_than_pillow_read_it_is_left_to_the_full_decode() -> None:
+    data = jpeg_bytes((320, 240), "420")
+    assert jpeg_region.decode_region(data, (10, 10, 50, 50), (320, 240)) is not None
+    assert jpeg_region.decode_region(data, (10, 10, 50, 50), (640, 480)) is None  # the region is in the caller's pixels
 
 
 def cmyk_jpeg() -> bytes:
@@ -184,9 +191,9 @@ def test_what_region_decoding_does_not_take_is_decoded_whole(monkeypatch: pytest
         Image.fromarray(picture).save(buffer, format="PNG")
         data = buffer.getvalue()
     if kind == "grayscale":  # libturbojpeg itself declines it
-        assert jpeg_region.decode_region(data, (0, 0, 10, 10)) is None
+        assert jpeg_region.decode_region(data, (0, 0, 10, 10), (120, 96)) is None
     else:  # never handed to it
-        monkeypatch.setattr(images_module, "decode_region", lambda data, region: pytest.fail("region decoding was tried"))
+        monkeypatch.setattr(images_module, "decode_region", lambda *arguments: pytest.fail("region decoding was tried"))
     with open_jpeg(data) as image:
         pixels, origin = decode_region_pixels(image, (0, 0, 10, 10))
         whole = decode_pixels(open_jpeg(data), as_array=True)
@@ -198,7 +205,7 @@ def test_a_truncated_image_is_reported_whether_or_not_its_boxes_are_in_the_part_
     images_dir.mkdir()
     cut = jpeg_bytes((640, 480), "420")[:30000]
     (images_dir / "cut.jpg").write_bytes(cut)
-    assert jpeg_region.decode_region(cut, (0, 0, 40, 40)) is None  # the region alone would decode without a word
+    assert jpeg_region.decode_region(cut, (0, 0, 40, 40), (640, 480)) is None  # the region alone would decode without a word
     report = crop_folder(images_dir, {"cut.jpg": (640, 480)}, {"cut.jpg": [[4.0, 4.0, 30.0, 20.0]]}, tmp_path / "crops", "square")
     assert report.new == 0 and [f.file for f in report.failures] == ["cut.jpg"]
     assert "truncated" in report.failures[0].reason
@@ -209,16 +216,16 @@ def test_a_corrupt_scan_inside_the_region_falls_back_to_the_full_decode() -> Non
     data = bytearray(jpeg_bytes((320, 240), "420"))
     scan = data.rfind(b"\xff\xda") + 20
     data[scan + 200: scan + 260] = b"\xff\xd3" * 30  # stray restart markers in the coded data: a libjpeg warning
-    assert jpeg_region.decode_region(bytes(data), (0, 0, 320, 240)) is None
+    assert jpeg_region.decode_region(bytes(data), (0, 0, 320, 240), (320, 240)) is None
 
 
 @needs_library
 def test_threads_each_get_their_own_decompressor() -> None:
     samples = [jpeg_bytes((256, 192), "420", seed=seed) for seed in range(8)]
     region = (30, 40, 130, 150)
-    expected = [jpeg_region.decode_region(data, region) for data in samples]
+    expected = [jpeg_region.decode_region(data, region, (256, 192)) for data in samples]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda data: jpeg_region.decode_region(data, region), samples * 4))
+        results = list(pool.map(lambda data: jpeg_region.decode_region(data, region, (256, 192)), samples * 4))
     for got, want in zip(results, expected * 4):
         assert got is not None and want is not None and got[1] == want[1] and np.array_equal(got[0], want[0])
 

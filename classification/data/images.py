@@ -144,7 +144,7 @@ def decode_region_pixels(image: Image.Image, region: Region) -> tuple[Pixels, tu
     if is_plain_jpeg(image):
         source: IO[bytes] = image.fp  # type: ignore[attr-defined]  # an opened JPEG file: Pillow's ImageFile keeps fp
         source.seek(0)
-        decoded = decode_region(source.read(), region)
+        decoded = decode_region(source.read(), region, image.size)
         if decoded is not None:
             return decoded
     return decode_pixels(image, as_array=True), (0, 0)

@@ -13,7 +13,8 @@ Where the library comes from, first match wins:
 
 - ``CLASSIFICATION_LIBTURBOJPEG``: a path to libturbojpeg, or ``none`` to switch this off;
 - the ``turbojpeg`` wheel (a pinned dependency on Linux x86-64, Windows and macOS), which
-  bundles libturbojpeg 3.0: only its library is used, through ctypes;
+  bundles libjpeg-turbo 2.1.92, the 3.0 beta with the TurboJPEG 3 API: only its library is used,
+  through ctypes;
 - a system or conda libturbojpeg (conda-forge's ``libjpeg-turbo``, version 3 or later).
 
 Without one (or for a JPEG it cannot take: grayscale, 12-bit, lossless, unusual subsampling,
@@ -166,11 +167,12 @@ def ends_its_last_scan(data: bytes) -> bool:
     return data.rfind(_END_OF_IMAGE) > data.rfind(_START_OF_SCAN) >= 0
 
 
-def decode_region(data: bytes, region: Region) -> tuple[np.ndarray, tuple[int, int]] | None:
+def decode_region(data: bytes, region: Region, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]] | None:
     """The RGB pixels of a rectangle of the JPEG ``data`` that holds ``region``, and where that
     rectangle starts in the image; None when region decoding is off, the JPEG is of a kind it
-    does not take, or libturbojpeg reports any warning or error (the caller then decodes the
-    whole image, which also says what is wrong with it).
+    does not take, libturbojpeg reads another ``size`` (width, height) from its header than the
+    caller did (the region is in the caller's pixels), or it reports any warning or error (the
+    caller then decodes the whole image, which also says what is wrong with it).
 
     Decoding stops after the rectangle's last row, so a file cut short below it would decode
     without a word: such a file (``ends_its_last_scan``) is left to the full decode, which
@@ -186,7 +188,8 @@ def decode_region(data: bytes, region: Region) -> tuple[np.ndarray, tuple[int, i
     if (imcu is None or library.tj3Get(handle, _TJPARAM_PRECISION) != 8 or library.tj3Get(handle, _TJPARAM_LOSSLESS) == 1
             or library.tj3Get(handle, _TJPARAM_COLORSPACE) not in (_TJCS_RGB, _TJCS_YCBCR)):
         return None
-    size = library.tj3Get(handle, _TJPARAM_JPEGWIDTH), library.tj3Get(handle, _TJPARAM_JPEGHEIGHT)
+    if (library.tj3Get(handle, _TJPARAM_JPEGWIDTH), library.tj3Get(handle, _TJPARAM_JPEGHEIGHT)) != size:
+        return None  # e.g. a tables-only stream, after which libturbojpeg still reports the previous image's values
     left, top, right, bottom = widened_region(region, size, imcu)
     if right <= left or bottom <= top:
         return None
