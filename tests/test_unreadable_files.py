@@ -5,6 +5,7 @@ folder, or with rows of the wrong shape. One line ``error: ...`` and exit code 2
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def test_a_finished_learning_curve_is_read_back_or_refused_in_one_line(tmp_path:
     rows = [["margin", 3, 0, 40, 0.25, 0.125], ["margin", 3, 1, 60, 0.3125, 0.2]]
     write_csv_atomic(curve, pd.DataFrame(rows, columns=CURVE_COLUMNS))
     assert read_curve(curve, "margin", 3) == rows
+    without_held_out = [["margin", 3, 0, 40, math.nan, math.nan]]  # no readable held-out image: NaN, written empty
+    write_csv_atomic(curve, pd.DataFrame(without_held_out, columns=CURVE_COLUMNS))
+    assert all(math.isnan(value) for value in read_curve(curve, "margin", 3)[0][4:])
+    write_csv_atomic(curve, pd.DataFrame(rows, columns=CURVE_COLUMNS))
     with pytest.raises(DataError, match="holds another strategy's or seed's curve, not margin with seed 4"):
         read_curve(curve, "margin", 4)
     curve.write_text(",".join(CURVE_COLUMNS) + "\nmargin,3,0,forty,0.25,0.1\n", encoding="utf-8")

@@ -59,12 +59,17 @@ log = logging.getLogger(__name__)
 CURVE_COLUMNS = ["strategy", "seed", "round", "labels", "top1", "macro_f1"]
 
 
+def metric(text: str) -> float:
+    """A metric of a saved curve: empty is NaN (how a curve without held-out predictions was written)."""
+    return math.nan if text == "" else float(text)
+
+
 def read_curve(path: Path, strategy: str, seed: int) -> list[list[Any]]:
     """The rows of a curve an earlier simulation run finished (``<seed_dir>/<strategy>.csv``); one that
     cannot be read, or is not this strategy's and seed's, is a one-line ``DataError``."""
     frame = read_string_csv(path, CURVE_COLUMNS)
     try:
-        rows = [[row.strategy, int(row.seed), int(row.round), int(row.labels), float(row.top1), float(row.macro_f1)]
+        rows = [[row.strategy, int(row.seed), int(row.round), int(row.labels), metric(row.top1), metric(row.macro_f1)]
                 for row in frame[CURVE_COLUMNS].itertuples(index=False)]
     except ValueError as error:
         raise DataError(f"{path}: not a finished learning curve ({error}); delete it to run this strategy again") from None
