@@ -161,7 +161,7 @@ def backbone_network(architecture: str, pretrained: bool, pretrained_source: str
     ``pretrained``) are drawn from ``seed`` without touching the global RNG, so the same network comes
     out every time: in a re-run that reuses cached chunks and in every Dask worker."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator the weights are drawn from; CUDA's untouched
         return build_model(architecture, 1, pretrained, pretrained_source=pretrained_source)
 
 

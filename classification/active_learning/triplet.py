@@ -49,8 +49,10 @@ DEFAULT_MARGIN = 1.0  # camera_trap_al's default (embeddings are unit vectors: d
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run the block under torch seed ``seed`` (CPU), restoring the caller's random state afterwards."""
-    with torch.random.fork_rng(devices=[]):
+    """Run the block under torch seed ``seed`` (CPU, and CUDA for dropout on a GPU), restoring the caller's random
+    state afterwards (CUDA's too once CUDA is initialised; before that, only the seed CUDA would start from)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
         torch.manual_seed(seed % 2**63)
         yield
 
