@@ -1095,6 +1095,8 @@ DATASET_CASES: list[tuple[str, str, Callable[[list[str]], str | bytes | None], s
      "splits.json: train: expected a list of [dataset, location] pairs, found a string"),
     ("splits of another split not a list", "splits.json", lambda names: '{"train": [], "val": [], "test": {"a": 1}}',
      "splits.json: test: expected a list of [dataset, location] pairs"),
+    ("a location in two splits", "splits.json", lambda names: '{"train": [["d", "cam1"]], "val": [], "test": [["d", "cam1"]]}',
+     'splits.json: location ["d", "cam1"] is in both train and test'),
     ("splits a list", "splits.json", lambda names: "[]", "splits.json: expected a JSON object, found a list"),
     ("splits is a folder", "splits.json", lambda names: None, "splits.json: is a folder, expected a JSON file"),
     ("splits empty file", "splits.json", lambda names: "", "splits.json: not valid JSON"),

@@ -696,15 +696,20 @@ def location_entry(entry: object, where: str, numbers: bool = False) -> tuple[st
 def read_splits(path: Path) -> dict[str, list[tuple[str, str]]]:
     """``splits.json`` (``{"train": [[dataset, location], ...], "val": [...], ...}``) with every entry checked: a split
     that is not a list, or an entry that is not a pair (``"ab"`` would unpack as ``("a", "b")``), is one line naming
-    the file, the split and the entry. Split names are not checked here: a config may name its own. Number locations
-    of older files are read as their text, as this reader always did."""
+    the file, the split and the entry, as is a location in two splits. Split names are not checked here: a config may
+    name its own. Number locations of older files are read as their text, as this reader always did."""
     splits = read_json_object(path)
     checked = {}
+    split_of: dict[tuple[str, str], str] = {}
     for name, entries in splits.items():
         if not isinstance(entries, list):
             kind = JSON_KINDS.get(type(entries), type(entries).__name__)
             raise DataError(f"{path}: {name}: expected a list of [dataset, location] pairs, found {kind}")
         checked[name] = [location_entry(entry, f"{path}: {name}[{i}]", numbers=True) for i, entry in enumerate(entries)]
+        for key in checked[name]:
+            if split_of.setdefault(key, name) != name:
+                raise DataError(f"{path}: location {shown_json(list(key))} is in both {split_of[key]} and {name}: a camera location "
+                                "must be in one split only, or its images leak from training into evaluation")
     return checked
 
 
