@@ -31,6 +31,7 @@ from classification.training.data import read_split_keys
 from classification.training.engine import train
 from classification.training.models import build_model
 from tests.conftest import REPO_ROOT
+from tests.test_camtrap_dp import copy_tables, example  # noqa: F401 (fixture)
 from tests.test_download import FAST, FaultServer, server  # noqa: F401 (fixture)
 from tests.test_train import build_dataset, write_run
 
@@ -543,22 +544,6 @@ def test_entry_point_refuses_hostile_flags_and_files(script: str, arguments: str
 # ---------------------------------------------------------------- Camtrap DP in (utils/camtrap_dp_to_cct.py)
 
 
-@pytest.fixture
-def camtrap_example() -> Path:
-    path = REPO_ROOT.parent / "shared" / "data" / "camtrap_dp_example"
-    if not (path / "datapackage.json").is_file():
-        pytest.skip(f"{path}: the Camtrap DP example package is not there")
-    return path
-
-
-def copy_package(example: Path, target: Path) -> Path:
-    """The example's datapackage.json and tables (not its media) in a folder the case may spoil."""
-    target.mkdir(parents=True)
-    for name in ("datapackage.json", "deployments.csv", "media.csv", "observations.csv"):
-        shutil.copy(example / name, target / name)
-    return target
-
-
 def set_cell(path: Path, row: int, column: str, value: str) -> None:
     """Rewrite one cell of a CSV (every column read as a string)."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -617,18 +602,18 @@ CAMTRAP_IN: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
 
 
 @pytest.mark.parametrize("name", list(CAMTRAP_IN))
-def test_camtrap_dp_to_cct_refuses_hostile_packages(name: str, camtrap_example: Path, tmp_path: Path,
+def test_camtrap_dp_to_cct_refuses_hostile_packages(name: str, example: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     spoil_package, message = CAMTRAP_IN[name]
-    package, output = spoil_package(copy_package(camtrap_example, tmp_path / "package"))
+    package, output = spoil_package(copy_tables(example, tmp_path / "package"))
     assert_one_line(run(capsys, "utils/camtrap_dp_to_cct.py", package, output), message)
     assert not (output.is_file() and output.suffix == ".json")
 
 
-def test_camtrap_dp_to_cct_refuses_a_missing_images_folder(camtrap_example: Path, tmp_path: Path,
+def test_camtrap_dp_to_cct_refuses_a_missing_images_folder(example: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A typo'd --images-dir used to turn every box into an image-level label ("size unknown") and exit 0."""
-    outcome = run(capsys, "utils/camtrap_dp_to_cct.py", camtrap_example, tmp_path / "o.json", "--images-dir", tmp_path / "meda")
+    outcome = run(capsys, "utils/camtrap_dp_to_cct.py", example, tmp_path / "o.json", "--images-dir", tmp_path / "meda")
     assert_one_line(outcome, "--images-dir", "meda: folder not found")
 
 
@@ -662,10 +647,10 @@ PREDICTIONS_OUT: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [  # n
 
 @pytest.mark.parametrize("name, first, extra, message", PREDICTIONS_OUT, ids=[case[0] for case in PREDICTIONS_OUT])
 def test_predictions_to_camtrap_dp_refuses_hostile_predictions(name: str, first: dict[str, str], extra: tuple[str, ...], message: str,
-                                                               camtrap_example: Path, tmp_path: Path,
+                                                               example: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    predictions = whole_image_predictions(camtrap_example, tmp_path / "run", first, extra)
-    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", camtrap_example,
+    predictions = whole_image_predictions(example, tmp_path / "run", first, extra)
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", example,
                   "--output-dir", tmp_path / "out")
     assert_one_line(outcome, message)
     assert not (tmp_path / "out").exists()  # refused before anything is written, not after (it was: "not valid Camtrap DP")
@@ -678,10 +663,10 @@ def test_predictions_to_camtrap_dp_refuses_hostile_predictions(name: str, first:
     ("images-dir missing", "--images-dir"),
     ("a medium's filePath climbing out of the package", "media.csv: row 2: filePath"),
 ])
-def test_predictions_to_camtrap_dp_refuses_hostile_paths(case: str, message: str, camtrap_example: Path, tmp_path: Path,
+def test_predictions_to_camtrap_dp_refuses_hostile_paths(case: str, message: str, example: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    predictions = whole_image_predictions(camtrap_example, tmp_path / "run")
-    package, output, extra = camtrap_example, tmp_path / "out", []
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    package, output, extra = example, tmp_path / "out", []
     if case == "predictions is a folder":
         predictions = predictions.parent
     elif case == "predictions cut short":
@@ -691,8 +676,8 @@ def test_predictions_to_camtrap_dp_refuses_hostile_paths(case: str, message: str
     elif case == "images-dir missing":
         extra = ["--images-dir", tmp_path / "no_such_folder"]
     else:  # the file would have been linked or copied to <output-dir>/../outside.jpg, out of the package written
-        package = copy_package(camtrap_example, tmp_path / "package")
-        shutil.copytree(camtrap_example / "media", package / "media")
+        package = copy_tables(example, tmp_path / "package")
+        shutil.copytree(example / "media", package / "media")
         (tmp_path / "outside.jpg").write_bytes(b"not for the package")
         set_cell(package / "media.csv", 0, "filePath", "../outside.jpg")
         output = tmp_path / "deep" / "out"
@@ -708,9 +693,9 @@ def test_predictions_to_camtrap_dp_refuses_hostile_paths(case: str, message: str
     (("--output", "{tmp}"), "is a folder, expected a file to write"),
     (("--output", "{tmp}/run/predictions.csv/review.html"), "predictions.csv: exists and is not a folder"),
 ])
-def test_review_page_refuses_hostile_flags(flags: tuple[str, ...], message: str, camtrap_example: Path, tmp_path: Path,
+def test_review_page_refuses_hostile_flags(flags: tuple[str, ...], message: str, example: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    predictions = whole_image_predictions(camtrap_example, tmp_path / "run")
+    predictions = whole_image_predictions(example, tmp_path / "run")
     args = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
     assert_one_line(run(capsys, "classifier/review_page.py", "--predictions", predictions, "--per-class", "2", *args), message)
     assert not (tmp_path / "run" / "review.html").exists()
