@@ -390,10 +390,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise unreadable_file(path, error, "a config.yml file") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})") from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as error:

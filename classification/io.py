@@ -182,10 +182,12 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> No
     write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
-def unreadable_file(path: Path, error: OSError, expected: str, hint: str = "") -> DataError:
-    """The one-line error for a file that cannot be opened for reading: missing (``hint`` added),
-    a folder, under a file (a file given where a folder was expected: ``<file>/datapackage.json``),
-    not permitted, or another I/O error."""
+def unreadable_file(path: Path, error: OSError | UnicodeDecodeError, expected: str, hint: str = "") -> DataError:
+    """The one-line error for a file that cannot be read as text: missing (``hint`` added), a folder,
+    under a file (a file given where a folder was expected: ``<file>/datapackage.json``), not
+    permitted, another I/O error, or not UTF-8."""
+    if isinstance(error, UnicodeDecodeError):
+        return DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})")
     if isinstance(error, FileNotFoundError):
         return DataError(f"{path}: file not found{hint}")
     if isinstance(error, IsADirectoryError):
@@ -222,14 +224,12 @@ def read_json(path: str | Path, unique_keys: bool = False) -> Any:
     try:
         with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle, object_pairs_hook=unique_keys_object if unique_keys else None)
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise unreadable_file(path, error, "a JSON file") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file") from None
     except DuplicateKeyError as error:
-        raise DataError(f"{path}: the key {json.dumps(str(error))} is given twice in one object (only the last would count)") from None
+        raise DataError(f"{path}: the key {shown_json(str(error))} is given twice in one object (only the last would count)") from None
     except ValueError as error:  # Python refuses integers of more than 4300 digits
         raise DataError(f"{path}: not usable JSON: a number with too many digits ({str(error).split(':')[0]})") from None
     except RecursionError:

@@ -163,10 +163,8 @@ def read_embeddings_csv(path: str | Path) -> LightlyEmbeddings:
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             rows = list(csv.reader(handle))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise unreadable_file(path, error, "a Lightly embeddings.csv") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file") from None
     except csv.Error as error:  # e.g. a field larger than the csv module's limit
         raise DataError(f"{path}: not a readable CSV ({error})") from None
     header = rows[0] if rows else []

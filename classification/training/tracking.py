@@ -105,10 +105,8 @@ def read_env_file(path: Path) -> dict[str, str | None]:
     contents, which may hold the API key, are never shown)."""
     try:
         return dict(dotenv_values(path))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise unreadable_file(path, error, "a .env file") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})") from None
 
 
 def load_comet_settings(run_dir: Path) -> CometSettings:
