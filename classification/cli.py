@@ -6,7 +6,7 @@ import argparse
 import difflib
 import logging
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
@@ -14,6 +14,9 @@ from pydantic import ValidationError
 from classification.config import describe_error
 from classification.errors import UserError
 from classification.shards import DEFAULT_SHARD_SIZE, DaskOptions
+
+if TYPE_CHECKING:
+    from classification.data.s3 import AwsOptions
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -94,3 +97,21 @@ def add_dask_arguments(parser: argparse.ArgumentParser, unit: str, shard_size: b
 def dask_options(args: argparse.Namespace) -> DaskOptions:
     """``DaskOptions`` from the flags of ``add_dask_arguments``."""
     return DaskOptions(workers=args.dask_workers, scheduler=args.scheduler, shard_size=getattr(args, "shard_size", DEFAULT_SHARD_SIZE))
+
+
+def add_aws_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags for ``s3://`` downloads (credentials come only from the profile or the environment, never a flag)."""
+    from classification.data.s3 import ANIML_REGION  # noqa: PLC0415 - boto3 loads only for the commands that download
+
+    group = parser.add_argument_group("S3 (s3:// URLs, Animl exports)")
+    group.add_argument("--aws-profile", help="named profile in ~/.aws/config or ~/.aws/credentials (default: AWS_PROFILE, then boto3's chain)")
+    group.add_argument("--aws-region", help=f"region of the bucket (default: the profile's, else {ANIML_REGION})")
+    group.add_argument("--endpoint-url", help="an S3-compatible server instead of AWS (MinIO, a mirror)")
+    group.add_argument("--no-sign-request", action="store_true", help="unsigned requests, for a public bucket")
+
+
+def aws_options(args: argparse.Namespace) -> AwsOptions:
+    """``AwsOptions`` from the flags of ``add_aws_arguments``."""
+    from classification.data.s3 import AwsOptions  # noqa: PLC0415 - as above
+
+    return AwsOptions(profile=args.aws_profile, region=args.aws_region, endpoint_url=args.endpoint_url, anonymous=args.no_sign_request)

@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 from urllib3 import HTTPResponse
 
-from classification.data.download import FAILURES_FILE, _Cancelled, download_images, image_url, retry_policy
+from classification.data.download import FAILURES_FILE, download_images
+from classification.data.http import Cancelled, image_url, retry_policy
 from classification.errors import DataError, UserError
 from tests.conftest import REPO_ROOT, run_entry_point
 
@@ -259,7 +260,7 @@ def test_retry_after_as_an_http_date_is_honoured_and_a_stop_ends_the_wait() -> N
     assert retry.get_retry_after(HTTPResponse(headers={"Retry-After": "7"}, status=429)) == 7
     stop.set()
     started = time.monotonic()
-    with pytest.raises(_Cancelled):
+    with pytest.raises(Cancelled):
         retry.sleep(in_20_s)
     assert time.monotonic() - started < 1
 

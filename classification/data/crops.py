@@ -80,7 +80,7 @@ from classification.data.detections import (
     detection_id,
     read_crop_requests,
 )
-from classification.data.download import fetch_bytes, image_url
+from classification.data.http import fetch_bytes, image_url
 from classification.data.images import (
     DECODE_ERRORS,
     Pixels,

@@ -1,7 +1,12 @@
 """Download the images a COCO Camera Traps (CCT) file lists, in parallel and resumably.
 
-Each image's ``file_name`` (a relative path with ``/`` separators) is fetched from
-``<base_url>/<url-quoted file_name>`` and stored at ``<output_dir>/<file_name>``.
+Every file to fetch is a ``DownloadItem``: where it goes (``<output_dir>/<file_name>``) and
+the one URL it comes from. A CCT gives each image's URL in one of these ways, in this order:
+
+- ``base_url`` joined with the URL-quoted ``file_name`` (``--base-url``, http(s) or ``s3://bucket/prefix``);
+- a per-image URL field: ``url_<cloud>`` of a LILA subset (``--cloud gcp|aws|azure``), or ``url``
+  (Camtrap DP's remote media, a LILA subset's chosen cloud), or any field named by ``--url-field``;
+- ``serving_bucket_key``, the image's key in Animl's serving bucket (``s3://<bucket>/<key>``).
 
 Rules, chosen so that an interrupted or repeated run can be trusted:
 
@@ -14,63 +19,93 @@ Rules, chosen so that an interrupted or repeated run can be trusted:
   only when the body decodes as an image: an HTML error or login page served with status
   200 is a failure ("not an image"), never a ``.JPG`` that later runs trust.
 - **Resume (what counts as complete).** Without ``overwrite``, an existing file is
-  checked with a ``HEAD`` request: if the server reports a ``Content-Length``, the file
+  checked against the server's size (``HEAD``; S3's ``HeadObject``): if it is known, the file
   is complete when its size equals it and (for an image name) PIL reads its header. If
   the size is unknown (no ``Content-Length``, ``HEAD`` refused, or the server
   unreachable), the file is complete when it decodes as an image with PIL. Complete
   files are skipped; anything else is downloaded again.
-- **Retries.** One ``requests`` Session per thread (keep-alive) with urllib3's ``Retry``:
-  connection errors, timeouts, HTTP 5xx and 429 are retried up to ``retries`` times with
-  urllib3's exponential backoff (the first retry at once, then ``backoff_seconds * 2**(n-1)``,
-  at most 60 s); a server's ``Retry-After``, in seconds or as an HTTP date, is honoured
-  instead, up to the same cap. A body cut short is noticed while streaming, after urllib3 has
-  returned, and counted by its own copy of the same policy (same limit, same backoff).
-  Other HTTP errors (404 and 410 reported as missing, 401, 403, ...) are not retried.
+- **Retries.** HTTP (``classification.data.http``): one ``requests`` Session per thread with
+  urllib3's ``Retry``: connection errors, timeouts, HTTP 5xx and 429 are retried up to ``retries``
+  times with exponential backoff (the first retry at once, then ``backoff_seconds * 2**(n-1)``, at
+  most 60 s); a server's ``Retry-After`` is honoured instead, up to the same cap; a body cut short
+  counts against the same policy. S3 (``classification.data.s3``): botocore's standard retries,
+  and a body cut short fetched again. Other errors (404 and 410 reported as missing, 401, 403,
+  ...) are not retried.
 - **Failures** never stop the run: they are counted, listed in the summary and written
   to ``<output_dir>/download_failures.csv`` (``file_name,reason``). A stale failures
   list from an earlier run is removed when a run ends with no failures.
 - **Safety.** A ``file_name`` that is absolute or contains ``..`` would write outside
-  ``output_dir``; the whole CCT is rejected before anything is downloaded.
+  ``output_dir``, and a URL that is not http(s) or s3 (``file:///etc/passwd``) would read this
+  machine: the whole CCT is rejected before anything is downloaded.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
-import io
 import logging
-import os
 import sys
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-import requests
-from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.exceptions import MaxRetryError
-from urllib3.util.retry import Retry
 
+from classification.data.http import FetchError, Http, image_url
 from classification.data.images import has_image_suffix, is_valid_image
+from classification.data.s3 import ANIML_SERVING_BUCKET, AwsOptions, S3Transport
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, read_json
 
 log = logging.getLogger(__name__)
 
 FAILURES_FILE = "download_failures.csv"
-USER_AGENT = "classification-download/0.1 (camera-trap classifier framework)"
-CHUNK_SIZE = 1 << 16
-MAX_BACKOFF_SECONDS = 60
-MISSING_STATUSES = frozenset({404, 410})
-RETRY_STATUSES = frozenset({429, *range(500, 600)})
 SUMMARY_FAILURES_SHOWN = 10
+URL_SCHEMES = ("http", "https", "s3")
 
 Outcome = Literal["downloaded", "skipped", "failed"]
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DownloadItem:
+    """One file to fetch: its path under the output folder and the URL it comes from."""
+
+    file_name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ImageUrls:
+    """How a CCT's images name their URLs (the module docstring's order): at most one of ``base_url``/``url_field``."""
+
+    base_url: str | None = None
+    url_field: str | None = None
+    bucket: str = ANIML_SERVING_BUCKET  # a name or s3://bucket/prefix, for serving_bucket_key
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the servers: retries and timeouts, and for ``s3://`` URLs the AWS profile, region and endpoint."""
+
+    retries: int = 3
+    timeout: float = 30.0
+    backoff_seconds: float = 1.0
+    aws: AwsOptions = field(default_factory=AwsOptions)
+
+
+class Transport(Protocol):
+    """What a URL scheme's client does for the downloader (``Http``, ``S3Transport``)."""
+
+    def size(self, url: str) -> int | None: ...
+
+    def fetch(self, url: str, destination: Path, verify_image: bool) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +118,7 @@ class DownloadFailure:
 
 @dataclass
 class DownloadReport:
-    """What ``download_images`` did: counts, failures and where the failures list is."""
+    """What ``download_files`` did: counts, failures and where the failures list is."""
 
     total: int = 0
     downloaded: int = 0
@@ -125,16 +160,20 @@ class DownloadReport:
         return "\n".join(lines)
 
 
-class _BodyError(Exception):
-    """The body ended early or the connection dropped while reading it: worth another GET."""
+@dataclass
+class DownloadPlan:
+    """What a run would fetch (``--dry-run``): files already complete, files to fetch and their bytes where known."""
 
+    total: int = 0
+    complete: int = 0
+    to_fetch: int = 0
+    bytes_to_fetch: int = 0
+    unknown_sizes: int = 0
 
-class _Permanent(Exception):
-    """A problem another attempt will not fix (404, 403, retries spent, a folder in the way, ...)."""
-
-
-class _Cancelled(Exception):
-    """The run is being stopped (Ctrl-C in the main thread)."""
+    def summary(self) -> str:
+        unknown = f" (+{self.unknown_sizes} of unknown size)" if self.unknown_sizes else ""
+        return (f"dry run: {self.total} images: {self.complete} already complete, would fetch {self.to_fetch} "
+                f"({self.bytes_to_fetch / 1e6:.1f} MB{unknown})")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -154,283 +193,163 @@ def check_file_name(file_name: Any, where: str) -> str:
     return file_name
 
 
-def image_file_names(data: Any, source: str | Path) -> list[str]:
-    """The distinct, validated ``file_name`` of every image in a CCT dict, in file order."""
+def check_url(url: Any, where: str) -> str:
+    """Return ``url`` if it is an http(s) or s3 URL with a host; else a one-line DataError (``file://`` reads this machine)."""
+    if not isinstance(url, str) or not url.strip():
+        raise DataError(f"{where}: missing or not a non-empty string")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in URL_SCHEMES or not parts.netloc:
+        raise DataError(f"{where}: {url!r} is not an http://, https:// or s3:// URL")
+    return url
+
+
+def join_url(base_url: str, file_name: str) -> str:
+    """``base_url`` joined with ``file_name``: URL-quoted for http(s), as the key's rest for ``s3://bucket/prefix``."""
+    if base_url.startswith("s3://"):
+        return base_url.rstrip("/") + "/" + file_name.replace("\\", "/")
+    return image_url(base_url, file_name.replace("\\", "/"))
+
+
+def bucket_url(bucket: str) -> str:
+    """``s3://<bucket>[/prefix]`` from a bucket name or an ``s3://`` URL (``--bucket``)."""
+    url = bucket if bucket.startswith("s3://") else f"s3://{bucket}"
+    if not urllib.parse.urlsplit(url).netloc or "/" in bucket.removeprefix("s3://").split("/")[0]:
+        raise UserError(f"--bucket {bucket!r}: expected a bucket name or s3://bucket/prefix")
+    return url
+
+
+def image_download_url(image: Mapping[str, Any], urls: ImageUrls, where: str) -> str:
+    """The URL of one CCT image, by the module docstring's order; an image with none is a one-line DataError."""
+    if urls.base_url is not None:
+        return join_url(urls.base_url, str(image["file_name"]))
+    if urls.url_field is not None:
+        return check_url(image.get(urls.url_field), f"{where}.{urls.url_field}")
+    if image.get("url") is not None:
+        return check_url(image["url"], f"{where}.url")
+    if image.get("serving_bucket_key") is not None:
+        key = check_file_name(image["serving_bucket_key"], f"{where}.serving_bucket_key")
+        return join_url(bucket_url(urls.bucket), key)
+    raise DataError(f"{where}: no URL (no url or serving_bucket_key field): give --base-url, --cloud or --url-field")
+
+
+def cct_download_items(data: Any, source: str | Path, urls: ImageUrls) -> list[DownloadItem]:
+    """One ``DownloadItem`` per distinct, validated ``file_name`` of a CCT dict, in file order."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{source}: images: missing or not a list (is this a COCO Camera Traps file?)")
-    names: dict[str, None] = {}
+    items: dict[str, DownloadItem] = {}
     for i, image in enumerate(data["images"]):
+        where = f"{source}: images[{i}]"
         if not isinstance(image, dict):
-            raise DataError(f"{source}: images[{i}]: not an object")
-        names[check_file_name(image.get("file_name"), f"{source}: images[{i}].file_name")] = None
-    duplicates = len(data["images"]) - len(names)
+            raise DataError(f"{where}: not an object")
+        name = check_file_name(image.get("file_name"), f"{where}.file_name")
+        if name not in items:
+            items[name] = DownloadItem(name, image_download_url(image, urls, where))
+    duplicates = len(data["images"]) - len(items)
     if duplicates:
         log.info("%s: %d images share a file_name with another; each file is downloaded once", source, duplicates)
-    return list(names)
+    return list(items.values())
 
 
-def image_url(base_url: str, file_name: str) -> str:
-    """``base_url`` joined with the URL-quoted ``file_name``; a query (e.g. a SAS token) is kept."""
-    parts = urllib.parse.urlsplit(base_url)
-    path = parts.path.rstrip("/") + "/" + urllib.parse.quote(file_name, safe="/")
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+def check_items(items: Iterable[DownloadItem], where: str = "download") -> list[DownloadItem]:
+    """The items with safe file names and supported URLs (each problem a one-line DataError)."""
+    checked = list(items)
+    for item in checked:
+        check_file_name(item.file_name, f"{where}: {item.file_name!r}: file_name")
+        check_url(item.url, f"{where}: {item.file_name}: url")
+    return checked
 
 
-def _check_base_url(base_url: str) -> None:
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"--base-url {base_url!r}: expected an http:// or https:// URL")
-
-
-def _check_settings(threads: int, retries: int, timeout: float, backoff_seconds: float, base_url: str) -> None:
+def _check_settings(threads: int, connection: Connection) -> None:
     """One-line UserError for a setting out of range (before anything is read or downloaded)."""
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    if retries < 0:
-        raise UserError(f"--retries must be 0 or more, got {retries}")
-    if not timeout > 0:
-        raise UserError(f"--timeout must be positive, got {timeout}")
-    if backoff_seconds < 0:
-        raise UserError(f"backoff must be 0 or more seconds, got {backoff_seconds}")
-    _check_base_url(base_url)
+    if connection.retries < 0:
+        raise UserError(f"--retries must be 0 or more, got {connection.retries}")
+    if not connection.timeout > 0:
+        raise UserError(f"--timeout must be positive, got {connection.timeout}")
+    if connection.backoff_seconds < 0:
+        raise UserError(f"backoff must be 0 or more seconds, got {connection.backoff_seconds}")
 
 
-# --------------------------------------------------------------------------- HTTP
+def _check_base_url(base_url: str | None) -> None:
+    if base_url is None:
+        return
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in URL_SCHEMES or not parts.netloc:
+        raise UserError(f"--base-url {base_url!r}: expected an http://, https:// or s3://bucket/prefix URL")
 
 
-class StoppableRetry(Retry):
-    """urllib3's ``Retry`` whose waits (backoff, ``Retry-After``) end early when the run is stopped."""
-
-    def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stop = stop if stop is not None else threading.Event()
-
-    def new(self, **kw: Any) -> StoppableRetry:
-        """The next state of the policy (urllib3 builds one per retry); it keeps the stop event."""
-        retry = super().new(**kw)
-        retry.stop = self.stop
-        return retry
-
-    def sleep(self, response: Any = None) -> None:
-        """Wait the server's ``Retry-After`` (seconds or an HTTP date) if it sent one, else the backoff."""
-        retry_after = self.get_retry_after(response) if self.respect_retry_after_header and response is not None else None
-        delay = retry_after if retry_after else self.get_backoff_time()
-        if delay > 0 and self.stop.wait(delay):
-            raise _Cancelled()
+# --------------------------------------------------------------------------- transports
 
 
-def retry_policy(retries: int, backoff_seconds: float, stop: threading.Event) -> StoppableRetry:
-    """``retries`` retries of GET/HEAD on connection and read errors, HTTP 5xx and 429, with exponential backoff."""
-    return StoppableRetry(total=retries, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}),
-                          backoff_factor=backoff_seconds, backoff_max=MAX_BACKOFF_SECONDS,
-                          retry_after_max=MAX_BACKOFF_SECONDS, raise_on_status=False, stop=stop)
+class Transports:
+    """One client per URL scheme, made on first use and shared by the threads; ``stop`` ends their transfers."""
 
-
-def _after(retries: int) -> str:
-    """' (after 2 retries)', or '' when none were made."""
-    return f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else ""
-
-
-def _content_length(headers: Any) -> int | None:
-    value = headers.get("Content-Length")
-    try:
-        length = int(value) if value is not None else None
-    except ValueError:
-        return None
-    return length if length is not None and length >= 0 else None
-
-
-class Http:
-    """HTTP with keep-alive and urllib3 retries: one ``requests`` Session per thread, all with the same policy."""
-
-    def __init__(self, retries: int, backoff_seconds: float, timeout: float, stop: threading.Event | None = None) -> None:
-        self.retries = retries
-        self.timeout = timeout
-        self.stop = stop if stop is not None else threading.Event()
-        self.retry = retry_policy(retries, backoff_seconds, self.stop)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.stop = threading.Event()
+        self._clients: dict[str, Transport] = {}
         self._lock = threading.Lock()
 
-    def session(self) -> requests.Session:
-        """This thread's session (created on first use): requests' Session is not meant to be shared by threads."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(max_retries=self.retry)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            # identity: Content-Length then counts the bytes written, not those of a compressed body
-            session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+    def for_url(self, url: str) -> Transport:
+        scheme = "s3" if url.startswith("s3://") else "http"
+        with self._lock:
+            if scheme not in self._clients:
+                self._clients[scheme] = self._make(scheme)
+            return self._clients[scheme]
 
-    def open(self, url: str, method: str) -> requests.Response:
-        """Send one request (urllib3 retries what is transient) and return a streaming 2xx response."""
-        try:
-            response = self.session().request(method, url, timeout=self.timeout, stream=True, allow_redirects=True)
-        except requests.RequestException as error:  # connection errors and timeouts, retries spent
-            raise _Permanent(f"network error: {_network_reason(error)}{_after(self.retries)}") from None
-        if response.status_code < 400:
-            return response
-        history = getattr(response.raw, "retries", None)
-        status = f"HTTP {response.status_code} {response.reason or ''}".strip()
-        response.close()
-        if response.status_code in MISSING_STATUSES:
-            raise _Permanent(f"missing on the server ({status})")
-        raise _Permanent(f"{status}{_after(len(history.history) if history is not None else 0)}")
+    def _make(self, scheme: str) -> Transport:
+        c = self.connection
+        if scheme == "s3":
+            return S3Transport(c.aws, c.retries, c.timeout, self.stop)
+        return Http(c.retries, c.backoff_seconds, c.timeout, self.stop)
+
+    def open_all(self, items: Sequence[DownloadItem]) -> None:
+        """Make the clients these items need now, so that a missing AWS profile is one error before any download."""
+        for scheme_url in {("s3://" if item.url.startswith("s3://") else "http://") for item in items}:
+            self.for_url(scheme_url)
 
     def close(self) -> None:
-        """Close every thread's session (their kept-alive connections)."""
-        with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
-
-
-def _network_reason(error: requests.RequestException) -> str:
-    """The underlying reason of a requests error (urllib3's MaxRetryError wraps the last one)."""
-    reason: Any = error.args[0] if error.args else error
-    if isinstance(reason, MaxRetryError) and reason.reason is not None:
-        reason = reason.reason
-    return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
-
-
-def with_body_retries(attempt: Callable[[], T], http: Http, url: str) -> T:
-    """Call ``attempt``; a body cut short counts against the same urllib3 ``Retry`` policy (its limit, its backoff).
-
-    urllib3 retries a request until its headers arrive; a streamed body that ends early is
-    noticed later, here, and sent back through ``Retry.increment``/``Retry.sleep``.
-    """
-    retry: Retry = http.retry
-    while True:
-        if http.stop.is_set():
-            raise _Cancelled()
-        try:
-            return attempt()
-        except _BodyError as error:
-            try:
-                retry = retry.increment(method="GET", url=url, error=error)
-            except MaxRetryError:
-                raise _Permanent(f"{error}{_after(http.retries)}") from None
-            log.debug("retrying %s: %s", url, error)
-            retry.sleep()
-
-
-def receive_body(response: requests.Response, handle: IO[bytes], stop: threading.Event) -> int:
-    """Stream the body into ``handle``; returns the bytes written. A body shorter or longer than its
-    ``Content-Length``, or a connection dropped while reading, is a ``_BodyError``."""
-    expected = _content_length(response.headers)
-    received = 0
-    try:
-        for chunk in response.iter_content(CHUNK_SIZE):
-            if stop.is_set():
-                raise _Cancelled()
-            handle.write(chunk)
-            received += len(chunk)
-            if expected is not None and received > expected:
-                raise _BodyError(f"body longer than Content-Length {expected}")
-    except requests.RequestException as error:  # urllib3 checks Content-Length too: a short body ends here
-        if expected is None or received >= expected:
-            raise _BodyError(f"network error while reading: {_network_reason(error)}") from None
-    if expected is not None and received != expected:
-        raise _BodyError(f"incomplete body: received {received} of {expected} bytes")
-    return received
-
-
-def _remote_size(http: Http, url: str) -> int | None:
-    """The server's ``Content-Length`` for ``url`` from a HEAD request, or None when unknown."""
-    try:
-        with http.open(url, "HEAD") as response:
-            return _content_length(response.headers)
-    except _Permanent as error:
-        log.debug("%s: size unknown (%s)", url, error)
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _shared_http(process: int, retries: int, backoff_seconds: float, timeout: float) -> Http:
-    """One ``Http`` per process and settings, so that repeated ``fetch_bytes`` calls keep their connections."""
-    return Http(retries, backoff_seconds, timeout)
-
-
-def fetch_bytes(url: str, retries: int = 2, timeout: float = 60.0, backoff_seconds: float = 0.5) -> bytes:
-    """The whole body at ``url`` in memory, with the same retry rules; a failure raises ``OSError``."""
-    http = _shared_http(os.getpid(), retries, backoff_seconds, timeout)
-
-    def get() -> bytes:
-        buffer = io.BytesIO()
-        with http.open(url, "GET") as response:
-            receive_body(response, buffer, http.stop)
-        return buffer.getvalue()
-
-    try:
-        return with_body_retries(get, http, url)
-    except _Permanent as error:
-        raise OSError(f"cannot download {url}: {error}") from None
-
-
-def _check_image_body(handle: Any, received: int, content_type: str | None) -> None:
-    """Refuse a body that is not an image (an HTML error or login page served with status 200)."""
-    handle.flush()
-    handle.seek(0)
-    if not is_valid_image(handle):
-        raise _Permanent(f"not an image: the server sent {received} bytes of {content_type or 'unknown type'}"
-                         " that do not decode (an error or login page?)")
-
-
-def _fetch(http: Http, url: str, destination: Path, verify_image: bool) -> int:
-    """One GET of ``url`` into ``destination`` (atomically); returns the bytes written. ``verify_image``: the body
-    must decode as an image before it is kept."""
-    with http.open(url, "GET") as response, atomic_open(destination, "w+b") as handle:
-        received = receive_body(response, handle, http.stop)
-        if verify_image:
-            _check_image_body(handle, received, response.headers.get("Content-Type"))
-    return received
+        for client in self._clients.values():
+            client.close()
 
 
 # --------------------------------------------------------------------------- one image
 
 
-@dataclass
-class _Settings:
-    output_dir: Path
-    base_url: str
-    overwrite: bool
-    http: Http
-
-
-def _is_complete(destination: Path, url: str, settings: _Settings) -> bool:
-    """The resume rule in the module docstring: size vs Content-Length and an image header, else decodability."""
-    if settings.overwrite or not destination.is_file():
+def _complete_at(destination: Path, size: int | None) -> bool:
+    """The resume rule in the module docstring, given the server's size: that size and an image header, else decodability."""
+    if not destination.is_file():
         return False
-    size = _remote_size(settings.http, url)
     image = has_image_suffix(destination)
     if size is not None:
         return destination.stat().st_size == size and (not image or is_valid_image(destination, header_only=True))
     return is_valid_image(destination) if image else False
 
 
-def _download_one(file_name: str, settings: _Settings) -> tuple[Outcome, int, str]:
-    """Download (or skip) one image; returns its outcome, the bytes written and a reason."""
-    destination = settings.output_dir / PurePosixPath(file_name)
-    url = image_url(settings.base_url, file_name)
+def _download_one(item: DownloadItem, output_dir: Path, transports: Transports, overwrite: bool) -> tuple[Outcome, int, str]:
+    """Download (or skip) one file; returns its outcome, the bytes written and a reason."""
+    destination = output_dir / PurePosixPath(item.file_name.replace("\\", "/"))
     if destination.is_dir():
         return "failed", 0, f"{destination} is a folder"
+    transport = transports.for_url(item.url)
     try:
-        if _is_complete(destination, url, settings):
+        if not overwrite and destination.is_file() and _complete_at(destination, transport.size(item.url)):
             return "skipped", 0, ""
-        verify = has_image_suffix(file_name)
-        size = with_body_retries(lambda: _fetch(settings.http, url, destination, verify), settings.http, url)
-        return "downloaded", size, ""
-    except _Permanent as error:
+        return "downloaded", transport.fetch(item.url, destination, has_image_suffix(item.file_name)), ""
+    except FetchError as error:
         return "failed", 0, str(error)
     except OSError as error:  # local disk problems: permissions, disk full, ...
         return "failed", 0, f"cannot write {destination}: {error.strerror or error}"
     except DataError as error:  # the same, as atomic_open reports them (a file where a folder should be, ...)
         return "failed", 0, f"cannot write {destination}: {str(error).removeprefix(f'{destination}: ')}"
+
+
+def _planned(item: DownloadItem, output_dir: Path, transports: Transports, overwrite: bool) -> tuple[bool, int | None]:
+    """For a dry run: whether the file is already complete, and the server's size of it."""
+    destination = output_dir / PurePosixPath(item.file_name.replace("\\", "/"))
+    size = transports.for_url(item.url).size(item.url)
+    return not overwrite and _complete_at(destination, size), size
 
 
 # --------------------------------------------------------------------------- the run
@@ -454,24 +373,28 @@ def _prepare_output_dir(output_dir: str | Path) -> Path:
     return output_dir
 
 
-def _run_downloads(file_names: list[str], settings: _Settings, threads: int, show: bool) -> DownloadReport:
-    """Download every file in ``threads`` threads; on any exception (Ctrl-C) stop the others and re-raise."""
-    report = DownloadReport(total=len(file_names))
+def _bytes_postfix(done: int, started: float) -> str:
+    """'12.3 MB at 4.5 MB/s' for the progress bar."""
+    elapsed = max(time.monotonic() - started, 1e-6)
+    return f"{done / 1e6:.1f} MB at {done / 1e6 / elapsed:.1f} MB/s"
+
+
+def _in_threads(work: Callable[[DownloadItem], T], items: Sequence[DownloadItem], threads: int, transports: Transports,
+                on_result: Callable[[DownloadItem, T], str], show: bool, desc: str) -> None:
+    """Run ``work`` on every item in ``threads`` threads with a progress bar (its postfix from ``on_result``);
+    on any exception (Ctrl-C) stop the others and re-raise."""
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="download")
     try:
-        futures: dict[Future[tuple[Outcome, int, str]], str] = {
-            executor.submit(_download_one, name, settings): name for name in file_names}
-        with tqdm(total=len(futures), unit="img", desc="download", disable=not show) as bar:
+        futures: dict[Future[T], DownloadItem] = {executor.submit(work, item): item for item in items}
+        with tqdm(total=len(futures), unit="img", desc=desc, disable=not show) as bar:
             for future in as_completed(futures):
-                report.count(futures[future], *future.result())
+                bar.set_postfix_str(on_result(futures[future], future.result()), refresh=False)
                 bar.update()
-                bar.set_postfix(failed=report.failed, refresh=False)
     except BaseException:
-        settings.http.stop.set()  # in-flight downloads stop at their next chunk or wait; temp files are removed
+        transports.stop.set()  # in-flight downloads stop at their next chunk or wait; temp files are removed
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
-    return report
 
 
 def _write_or_remove_failures(report: DownloadReport, output_dir: Path) -> None:
@@ -485,31 +408,94 @@ def _write_or_remove_failures(report: DownloadReport, output_dir: Path) -> None:
         failures_path.unlink()  # stale: every image is now present
 
 
+def _show(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def download_files(items: Iterable[DownloadItem], output_dir: str | Path, threads: int = 8, overwrite: bool = False,
+                   connection: Connection | None = None, progress: bool | None = None) -> DownloadReport:
+    """Download every item into ``output_dir`` (the module docstring's rules); failures are in the report, not raised.
+
+    Bad input (an unsafe ``file_name``, a URL that is not http(s)/s3, bad settings, a missing AWS profile)
+    raises a one-line ``UserError``/``DataError`` before anything is downloaded. ``progress=None`` shows a
+    bar (images, MB and MB/s, time left) on a terminal.
+    """
+    connection = connection or Connection()
+    _check_settings(threads, connection)
+    checked = check_items(items)
+    output = _prepare_output_dir(output_dir)
+    report = DownloadReport(total=len(checked))
+    transports = Transports(connection)
+    started = time.monotonic()
+
+    def counted(item: DownloadItem, result: tuple[Outcome, int, str]) -> str:
+        report.count(item.file_name, *result)
+        return f"{_bytes_postfix(report.bytes_downloaded, started)}, {report.failed} failed"
+
+    try:
+        transports.open_all(checked)
+        _in_threads(lambda item: _download_one(item, output, transports, overwrite), checked, threads, transports,
+                    counted, _show(progress), "download")
+    finally:
+        transports.close()
+    _write_or_remove_failures(report, output)
+    return report
+
+
+def plan_downloads(items: Iterable[DownloadItem], output_dir: str | Path, threads: int = 8, overwrite: bool = False,
+                   connection: Connection | None = None, progress: bool | None = None) -> DownloadPlan:
+    """What ``download_files`` would fetch, from the servers' sizes (HEAD requests): nothing is written."""
+    connection = connection or Connection()
+    _check_settings(threads, connection)
+    checked = check_items(items)
+    plan = DownloadPlan(total=len(checked))
+    transports = Transports(connection)
+
+    def counted(item: DownloadItem, result: tuple[bool, int | None]) -> str:
+        complete, size = result
+        if complete:
+            plan.complete += 1
+        else:
+            plan.to_fetch += 1
+            plan.bytes_to_fetch += size or 0
+            plan.unknown_sizes += size is None
+        return f"{plan.bytes_to_fetch / 1e6:.1f} MB to fetch"
+
+    try:
+        transports.open_all(checked)
+        _in_threads(lambda item: _planned(item, Path(output_dir), transports, overwrite), checked, threads, transports,
+                    counted, _show(progress), "dry run")
+    finally:
+        transports.close()
+    return plan
+
+
 def download_images(
     cct_path: str | Path,
     output_dir: str | Path,
-    base_url: str,
+    base_url: str | None = None,
     threads: int = 8,
     retries: int = 3,
     timeout: float = 30.0,
     overwrite: bool = False,
     backoff_seconds: float = 1.0,
     progress: bool | None = None,
+    url_field: str | None = None,
+    bucket: str = ANIML_SERVING_BUCKET,
+    aws: AwsOptions | None = None,
 ) -> DownloadReport:
-    """Download every image of the CCT file ``cct_path`` from ``base_url`` into ``output_dir``.
+    """Download every image of the CCT file ``cct_path`` into ``output_dir``, each from its URL (module docstring)."""
+    connection = Connection(retries, timeout, backoff_seconds, aws or AwsOptions())
+    _check_settings(threads, connection)
+    _check_base_url(base_url)
+    items = cct_download_items(read_json(cct_path), cct_path, ImageUrls(base_url, url_field, bucket))
+    return download_files(items, output_dir, threads, overwrite, connection, progress)
 
-    Bad input (a missing or malformed CCT, an unsafe ``file_name``, bad settings) raises a
-    one-line ``UserError``/``DataError`` before anything is downloaded; failed downloads do
-    not raise but are returned in the report. ``progress=None`` shows a bar on a terminal.
-    """
-    _check_settings(threads, retries, timeout, backoff_seconds, base_url)
-    file_names = image_file_names(read_json(cct_path), cct_path)
-    output = _prepare_output_dir(output_dir)
-    http = Http(retries, backoff_seconds, timeout)
-    show = sys.stderr.isatty() if progress is None else progress
-    try:
-        report = _run_downloads(file_names, _Settings(output, base_url, overwrite, http), threads, show)
-    finally:
-        http.close()
-    _write_or_remove_failures(report, output)
-    return report
+
+def plan_image_downloads(cct_path: str | Path, output_dir: str | Path, base_url: str | None = None, threads: int = 8,
+                         url_field: str | None = None, bucket: str = ANIML_SERVING_BUCKET,
+                         connection: Connection | None = None, progress: bool | None = None) -> DownloadPlan:
+    """``download_images`` as a dry run: how many files and bytes it would fetch."""
+    _check_base_url(base_url)
+    items = cct_download_items(read_json(cct_path), cct_path, ImageUrls(base_url, url_field, bucket))
+    return plan_downloads(items, output_dir, threads, False, connection, progress)
