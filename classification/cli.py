@@ -6,6 +6,7 @@ import argparse
 import difflib
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ from classification.errors import UserError
 from classification.shards import DEFAULT_SHARD_SIZE, DaskOptions
 
 if TYPE_CHECKING:
+    from classification.data.lila.run import LilaSource
     from classification.data.s3 import AwsOptions
 
 EXIT_USER_ERROR = 2
@@ -115,3 +117,26 @@ def aws_options(args: argparse.Namespace) -> AwsOptions:
     from classification.data.s3 import AwsOptions  # noqa: PLC0415 - as above
 
     return AwsOptions(profile=args.aws_profile, region=args.aws_region, endpoint_url=args.endpoint_url, anonymous=args.no_sign_request)
+
+
+def add_lila_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where LILA's index files come from and are kept, and which cloud's URLs to use: the same on every LILA command."""
+    group = parser.add_argument_group("LILA (README: 'Training data from LILA')")
+    group.add_argument("--cloud", default="gcp", choices=["gcp", "aws", "azure"], help="which cloud's copy of the images to use")
+    group.add_argument("--index-url", help="a folder or URL prefix holding LILA's three index files under their LILA names "
+                                           "(a mirror, a local copy, an HPC proxy); default: LILA's own locations")
+    group.add_argument("--metadata-dir", type=Path,
+                       help="where the index files and the converted table are kept (default: $CLASSIFICATION_LILA_CACHE "
+                            "or ~/.cache/camtrap-classification/lila)")
+    group.add_argument("--refresh-index", action="store_true", help="fetch the index files again (LILA updates them)")
+    group.add_argument("--retries", type=int, default=3, help="retries on network errors, HTTP 5xx and 429")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a server")
+
+
+def lila_source(args: argparse.Namespace) -> LilaSource:
+    """``LilaSource`` from the flags of ``add_lila_arguments``."""
+    from classification.data.download import Connection  # noqa: PLC0415 - pyarrow and duckdb load only for LILA commands
+    from classification.data.lila.run import LilaSource, default_metadata_dir  # noqa: PLC0415
+
+    return LilaSource(metadata_dir=args.metadata_dir or default_metadata_dir(), index_url=args.index_url, cloud=args.cloud,
+                      refresh_index=args.refresh_index, connection=Connection(retries=args.retries, timeout=args.timeout))
