@@ -360,3 +360,17 @@ def test_the_loader_reads_inputs_that_resolve_inputs_decided(tmp_path: Path) -> 
         build_loader(unresolved, [], train=False)
     resolved = resolve_inputs(unresolved, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"})
     assert build_loader(resolved, [], train=False).collate_fn.keywords["finish"].mean == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(7, [3, 3]), (8, [3, 3, 2]), (1, [1])])
+def test_a_lone_last_training_batch_is_dropped_and_evaluation_keeps_every_sample(tmp_path: Path, count: int, sizes: list[int]) -> None:
+    """Batch norm cannot train on one sample ('Expected more than 1 value per channel'): 7 crops in batches of 3 train as 3 + 3."""
+    (tmp_path / "crops").mkdir()
+    samples = []
+    for i in range(count):
+        Image.new("RGB", (40, 36), (30 * i % 256, 90, 200)).save(tmp_path / "crops" / f"{i}.jpg")
+        samples.append(Sample(tmp_path / "crops" / f"{i}.jpg", i % 2, "", ""))
+    config = resolve_inputs(ExperimentConfig(data_root=tmp_path, architecture="timm:test_efficientnet", pretrained=False, image_size=32,
+                                             batch_size=3, num_workers=0, device="cpu"))
+    assert [len(batch) for batch in build_loader(config, samples, train=True)] == sizes
+    assert sum(len(batch) for batch in build_loader(config, samples, train=False)) == count

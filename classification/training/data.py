@@ -543,6 +543,8 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
     uses_cuda = torch.cuda.is_available() and str(config.device) != "cpu"
     if pin_memory is None:
         pin_memory = uses_cuda
+    # a last training batch of one sample is dropped: batch norm cannot train on one (the shuffle drops another each epoch)
+    lone_last = train and sampler.rank_size() > 1 and sampler.rank_size() % config.batch_size == 1
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -550,7 +552,7 @@ def build_loader(config: ExperimentConfig, samples: Sequence[Sample], train: boo
         num_workers=config.num_workers,
         collate_fn=functools.partial(collate_skip_none, finish=finish),
         pin_memory=pin_memory,
-        drop_last=False,
+        drop_last=lone_last,
         persistent_workers=config.num_workers > 0,  # workers (and their imports) start once, not every epoch
         worker_init_fn=None if uses_cuda else lower_worker_priority,
         generator=torch.Generator().manual_seed(config.seed % 2**63),  # leaves the global torch RNG alone
