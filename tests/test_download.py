@@ -412,3 +412,44 @@ def test_an_image_that_cannot_be_written_fails_alone(server: FaultServer, cct: P
     assert blocked and report.failed == len(blocked) and report.downloaded == len(FILE_NAMES) - len(blocked)
     assert all("cannot write" in failure.reason for failure in report.failures)
     assert_identical(server, out, [name for name in FILE_NAMES if name not in blocked])
+
+
+# --------------------------------------------------------------------------- one URL per file
+
+
+def write_url_cct(path: Path, images: list[dict]) -> Path:
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return path
+
+
+def test_each_image_is_fetched_from_its_own_url(server: FaultServer, tmp_path: Path) -> None:
+    """Camtrap DP's remote media (and a LILA subset) give a URL per file, not one base URL."""
+    images = [{"id": f"m{i}", "file_name": f"dep{i % 2}/{Path(name).name}", "url": f"{server.base_url}/{urllib.parse.quote(name)}"}
+              for i, name in enumerate(FILE_NAMES)]
+    cct = write_url_cct(tmp_path / "cct.json", images)
+    result = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", tmp_path / "out", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    for image, name in zip(images, FILE_NAMES):
+        assert (tmp_path / "out" / image["file_name"]).read_bytes() == (server.root / "images" / name).read_bytes()
+    # --cloud picks url_<cloud>; a CCT whose images lack it is one line naming the first such image
+    line = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", tmp_path / "out", "--cloud", "aws").stderr.strip()
+    assert line.startswith("error:") and "images[0].url_aws: missing" in line and len(line.splitlines()) == 1
+
+
+def test_dry_run_counts_files_and_bytes_and_writes_nothing(server: FaultServer, cct: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    download_images(cct, out, server.base_url, threads=2, **FAST)
+    (out / FILE_NAMES[0]).unlink()
+    result = run_entry_point(SCRIPT, "--coco-file", cct, "--output-dir", out, "--base-url", server.base_url, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    size = (server.root / "images" / FILE_NAMES[0]).stat().st_size
+    assert f"3 already complete, would fetch 1 ({size / 1e6:.1f} MB)" in result.stdout
+    assert not (out / FILE_NAMES[0]).exists() and server.gets() == len(FILE_NAMES)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/a.jpg", "/etc/passwd", "http:///no-host.jpg"])
+def test_a_url_that_would_read_this_machine_is_refused_before_anything_is_fetched(server: FaultServer, tmp_path: Path, url: str) -> None:
+    images = [{"id": "a", "file_name": "a.jpg", "url": f"{server.base_url}/e.jpg"}, {"id": "b", "file_name": "b.jpg", "url": url}]
+    with pytest.raises(DataError, match=r"images\[1\]\.url: .* is not an http://, https:// or s3:// URL"):
+        download_images(write_url_cct(tmp_path / "cct.json", images), tmp_path / "out", **FAST)
+    assert server.requests == [] and not (tmp_path / "out" / "b.jpg").exists()

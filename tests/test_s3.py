@@ -7,6 +7,7 @@ temporary AWS files, so the user's own ~/.aws and AWS_* variables are never read
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import threading
@@ -25,6 +26,7 @@ from classification.data import s3
 from classification.data.http import CHUNK_SIZE, Cancelled, FetchError
 from classification.data.s3 import ANIML_SERVING_BUCKET, AwsOptions, S3Transport, s3_url, split_s3_url
 from classification.errors import UserError
+from tests.conftest import run_entry_point
 
 ACCESS_KEY = "AKIATESTINGFAKEKEY01"
 SECRET_KEY = "fake-secret-Zq7vXw9-never-shown"
@@ -272,3 +274,25 @@ def test_stop_cancels_a_transfer_and_leaves_no_file(endpoint: str, env_credentia
     with pytest.raises(Cancelled):  # once stopped, nothing more is requested
         transport.fetch(_url(SMALL_KEY), tmp_path / "small.jpg", verify_image=True)
     assert _leftovers(tmp_path) == []
+
+
+def test_an_animl_export_downloads_as_it_is_with_a_named_profile(endpoint: str, aws_home: Path, tmp_path: Path) -> None:
+    """utils/download_images.py on an Animl export: serving_bucket_key in Animl's bucket, file_name locally, profile 'animl'."""
+    (aws_home / ".aws" / "credentials").write_text(f"[animl]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    images = [{"id": "proj:1", "file_name": "proj/cam1/dep_a/proj-1.jpg", "serving_bucket_key": SMALL_KEY, "location": "dep a"},
+              {"id": "proj:2", "file_name": "proj/cam1/dep_a/proj-2.jpg", "serving_bucket_key": LARGE_KEY, "location": "dep a"},
+              {"id": "proj:3", "file_name": "proj/cam2/dep_b/proj-3.jpg", "serving_bucket_key": "original/gone-original.jpg"}]
+    export = tmp_path / "animl_export.json"
+    export.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    args = ["--coco-file", export, "--output-dir", tmp_path / "out", "--aws-profile", "animl", "--endpoint-url", endpoint, "--retries", "0"]
+    result = run_entry_point("utils/download_images.py", *args)
+    assert result.returncode == 1, result.stderr  # one key is missing: listed, the others downloaded
+    assert (tmp_path / "out" / images[0]["file_name"]).read_bytes() == OBJECTS[SMALL_KEY]
+    assert (tmp_path / "out" / images[1]["file_name"]).read_bytes() == OBJECTS[LARGE_KEY]
+    assert "proj/cam2/dep_b/proj-3.jpg: missing on the server" in result.stdout
+    again = run_entry_point("utils/download_images.py", *args)
+    assert "2 skipped" in again.stdout
+    for output in (result.stdout, result.stderr, again.stdout, again.stderr, (tmp_path / "out" / "download_failures.csv").read_text()):
+        assert SECRET_KEY not in output and ACCESS_KEY not in output
+    unknown = run_entry_point("utils/download_images.py", *args[:4], "--aws-profile", "nosuch", "--endpoint-url", endpoint)
+    assert unknown.returncode == 2 and "--aws-profile nosuch: no such profile" in unknown.stderr and "Traceback" not in unknown.stderr
