@@ -63,7 +63,8 @@ def test_rat_under_three_names_in_three_datasets_is_one_class(lila: MiniLila, tm
     assert len({i["file_name"] for i in cct["images"]}) == len(cct["images"])
     located = [i for i in cct["images"] if i["location"] is not None]
     assert all(i["location"].startswith(i["dataset"] + "/") for i in located)
-    assert {i["location"] for i in cct["images"] if i["dataset"] == "north"} & {i["location"] for i in cct["images"] if i["dataset"] == "south"} == set()
+    places = {name: {i["location"] for i in cct["images"] if i["dataset"] == name} for name in ("north", "south")}
+    assert places["north"] & places["south"] == set()
     assert all(i["location"] is None for i in cct["images"] if i["dataset"] == "island")  # a dataset without locations
     assert all(i["url"] == i["url_gcp"] and i["url_aws"].startswith(f"{lila.url}/aws/") for i in cct["images"])
     # exactly the subset's images, with their real boxes, under the subset's file names (south's results use backslashes)
