@@ -505,7 +505,7 @@ FLAG_CASES: list[tuple[str, str, str]] = [  # script, arguments ({tmp} is the fi
     ("utils/answer_requests.py", "{tmp}/binary.csv {tmp}/binary.csv --output {tmp}/o.csv", "not a readable CSV"),
     ("utils/make_demo_data.py", "{tmp}/demo --locations 0", "--locations must be at least 1"),
     ("utils/make_demo_data.py", "{tmp}/demo --frames -1", "--frames must be at least 1"),
-    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url ftp://x/", "expected an http:// or https:// URL"),
+    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url ftp://x/", "expected an http://, https:// or s3://bucket/prefix URL"),
     ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url http://127.0.0.1:9/ --timeout nan",
      "--timeout must be positive"),
     ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/cct.json --base-url http://127.0.0.1:9/",
