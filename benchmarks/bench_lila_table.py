@@ -1,15 +1,17 @@
 """LILA's all-images table at LILA scale: Parquet + DuckDB (this library) against pandas (MegaDetector's way).
 
 It makes a synthetic all-images CSV with LILA's real columns (``ALL_IMAGES_COLUMNS`` and the 20
-rank columns) and realistic values: 40 datasets, 5,000 locations, sequences of 3 frames, the
-three clouds' URLs, 600 species and 60 genus-level labels of a fixed synthetic taxonomy
-(lower-case, Zipf-like frequencies), 30% blank rows, ``%m-%d-%Y %H:%M:%S`` datetimes. DuckDB
-writes it, Python's ``zipfile`` zips it (one member, deflate); that setup is timed apart and not
-counted. Then, each in a fresh child process so that its peak memory (``ru_maxrss``) is its own:
+rank columns) and values laid out as LILA's are: 40 datasets one after another (Zipf-like sizes),
+each with its own locations (5,000 in all) and its own ~50 labels, sequences of 3 frames, the three
+clouds' URLs, 600 species and 60 genus-level labels of a fixed synthetic taxonomy (lower-case,
+Zipf-like frequencies), 30% blank rows, ``%m-%d-%Y %H:%M:%S`` datetimes. DuckDB writes it, Python's
+``zipfile`` zips it (one member, deflate); that setup is timed apart and not counted. Then each
+measurement runs in a fresh child process, so that its peak memory (VmHWM) is its own:
 
 - ``convert_all_images`` (zip -> Parquet, streamed): seconds and peak memory;
 - ``select_rows`` (the library's query path: DuckDB over the Parquet file, rows out as a
-  DataFrame) for ``genus=<a common genus>`` and a common name: the first call and the median of 3;
+  DataFrame) for the commonest label's genus (``genus=...``) and a species' common name: the first
+  call and the median of 3, and DuckDB's filter alone (a count of the same rows);
 - MegaDetector's ``read_lila_all_images_file`` way: ``pandas.read_csv`` of the whole unzipped
   CSV into one DataFrame, then a boolean filter per query (median of 3). When the whole file
   would need more than ``--pandas-budget-gb`` of memory (estimated from ``--pandas-rows``
@@ -17,8 +19,9 @@ counted. Then, each in a fresh child process so that its peak memory (``ru_maxrs
 
     python benchmarks/bench_lila_table.py [--rows 10000000] [--pandas-rows 2000000] [--work-dir DIR]
 
-Without ``--work-dir`` the files go to a temporary folder deleted at the end (10M rows: ~4.5 GB of
-CSV, ~1 GB zip); with it they are kept there and reused by the next run of the same ``--rows``.
+Without ``--work-dir`` the files go to a temporary folder deleted at the end (10M rows: 5.4 GB of
+CSV, 0.4 GB zip, 0.4 GB Parquet); with it they are kept there and reused by the next run of the
+same ``--rows``. Figures and their reading: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -185,11 +188,11 @@ def zip_csv(csv_path: Path, zip_path: Path) -> None:
         archive.write(csv_path, CSV_FILE)
 
 
-def prepare_files(work_dir: Path, rows: int, seed: int) -> tuple[Path, Path, dict[str, float]]:
-    """The CSV and its zip in ``work_dir`` (reused when a previous run made them for as many rows), and setup seconds."""
+def prepare_files(work_dir: Path, rows: int, seed: int) -> tuple[Path, Path, dict[str, float] | None]:
+    """The CSV and its zip in ``work_dir``, and the seconds making them took (None: reused, a previous run made them)."""
     csv_path, zip_path, stamp = work_dir / CSV_FILE, work_dir / ALL_IMAGES_FILE, work_dir / "rows.txt"
     if csv_path.is_file() and zip_path.is_file() and stamp.is_file() and stamp.read_text() == f"{rows} {seed}":
-        return csv_path, zip_path, {"generate": 0.0, "zip": 0.0}
+        return csv_path, zip_path, None
     stamp.unlink(missing_ok=True)
     started = time.perf_counter()
     write_csv(csv_path, rows, seed)
@@ -231,17 +234,28 @@ def child_convert(zip_path: str, parquet_path: str) -> dict[str, Any]:
 
 
 def child_query(parquet_path: str, taxon: str, repeats: int, seed: int) -> dict[str, Any]:
-    from classification.data.lila.select import SelectionOptions, select_rows  # noqa: PLC0415
+    """``select_rows`` for one taxon (the library's whole path), and DuckDB's filter alone (a count of the same rows)."""
+    from classification.data.lila.select import SelectionOptions, base_where, select_rows, taxon_sql  # noqa: PLC0415
+    from classification.data.lila.table import connect, table_columns  # noqa: PLC0415
     from classification.data.lila.taxa import Taxonomy  # noqa: PLC0415
 
-    datasets, taxonomy = synthetic_datasets(), Taxonomy(synthetic_taxa(seed))
-    imported, times, rows = _peak_mb(), [], 0
+    datasets, taxonomy, path = synthetic_datasets(), Taxonomy(synthetic_taxa(seed)), Path(parquet_path)
+    options = SelectionOptions(taxa=(taxon,))
+    imported, times, counts, rows = _peak_mb(), [], [], 0
     for _ in range(repeats):
         started = time.perf_counter()
-        selection = select_rows(Path(parquet_path), datasets, taxonomy, SelectionOptions(taxa=(taxon,)))
+        selection = select_rows(path, datasets, taxonomy, options)
         times.append(time.perf_counter() - started)
         rows = selection.matched_rows
-    return {"first": times[0], "median": statistics.median(times), "rows": rows, "peak_mb": _peak_mb(), "imports_mb": imported}
+    where, (condition, params) = base_where(options, datasets), taxon_sql(options, taxonomy, table_columns(path))
+    connection = connect()
+    for _ in range(repeats):
+        started = time.perf_counter()
+        connection.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where.sql()} AND ({condition})",
+                           [str(path), *where.params, *params]).fetchall()
+        counts.append(time.perf_counter() - started)
+    return {"first": times[0], "median": statistics.median(times), "count": statistics.median(counts), "rows": rows,
+            "peak_mb": _peak_mb(), "imports_mb": imported}
 
 
 def child_pandas(csv_path: str, nrows: int, queries: list[str], repeats: int) -> dict[str, Any]:
@@ -305,23 +319,30 @@ def measure_pandas(csv_path: Path, rows: int, slice_rows: int, budget_gb: float,
             "scaled_from": part["rows"]}
 
 
-def print_table(rows: int, sizes: dict[str, float], setup: dict[str, float], convert: dict[str, Any],
+def print_table(rows: int, sizes: dict[str, float], setup: dict[str, float] | None, convert: dict[str, Any],
                 queries: dict[str, dict[str, Any]], pandas: dict[str, Any]) -> None:
+    import duckdb  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+    import pyarrow as pa  # noqa: PLC0415
+
     gb = 1 << 30
+    made = "reused from --work-dir" if setup is None else f"generate {setup['generate']:.0f} s, zip {setup['zip']:.0f} s"
     print(f"rows {rows:,}; CSV {sizes['csv'] / gb:.2f} GB; zip {sizes['zip'] / gb:.2f} GB; Parquet {sizes['parquet'] / gb:.2f} GB "
-          f"(setup, not counted: generate {setup['generate']:.0f} s, zip {setup['zip']:.0f} s)")
-    scaled = f", scaled from {pandas['scaled_from']:,} rows" if pandas["scaled_from"] else ", measured on all rows"
-    print(f"{'':34}{'Parquet + DuckDB (library)':>30}{'pandas (MegaDetector)':>26}")
-    print(f"{'load: seconds':34}{convert['seconds']:>22.1f} (once){pandas['load']:>19.1f} (each run)")
-    print(f"{'load: peak memory MB (imports)':34}{convert['peak_mb']:>22,.0f} ({convert['imports_mb']:>3.0f})"
-          f"{pandas['peak_mb']:>19,.0f} ({pandas['imports_mb']:>3.0f})")
+          f"(setup, not counted: {made}); pyarrow {pa.__version__}, duckdb {duckdb.__version__}, pandas {pd.__version__}")
+    print(f"{'':36}{'Parquet + DuckDB (library)':>28}{'pandas (MegaDetector)':>26}")
+    print(f"{'load: seconds':36}{convert['seconds']:>21.1f} (once){pandas['load']:>17.1f} (each run)")
+    print(f"{'load: peak memory MB (of it imports)':36}{convert['peak_mb']:>20,.0f} ({convert['imports_mb']:>3.0f})"
+          f"{pandas['peak_mb']:>18,.0f} ({pandas['imports_mb']:>3.0f})")
     for query, figures in queries.items():
         theirs = pandas["queries"][query]
-        print(f"{'query ' + query:34}{figures['median']:>14.2f} s (first {figures['first']:.2f}){theirs['median']:>21.2f} s")
-        print(f"{'  rows matched':34}{figures['rows']:>30,}{theirs['rows']:>26,}")
-    print(f"{'query: peak memory MB (imports)':34}{max(q['peak_mb'] for q in queries.values()):>22,.0f} "
-          f"({max(q['imports_mb'] for q in queries.values()):>3.0f}){'(in the load)':>26}")
-    print(f"pandas figures{scaled}; query seconds: median of the repeats; library query = select_rows (DuckDB, rows out as a DataFrame)")
+        print(f"{'query ' + query + ': seconds':36}{figures['median']:>13.2f} (first {figures['first']:.2f}){theirs['median']:>26.2f}")
+        print(f"{'  DuckDB filter alone (count)':36}{figures['count']:>28.2f}")
+        print(f"{'  rows matched':36}{figures['rows']:>28,}{theirs['rows']:>26,}")
+    print(f"{'query: peak memory MB (of it imports)':36}{max(q['peak_mb'] for q in queries.values()):>20,.0f} "
+          f"({max(q['imports_mb'] for q in queries.values()):>3.0f}){'(the load)':>26}")
+    scaled = f"scaled from {pandas['scaled_from']:,} rows" if pandas["scaled_from"] else "measured on all rows"
+    print(f"pandas: {scaled}. Query seconds: median of the repeats; the library's = select_rows (DuckDB over the Parquet file, "
+          "deduplicated, sorted, out as a DataFrame); pandas' = a boolean filter of the loaded DataFrame.")
 
 
 def bench(work_dir: Path, args: argparse.Namespace) -> None:
