@@ -134,24 +134,50 @@ def test_killed_download_resumes_losing_nothing_and_fetching_nothing_twice(lila:
     assert f"{len(first)} skipped" in result.stdout
 
 
+def own_export(tmp_path: Path, per_location: int = 6) -> Path:
+    """A user's own CCT with boxes (as an Animl export is): MCT's mouflon at three stations."""
+    mct = json.loads((SHARED_DATA / "mct" / "mct_cct.json").read_text())
+    (mouflon,) = [c["id"] for c in mct["categories"] if c["name"] == "mouflon"]
+    images = {i["id"]: i for i in mct["images"]}
+    kept: dict[str, list[dict]] = {}
+    for annotation in mct["annotations"]:
+        location = images[annotation["image_id"]]["location"]
+        if annotation["category_id"] == mouflon and "bbox" in annotation and len(kept.setdefault(location, [])) < per_location:
+            kept[location].append(annotation)
+    annotations = [a for group in kept.values() for a in group]
+    chosen = [images[i] for i in dict.fromkeys(a["image_id"] for a in annotations)]
+    path = tmp_path / "own_cct.json"
+    path.write_text(json.dumps({"info": {}, "images": chosen, "annotations": annotations,
+                                "categories": [{"id": mouflon, "name": "mouflon"}]}))
+    return path
+
+
 @pytest.mark.slow
-def test_subset_crops_splits_trains_and_predicts(lila: MiniLila, tmp_path: Path) -> None:
+def test_own_export_and_lila_subset_make_one_dataset_that_trains_and_predicts(lila: MiniLila, tmp_path: Path) -> None:
+    """The README's walkthrough: your own boxed CCT and a LILA subset, cropped apart, one dataset, one model."""
     result = subset(lila, tmp_path, "--taxon", "rattus rattus", "--taxon", "deer", "--threads", "4")
     assert result.returncode == 0, result.stderr
     root = tmp_path / "subset"
-    clean, crops, dataset = tmp_path / "clean.json", tmp_path / "crops", tmp_path / "ds"
+    lila_clean, own_clean = tmp_path / "lila_clean.json", tmp_path / "own_clean.json"
+    crops, dataset = tmp_path / "crops", tmp_path / "ds"
     steps = [
-        ("utils/clean_cct.py", root / CCT, clean, "--keep-image-level", "--missing-locations", "sequence"),
-        ("utils/crop_detections.py", root / MD, crops, "--images-dir", root / "images", "--threshold", "0.2",
-         "--labels-cct", clean, "--crop-strategy", "square", "--threads", "2", "--max-size", "96"),
+        ("utils/clean_cct.py", root / CCT, lila_clean, "--keep-image-level", "--missing-locations", "sequence"),
+        ("utils/crop_detections.py", root / MD, crops / "lila", "--images-dir", root / "images", "--threshold", "0.2",
+         "--labels-cct", lila_clean, "--crop-strategy", "square", "--threads", "2", "--max-size", "96"),
+        ("utils/clean_cct.py", own_export(tmp_path), own_clean, "--dataset", "own"),
+        ("utils/crop_detections.py", own_clean, crops / "own", "--images-dir", SHARED_DATA / "mct" / "images",
+         "--crop-strategy", "square", "--threads", "2", "--max-size", "96"),
         ("utils/create_classification_dataset.py", dataset, "--mode", "csv", "cct", "splits", "--crops-dir", crops,
+         "--crops-manifest", crops / "lila" / "crops_manifest.csv", crops / "own" / "crops_manifest.csv",
          "--val-frac", "0.2", "--test-frac", "0.2", "--method", "random", "--seed", "0"),
     ]
     for step in steps:
         done = run_entry_point(*step)
         assert done.returncode == 0, f"{step[0]}: {done.stdout}\n{done.stderr}"
     table = pd.read_csv(dataset / "classification_ds.csv", dtype=str, keep_default_na=False)
-    assert set(table["label"]) == {"rattus rattus", "odocoileus virginianus"} and len(table) >= 10
+    assert set(table["label"]) == {"rattus rattus", "odocoileus virginianus", "mouflon"} and len(table) >= 25
+    assert {path.split("/")[0] for path in table["path"]} == {"lila", "own"} and all((crops / p).is_file() for p in table["path"])
+    assert set(table.loc[table["label"] == "mouflon", "dataset"]) == {"own"}
     splits = {k: {tuple(p) for p in v} for k, v in json.loads((dataset / "splits.json").read_text()).items()}
     assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"] or splits["val"] & splits["test"])
     run_dir = tmp_path / "runs" / "tiny" / "lila"
@@ -165,9 +191,16 @@ def test_subset_crops_splits_trains_and_predicts(lila: MiniLila, tmp_path: Path)
     predicted = run_entry_point("classifier/predict.py", "--config", config, "--checkpoint", "1.pt", "--split", "test")
     assert predicted.returncode == 0, predicted.stderr
     predictions = pd.read_csv(run_dir / "predictions" / "test_1" / "predictions.csv", dtype=str)
-    test_keys = splits["test"]
-    expected = {p for p, d, loc in zip(table["path"], table["dataset"], table["location"]) if (d, loc) in test_keys}
+    expected = {p for p, d, loc in zip(table["path"], table["dataset"], table["location"]) if (d, loc) in splits["test"]}
     assert set(predictions["path"]) == expected and expected
+
+
+def test_a_manifest_outside_the_crops_folder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "crops_manifest.csv").write_text("crop_path,dataset,location,label\na.jpg,d,l,x\n")
+    line = one_error_line(run_entry_point("utils/create_classification_dataset.py", tmp_path / "ds", "--crops-dir", tmp_path / "crops",
+                                          "--crops-manifest", tmp_path / "elsewhere" / "crops_manifest.csv"))
+    assert "not under --crops-dir" in line
 
 
 # --------------------------------------------------------------------------- one-line errors

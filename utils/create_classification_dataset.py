@@ -42,7 +42,9 @@ def build_parser() -> ArgumentParser:
                              " OUTPUT_DIR/classification_ds.csv is the input, and crops are checked only if given")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cct-json", type=Path, help="CCT the crops were made from (one crop per boxed annotation)")
-    source.add_argument("--crops-manifest", type=Path, help="crops manifest CSV (default: CROPS_DIR/crops_manifest.csv)")
+    source.add_argument("--crops-manifest", type=Path, nargs="+", default=[],
+                        help="crops manifest CSV (default: CROPS_DIR/crops_manifest.csv); several join crop runs made in"
+                             " folders under CROPS_DIR (your Animl export's crops and a LILA subset's) into one dataset")
     parser.add_argument("--min-locs", type=int, default=1, help="drop labels seen at fewer locations")
     parser.add_argument("--val-frac", type=float, default=0.2, help="target fraction of crops in val")
     parser.add_argument("--test-frac", type=float, default=0.1, help="target fraction of crops in test")
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = DatasetOptions(
         crops_dir=args.crops_dir,
         cct_json=args.cct_json,
-        crops_manifest=args.crops_manifest,
+        crops_manifests=tuple(args.crops_manifest),
         modes=args.mode,
         min_locs=args.min_locs,
         val_frac=args.val_frac,

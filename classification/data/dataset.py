@@ -64,7 +64,7 @@ class DatasetOptions:
 
     crops_dir: Path | None = None  # needed to build the CSV; optional when splitting an existing one
     cct_json: Path | None = None
-    crops_manifest: Path | None = None
+    crops_manifests: tuple[Path, ...] = ()  # default: CROPS_DIR/crops_manifest.csv; several: crop runs in folders under CROPS_DIR
     modes: Collection[str] = MODES
     min_locs: int = 1
     val_frac: float = 0.2
@@ -119,6 +119,27 @@ def read_crops_manifest(path: Path) -> pd.DataFrame:
     return frame
 
 
+def read_manifests(paths: Sequence[Path], crops_dir: Path) -> pd.DataFrame:
+    """Several crop runs as one table: each manifest's ``crop_path`` made relative to ``crops_dir``, which holds
+    their folders (``crops/animl``, ``crops/lila``), so one dataset and one ``crops_dir`` serve them all."""
+    frames = []
+    root = crops_dir.resolve()
+    for path in paths:
+        frame = read_crops_manifest(path)
+        try:
+            prefix = path.parent.resolve().relative_to(root)
+        except ValueError:
+            raise UserError(f"--crops-manifest {path}: not under --crops-dir {crops_dir} (crop paths are made relative to it)") from None
+        if prefix.parts:
+            frame["crop_path"] = [(prefix / crop).as_posix() for crop in frame["crop_path"]]
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    repeated = frame["crop_path"].duplicated()
+    if repeated.any():
+        raise DataError(f"--crops-manifest: {frame['crop_path'][repeated].iloc[0]} is listed twice (the same manifest given twice?)")
+    return frame.fillna("")
+
+
 def find_crops_manifest(crops_dir: str | Path) -> Path | None:
     """``<crops_dir>/crops_manifest.csv`` when it exists (the crops' images, sequences and boxes), else None;
     whatever is there is read (a folder in its place is one line, not a dataset without sequences)."""
@@ -161,7 +182,7 @@ def load_crops(options: DatasetOptions, report: DatasetReport) -> pd.DataFrame:
         log.info("%s: %s", options.cct_json, location_report.summary())
         frame = crops_frame_from_cct(data, options.crops_dir, options.cct_json.stem)
     else:
-        frame = read_crops_manifest(options.crops_manifest or options.crops_dir / "crops_manifest.csv")
+        frame = read_manifests(options.crops_manifests or (options.crops_dir / MANIFEST_NAME,), options.crops_dir)
         if (frame["location"] == "").any():
             raise DataError("crops manifest: rows without a location (re-run utils/crop_detections.py)")
     return drop_unusable_rows(frame, options.crops_dir, report)
@@ -412,7 +433,7 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     if "csv" in options.modes:
         frame = load_crops(options, report)
     else:
-        if options.cct_json is not None or options.crops_manifest is not None:
+        if options.cct_json is not None or options.crops_manifests:
             log.warning("--cct-json and --crops-manifest are read only with --mode csv;"
                         " the input is %s", output_dir / "classification_ds.csv")
         frame = load_dataset_rows(output_dir / "classification_ds.csv", options.crops_dir, report)
