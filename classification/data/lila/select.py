@@ -207,7 +207,8 @@ def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: T
     base = base_where(options, datasets)
     taxon, taxon_params = taxon_sql(options, taxonomy, columns)
     label = label_sql(options.label_rank, columns)
-    order = "md5(image_id || ':' || CAST(? AS VARCHAR))"
+    capped = any(cap is not None for cap in (options.max_per_class, options.max_per_location, options.max_per_dataset))
+    order = "md5(image_id || ':' || CAST(? AS VARCHAR))" if capped else "CAST(? AS VARCHAR)"  # the caps' seeded order
     selected = ", ".join(f'"{column}"' for column in OUTPUT_COLUMNS)
     connection = connect()
     source = "read_parquet(?)"
