@@ -312,3 +312,24 @@ def test_locations_of_a_taxon_and_what_else_lives_there(lila: MiniLila, tmp_path
     assert "odocoileus virginianus" in set(table.loc[~table["is_target"], "label"])
     north = table[table["location"] == "north/cam00"]
     assert set(north["label"]) >= {"rattus rattus", "rodent"}  # a coarser label keeps its own name
+
+
+def test_megadetector_results_written_with_another_path_prefix_still_join(lila: MiniLila, tmp_path: Path) -> None:
+    """Results files whose ``file`` carries the dataset's folder (or a drive's path) match by a unique path suffix."""
+    results = lila.root / "md-results" / "island_mdv5a_results_raw.zip"
+    original = results.read_bytes()
+    with zipfile.ZipFile(results) as archive:
+        (name,) = archive.namelist()
+        data = json.loads(archive.read(name))
+    data["images"] = [{**entry, "file": f"D:\\lila\\island\\{entry['file']}"} for entry in data["images"]]
+    results.unlink()
+    with zipfile.ZipFile(results, "w") as archive:
+        archive.writestr(name, json.dumps(data))
+    try:
+        result = subset(lila, tmp_path, "--taxon", "deer", "--dataset", "island", "--no-download")
+    finally:
+        results.write_bytes(original)
+    assert result.returncode == 0, result.stderr
+    cct = json.loads((tmp_path / "subset" / CCT).read_text())
+    md = json.loads((tmp_path / "subset" / MD).read_text())
+    assert sorted(e["file"] for e in md["images"]) == sorted(i["file_name"] for i in cct["images"]) and md["images"]

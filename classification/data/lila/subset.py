@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from classification.data.detections import FileMatcher
 from classification.data.download import Connection, DownloadItem, check_file_name, download_files
 from classification.data.lila.index import MD_RESULTS_COLUMNS, Dataset
 from classification.errors import DataError, UserError
@@ -196,7 +197,7 @@ def build_megadetector(cct: Mapping[str, Any], datasets: Mapping[str, Dataset], 
     for image in cct["images"]:
         dataset = datasets[image["lila_dataset"]]
         wanted.setdefault(dataset.name, {})[relative_path(image["url"], dataset, cloud)] = image["file_name"]
-    images, categories, versions, detectors = [], None, set(), set()
+    images, categories, versions, detectors, found = [], None, set(), set(), set()
     for name, by_path in wanted.items():
         if name not in results:
             continue
@@ -206,11 +207,12 @@ def build_megadetector(cct: Mapping[str, Any], datasets: Mapping[str, Dataset], 
         categories = data.get("detection_categories")
         versions.add(str((data.get("info") or {}).get("format_version", "1.0")))
         detectors.add(str((data.get("info") or {}).get("detector", "unknown")))
+        matcher = FileMatcher(sorted(by_path))  # exact, else a unique path suffix: results written with another prefix
         for entry in data["images"]:
-            file_name = by_path.get(str(entry.get("file", "")).replace("\\", "/"))
-            if file_name is not None:
-                images.append({**entry, "file": file_name})
-    found = {entry["file"] for entry in images}
+            path, _ = matcher.match(str(entry.get("file", "")))
+            if path is not None and by_path[path] not in found:
+                found.add(by_path[path])
+                images.append({**entry, "file": by_path[path]})
     missing = sorted(image["file_name"] for image in cct["images"] if image["file_name"] not in found)
     info = {"format_version": max(versions, key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit())) if versions else "1.1",
             "detector": ", ".join(sorted(detectors)), "source": "LILA MegaDetector results, joined to the subset's file names"}
