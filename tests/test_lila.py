@@ -333,3 +333,28 @@ def test_megadetector_results_written_with_another_path_prefix_still_join(lila: 
     cct = json.loads((tmp_path / "subset" / CCT).read_text())
     md = json.loads((tmp_path / "subset" / MD).read_text())
     assert sorted(e["file"] for e in md["images"]) == sorted(i["file_name"] for i in cct["images"]) and md["images"]
+
+
+@pytest.mark.parametrize("spoil", ["images first", "cut short"])
+def test_megadetector_results_are_read_as_a_stream_in_any_key_order(lila: MiniLila, tmp_path: Path, spoil: str) -> None:
+    """MegaDetector writes images before detection_categories and info; a results file cut short is one line."""
+    results = lila.root / "md-results" / "north_mdv5a_results_raw.zip"
+    original = results.read_bytes()
+    with zipfile.ZipFile(results) as archive:
+        (name,) = archive.namelist()
+        data = json.loads(archive.read(name))
+    text = json.dumps({"images": data["images"], "detection_categories": data["detection_categories"], "info": data["info"]})
+    results.unlink()
+    with zipfile.ZipFile(results, "w") as archive:
+        archive.writestr(name, text if spoil == "images first" else text[: len(text) // 2])
+    try:
+        result = subset(lila, tmp_path, "--taxon", "deer", "--dataset", "north", "--no-download")
+    finally:
+        results.write_bytes(original)
+    if spoil == "cut short":
+        assert "north.mdv5a_results_raw.zip: not a MegaDetector JSON file" in one_error_line(result)
+        return
+    assert result.returncode == 0, result.stderr
+    md = json.loads((tmp_path / "subset" / MD).read_text())
+    assert md["detection_categories"] == data["detection_categories"] and md["info"]["detector"] == data["info"]["detector"]
+    assert len(md["images"]) == len(json.loads((tmp_path / "subset" / CCT).read_text())["images"]) > 0

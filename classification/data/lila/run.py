@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def open_lila(source: LilaSource, table: bool = True) -> tuple[dict[str, Dataset
     taxonomy = Taxonomy.read(files.taxonomy) if files.taxonomy.is_file() else Taxonomy([])
     parquet = source.metadata_dir / PARQUET_FILE
     if table:
-        convert_all_images(files.all_images, parquet, progress=bool(source.progress))
+        convert_all_images(files.all_images, parquet, progress=sys.stderr.isatty() if source.progress is None else source.progress)
     return datasets, taxonomy, parquet
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 from classification.data.detections import FileMatcher
 from classification.data.download import Connection, DownloadItem, check_file_name, download_files
 from classification.data.lila.index import MD_RESULTS_COLUMNS, Dataset
+from classification.data.lila.md_results import scan_md_results
 from classification.errors import DataError, UserError
 from classification.io import read_json, write_json_atomic
 
@@ -154,11 +155,6 @@ def read_json_or_zip(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def read_md_results(path: Path) -> dict[str, Any]:
-    """A MegaDetector results file, plain or zipped."""
-    return read_json_or_zip(path, "MegaDetector results")
-
-
 def read_cct_file(path: Path, target: Path) -> None:
     """Check that ``path`` (JSON or zip) holds a CCT file and write it to ``target`` atomically."""
     data = read_json_or_zip(path, "COCO Camera Traps")
@@ -197,22 +193,30 @@ def build_megadetector(cct: Mapping[str, Any], datasets: Mapping[str, Dataset], 
     for image in cct["images"]:
         dataset = datasets[image["lila_dataset"]]
         wanted.setdefault(dataset.name, {})[relative_path(image["url"], dataset, cloud)] = image["file_name"]
-    images, categories, versions, detectors, found = [], None, set(), set(), set()
+    images: list[dict[str, Any]] = []
+    categories: dict[str, str] | None = None
+    versions: set[str] = set()
+    detectors: set[str] = set()
+    found: set[str] = set()
     for name, by_path in wanted.items():
         if name not in results:
             continue
-        data = read_md_results(results[name])
-        if categories is not None and data.get("detection_categories") != categories:
-            raise DataError(f"{results[name]}: detection_categories differ from another dataset's results")
-        categories = data.get("detection_categories")
-        versions.add(str((data.get("info") or {}).get("format_version", "1.0")))
-        detectors.add(str((data.get("info") or {}).get("detector", "unknown")))
         matcher = FileMatcher(sorted(by_path))  # exact, else a unique path suffix: results written with another prefix
-        for entry in data["images"]:
+
+        def keep(entry: dict[str, Any], matcher: FileMatcher = matcher, by_path: dict[str, str] = by_path) -> dict[str, Any] | None:
             path, _ = matcher.match(str(entry.get("file", "")))
-            if path is not None and by_path[path] not in found:
-                found.add(by_path[path])
-                images.append({**entry, "file": by_path[path]})
+            if path is None or by_path[path] in found:
+                return None
+            found.add(by_path[path])
+            return {**entry, "file": by_path[path]}
+
+        data = scan_md_results(results[name], keep)
+        if categories is not None and data.detection_categories != categories:
+            raise DataError(f"{results[name]}: detection_categories differ from another dataset's results")
+        categories = data.detection_categories
+        versions.add(str(data.info.get("format_version", "1.0")))
+        detectors.add(str(data.info.get("detector", "unknown")))
+        images += data.images
     missing = sorted(image["file_name"] for image in cct["images"] if image["file_name"] not in found)
     info = {"format_version": max(versions, key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit())) if versions else "1.1",
             "detector": ", ".join(sorted(detectors)), "source": "LILA MegaDetector results, joined to the subset's file names"}
