@@ -292,22 +292,20 @@ class Transports:
         self._lock = threading.Lock()
 
     def for_url(self, url: str) -> Transport:
-        scheme = "s3" if url.startswith("s3://") else "http"
+        return self._client("s3" if url.startswith("s3://") else "http")
+
+    def _client(self, scheme: str) -> Transport:
         with self._lock:
             if scheme not in self._clients:
-                self._clients[scheme] = self._make(scheme)
+                c = self.connection
+                self._clients[scheme] = (S3Transport(c.aws, c.retries, c.timeout, self.stop) if scheme == "s3"
+                                         else Http(c.retries, c.backoff_seconds, c.timeout, self.stop))
             return self._clients[scheme]
-
-    def _make(self, scheme: str) -> Transport:
-        c = self.connection
-        if scheme == "s3":
-            return S3Transport(c.aws, c.retries, c.timeout, self.stop)
-        return Http(c.retries, c.backoff_seconds, c.timeout, self.stop)
 
     def open_all(self, items: Sequence[DownloadItem]) -> None:
         """Make the clients these items need now, so that a missing AWS profile is one error before any download."""
-        for scheme_url in {("s3://" if item.url.startswith("s3://") else "http://") for item in items}:
-            self.for_url(scheme_url)
+        for scheme in sorted({"s3" if item.url.startswith("s3://") else "http" for item in items}):
+            self._client(scheme)
 
     def close(self) -> None:
         for client in self._clients.values():
