@@ -358,3 +358,18 @@ def test_megadetector_results_are_read_as_a_stream_in_any_key_order(lila: MiniLi
     md = json.loads((tmp_path / "subset" / MD).read_text())
     assert md["detection_categories"] == data["detection_categories"] and md["info"]["detector"] == data["info"]["detector"]
     assert len(md["images"]) == len(json.loads((tmp_path / "subset" / CCT).read_text())["images"]) > 0
+
+
+def test_cloud_chooses_the_urls_downloaded_and_every_cloud_is_recorded(lila: MiniLila, tmp_path: Path) -> None:
+    lila.requests.clear()
+    result = run_entry_point(SUBSET, "--output-dir", tmp_path / "subset", "--taxon", "deer", "--dataset", "south", "--cloud", "azure",
+                             *lila_flags(lila, tmp_path / "meta"))
+    assert result.returncode == 0, result.stderr
+    cct = json.loads((tmp_path / "subset" / CCT).read_text())
+    for image in cct["images"]:
+        path = image["file_name"].removeprefix("south-images/")
+        assert image["url"] == image["url_azure"] == f"{lila.url}/azure/south-images/{path}"
+        assert image["url_gcp"] == f"{lila.url}/gcp/south-images/{path}" and image["url_aws"] == f"{lila.url}/aws/south-images/{path}"
+    images = [path for path in lila.gets() if path.lower().endswith(".jpg")]
+    assert len(images) == len(cct["images"]) and all(path.startswith("/azure/") for path in images)
+    assert all((tmp_path / "subset" / "images" / i["file_name"]).is_file() for i in cct["images"])

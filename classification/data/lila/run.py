@@ -97,7 +97,7 @@ def open_lila(source: LilaSource, table: bool = True) -> tuple[dict[str, Dataset
 def make_subset(request: SubsetRequest) -> SubsetResult:
     """Select, write the CCT (and MegaDetector) subset files, then download (or plan) the images."""
     datasets, taxonomy, parquet = open_lila(request.source)
-    selection = select_rows(parquet, datasets, taxonomy, request.selection)
+    selection = select_rows(parquet, datasets, taxonomy, request.selection, request.source.cloud)
     output = ensure_folder(request.output_dir)
     md_results = None
     if request.boxes:

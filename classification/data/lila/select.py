@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from classification.data.lila.index import Dataset
+from classification.data.lila.index import CLOUDS, Dataset
 from classification.data.lila.table import connect, table_columns
 from classification.data.lila.taxa import EMPTY_LABELS, Taxonomy, check_rank, did_you_mean
 from classification.errors import UserError
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_CLASS = "empty"
 ANNOTATION_LEVELS = ("image", "sequence", "unknown")
-OUTPUT_COLUMNS = ("dataset_name", "url_gcp", "url_aws", "url_azure", "image_id", "sequence_id", "location_id", "frame_num",
+OUTPUT_COLUMNS = ("dataset_name", "image_id", "sequence_id", "location_id", "frame_num",
                   "original_label", "scientific_name", "common_name", "datetime", "annotation_level")
 
 
@@ -199,8 +199,19 @@ def _check_caps(options: SelectionOptions) -> None:
         raise UserError(f"--include-empty must be 0 or more, got {options.include_empty}")
 
 
-def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: Taxonomy, options: SelectionOptions) -> Selection:
-    """The rows ``options`` ask for, one per image and class (column ``label``), capped and seeded."""
+def _selected(cloud: str) -> str:
+    """The columns a selection returns: ``url`` is the chosen cloud's (the others follow from the datasets index)."""
+    if cloud not in CLOUDS:
+        raise UserError(f"--cloud {cloud!r}: not one of {', '.join(CLOUDS)}")
+    return ", ".join([f'"url_{cloud}" AS url', *(f'"{column}"' for column in OUTPUT_COLUMNS)])
+
+
+def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: Taxonomy, options: SelectionOptions,
+                cloud: str = "gcp") -> Selection:
+    """The rows ``options`` ask for, one per image and class (column ``label``; ``url`` the ``cloud``'s), capped and seeded.
+
+    Only the chosen cloud's URL column is read: the URLs are the longest values, and the same path
+    under each cloud's image base URL."""
     _check_caps(options)
     check_rank(options.label_rank)
     columns = table_columns(parquet_path)
@@ -209,7 +220,7 @@ def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: T
     label = label_sql(options.label_rank, columns)
     capped = any(cap is not None for cap in (options.max_per_class, options.max_per_location, options.max_per_dataset))
     order = "md5(image_id || ':' || CAST(? AS VARCHAR))" if capped else "CAST(? AS VARCHAR)"  # the caps' seeded order
-    selected = ", ".join(f'"{column}"' for column in OUTPUT_COLUMNS)
+    selected = _selected(cloud)
     connection = connect()
     source = "read_parquet(?)"
     where, params = f"{base.sql()} AND ({taxon})", [str(parquet_path), *base.params, *taxon_params]
@@ -226,7 +237,7 @@ def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: T
     classes = dict(connection.execute("SELECT label, count(DISTINCT image_id) FROM picked GROUP BY label").fetchall())
     # through Arrow: twice as fast as .df() on a million rows
     rows = connection.sql("SELECT * EXCLUDE (h) FROM picked ORDER BY dataset_name, image_id, label").to_arrow_table().to_pandas()
-    empty = _empty_rows(connection, parquet_path, base, options) if options.include_empty else rows.iloc[0:0]
+    empty = _empty_rows(connection, parquet_path, base, options, selected) if options.include_empty else rows.iloc[0:0]
     if len(empty):
         rows = pd.concat([rows, empty], ignore_index=True)
         classes[EMPTY_CLASS] = int(empty["image_id"].nunique())
@@ -237,14 +248,13 @@ def select_rows(parquet_path: Path, datasets: Mapping[str, Dataset], taxonomy: T
                      classes={str(k): int(v) for k, v in classes.items()})
 
 
-def _empty_rows(connection: Any, parquet_path: Path, base: _Where, options: SelectionOptions) -> pd.DataFrame:
+def _empty_rows(connection: Any, parquet_path: Path, base: _Where, options: SelectionOptions, selected: str) -> pd.DataFrame:
     """``include_empty`` blank images under the same dataset, place and level conditions, in the seeded order."""
     empty, params = _empty_sql()
-    selected = ", ".join(f'"{column}"' for column in OUTPUT_COLUMNS)
     frame = connection.execute(
         f"SELECT {selected}, ? AS label FROM read_parquet(?) WHERE {base.sql()} AND {empty} "
         f"AND image_id NOT IN (SELECT image_id FROM picked) "
-        f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY url_gcp) = 1 "
+        f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY url) = 1 "
         f"ORDER BY md5(image_id || ':' || CAST(? AS VARCHAR)), image_id LIMIT {int(options.include_empty)}",
         [EMPTY_CLASS, str(parquet_path), *base.params, *params, options.seed]).df()
     if len(frame) < options.include_empty:

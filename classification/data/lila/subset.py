@@ -6,7 +6,8 @@ boxes of exactly its images, and the images themselves.
 - ``location`` is ``<short_name>/<location>``: two datasets' "site_1" never merge. Datasets that have
   no locations (LILA gives the dataset name) get none, and ``clean_cct.py --missing-locations`` decides.
 - ``seq_id`` is namespaced the same way; ``datetime`` becomes ISO (``2012-06-01 14:03:09``); each
-  image keeps its URL per cloud (``url_gcp``, ``url_aws``, ``url_azure``) and ``url`` for the chosen one.
+  image keeps ``url`` (the chosen cloud's) and its URL per cloud (``url_gcp``, ``url_aws``, ``url_azure``:
+  the same path under each cloud's image base URL, as LILA lays them out).
 - Each class is an annotation without a box that records LILA's ``original_label``; the boxes come
   from the dataset's published MegaDetector results, rewritten to the subset's file names, in one
   MegaDetector-format file beside the CCT, for ``crop_detections.py --labels-cct``.
@@ -28,7 +29,7 @@ import pandas as pd
 
 from classification.data.detections import FileMatcher
 from classification.data.download import Connection, DownloadItem, check_file_name, download_files
-from classification.data.lila.index import MD_RESULTS_COLUMNS, Dataset
+from classification.data.lila.index import CLOUDS, MD_RESULTS_COLUMNS, Dataset
 from classification.data.lila.md_results import scan_md_results
 from classification.errors import DataError, UserError
 from classification.io import read_json, write_json_atomic
@@ -50,7 +51,6 @@ class SubsetReport:
     without_location: int = 0
     boxes_images: int = 0
     without_boxes: list[str] = field(default_factory=list)
-    url_mismatches: int = 0
 
 
 def relative_path(url: str, dataset: Dataset, cloud: str) -> str:
@@ -63,6 +63,13 @@ def relative_path(url: str, dataset: Dataset, cloud: str) -> str:
     if path.startswith(base_path):
         return path[len(base_path):]
     raise DataError(f"{url}: not under {dataset.name}'s image_base_url_{cloud} {base}")
+
+
+def cloud_urls(url: str, dataset: Dataset, cloud: str) -> dict[str, str]:
+    """``url_<cloud>`` for every cloud the dataset is on: the chosen URL's path under each cloud's image base URL."""
+    base = dataset.image_base_url(cloud) + "/"
+    rest = url[len(base):] if url.startswith(base) else urllib.parse.quote(relative_path(url, dataset, cloud))
+    return {f"url_{c}": f"{dataset.image_base_urls[c].rstrip('/')}/{rest}" for c in CLOUDS if dataset.image_base_urls.get(c)}
 
 
 def _strip_prefix(value: str, dataset: Dataset) -> str:
@@ -80,7 +87,8 @@ def _iso_datetime(value: str) -> str | None:
 def _image_record(row: Mapping[str, Any], dataset: Dataset, cloud: str) -> dict[str, Any]:
     """One CCT image from its first row in the selection."""
     short = dataset.short_name
-    file_name = f"{dataset.folder}/{relative_path(str(row[f'url_{cloud}']), dataset, cloud)}"
+    url = str(row["url"])
+    file_name = f"{dataset.folder}/{relative_path(url, dataset, cloud)}"
     check_file_name(file_name, f"{dataset.name}: {row['image_id']}: file_name")
     location = str(row["location_id"])
     sequence = _strip_prefix(str(row["sequence_id"]), dataset)
@@ -92,8 +100,8 @@ def _image_record(row: Mapping[str, Any], dataset: Dataset, cloud: str) -> dict[
         "location": f"{short}/{_strip_prefix(location, dataset)}" if location and location != dataset.name else None,
         "datetime": _iso_datetime(str(row["datetime"])),
         "seq_id": f"{short}/{sequence}" if sequence and sequence != "unknown" else None,
-        "url": str(row[f"url_{cloud}"]),
-        **{f"url_{c}": str(row[f"url_{c}"]) for c in ("gcp", "aws", "azure") if row.get(f"url_{c}")},
+        "url": url,
+        **cloud_urls(url, dataset, cloud),
         "lila_dataset": dataset.name,
         "lila_image_id": str(row["image_id"]),
     }
