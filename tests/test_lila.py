@@ -373,3 +373,20 @@ def test_cloud_chooses_the_urls_downloaded_and_every_cloud_is_recorded(lila: Min
     images = [path for path in lila.gets() if path.lower().endswith(".jpg")]
     assert len(images) == len(cct["images"]) and all(path.startswith("/azure/") for path in images)
     assert all((tmp_path / "subset" / "images" / i["file_name"]).is_file() for i in cct["images"])
+
+
+def test_the_subset_validates_and_combines_with_your_own_export(lila: MiniLila, tmp_path: Path) -> None:
+    """validate_cct.py passes the subset as it is; combine_cct.py joins it with a user's own CCT, every image kept apart."""
+    assert subset(lila, tmp_path, "--taxon", "rattus rattus", "--no-download", "--no-boxes").returncode == 0
+    cct = tmp_path / "subset" / CCT
+    checked = run_entry_point("utils/validate_cct.py", cct)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    own = own_export(tmp_path, per_location=2)
+    combined = tmp_path / "combined.json"
+    result = run_entry_point("utils/combine_cct.py", combined, own, cct, "--names", "own", "lila")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(combined.read_text())
+    sources = json.loads(cct.read_text()), json.loads(own.read_text())
+    assert len(data["images"]) == sum(len(source["images"]) for source in sources)
+    assert {c["name"] for c in data["categories"]} == {"rattus rattus", "mouflon"}
+    assert len({image["id"] for image in data["images"]}) == len(data["images"])
