@@ -31,7 +31,7 @@ class MdResults:
 
 
 @contextmanager
-def _json_stream(path: Path) -> Iterator[IO[bytes]]:
+def json_stream(path: Path) -> Iterator[IO[bytes]]:
     """The JSON's bytes: the file itself, or the one JSON inside a zip."""
     if path.suffix.lower() != ".zip":
         with open(path, "rb") as handle:
@@ -46,7 +46,7 @@ def _json_stream(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _first(path: Path, prefix: str) -> Any:
-    with _json_stream(path) as handle:
+    with json_stream(path) as handle:
         return next(iter(ijson.items(handle, prefix, use_float=True)), None)
 
 
@@ -58,7 +58,7 @@ def scan_md_results(path: Path, keep: Callable[[dict[str, Any]], dict[str, Any] 
             raise DataError(f"{path}: detection_categories: missing or not an object (is this a MegaDetector results file?)")
         info = _first(path, "info")
         results = MdResults({str(k): str(v) for k, v in categories.items()}, info if isinstance(info, dict) else {})
-        with _json_stream(path) as handle:
+        with json_stream(path) as handle:
             for entry in ijson.items(handle, "images.item", use_float=True):
                 kept = keep(entry) if isinstance(entry, dict) else None
                 if kept is not None:

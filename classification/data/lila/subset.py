@@ -30,9 +30,9 @@ import pandas as pd
 from classification.data.detections import FileMatcher
 from classification.data.download import Connection, DownloadItem, check_file_name, download_files
 from classification.data.lila.index import CLOUDS, MD_RESULTS_COLUMNS, Dataset
-from classification.data.lila.md_results import scan_md_results
+from classification.data.lila.md_results import json_stream, scan_md_results
 from classification.errors import DataError, UserError
-from classification.io import read_json, write_json_atomic
+from classification.io import unreadable_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +144,16 @@ def md_results_url(dataset: Dataset, preference: Sequence[str] = MD_RESULTS_COLU
 
 
 def read_json_or_zip(path: Path, what: str) -> dict[str, Any]:
-    """A JSON file, plain or zipped (one JSON inside, as LILA publishes metadata and results), whose ``images`` is a list."""
-    if path.suffix.lower() != ".zip":
-        data = read_json(path)
-    else:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = [name for name in archive.namelist() if not name.endswith("/")]
-                if len(names) != 1 or not names[0].lower().endswith(".json"):
-                    raise DataError(f"{path}: expected one JSON file inside, found {len(names)}: {', '.join(names[:5])}")
-                data = json.loads(archive.read(names[0]))
-        except zipfile.BadZipFile:
-            raise DataError(f"{path}: not a zip file (cut short?)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not a {what} JSON file ({error})") from None
+    """A JSON file, plain or zipped (one JSON inside, as LILA publishes metadata), whose ``images`` is a list."""
+    try:
+        with json_stream(path) as handle:
+            data = json.load(handle)
+    except zipfile.BadZipFile:
+        raise DataError(f"{path}: not a zip file (cut short?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a {what} JSON file ({error})") from None
+    except OSError as error:
+        raise unreadable_file(path, error, f"a {what} file") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: images: missing or not a list (is this a {what} file?)")
     return data
