@@ -190,6 +190,20 @@ def test_megadetector_crops_give_a_megadetector_file(trained: TrainedRun, shared
     classified = [d for image in output["images"] for d in image.get("detections") or [] if "classifications" in d]
     assert len(classified) == 30 and all(len(d["classifications"]) == 2 for d in classified)
     assert not (tmp_path / "out" / "metrics.json").exists()
+    assert json.loads((root / "md_v5a_output.json").read_text())["info"]["format_version"] == "1.1"
+    assert output["info"]["format_version"] == "1.4"
+    assert_megadetector_validates(tmp_path / "out" / "md_v5a_output_classified.json")
+
+
+def assert_megadetector_validates(path: Path) -> None:
+    """MegaDetector's own validator (``pip install --no-deps megadetector``; .ci/run installs it) accepts ``path``."""
+    validator = pytest.importorskip("megadetector.postprocessing.validate_batch_results",
+                                    reason="MegaDetector's validator: pip install --no-deps megadetector==10.0.28")
+    options = validator.ValidateBatchResultsOptions()
+    options.raise_errors = True
+    options.check_image_existence = False
+    results = validator.validate_batch_results(str(path), options)["validation_results"]
+    assert not results["errors"], results["errors"]
 
 
 def predict_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:

@@ -4,7 +4,9 @@ The output is the input MegaDetector file with two additions, as in MegaDetector
 classification scripts: ``classification_categories`` (``{"0": "agouti", ...}``, the
 model's label index) and, on every detection whose crop was classified,
 ``classifications: [["<class id>", prob], ...]`` (top-k, most probable first). Every
-other field, and every detection that was not classified, is left as it was.
+other field, and every detection that was not classified, is left as it was, but
+``info.format_version``: at least 1.4, the version that defines what is added here, so that
+MegaDetector's own validator (1.3 and later) reads the file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ from classification.io import write_json_atomic
 
 _DETECTION_ID = re.compile(r"^det(?P<index>\d+)$")
 PROBABILITY_DECIMALS = 4
+# The batch-output format version that defines everything written here (classifications with
+# classification_category_descriptions); MegaDetector's validator reads only 1.3 and later.
+CLASSIFIED_FORMAT_VERSION = "1.4"
+
+
+def version_number(version: object) -> tuple[int, ...]:
+    """``"1.10"`` -> ``(1, 10)``; an unreadable version counts as 1.0."""
+    parts = str(version).strip().split(".")
+    return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else (1, 0)
+
+
+def classified_format_version(version: object) -> str:
+    """The input's ``format_version``, raised to the version that holds classifications (a newer input keeps its own)."""
+    if version is not None and version_number(version) >= version_number(CLASSIFIED_FORMAT_VERSION):
+        return str(version)
+    return CLASSIFIED_FORMAT_VERSION
 
 
 def detection_index(annotation_id: str) -> int:
@@ -104,8 +122,10 @@ def write_megadetector_classifications(
     if missing:
         raise DataError(f"crops manifest: missing columns {', '.join(sorted(missing))}")
     output = add_classifications(md, predictions, manifest, label_names, min(topk, topk_of(predictions)))
+    info = output.setdefault("info", {})
+    info["format_version"] = classified_format_version(info.get("format_version"))
     if classifier is not None:
-        output.setdefault("info", {})["classifier"] = classifier
+        info["classifier"] = classifier
     if descriptions is not None:
         output["classification_category_descriptions"] = descriptions
     write_json_atomic(output_path, output)
