@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from classification.errors import DataError, UserError
-from classification.io import unreadable_file, write_json_atomic, write_text_atomic
+from classification.io import read_bounded_text, write_json_atomic, write_text_atomic
 
 MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
 # Fields that may change between a run and its resume without changing what has been
@@ -388,10 +388,7 @@ def load_yaml(text: str) -> Any:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise unreadable_file(path, error, "a config.yml file") from None
+    text = read_bounded_text(path, "a config.yml file")  # not a FIFO or /dev/zero: they would hang or fill memory
     try:
         data = load_yaml(text)
     except yaml.YAMLError as error:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -199,6 +200,40 @@ def unreadable_file(path: Path, error: OSError | UnicodeDecodeError, expected: s
     return DataError(f"{path}: cannot be read ({error.strerror or error})")
 
 
+CONFIG_READ_LIMIT = 1 << 20  # a config.yml or .env file: 1 MiB is ~100 times the largest real one
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | Path, what: str, hint: str = "") -> os.stat_result:
+    """Refuse, in one line, what is not a regular file (a FIFO or ``/dev/zero`` would hang or fill memory when
+    read); ``os.stat`` never blocks, where ``open`` on a FIFO waits for a writer. Returns the file's stat."""
+    path = Path(path)
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise unreadable_file(path, error, what, hint) from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for test, name in FILE_KINDS if test(status.st_mode)), "not a regular file")
+        raise DataError(f"{path}: is {kind}, expected {what}")
+    return status
+
+
+def read_bounded_text(path: str | Path, what: str, limit: int = CONFIG_READ_LIMIT, encoding: str = "utf-8") -> str:
+    """A small text file (a config, a ``.env``), refused in one line when it is not a regular file or over
+    ``limit`` bytes (a file that grows while read is cut at ``limit`` and refused too)."""
+    path = Path(path)
+    check_regular_file(path, what)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise DataError(f"{path}: larger than {limit // 1024} KiB, expected {what}")
+        return data.decode(encoding)
+    except (OSError, UnicodeDecodeError) as error:
+        raise unreadable_file(path, error, what) from None
+
+
 class DuplicateKeyError(ValueError):
     """A JSON object that names a key twice (``json`` would keep only the last)."""
 
@@ -221,6 +256,7 @@ def read_json(path: str | Path, unique_keys: bool = False) -> Any:
     earlier run wrote, where the earlier value would otherwise be lost without a word; it makes
     reading about twice as slow, so large inputs such as MegaDetector output do not ask for it)."""
     path = Path(path)
+    check_regular_file(path, "a JSON file")
     try:
         with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle, object_pairs_hook=unique_keys_object if unique_keys else None)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +18,7 @@ import pytest
 from classification.active_learning.simulation import CURVE_COLUMNS, read_curve
 from classification.config import load_config
 from classification.errors import DataError
-from classification.io import write_csv_atomic
+from classification.io import CONFIG_READ_LIMIT, read_bounded_text, read_json, read_json_object, write_csv_atomic
 from classification.training.engine import train
 from tests.test_hostile_inputs import assert_one_line, jpeg, run
 from tests.test_train import build_dataset, write_run
@@ -141,3 +144,56 @@ def test_a_key_given_twice_in_a_state_file_is_refused(one_epoch: Path, tmp_path:
     outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--set", f"data_root={dataset}",
                   "--set", "num_epochs=2")
     assert_one_line(outcome, "label_index.json", 'the key "0" is given twice')
+
+
+# ---------------------------------------------------------------- special files: a FIFO, /dev/zero (issue 17)
+
+
+def run_script(script: str, *args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run an entry point as a user would, in its own process, killed after ``timeout`` (a hang fails the test)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parents[1], check=False)
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """Exit code 2, one ``error:`` line holding every ``expected`` piece, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for piece in expected:
+        assert piece in lines[0], (piece, lines[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("script, extra", [("classifier/train.py", ()), ("classifier/predict.py", ("--split", "val"))])
+def test_a_config_that_is_a_fifo_or_dev_zero_is_refused_at_once(script: str, extra: tuple[str, ...], tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yml"
+    os.mkfifo(fifo)
+    assert_refused(run_script(script, "--config", fifo, *extra), str(fifo), "is a FIFO (named pipe), expected a config.yml file")
+    assert_refused(run_script(script, "--config", "/dev/zero", *extra), "/dev/zero: is a character device")
+
+
+def test_a_config_larger_than_the_cap_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yml"
+    config.write_bytes(b"# padding\n" * (CONFIG_READ_LIMIT // 10 + 1))
+    assert_one_line(run(capsys, "classifier/train.py", "--config", config), str(config), "larger than 1024 KiB")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_json_readers_refuse_a_fifo_and_a_device(tmp_path: Path) -> None:
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (Path("/dev/zero"), "a character device")):
+        with pytest.raises(DataError, match=f"is {kind}"):
+            read_json(path)
+        with pytest.raises(DataError, match=f"is {kind}"):
+            read_json_object(path, optional=True)
+        with pytest.raises(DataError, match=f"is {kind}"):
+            read_bounded_text(path, "a .env file")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_megadetector_output_that_is_a_fifo_stops_the_crop_run_in_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / "md.json"
+    os.mkfifo(fifo)
+    assert_refused(run_script("utils/crop_detections.py", fifo, tmp_path / "crops", "--images-dir", tmp_path),
+                   str(fifo), "is a FIFO")

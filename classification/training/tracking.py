@@ -30,6 +30,7 @@ printed, or written to the experiment folder.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ from typing import Any, Literal
 from dotenv import dotenv_values
 
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, unreadable_file
+from classification.io import atomic_open, read_bounded_text, unreadable_file
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def read_env_file(path: Path) -> dict[str, str | None]:
     """The settings of a ``.env`` file; one that cannot be read is a one-line ``DataError`` (its
     contents, which may hold the API key, are never shown)."""
     try:
-        return dict(dotenv_values(path))
+        return dict(dotenv_values(stream=io.StringIO(read_bounded_text(path, "a .env file"))))
     except (OSError, UnicodeDecodeError) as error:
         raise unreadable_file(path, error, "a .env file") from None
 
