@@ -4,6 +4,10 @@
     python classifier/predict.py --config ... --checkpoint best --images new_photos/
     python classifier/predict.py --config ... --checkpoint best --cct data/processed/mct/test_cct.json
     python classifier/predict.py --config ... --checkpoint last --megadetector md_output.json --crops-dir crops/
+    python classifier/predict.py --model models/mct-lite0/ --images new_photos/ --output-dir out/
+
+--model: a model package (classifier/export.py) in place of --config and --checkpoint: its ONNX
+network runs in onnxruntime, with no training config or PyTorch model code involved.
 
 --checkpoint: <epoch>.pt, last, best, or a path. --split scores exactly that split.
 Outputs (default: <experiment>/predictions/<input>_<checkpoint>/): predictions.csv,
@@ -14,17 +18,21 @@ skipped.csv, prediction_info.json; with known labels metrics.json and PNG plots;
 from __future__ import annotations
 
 import sys
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
-from classification.evaluation.predict import run_prediction
+from classification.errors import UserError
+from classification.evaluation.predict import PredictionResult, run_prediction
 from classification.evaluation.review_page import write_review_page
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="runs/<model>/<experiment>/config.yml")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config", type=Path, help="runs/<model>/<experiment>/config.yml")
+    model.add_argument("--model", type=Path, help="a model package folder (classifier/export.py), instead of --config and --checkpoint")
     parser.add_argument("--checkpoint", default="best", help="<epoch>.pt, last, best, or a checkpoint path")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", help="a split of the config's dataset: train, val or test")
@@ -45,11 +53,24 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def predict(args: Namespace) -> PredictionResult:
+    """A checkpoint's prediction (--config), or a model package's (--model)."""
+    if args.model is None:
+        return run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
+                              megadetector=args.megadetector, crops_dir=args.crops_dir, output_dir=args.output_dir,
+                              batch_size=args.batch_size, topk=args.topk, device=args.device, dask=dask_options(args))
+    from classification.package.predict import run_package_prediction  # noqa: PLC0415 - onnxruntime only for --model
+
+    if args.split is not None:
+        raise UserError("--split needs --config (a package has no dataset): give --images, --cct or --megadetector")
+    return run_package_prediction(args.model, images_dir=args.images, cct=args.cct, megadetector=args.megadetector,
+                                  crops_dir=args.crops_dir, output_dir=args.output_dir, batch_size=args.batch_size,
+                                  topk=args.topk)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
-                            megadetector=args.megadetector, crops_dir=args.crops_dir, output_dir=args.output_dir,
-                            batch_size=args.batch_size, topk=args.topk, device=args.device, dask=dask_options(args))
+    result = predict(args)
     print(f"{len(result.predictions)} predictions in {result.output_dir}"
           + (f" (top-1 {result.metrics['top1']:.4f})" if result.metrics else "")
           + (f"; {len(result.skipped)} unreadable images listed in skipped.csv" if result.skipped else ""))

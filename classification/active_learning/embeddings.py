@@ -224,7 +224,7 @@ def embed_folder(images_dir: Path, output_dir: Path, config: ExperimentConfig, r
         if run_dir is None:
             raise UserError("--checkpoint needs --config (the experiment whose checkpoints/ it names)")
         path = resolve_checkpoint(run_dir, checkpoint)
-        samples = folder_input(images_dir, load_trained_model(path, config)).samples
+        samples = folder_input(images_dir, load_trained_model(path, config).label_names).samples
         result = embed_with_checkpoint(path, samples, config, output_dir / "chunks", chunk_size, dask)
         labels: list[int] | None = [max(s.label, 0) for s in samples]
         al_scores = uncertainty_scores(result.probabilities, score) if len(result) and result.probabilities is not None else None

@@ -388,6 +388,7 @@ class PostprocessInput:
     manifest: pd.DataFrame | Path | None = None
     megadetector: Path | None = None
     classifier: str | None = None
+    packaged: FittedPostprocess | None = None  # a model package's own fit: applied as is, never refitted or looked up
 
 
 @dataclass
@@ -433,6 +434,8 @@ def fitted_for(config: PostprocessConfig, probabilities: np.ndarray, predictions
     """The fit to apply (made here on val, else loaded), or None and why the fitted steps are skipped."""
     if not (config.calibrate or config.abstain):
         return None, ""
+    if where.packaged is not None:
+        return where.packaged, ""
     if where.fit:
         return fit(config, probabilities, predictions, context, species_list, label_names, where), ""
     fitted, why = load_fitted(where.run_dir, where.checkpoint)

@@ -169,7 +169,7 @@ def split_samples_input(config: ExperimentConfig, split: str, label_names: Seque
     return PredictionInput(split, samples, [label_names[s.label] for s in samples], Path(root))
 
 
-def folder_input(images_dir: Path, model: TrainedModel) -> PredictionInput:
+def folder_input(images_dir: Path, label_names: Sequence[str]) -> PredictionInput:
     """Every image under ``images_dir``; labelled by class sub-folder when each image sits in one named after a class."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
@@ -178,15 +178,15 @@ def folder_input(images_dir: Path, model: TrainedModel) -> PredictionInput:
     if not files:
         raise DataError(f"{images_dir}: no images (.jpg, .jpeg, .png) in this folder or below")
     folders = [f.relative_to(images_dir).parts[0] if len(f.relative_to(images_dir).parts) > 1 else "" for f in files]
-    labelled = all(name in model.label_names for name in folders)
+    labelled = all(name in label_names for name in folders)
     log.info("%s: %d images, %s", images_dir, len(files),
              "labelled by their class folders" if labelled else "no labels (not all in folders named after the model's classes)")
     true_labels = folders if labelled else [""] * len(files)
-    samples = labelled_samples(files, true_labels, [""] * len(files), [images_dir.name] * len(files), model.label_names)
+    samples = labelled_samples(files, true_labels, [""] * len(files), [images_dir.name] * len(files), label_names)
     return PredictionInput(images_dir.name, samples, true_labels, images_dir)
 
 
-def cct_input(cct_path: Path, root: Path, model: TrainedModel) -> PredictionInput:
+def cct_input(cct_path: Path, root: Path, label_names: Sequence[str]) -> PredictionInput:
     """The images of a CCT file (relative to ``root``), labelled when an image has exactly one category."""
     data = load_cct(cct_path)
     names = category_names(data)
@@ -197,11 +197,11 @@ def cct_input(cct_path: Path, root: Path, model: TrainedModel) -> PredictionInpu
     true_labels = [next(iter(labels[im["id"]])) if len(labels.get(im["id"], ())) == 1 else "" for im in images]
     samples = labelled_samples([root / im["file_name"] for im in images], true_labels,
                                [str(im.get("location") or "") for im in images],
-                               [str(im.get("dataset") or Path(cct_path).stem) for im in images], model.label_names)
+                               [str(im.get("dataset") or Path(cct_path).stem) for im in images], label_names)
     return PredictionInput(Path(cct_path).stem, samples, true_labels, root)
 
 
-def megadetector_input(md_path: Path, crops_dir: Path, model: TrainedModel) -> PredictionInput:
+def megadetector_input(md_path: Path, crops_dir: Path, label_names: Sequence[str]) -> PredictionInput:
     """The crops of ``md_path``'s detections listed in ``crops_dir/crops_manifest.csv`` (by utils/crop_detections.py)."""
     md = load_megadetector(md_path)
     manifest = read_crops_manifest(Path(crops_dir) / MANIFEST_NAME)
@@ -211,7 +211,7 @@ def megadetector_input(md_path: Path, crops_dir: Path, model: TrainedModel) -> P
         raise DataError(f"{Path(crops_dir) / MANIFEST_NAME}: no crops of {md_path} (run utils/crop_detections.py {md_path} {crops_dir} ...)")
     true_labels = ours["label"].tolist()
     samples = labelled_samples([Path(crops_dir) / p for p in ours["crop_path"]], true_labels, ours["location"].tolist(),
-                               ours["dataset"].tolist(), model.label_names)
+                               ours["dataset"].tolist(), label_names)
     return PredictionInput(Path(md_path).stem, samples, true_labels, Path(crops_dir), Path(md_path), ours)
 
 
@@ -341,12 +341,12 @@ def build_input(config: ExperimentConfig, model: TrainedModel, split: str | None
     if split is not None:
         return split_input(config, split, model)
     if images_dir is not None:
-        return folder_input(Path(images_dir).resolve(), model)
+        return folder_input(Path(images_dir).resolve(), model.label_names)
     if cct is not None:
-        return cct_input(Path(cct), Path(crops_dir).resolve() if crops_dir is not None else config.resolved_crops_dir(), model)
+        return cct_input(Path(cct), Path(crops_dir).resolve() if crops_dir is not None else config.resolved_crops_dir(), model.label_names)
     if crops_dir is None:
         raise UserError("--megadetector needs --crops-dir: the folder utils/crop_detections.py wrote its crops to")
-    return megadetector_input(Path(megadetector), Path(crops_dir).resolve(), model)  # type: ignore[arg-type]
+    return megadetector_input(Path(megadetector), Path(crops_dir).resolve(), model.label_names)  # type: ignore[arg-type]
 
 
 def prediction_info(source: PredictionInput, model: TrainedModel, device: torch.device, n_predicted: int, n_skipped: int,

@@ -1,0 +1,172 @@
+"""Model packages: classifier/export.py writes one folder; predict.py --model runs it with onnxruntime alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+
+from classification.evaluation.report import read_predictions
+from classification.package.spec import ONNX_NAME, SPEC_NAME, file_sha256, read_package
+from tests.conftest import run_in_process
+from tests.test_inspect import DemoData, build_demo_dataset
+from tests.test_train import train_env, write_run
+
+pytestmark = pytest.mark.slow  # trains a tiny model once and exports it (~30 s)
+
+PACKAGE_FILES = {"model.onnx", "model.safetensors", "label_index.json", "classes.csv", "model.json", "model_card.md"}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A tiny model trained on demo crops, predicted on its test split, and exported."""
+
+    data: DemoData
+    config: Path
+    package: Path
+
+
+def run(script: str, *args: object) -> tuple[int, str, str]:
+    result = run_in_process(script, *args, env=train_env())
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    root = tmp_path_factory.mktemp("package")
+    data = build_demo_dataset(root / "demo")
+    config = write_run(root / "runs" / "tiny" / "demo", data.dataset_dir, crops_dir=str(data.crops_dir), num_epochs=2)
+    code, _, err = run("classifier/train.py", "--config", config)
+    assert code == 0, err
+    code, _, err = run("classifier/predict.py", "--config", config, "--checkpoint", "last", "--split", "test")
+    assert code == 0, err
+    code, out, err = run("classifier/export.py", "--config", config, "--checkpoint", "last", "--output", root / "models" / "tiny")
+    assert code == 0, err
+    assert "model package" in out
+    return Exported(data, config, root / "models" / "tiny")
+
+
+def test_the_package_holds_the_network_classes_and_facts(exported: Exported) -> None:
+    assert {p.name for p in exported.package.iterdir()} == PACKAGE_FILES
+    spec = read_package(exported.package)
+    index = json.loads((exported.data.dataset_dir / "label_index.json").read_text())
+    assert spec.label_names == [index[k] for k in sorted(index, key=int)]
+    assert spec.input.size == 32 and spec.input.crop_strategy == "pad"  # the demo crops are padded
+    onnx.checker.check_model(onnx.load(exported.package / ONNX_NAME))
+    assert spec.provenance["checkpoint"]["name"] == "last.pt"
+    assert sum(spec.provenance["data"]["train_counts"].values()) > 0
+    assert spec.metrics is not None and 0 <= spec.metrics["test"]["top1"] <= 1
+    classes = pd.read_csv(exported.package / "classes.csv")
+    assert classes["class"].tolist() == spec.label_names and classes["id"].tolist() == list(range(len(spec.label_names)))
+    card = (exported.package / "model_card.md").read_text()
+    assert all(f"| {name} |" in card for name in spec.label_names) and "## Held-out results" in card
+    assert str(exported.config.parent) not in (exported.package / SPEC_NAME).read_text()  # nothing of the run's paths
+
+
+def test_package_predictions_equal_the_checkpoints(exported: Exported, tmp_path: Path) -> None:
+    images = exported.data.crops_dir
+    code, _, err = run("classifier/predict.py", "--config", exported.config, "--checkpoint", "last", "--images", images,
+                       "--output-dir", tmp_path / "torch", "--topk", "3")
+    assert code == 0, err
+    code, out, err = run("classifier/predict.py", "--model", exported.package, "--images", images, "--output-dir", tmp_path / "onnx",
+                         "--topk", "3", "--review-page")
+    assert code == 0, err
+    reference, packaged = (read_predictions(tmp_path / name / "predictions.csv") for name in ("torch", "onnx"))
+    assert len(packaged) == len(reference) > 20
+    assert packaged["path"].tolist() == reference["path"].tolist()
+    assert packaged["pred_label"].tolist() == reference["pred_label"].tolist()
+    for k in (1, 2, 3):
+        assert np.abs(packaged[f"top{k}_prob"].to_numpy(float) - reference[f"top{k}_prob"].to_numpy(float)).max() < 1e-4
+    info = json.loads((tmp_path / "onnx" / "prediction_info.json").read_text())
+    assert info["runtime"] == "onnxruntime" and info["model_package"] == str(exported.package)
+    assert (tmp_path / "onnx" / "review.html").is_file()
+
+
+def test_exporting_twice_gives_identical_files(exported: Exported, tmp_path: Path) -> None:
+    again = tmp_path / "tiny"
+    code, _, err = run("classifier/export.py", "--config", exported.config, "--checkpoint", "last", "--output", again)
+    assert code == 0, err
+    for name in PACKAGE_FILES - {"model.json", "model_card.md"}:
+        assert file_sha256(again / name) == file_sha256(exported.package / name), name
+    first = json.loads((exported.package / SPEC_NAME).read_text())
+    second = json.loads((again / SPEC_NAME).read_text())
+    assert first.pop("name") == "tiny" == second.pop("name")
+    assert first == second
+
+
+def test_an_existing_package_is_replaced_only_with_overwrite(exported: Exported, tmp_path: Path) -> None:
+    target = tmp_path / "pkg"
+    shutil.copytree(exported.package, target)
+    code, _, err = run("classifier/export.py", "--config", exported.config, "--checkpoint", "last", "--output", target)
+    assert code != 0 and "already exists (pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    (target / "stale.txt").write_text("from before")
+    code, _, err = run("classifier/export.py", "--config", exported.config, "--checkpoint", "last", "--output", target, "--overwrite")
+    assert code == 0, err
+    assert {p.name for p in target.iterdir()} == PACKAGE_FILES
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or retired folder left
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(exported: Exported, tmp_path: Path) -> None:
+    other = write_run(tmp_path / "runs" / "other", exported.data.dataset_dir, crops_dir=str(exported.data.crops_dir),
+                      architecture="resnet18")
+    checkpoint = exported.config.parent / "checkpoints" / "last.pt"
+    code, _, err = run("classifier/export.py", "--config", other, "--checkpoint", checkpoint, "--output", tmp_path / "x")
+    assert code != 0 and "trained as timm:test_efficientnet" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def break_package(package: Path, target: Path, how: str) -> None:
+    """A copy of ``package`` at ``target`` with one defect."""
+    shutil.copytree(package, target)
+    spec = json.loads((target / SPEC_NAME).read_text())
+    if how == "no model.json":
+        (target / SPEC_NAME).unlink()
+    elif how == "label index edited":
+        (target / "label_index.json").write_text(json.dumps({"0": "cat"}))
+    elif how == "classes disagree":
+        spec["label_names"] = spec["label_names"][:-1]
+        (target / SPEC_NAME).write_text(json.dumps(spec))
+        index = {str(i): n for i, n in enumerate(spec["label_names"])}
+        (target / "label_index.json").write_text(json.dumps(index))
+        for entry in spec["files"]:
+            entry["sha256"] = file_sha256(target / entry["name"])
+        (target / SPEC_NAME).write_text(json.dumps(spec))
+    elif how == "onnx from elsewhere":
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        program = torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), dynamo=True, verbose=False, report=False)
+        (target / ONNX_NAME).write_bytes(program.model_proto.SerializeToString())
+        spec["onnx"]["sha256"] = file_sha256(target / ONNX_NAME)
+        (target / SPEC_NAME).write_text(json.dumps(spec))
+    elif how == "not onnx":
+        (target / ONNX_NAME).write_bytes(b"not a network")
+        spec["onnx"]["sha256"] = file_sha256(target / ONNX_NAME)
+        (target / SPEC_NAME).write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no model.json", "not a model package (model.json missing"),
+    ("label index edited", "label_index.json: its SHA-256 differs from model.json"),
+    ("classes disagree", "outputs but the package lists"),
+    ("onnx from elsewhere", "input shape"),
+    ("not onnx", "onnxruntime cannot load it"),
+])
+def test_a_broken_package_is_one_line(exported: Exported, tmp_path: Path, how: str, message: str) -> None:
+    broken = tmp_path / "broken"
+    break_package(exported.package, broken, how)
+    code, _, err = run("classifier/predict.py", "--model", broken, "--images", exported.data.crops_dir, "--output-dir", tmp_path / "out")
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_needs_an_input_it_can_read(exported: Exported, tmp_path: Path) -> None:
+    code, _, err = run("classifier/predict.py", "--model", exported.package, "--split", "test", "--output-dir", tmp_path)
+    assert code != 0 and "--split needs --config" in err
+    code, _, err = run("classifier/predict.py", "--model", exported.package, "--config", exported.config, "--split", "test")
+    assert code != 0 and "not allowed with argument" in err
