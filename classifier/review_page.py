@@ -5,7 +5,9 @@
 
 The page (default: review.html beside predictions.csv) opens from disk in any browser, no
 server: images are linked by relative paths to the run's images folder (prediction_info.json)
-or, with --embed-thumbnails, embedded so the file can be sent on its own.
+or, with --embed-thumbnails, embedded so the file can be sent on its own. With --source-images, a
+click on a crop opens its whole image with the box drawn. Rows naming a file outside the images
+folder are shown without it and reported in one line; a confidence outside [0, 1] stops with one line.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="crops shown per class (and mistakes per true class)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-class sample")
     parser.add_argument("--embed-thumbnails", action="store_true", help="embed JPEG thumbnails: one self-contained file")
+    parser.add_argument("--source-images", type=Path,
+                        help="the folder the crops were cut from (crop_detections.py's --images-dir): a click shows the whole image with its box")
     args = parser.parse_args(argv)
-    options = PageOptions(per_class=args.per_class, seed=args.seed, embed=args.embed_thumbnails)
+    options = PageOptions(per_class=args.per_class, seed=args.seed, embed=args.embed_thumbnails, source_images=args.source_images)
     page = write_review_page(args.predictions, args.output, args.images_root, options)
     print(f"review page: {page}")
     return 0

@@ -11,6 +11,13 @@ mistakes, most confident first, by true class. Images are linked by relative pat
 works while it stays beside the run's images) or, with ``embed=True``, embedded as JPEG
 thumbnails (the page is self-contained). Every string from the data is HTML-escaped; a small
 inline script marks images that failed to load, so a missing file is visible, not silent.
+
+What the page refuses: a confidence that is not a number from 0 to 1 stops it (one line naming the
+row and column: the file is not a prediction table). A row whose path leaves the images folder (``..``,
+an absolute path, a symlink pointing out), names no regular file (a FIFO, a folder) or cannot be a path
+(too long) is shown without its image and reported in one line: no file outside the images folder is
+read, embedded or linked. With ``source_images`` (the folder ``crop_detections.py`` cropped from) a click
+on a crop opens its whole image with the box drawn (from the crops manifest), by CSS ``:target`` alone.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
+import math
 import os
+import stat
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +36,24 @@ from typing import Any
 
 import pandas as pd
 
+from classification.data.cct import read_image_size
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.data.images import DECODE_ERRORS, read_thumbnail
 from classification.errors import DataError, UserError
 from classification.evaluation.report import read_prediction_info
 from classification.io import read_string_csv, write_text_atomic
 
+log = logging.getLogger(__name__)
+
 PAGE_NAME = "review.html"
 UNKNOWN_LABEL = "unknown"
 SPECIES, NO_ANSWER = "species", "none"  # ranks: a model class; no answer (unknown); anything else is a taxon's rank
 DEFAULT_PER_CLASS = 12
 THUMBNAIL_SIDE = 192
+FULL_IMAGE_SIDE = 1280  # an embedded whole image (the lightbox): enough to judge a box, not the camera's full size
+QUOTED_CHARS = 80  # the most characters of a path a message quotes
+REPORTED_ROWS = 5  # refused rows named in the one-line report
+BOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -44,17 +61,28 @@ nav a { margin-right: 0.8em; }
 table { border-collapse: collapse; margin: 1em 0; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 .grid { display: flex; flex-wrap: wrap; gap: 0.6em; }
-figure { margin: 0; width: 200px; border: 1px solid #ddd; padding: 4px; font-size: 0.8em; }
+figure { margin: 0; width: 202px; height: 310px; box-sizing: border-box; overflow: hidden; border: 1px solid #ddd;
+         padding: 4px; font-size: 0.8em; }
+figure .thumb { height: 192px; display: flex; align-items: center; justify-content: center; }
 figure img { max-width: 192px; max-height: 192px; display: block; }
+figcaption .line { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 figure.wrong { border-color: #c33; background: #fee; }
 figure.broken, figure.missing { border-style: dashed; }
-.missing-note { color: #c33; }
+.missing-note { color: #c33; overflow-wrap: anywhere; }
+.lightbox { display: none; position: fixed; inset: 0; z-index: 10; background: rgba(0, 0, 0, 0.85); color: #fff;
+            flex-direction: column; align-items: center; justify-content: center; }
+.lightbox:target { display: flex; }
+.lightbox a { color: #fff; }
+.lightbox p { max-width: 90vw; overflow-wrap: anywhere; }
+.frame { position: relative; display: inline-block; }
+.frame img { max-width: 90vw; max-height: 80vh; display: block; }
+.box { position: absolute; box-sizing: border-box; border: 3px solid #ff3b30; }
 """
 # Marks each image that did not load (a moved or deleted crop) and counts them on <body>; no data enters the script.
 SCRIPT = """
 window.addEventListener('load', function () {
   var broken = 0;
-  document.querySelectorAll('img').forEach(function (img) {
+  document.querySelectorAll('figure img').forEach(function (img) {
     var ok = img.complete && img.naturalWidth > 0;
     img.setAttribute('data-loaded', ok ? 'yes' : 'no');
     if (!ok) { broken += 1; img.closest('figure').classList.add('broken'); }
@@ -72,6 +100,7 @@ class PageOptions:
     per_class: int = DEFAULT_PER_CLASS
     seed: int = 0
     embed: bool = False
+    source_images: Path | None = None  # the folder the crops were cut from: a click shows the whole image with its box
 
 
 def escape(value: Any) -> str:
@@ -101,26 +130,47 @@ def read_review_table(path: Path) -> pd.DataFrame:
         frame["rank"] = frame.get("answer_rank", SPECIES)
     else:
         frame["rank"] = [NO_ANSWER if label == UNKNOWN_LABEL else SPECIES for label in frame["pred_label"]]
-    try:
-        frame["confidence"] = pd.to_numeric(frame["confidence"].replace("", "nan")).astype(float)
-    except ValueError:
-        raise DataError(f"{path}: confidence: expected numbers from 0 to 1") from None
+    column = "answer_confidence" if "answer" in frame and "answer_confidence" in frame else "confidence"
+    frame["confidence"] = confidences(frame["confidence"], path, column)
     return frame
 
 
+def quoted(text: Any) -> str:
+    """A value as a message quotes it: at most ``QUOTED_CHARS`` characters (a 5000-character path is not echoed)."""
+    text = str(text)
+    return repr(text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "...")
+
+
+def confidences(raw: pd.Series, path: Path, column: str) -> pd.Series:
+    """The confidences as floats from 0 to 1 (empty: none shown); anything else (``inf``, ``-3``, ``nan``, text) is one
+    line naming the row: such a file is not a prediction table, and a page of ``inf%`` would mislead its reader."""
+    values = pd.to_numeric(raw, errors="coerce").astype(float)
+    for index, (text, value) in enumerate(zip(raw, values)):
+        if text == "":
+            continue
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise DataError(f"{path}: line {index + 2}: {column}: {quoted(text)} is not a number from 0 to 1")
+    return values
+
+
+def percent(value: float) -> str:
+    """A confidence as the page shows it (none: a dash)."""
+    return "-" if math.isnan(value) else f"{value:.1%}"
+
+
 def with_sequences(predictions: pd.DataFrame, images_root: Path) -> pd.DataFrame:
-    """``predictions`` with a ``seq_id`` column: its own when it has one, else the crops manifest's, else empty."""
+    """``predictions`` with a ``seq_id`` column (its own when it has one, else the crops manifest's, else empty) and the
+    manifest's source image (``file_name``) and box (``bbox_x`` ...) of each crop, empty where unknown."""
     frame = predictions.copy()
+    manifest_path = find_crops_manifest(images_root)
+    manifest = read_crops_manifest(manifest_path) if manifest_path is not None else pd.DataFrame({"crop_path": []})
+    wanted = ["seq_id", "file_name", *BOX_COLUMNS]
     if "seq_id" in frame:
         frame["seq_id"] = frame["seq_id"].fillna("").astype(str)
-        return frame
-    manifest_path = find_crops_manifest(images_root)
-    sequences: dict[str, str] = {}
-    if manifest_path is not None:
-        manifest = read_crops_manifest(manifest_path)
-        if "seq_id" in manifest:
-            sequences = dict(zip(manifest["crop_path"], manifest["seq_id"]))
-    frame["seq_id"] = [sequences.get(str(path), "") for path in frame["path"]]
+        wanted.remove("seq_id")
+    for column in wanted:
+        values = dict(zip(manifest["crop_path"], manifest[column])) if column in manifest else {}
+        frame[column] = [str(values.get(str(path), "")) for path in frame["path"]]
     return frame
 
 
@@ -146,16 +196,52 @@ def image_file(path: str, images_root: Path) -> Path:
     return candidate if candidate.is_absolute() else images_root / candidate
 
 
+def safe_file(path: str, root: Path) -> tuple[Path | None, str]:
+    """The regular file ``path`` names under ``root`` (resolved: ``..`` and symlinks followed), else None and why not:
+    the page reads, embeds and links nothing outside the folder, and stats before opening (a FIFO would block)."""
+    try:
+        resolved = image_file(path, root).resolve()
+        if not resolved.is_relative_to(root.resolve()):
+            return None, f"outside the images folder {root}"
+        mode = os.stat(resolved).st_mode
+    except FileNotFoundError:
+        return None, "not found"
+    except (OSError, ValueError) as error:  # too long a name, a NUL byte, a loop of links
+        return None, f"not a usable path ({getattr(error, 'strerror', None) or error})"
+    if not stat.S_ISREG(mode):
+        return None, "not a regular file"
+    return resolved, ""
+
+
+def with_files(frame: pd.DataFrame, images_root: Path) -> pd.DataFrame:
+    """``frame`` with ``file`` (the safe image file, or "") and ``problem`` (why there is none, or "") per row."""
+    frame = frame.copy()
+    found = [safe_file(str(path), images_root) for path in frame["path"]]
+    frame["file"] = ["" if file is None else str(file) for file, _ in found]
+    frame["problem"] = [problem for _, problem in found]
+    return frame
+
+
+def report_refused(frame: pd.DataFrame, predictions_path: Path) -> int:
+    """Log one line naming the rows whose image was refused (not the missing ones: the page marks those); their count."""
+    refused = [(index, row) for index, row in enumerate(frame.to_dict("records")) if row["problem"] not in ("", "not found")]
+    if refused:
+        named = "; ".join(f"line {index + 2}: path {quoted(row['path'])}: {row['problem']}" for index, row in refused[:REPORTED_ROWS])
+        more = f" (and {len(refused) - REPORTED_ROWS} more)" if len(refused) > REPORTED_ROWS else ""
+        log.warning("%s: %d rows shown without their image: %s%s", predictions_path, len(refused), named, more)
+    return len(refused)
+
+
 def relative_url(target: Path, page_dir: Path) -> str:
     """A URL from the page to ``target`` (relative, percent-encoded), for ``src`` and ``href``."""
     relative = os.path.relpath(Path(target).resolve(), Path(page_dir).resolve())
     return urllib.parse.quote(Path(relative).as_posix(), safe="/")
 
 
-def embedded_thumbnail(path: Path) -> str | None:
+def embedded_thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
     """A ``data:`` URI of a JPEG thumbnail, or None when the image cannot be read."""
     try:
-        thumbnail = read_thumbnail(path, THUMBNAIL_SIDE)
+        thumbnail = read_thumbnail(path, side)
     except DECODE_ERRORS:
         return None
     buffer = io.BytesIO()
@@ -163,30 +249,74 @@ def embedded_thumbnail(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def card(row: Any, images_root: Path, page_dir: Path, embed: bool) -> str:
-    """One crop: the image (linked to its file), predicted label and confidence, true label, sequence, location."""
-    path = image_file(str(row["path"]), images_root)
-    wrong = bool(row["true_label"]) and row["rank"] == SPECIES and row["true_label"] != row["pred_label"]
-    rank = "" if row["rank"] in (SPECIES, NO_ANSWER) else f" ({escape(row['rank'])})"
-    lines = [f"<b>{escape(row['pred_label'])}</b>{rank} {float(row['confidence']):.1%}"]
+def caption_line(text: str, markup: str | None = None) -> str:
+    """One caption line, cut with an ellipsis at the card's edge; the whole text on hover (``title``)."""
+    return f'<span class="line" title="{escape(text)}">{escape(text) if markup is None else markup}</span>'
+
+
+def caption(row: Any) -> str:
+    """The card's text: confidence and label, the model's top-1, the true label, sequence, location, the file name."""
+    rank = "" if row["rank"] in (SPECIES, NO_ANSWER) else f" ({row['rank']})"
+    shown = f"{percent(float(row['confidence']))} {row['pred_label']}{rank}"
+    lines = [caption_line(shown, f"{percent(float(row['confidence']))} <b>{escape(row['pred_label'])}</b>{escape(rank)}")]
     if row["model_label"] != row["pred_label"]:
-        lines.append(f"model top-1: {escape(row['model_label'])}")
+        lines.append(caption_line(f"model top-1: {row['model_label']}"))
     if row["true_label"]:
-        lines.append(f"true: {escape(row['true_label'])}")
+        lines.append(caption_line(f"true: {row['true_label']}"))
     if row["seq_id"]:
-        lines.append(f"sequence: {escape(row['seq_id'])}")
+        lines.append(caption_line(f"sequence: {row['seq_id']}"))
     if row.get("location"):
-        lines.append(f"location: {escape(row['location'])}")
-    lines.append(f"<small>{escape(row['path'])}</small>")
-    caption = "<figcaption>" + "<br>".join(lines) + "</figcaption>"
-    if not path.is_file():
-        return f'<figure class="missing"><span class="missing-note">image not found</span>{caption}</figure>'
-    source = embedded_thumbnail(path) if embed else relative_url(path, page_dir)
+        lines.append(caption_line(f"location: {row['location']}"))
+    lines.append(caption_line(str(row["path"]), f"<small>{escape(row['path'])}</small>"))
+    return "<figcaption>" + "".join(lines) + "</figcaption>"
+
+
+def box_style(row: Any, source: Path) -> str | None:
+    """The crop's box over its whole image as CSS percentages, or None when the box or the image's size is unknown."""
+    try:
+        x, y, w, h = (float(row.get(column) or "nan") for column in BOX_COLUMNS)
+        width, height = read_image_size(source)
+    except (ValueError, *DECODE_ERRORS):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or width <= 0 or height <= 0:
+        return None
+    return (f"left:{100 * x / width:.3f}%;top:{100 * y / height:.3f}%;"
+            f"width:{100 * w / width:.3f}%;height:{100 * h / height:.3f}%")
+
+
+def lightbox(row: Any, card_id: str, page_dir: Path, options: PageOptions) -> str | None:
+    """The crop's whole source image with its box drawn, shown when the card is clicked (CSS ``:target``), or None
+    without ``source_images``, a manifest row with the crop's image and box, or a readable image under that folder."""
+    if options.source_images is None or not row.get("file_name"):
+        return None
+    source, _ = safe_file(str(row["file_name"]), Path(options.source_images))
+    style = None if source is None else box_style(row, source)
+    if source is None or style is None:
+        return None
+    url = embedded_thumbnail(source, FULL_IMAGE_SIDE) if options.embed else relative_url(source, page_dir)
+    if url is None:
+        return None
+    return (f'<div class="lightbox" id="{escape(card_id)}-view"><p><a href="#{escape(card_id)}">close</a></p>'
+            f'<div class="frame"><img src="{escape(url)}" alt="{escape(row["file_name"])}" loading="lazy">'
+            f'<div class="box" style="{escape(style)}"></div></div><p>{escape(row["file_name"])}</p></div>')
+
+
+def card(row: Any, card_id: str, page_dir: Path, options: PageOptions) -> str:
+    """One crop: the image (a click opens its whole image with the box, else the crop's file), and its caption."""
+    wrong = bool(row["true_label"]) and row["rank"] == SPECIES and row["true_label"] != row["pred_label"]
+    text = caption(row)
+    if not row["file"]:
+        note = "image not found" if row["problem"] == "not found" else f"image not shown: {row['problem']}"
+        return f'<figure class="missing" id="{escape(card_id)}"><span class="missing-note thumb">{escape(note)}</span>{text}</figure>'
+    path = Path(row["file"])
+    source = embedded_thumbnail(path) if options.embed else relative_url(path, page_dir)
     if source is None:
-        return f'<figure class="missing"><span class="missing-note">image unreadable</span>{caption}</figure>'
+        return f'<figure class="missing" id="{escape(card_id)}"><span class="missing-note thumb">image unreadable</span>{text}</figure>'
     image = f'<img src="{escape(source)}" alt="{escape(row["pred_label"])}">'
-    link = f'<a href="{escape(relative_url(path, page_dir))}">{image}</a>'
-    return f'<figure class="{"wrong" if wrong else "right"}">{link}{caption}</figure>'
+    view = lightbox(row, card_id, page_dir, options)
+    target = f"#{card_id}-view" if view is not None else relative_url(path, page_dir)
+    link = f'<a class="thumb" href="{escape(target)}">{image}</a>'
+    return f'<figure class="{"wrong" if wrong else "right"}" id="{escape(card_id)}">{link}{text}</figure>{view or ""}'
 
 
 def section(anchor: str, title: str, note: str, cards: list[str]) -> str:
@@ -202,7 +332,7 @@ def summary_table(frame: pd.DataFrame, anchors: dict[str, str]) -> str:
         labelled = group[group["true_label"] != ""]
         right = int((labelled["true_label"] == labelled["pred_label"]).sum()) if group["rank"].iloc[0] == SPECIES else ""
         rows.append(f'<tr><td><a href="#{escape(anchors[str(label)])}">{escape(label)}</a></td><td>{len(group)}</td>'
-                    f'<td>{group["confidence"].mean():.1%}</td><td>{len(labelled)}</td>'
+                    f'<td>{percent(group["confidence"].mean())}</td><td>{len(labelled)}</td>'
                     f'<td>{right if len(labelled) else ""}</td></tr>')
     return "<table>" + "".join(rows) + "</table>"
 
@@ -223,8 +353,8 @@ def class_sections(frame: pd.DataFrame, anchors: dict[str, str], images_root: Pa
         else:
             title = f"Predicted {label} ({len(group)} crops)"
         note = f"{len(sample)} of {len(group)} shown (a random sample, seed {options.seed}), most confident first."
-        sections.append(section(anchors[label], title, note, [card(row, images_root, page_dir, options.embed)
-                                                               for row in sample.to_dict("records")]))
+        sections.append(section(anchors[label], title, note, [card(row, f"{anchors[label]}-{i}", page_dir, options)
+                                                               for i, row in enumerate(sample.to_dict("records"))]))
     return sections
 
 
@@ -236,7 +366,8 @@ def mistakes_section(frame: pd.DataFrame, images_root: Path, page_dir: Path, opt
     labelled = int((frame["true_label"] != "").sum())
     note = (f"{len(mistakes)} of {labelled} labelled crops are answered with another class; "
             f"up to {options.per_class} per true class shown, most confident first.")
-    return section("mistakes", "Mistakes", note, [card(row, images_root, page_dir, options.embed) for row in shown.to_dict("records")])
+    return section("mistakes", "Mistakes", note, [card(row, f"mistake-{i}", page_dir, options)
+                                                                  for i, row in enumerate(shown.to_dict("records"))])
 
 
 def render_review_page(frame: pd.DataFrame, title: str, images_root: Path, page_dir: Path, options: PageOptions) -> str:
@@ -266,9 +397,12 @@ def write_review_page(predictions_path: str | Path, output: str | Path | None = 
         raise UserError(f"--seed must be from 0 to 2**32 - 1 (numpy's seeds), got {options.seed}")
     if images_root is not None and not Path(images_root).is_dir():
         raise UserError(f"--images-root {images_root}: folder not found")
+    if options.source_images is not None and not Path(options.source_images).is_dir():
+        raise UserError(f"--source-images {options.source_images}: folder not found")
     predictions_path = Path(predictions_path)
     root = images_root_of(predictions_path, images_root)
-    frame = with_sequences(read_review_table(predictions_path), root)
+    frame = with_files(with_sequences(read_review_table(predictions_path), root), root)
+    report_refused(frame, predictions_path)
     output = Path(output) if output is not None else predictions_path.parent / PAGE_NAME
     title = f"Review: {predictions_path.parent.name}/{predictions_path.name}"
     write_text_atomic(output, render_review_page(frame, title, root, output.parent, options))
