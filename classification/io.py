@@ -307,6 +307,7 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
     """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
     import pandas as pd  # noqa: PLC0415 - only the CSV helpers need pandas; the rest of io stays cheap to import
 
+    check_regular_file(path, "a CSV file", hint)  # a FIFO would block pandas, /dev/zero fill memory
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except OSError as error:

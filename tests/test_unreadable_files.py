@@ -17,8 +17,10 @@ import pytest
 
 from classification.active_learning.simulation import CURVE_COLUMNS, read_curve
 from classification.config import load_config
+from classification.data.lila.md_results import json_stream
+from classification.data.images import ImageLoadError, is_valid_image, read_rgb
 from classification.errors import DataError
-from classification.io import CONFIG_READ_LIMIT, read_bounded_text, read_json, read_json_object, write_csv_atomic
+from classification.io import CONFIG_READ_LIMIT, read_bounded_text, read_json, read_json_object, read_string_csv, write_csv_atomic
 from classification.training.engine import train
 from tests.test_hostile_inputs import assert_one_line, jpeg, run
 from tests.test_train import build_dataset, write_run
@@ -197,3 +199,84 @@ def test_megadetector_output_that_is_a_fifo_stops_the_crop_run_in_one_line(tmp_p
     os.mkfifo(fifo)
     assert_refused(run_script("utils/crop_detections.py", fifo, tmp_path / "crops", "--images-dir", tmp_path),
                    str(fifo), "is a FIFO")
+
+
+# ---------------------------------------------------------------- images: FIFOs, huge headers, names too long (issue 17)
+
+
+def declared_jpeg(path: Path, width: int, height: int) -> Path:
+    """A small JPEG whose SOF header is patched to declare ``width`` x ``height`` (nothing large is allocated)."""
+    data = bytearray(jpeg(path, (16, 8)).read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def crop_run(tmp_path: Path, files: list[str], bbox: str = "[0.1, 0.1, 0.3, 0.3]", *flags: str) -> tuple[str, list[dict[str, str]]]:
+    """Crop MegaDetector output naming ``files`` in ``tmp_path / "images"`` as a subprocess; its stdout and logged failures."""
+    detections = [{"file": f, "detections": [{"category": "1", "conf": 0.9, "bbox": json.loads(bbox)}]} for f in files]
+    md = tmp_path / "md.json"
+    md.write_text(json.dumps({"images": detections, "detection_categories": {"1": "animal"}}), encoding="utf-8")
+    result = run_script("utils/crop_detections.py", md, tmp_path / "crops", "--images-dir", tmp_path / "images",
+                        "--logdir", tmp_path / "logs", *flags, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    log = json.loads(next((tmp_path / "logs").glob("*.json")).read_text(encoding="utf-8"))
+    return result.stdout, log["failures"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_fifo_named_in_megadetector_output_is_skipped_not_waited_on(tmp_path: Path) -> None:
+    jpeg(tmp_path / "images" / "good.jpg")
+    os.mkfifo(tmp_path / "images" / "pipe.jpg")
+    _, failures = crop_run(tmp_path, ["good.jpg", "pipe.jpg"])
+    assert failures == [{"file": "pipe.jpg", "reason": "not a regular file (a FIFO)"}]
+    assert len(list((tmp_path / "crops").glob("good.jpg___crop*"))) == 1
+
+
+@pytest.mark.parametrize("bbox", ["[0.1, 0.1, 0.3, 0.3]", "[0, 0, 1, 1]"])
+def test_a_jpeg_header_declaring_a_huge_crop_is_skipped_before_allocating(bbox: str, tmp_path: Path) -> None:
+    declared_jpeg(tmp_path / "images" / "wide.jpg", 65500, 8)
+    jpeg(tmp_path / "images" / "good.jpg")
+    _, failures = crop_run(tmp_path, ["wide.jpg", "good.jpg"], bbox)
+    assert [f["file"] for f in failures] == ["wide.jpg"]
+    assert "is larger than --max-crop-side 8192" in failures[0]["reason"]
+    assert len(list((tmp_path / "crops").glob("good.jpg___crop*"))) == 1
+
+
+def test_a_jpeg_header_declaring_more_than_the_pixel_limit_is_refused_everywhere(tmp_path: Path) -> None:
+    path = declared_jpeg(tmp_path / "images" / "huge.jpg", 12000, 10000)  # under PIL's own 2 x 89 M refusal
+    with pytest.raises(ImageLoadError, match="more than the limit of 89,478,485"):
+        read_rgb(path)
+    assert not is_valid_image(path, header_only=True)
+    _, failures = crop_run(tmp_path, ["huge.jpg"], "[0.4, 0.4, 0.01, 0.01]")
+    assert "12000 x 10000 pixels, more than the limit" in failures[0]["reason"]
+
+
+def test_max_crop_side_can_be_raised_and_is_checked(tmp_path: Path) -> None:
+    jpeg(tmp_path / "images" / "good.jpg")
+    _, failures = crop_run(tmp_path, ["good.jpg"], "[0, 0, 1, 1]", "--max-crop-side", "32")
+    assert "a crop of 64 x 64 pixels is larger than --max-crop-side 32" in failures[0]["reason"]
+    assert_refused(run_script("utils/crop_detections.py", tmp_path / "md.json", tmp_path / "c2", "--images-dir",
+                              tmp_path / "images", "--max-crop-side", "0"), "--max-crop-side must be at least 1")
+
+
+def test_image_paths_and_crop_names_too_long_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    jpeg(tmp_path / "images" / "good.jpg")
+    (tmp_path / "images" / ("a" * 250 + ".jpg")).write_bytes((tmp_path / "images" / "good.jpg").read_bytes())
+    long_path = "/".join(["d" * 200] * 25) + "/x.jpg"  # 5000 characters: ENAMETOOLONG
+    _, failures = crop_run(tmp_path, ["good.jpg", "a" * 250 + ".jpg", long_path])
+    reasons = {f["file"][:10]: f["reason"] for f in failures}
+    assert "more than the 255 file systems allow" in reasons["a" * 10]
+    assert "more than the 4096 allowed" in reasons["d" * 10] or "File name too long" in reasons["d" * 10]
+    assert len(failures) == 2 and len(list((tmp_path / "crops").glob("good.jpg___crop*"))) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_csv_and_lila_json_readers_refuse_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "table.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is a FIFO"):
+        read_string_csv(fifo, ["path"])
+    with pytest.raises(DataError, match="is a character device"), json_stream(Path("/dev/zero")):
+        pass

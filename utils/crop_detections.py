@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
-from classification.data.crops import CROP_STRATEGIES, CropOptions, crop_detections
+from classification.data.crops import CROP_STRATEGIES, DEFAULT_MAX_CROP_SIDE, CropOptions, crop_detections
 from classification.data.detections import DEFAULT_DETECTOR_CATEGORIES, DEFAULT_THRESHOLD
 
 
@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="MegaDetector output: detection categories to crop")
     parser.add_argument("--labels-cct", type=Path, help="MegaDetector output: CCT with image-level labels to join")
     parser.add_argument("--max-size", type=int, help="store crops no larger than this many pixels a side")
+    parser.add_argument("--max-crop-side", type=int, default=DEFAULT_MAX_CROP_SIDE,
+                        help="skip (and list) an image with a crop larger than this many pixels a side before --max-size "
+                             f"(default {DEFAULT_MAX_CROP_SIDE}: a header declaring a huge image would take gigabytes)")
     parser.add_argument("--missing-locations", choices=["sequence", "image", "drop"], default="sequence",
                         help="images without a location: one group per sequence, one per image, or drop them")
     parser.add_argument("--dataset", help="dataset name for images without one (default: the input file's stem)")
@@ -57,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         detector_categories=tuple(args.detector_categories),
         labels_cct=args.labels_cct,
         max_size=args.max_size,
+        max_crop_side=args.max_crop_side,
         missing_locations=args.missing_locations,
         dataset=args.dataset,
         quality=args.quality,

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
 
-from classification.data.images import displayed_size
+from classification.data.images import DECODE_ERRORS, decode_failure, displayed_size, open_image
 from classification.errors import DataError
 from classification.io import read_json
 
@@ -266,7 +265,7 @@ def load_cct(path: str | Path, data: Any | None = None) -> CCT:
 
 def read_image_size(path: Path) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientation applied), read from the header only."""
-    with Image.open(path) as image:
+    with open_image(path) as image:  # not a FIFO (open would block), not a header declaring gigapixels
         return displayed_size(image)
 
 
@@ -282,8 +281,8 @@ def fill_image_sizes(data: CCT, images_dir: Path) -> int:
         path = images_dir / image["file_name"]
         try:
             image["width"], image["height"] = read_image_size(path)
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot read the size of images[{i}] ({error})") from None
+        except DECODE_ERRORS as error:
+            raise DataError(f"{path}: cannot read the size of images[{i}] ({decode_failure(error)})") from None
         filled += 1
     return filled
 

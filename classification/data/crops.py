@@ -89,6 +89,7 @@ from classification.data.images import (
     decode_region_pixels,
     displayed_size,
     is_valid_image,
+    open_image,
 )
 from classification.errors import DataError, UserError
 from classification.io import (
@@ -121,6 +122,13 @@ _MEGADETECTOR_CROP = re.compile(r"^(?P<file>.+)___crop(?P<index>\d+)_(?P<detecto
 
 class ImageError(Exception):
     """A source image that cannot be used (missing, truncated, unreadable): skipped and logged."""
+
+
+# A crop's side before --max-size: 8192 px (200 MB as RGB) is far above any model input and above a whole
+# 24 MP frame; a larger one comes from a header declaring a huge image, and is refused unless asked for.
+DEFAULT_MAX_CROP_SIDE = 8192
+NAME_MAX_BYTES = 255  # the longest file name (one path component) common file systems allow
+PATH_MAX_BYTES = 4096  # the longest path Linux opens
 
 
 # ---------------------------------------------------------------- crop names
@@ -365,6 +373,7 @@ class CropOptions:
     detector_categories: tuple[str, ...] = DEFAULT_DETECTOR_CATEGORIES
     labels_cct: Path | None = None
     max_size: int | None = None
+    max_crop_side: int = DEFAULT_MAX_CROP_SIDE
     missing_locations: MissingLocationRule = "sequence"
     dataset: str | None = None
     quality: int = 90
@@ -386,6 +395,8 @@ class CropOptions:
             raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.max_size is not None and self.max_size < 1:
             raise UserError(f"--max-size must be at least 1, got {self.max_size}")
+        if self.max_crop_side < 1:
+            raise UserError(f"--max-crop-side must be at least 1, got {self.max_crop_side}")
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be between 1 and 100, got {self.quality}")
 
@@ -524,27 +535,32 @@ def crop_status(path: Path, check_valid: bool, listed: bool) -> Literal["missing
 
 
 def open_source(request: ImageRequest, images_dir: Path, options: CropOptions) -> Image.Image:
-    """Open the source image (header only): from ``images_dir``, else from the base URL."""
+    """Open the source image (header only, ``open_image``): from ``images_dir``, else from the base URL."""
     path = images_dir / request.file_name
-    source: Path | io.BytesIO = path
-    if not path.is_file():
-        if options.images_base_url is None:
-            raise ImageError(f"image not found: {path}")
-        url = image_url(options.images_base_url, request.file_name)
-        try:
-            data = fetch_bytes(url, retries=DOWNLOAD_RETRIES, timeout=DOWNLOAD_TIMEOUT_S)
-        except OSError as error:
-            raise ImageError(str(error)) from None
-        if options.save_full_images:
-            try:
-                write_bytes_atomic(path, data)
-            except OSError as error:
-                raise UserError(f"cannot save downloaded image {path}: {error}") from None
-        source = io.BytesIO(data)
     try:
-        return Image.open(source)
-    except DECODE_ERRORS as error:
+        try:
+            return open_image(path)
+        except FileNotFoundError:
+            if options.images_base_url is None:
+                raise ImageError(f"image not found: {path}") from None
+            return open_image(io.BytesIO(fetch_source(request, path, options.images_base_url, options.save_full_images)))
+    except DECODE_ERRORS as error:  # a FIFO, a name too long, more than MAX_IMAGE_PIXELS, not an image
         raise ImageError(decode_failure(error)) from None
+
+
+def fetch_source(request: ImageRequest, path: Path, base_url: str, save: bool) -> bytes:
+    """The image's bytes from ``base_url``, kept at ``path`` when ``save``."""
+    url = image_url(base_url, request.file_name)
+    try:
+        data = fetch_bytes(url, retries=DOWNLOAD_RETRIES, timeout=DOWNLOAD_TIMEOUT_S)
+    except OSError as error:
+        raise ImageError(str(error)) from None
+    if save:
+        try:
+            write_bytes_atomic(path, data)
+        except OSError as error:
+            raise UserError(f"cannot save downloaded image {path}: {error}") from None
+    return data
 
 
 def encode_crop(image: Pixels, quality: int) -> bytes:
@@ -615,6 +631,7 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
                 crop_geometry(pixel_box(crop.bbox, request, full_size), *full_size, options.crop_strategy)
                 for crop, _, _ in todo
             ]
+            check_crop_sides(geometries, options.max_crop_side)
             decoded, geometries, scale, factor = decode_for_crops(image, geometries, options.max_size)
         except DECODE_ERRORS as error:
             raise ImageError(decode_failure(error)) from None
@@ -622,6 +639,25 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
             crop = render_crop(decoded, geometry, stored_side(geometry.side, options.max_size), scale)
             save_jpeg(crop, path, options.quality, durable=listed)
     return full_size, factor > 1
+
+
+def check_crop_sides(geometries: list[CropGeometry], limit: int) -> None:
+    """Refuse an image with a crop larger than ``limit`` pixels a side, before any pixel is allocated."""
+    side = max((g.side for g in geometries), default=0)
+    if side > limit:
+        raise ImageError(f"a crop of {side} x {side} pixels is larger than --max-crop-side {limit}")
+
+
+def crop_name_problem(crops_dir: Path, name: str) -> str | None:
+    """Why a crop cannot be written under ``name`` (a component over ``NAME_MAX_BYTES``, a path over
+    ``PATH_MAX_BYTES``: the system would refuse it with ``File name too long``), else None."""
+    path = crops_dir / name
+    longest = max(len(os.fsencode(part)) for part in path.parts)
+    if longest > NAME_MAX_BYTES:
+        return f"a crop file name would be {longest} bytes long, more than the {NAME_MAX_BYTES} file systems allow"
+    if len(os.fsencode(str(path))) >= PATH_MAX_BYTES:
+        return f"a crop path would be {len(os.fsencode(str(path)))} bytes long, more than the {PATH_MAX_BYTES} allowed"
+    return None
 
 
 def known_size(request: ImageRequest, images_dir: Path) -> tuple[int, int] | None:
@@ -660,6 +696,9 @@ def crop_image(request: ImageRequest, crops_dir: Path, images_dir: Path, options
     ``listed``: crop names that the existing manifest lists (see ``crop_status``).
     """
     names = crop_names(request)
+    problem = next((p for p in (crop_name_problem(crops_dir, n) for n in names) if p), None)
+    if problem is not None:
+        return ImageOutcome(failure=Failure(request.file_name, problem), failed_crops=len(names))
     status = [crop_status(crops_dir / name, options.check_crops_valid, name in listed) for name in names]
     todo = [(crop, crops_dir / name, name in listed)
             for crop, name, s in zip(request.crops, names, status) if s != "valid"]
@@ -750,7 +789,8 @@ def crop_all(jobs: list[CropJob], crops_dir: Path, images_dir: Path, options: Cr
 
 def shard_fingerprint(jobs: Sequence[CropJob], images_dir: Path, options: CropOptions) -> str:
     """What a crop shard's result depends on: its images and boxes, the source folder and the crop settings."""
-    settings = [str(images_dir), options.crop_strategy, options.max_size, options.quality, options.images_base_url]
+    settings = [str(images_dir), options.crop_strategy, options.max_size, options.quality, options.images_base_url,
+                options.max_crop_side]
     return json.dumps([settings, [asdict(request) for request, _ in jobs]], sort_keys=True, default=str)
 
 

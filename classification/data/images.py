@@ -17,6 +17,9 @@ simplejpeg), so any stage may use it without borrowing from a sibling module.
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -37,15 +40,56 @@ EXIF_ORIENTATION = 0x0112
 Pixels = Image.Image | np.ndarray  # a decoded image: PIL, or an (H, W, 3) uint8 array from simplejpeg
 
 
+# The most pixels an image's header may declare: PIL's own 89.5 megapixels (268 MB as RGB), nearly four
+# times a 24 MP camera-trap frame. A JPEG of a few bytes can declare 65500 x 65500; decoding it would take
+# gigabytes. ``check_pixels`` refuses such an image in one line, so PIL's two-line warning about it is silenced.
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class NotRegularFileError(OSError):
+    """An image path that names a FIFO, a device or a folder: opening a FIFO would wait forever."""
+
+
 class ImageLoadError(OSError):
     """An image that is missing, truncated or not an image: ``<file>: <decode_failure(error)>``, one line."""
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise ``NotRegularFileError`` for what is not a regular file; ``os.stat`` errors (missing, a name
+    too long) pass through. A stat never blocks, where opening a FIFO waits for a writer."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise NotRegularFileError(f"not a regular file ({kind})")
+
+
+def check_pixels(image: Image.Image) -> None:
+    """Refuse an image whose header declares more than ``MAX_IMAGE_PIXELS`` (before any pixel is decoded)."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{width} x {height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,}")
+
+
+def open_image(source: Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` (header only) for every reader: a regular file (``check_regular_file``) whose declared
+    size is within ``MAX_IMAGE_PIXELS``; what is refused raises one of ``DECODE_ERRORS``."""
+    if isinstance(source, (str, Path)):
+        check_regular_file(Path(source))
+    image = Image.open(source)
+    try:
+        check_pixels(image)
+    except Image.DecompressionBombError:
+        image.close()
+        raise
+    return image
 
 
 def is_valid_image(path: Path | IO[bytes], header_only: bool = False) -> bool:
     """True when ``path`` (a file or an open binary file) is an image that PIL decodes completely (a truncated
     JPEG is not); ``header_only``: whose header PIL reads (an HTML page is not an image, a truncated JPEG passes)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if not header_only:
                 image.load()
         return True
@@ -76,6 +120,10 @@ def decode_failure(error: BaseException) -> str:
     ``cannot decode: <PIL's reason>`` (truncated, not an image, ...)."""
     if isinstance(error, FileNotFoundError):
         return "file not found"
+    if isinstance(error, NotRegularFileError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:  # e.g. a file name too long
+        return f"cannot be read ({error.strerror})"
     return "cannot decode: " + " ".join(str(error).split())
 
 
@@ -154,7 +202,7 @@ def read_rgb(path: Path, side: int | None = None) -> Image.Image:
     """Open and decode an image file (``decode_rgb``), drafted by ``short_side_draft(side)``;
     ``ImageLoadError`` (one line: ``<path>: cannot decode: ...``) when it cannot be."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return decode_rgb(image, short_side_draft(image, side))
     except DECODE_ERRORS as error:
         raise ImageLoadError(f"{path}: {decode_failure(error)}") from None

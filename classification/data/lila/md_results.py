@@ -18,7 +18,7 @@ from typing import IO, Any
 import ijson
 
 from classification.errors import DataError
-from classification.io import unreadable_file
+from classification.io import check_regular_file, unreadable_file
 
 
 @dataclass
@@ -32,7 +32,8 @@ class MdResults:
 
 @contextmanager
 def json_stream(path: Path) -> Iterator[IO[bytes]]:
-    """The JSON's bytes: the file itself, or the one JSON inside a zip."""
+    """The JSON's bytes: the file itself, or the one JSON inside a zip (a FIFO or device refused: it would block)."""
+    check_regular_file(path, "a JSON file or a zip holding one")
     if path.suffix.lower() != ".zip":
         with open(path, "rb") as handle:
             yield handle
