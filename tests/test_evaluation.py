@@ -199,7 +199,7 @@ def test_megadetector_output_round_trip(md_crops: tuple[Path, Path], tmp_path: P
     assert output == json.loads(json.dumps(written))
     original = json.loads(md_path.read_text())
     assert output["classification_categories"] == {"0": "deer", "1": "fox", "2": "hare", "3": "owl", "4": "zebra"}
-    assert output["info"] == {**original["info"], "classifier": "resnet18 best.pt"}
+    assert output["info"] == {**original["info"], "classifier": "resnet18 best.pt", "format_version": "1.4"}
     assert output["detection_categories"] == original["detection_categories"]
     expected = {}
     for row in predictions.itertuples(index=False):

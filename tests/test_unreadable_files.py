@@ -280,3 +280,17 @@ def test_csv_and_lila_json_readers_refuse_a_fifo(tmp_path: Path) -> None:
         read_string_csv(fifo, ["path"])
     with pytest.raises(DataError, match="is a character device"), json_stream(Path("/dev/zero")):
         pass
+
+
+def test_a_truncated_jpeg_is_refused_even_when_another_package_turned_on_truncated_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import ImageFile
+    whole = jpeg(tmp_path / "whole.jpg", (64, 48))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what importing MegaDetector's visualization does
+    with pytest.raises(ImageLoadError, match="cut.jpg"):
+        read_rgb(cut)
+    assert not is_valid_image(cut) and is_valid_image(whole)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert "LOAD_TRUNCATED_IMAGES" in caplog.text

@@ -17,6 +17,7 @@ simplejpeg), so any stage may use it without borrowing from a sibling module.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import warnings
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from classification.data.jpeg_region import Region, decode_region
 
@@ -38,6 +39,8 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 THUMBNAIL_PIXELS = 128  # the longer side of a thumbnail in the inspection and evaluation grids
 EXIF_ORIENTATION = 0x0112
 Pixels = Image.Image | np.ndarray  # a decoded image: PIL, or an (H, W, 3) uint8 array from simplejpeg
+
+log = logging.getLogger(__name__)
 
 
 # The most pixels an image's header may declare: PIL's own 89.5 megapixels (268 MB as RGB), nearly four
@@ -71,11 +74,22 @@ def check_pixels(image: Image.Image) -> None:
         raise Image.DecompressionBombError(f"{width} x {height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,}")
 
 
+def refuse_truncated_images() -> None:
+    """Keep PIL's process-wide ``LOAD_TRUNCATED_IMAGES`` off: another package (MegaDetector's
+    visualization_utils, for one) turns it on at import, and a truncated image would then decode as
+    grey pixels and train silently. Said once when it was on."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        log.warning("PIL's LOAD_TRUNCATED_IMAGES was turned on by another package: turned off, "
+                    "truncated images are refused (skipped and reported)")
+
+
 def open_image(source: Path | IO[bytes]) -> Image.Image:
     """``Image.open`` (header only) for every reader: a regular file (``check_regular_file``) whose declared
     size is within ``MAX_IMAGE_PIXELS``; what is refused raises one of ``DECODE_ERRORS``."""
     if isinstance(source, (str, Path)):
         check_regular_file(Path(source))
+    refuse_truncated_images()
     image = Image.open(source)
     try:
         check_pixels(image)
