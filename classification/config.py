@@ -36,7 +36,7 @@ MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macr
 # the (same) data lives, and how long/patiently to go on (train longer by raising
 # num_epochs; the learning-rate schedule is then computed over the new length).
 RESUMABLE_FIELDS = frozenset({
-    "device", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
+    "device", "deterministic", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
     "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
     "data_root", "crops_dir", "weights_file", "active_learning", "postprocess",
 })
@@ -181,7 +181,7 @@ class ExperimentConfig(BaseModel):
     balancing: Literal["none", "sampler", "loss"] = "none"
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    deterministic: bool = True
+    deterministic: Literal["auto"] | bool = "auto"  # auto: exact on the CPU, fast (cuDNN autotuning) on a GPU
     # selection, early stopping, EMA
     monitor: str = "val_top1"
     early_stopping_patience: int | None = Field(None, ge=1)

@@ -57,13 +57,22 @@ def distributed_context() -> DistributedContext:
 
 
 def select_device(name: str, context: DistributedContext) -> torch.device:
-    """``auto`` -> CUDA (this process's local GPU under torchrun), else MPS, else CPU."""
+    """``auto`` -> CUDA (this process's local GPU under torchrun), else MPS, else CPU.
+
+    Under torchrun every rank takes its ``LOCAL_RANK`` GPU: ``cuda:N`` would put all ranks on GPU N.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda"):
+        if name != "cuda" and context.distributed:
+            raise UserError(f"device: {name} under torchrun ({context.world_size} processes): use device: cuda or auto, "
+                            "each rank takes its LOCAL_RANK GPU (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if not torch.cuda.is_available():
             raise UserError(f"device: {name} asked for, but no CUDA GPU is visible (use device: auto or cpu)")
         index = context.local_rank if name == "cuda" else int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device: cuda:{index} asked for, but this machine shows {torch.cuda.device_count()} CUDA GPU(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if name == "mps" and not torch.backends.mps.is_available():
@@ -71,10 +80,18 @@ def select_device(name: str, context: DistributedContext) -> torch.device:
     return torch.device(name)
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backend per device type: on CUDA, NCCL for the model's tensors and gloo for
+    the small CPU flags and metric counts (``agree``, ``all_reduce_metrics``); gloo alone elsewhere."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(context: DistributedContext, device: torch.device) -> None:
-    """Join the torchrun process group: NCCL on CUDA, gloo on the CPU."""
+    """Join the torchrun process group (``process_group_backend``); bound to this rank's GPU on CUDA, so
+    that barriers and NCCL's communicators use it."""
     if context.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(process_group_backend(device), device_id=device_id)
 
 
 def close_distributed(context: DistributedContext) -> None:
@@ -90,10 +107,11 @@ def barrier(context: DistributedContext) -> None:
 
 
 def agree(context: DistributedContext, *flags: int) -> list[int]:
-    """The largest value of each flag over all ranks (ranks stop and skip batches together)."""
+    """The largest value of each flag over all ranks (ranks stop and skip batches together); a CPU
+    tensor, reduced by the group's CPU backend (``process_group_backend``)."""
     if not context.distributed:
         return list(flags)
-    values = torch.tensor(flags, dtype=torch.int64)
+    values = torch.tensor(flags, dtype=torch.int64, device="cpu")
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [int(v) for v in values]
 
@@ -103,6 +121,15 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     if context.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+def gather_objects(value: object, context: DistributedContext) -> list[object]:
+    """Every rank's ``value``, in rank order (``[value]`` when not distributed); pickled over the CPU backend."""
+    if not context.distributed:
+        return [value]
+    values: list[object] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def share_rank0_weights(model: nn.Module, context: DistributedContext) -> None:
@@ -123,8 +150,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_determinism(deterministic: bool) -> None:
-    """Deterministic kernels (warn where none exists) and no cuDNN autotuning, or the fast settings."""
+def is_deterministic(setting: bool | str, device: torch.device) -> bool:
+    """``deterministic: auto`` is exact where that costs nothing (the CPU, MPS) and fast on CUDA."""
+    return device.type != "cuda" if setting == "auto" else bool(setting)
+
+
+def configure_determinism(setting: bool | str, device: torch.device) -> None:
+    """Deterministic kernels and no cuDNN autotuning, or the fast settings (``is_deterministic``).
+
+    Deterministic on a GPU means: cuDNN's deterministic algorithms, no autotuning, cuBLAS with a
+    fixed workspace, and the same seeds and batches; kernels with no deterministic CUDA version
+    (the backward of adaptive average pooling, in every ResNet and EfficientNet) still run, with a
+    warning, so a GPU run repeats closely but not bit for bit. On the CPU it is bit for bit.
+    """
+    deterministic = is_deterministic(setting, device)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -57,6 +57,8 @@ def test_split_predictions_on_two_workers_equal_one_process(trained: TrainedRun,
     one_metrics.pop("prediction"), dask_metrics.pop("prediction")  # where and how fast: differs by nature
     assert one_metrics == dask_metrics
     assert not (tmp_path / "dask" / SHARDS_DIR).exists(), "shard files are removed once predictions.csv holds their rows"
+    info = json.loads((tmp_path / "dask" / "prediction_info.json").read_text())
+    assert info["device"] == "Dask workers (device: auto)"  # the client chose no device (on a GPU machine: took no GPU)
 
 
 def test_folder_and_megadetector_predictions_on_a_cluster_equal_one_process(trained: TrainedRun, shared_data: Path,  # noqa: F811

@@ -16,7 +16,7 @@ from classification.training.checkpoint import load_checkpoint
 from classification.training.data import build_loader, build_samples
 from classification.training.models import build_model, resolve_inputs
 from tests.conftest import REPO_ROOT
-from tests.test_train import build_dataset, read_metrics, train_env, write_run
+from tests.test_train import build_dataset, read_metrics, train_command, train_env, write_run
 
 
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,8 +65,73 @@ def test_torchrun_two_cpu_processes_train_and_resume(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert checkpoint["epoch"] == 3 and checkpoint["comet_key"] == archive.stem  # the same Comet experiment goes on
     assert checkpoint["ema"] is not None
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2  # each rank's dropout/sampler randomness
     rows = read_metrics(run_dir)
     assert [row["epoch"] for row in rows] == ["1", "2", "3"] and rows[:2] == first
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["resumed_from"].endswith("last.pt")
     assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary file left behind
+
+
+def test_resuming_on_another_number_of_processes_needs_force_and_rebuilds_the_schedule(tmp_path: Path) -> None:
+    dataset = build_dataset(tmp_path / "data")
+    config = write_run(tmp_path / "runs" / "tiny" / "grow", dataset, comet="off", num_epochs=1)
+    alone = subprocess.run(train_command(config), capture_output=True, text=True, env=train_env(), timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    steps_alone = load_checkpoint(config.parent / "checkpoints" / "last.pt")["step"]
+    refused = torchrun(config, "--set", "num_epochs=2")
+    assert refused.returncode != 0 and "saved by a run of 1 process(es), this one has 2; resume anyway with --force" in refused.stderr
+    assert f'File "{REPO_ROOT / "classification"}' not in refused.stderr  # one line from each rank (torchrun adds its own)
+    forced = torchrun(config, "--set", "num_epochs=2", "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    checkpoint = load_checkpoint(config.parent / "checkpoints" / "last.pt")
+    steps_per_epoch = checkpoint["step"] // 2  # both epochs counted in this run's steps (half the images per rank)
+    assert checkpoint["step"] == 2 * steps_per_epoch and steps_per_epoch < steps_alone
+    assert checkpoint["scheduler"]["last_epoch"] == checkpoint["step"] and checkpoint["world_size"] == 2
+
+
+def reduce_metrics_worker(rank: int, init_file: str, results: str) -> None:
+    """Rank 0 validates two batches under inference mode, rank 1 none (an empty shard); both reduce."""
+    import torch.distributed as dist
+
+    from classification.runtime import DistributedContext, agree
+    from classification.training.engine import all_reduce_metrics
+    from classification.training.metrics import MetricAccumulator
+
+    dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    context = DistributedContext(rank, 2, rank)
+    with torch.inference_mode():  # as ``evaluate`` does
+        metrics = MetricAccumulator(3)
+        if rank == 0:
+            metrics.update(torch.tensor([[4.0, 0, 0], [0, 4.0, 0]]), torch.tensor([0, 2]), 1.5)
+    all_reduce_metrics(metrics, context)
+    reduced = {**metrics.compute(), "num_samples": metrics.num_samples}
+    flags = agree(context, rank, 1 - rank)
+    metrics.reset()  # the next epoch writes the same counts outside inference mode
+    metrics.update(torch.tensor([[0.0, 4.0, 0]]), torch.tensor([1]), 0.5)
+    Path(results, f"{rank}.json").write_text(json.dumps({"samples": reduced["num_samples"], "top1": reduced["top1"],
+                                                         "after_reset": metrics.num_samples, "flags": flags}))
+    dist.destroy_process_group()
+
+
+def test_ranks_reduce_metrics_from_an_empty_shard_and_under_inference_mode(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(reduce_metrics_worker, args=(str(tmp_path / "init"), str(results)), nprocs=2)
+    for rank in (0, 1):
+        answer = json.loads((results / f"{rank}.json").read_text())
+        assert answer == {"samples": 2, "top1": 0.5, "after_reset": 1, "flags": [1, 1]}
+
+
+def test_the_process_group_serves_cpu_flags_beside_nccl() -> None:
+    from classification.runtime import process_group_backend
+    backends = dict(part.split(":") for part in process_group_backend(torch.device("cuda", 0)).split(","))
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}  # agree() and the metric counts are CPU tensors
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_a_fixed_gpu_under_torchrun_is_one_line() -> None:
+    from classification.errors import UserError
+    from classification.runtime import DistributedContext, select_device
+    with pytest.raises(UserError, match="device: cuda:1 under torchrun .*LOCAL_RANK"):
+        select_device("cuda:1", DistributedContext(rank=1, world_size=2, local_rank=1))

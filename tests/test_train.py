@@ -299,3 +299,25 @@ def test_resume_picks_the_newest_checkpoint_after_a_cut_short_save(tmp_path: Pat
     save_checkpoint({**state, "epoch": 4}, tmp_path, ["4.pt", "best.pt", "last.pt"])
     assert newest_checkpoint(tmp_path) == tmp_path / "last.pt"  # a tie goes to last.pt
     assert newest_checkpoint(tmp_path / "none") is None
+
+
+def test_a_step_the_fp16_scaler_skips_moves_neither_the_schedule_nor_the_ema(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from classification.config import ExperimentConfig
+    from classification.runtime import DistributedContext
+    from classification.training.metrics import MetricAccumulator
+    from classification.training.trainer import build_trainer, train_step
+    config = ExperimentConfig(data_root=tmp_path, **{**TINY, "ema_decay": 0.9})
+    trainer = build_trainer(config, 3, [0, 1, 2], 10, torch.device("cpu"), DistributedContext())
+    trainer = replace(trainer, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))  # fp16's scaler, on the CPU
+    labels = torch.tensor([0, 1, 2, 0])
+    train_step(trainer, torch.rand(4, 3, 32, 32), labels, MetricAccumulator(3))
+    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    steps, averaged = trainer.scheduler.last_epoch, int(trainer.ema.n_averaged)
+    train_step(trainer, torch.full((4, 3, 32, 32), math.inf), labels, MetricAccumulator(3))  # inf gradients: skipped
+    assert trainer.scaler.get_scale() == 2.0**15
+    assert (trainer.scheduler.last_epoch, int(trainer.ema.n_averaged)) == (steps, averaged)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.named_parameters())  # no optimizer step
+    train_step(trainer, torch.rand(4, 3, 32, 32), labels, MetricAccumulator(3))
+    assert (trainer.scheduler.last_epoch, int(trainer.ema.n_averaged)) == (steps + 1, averaged + 1)

@@ -231,7 +231,7 @@ class Scores:
     probabilities: np.ndarray | None = None  # (N, C), only when asked for (``full``): what post-processing reads
 
 
-def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device,
+def score_samples(model: TrainedModel, samples: list[Sample], config: ExperimentConfig, device: torch.device | None,
                   topk: int, dask: DaskOptions = NO_DASK, shard_folder: Path | None = None, full: bool = False) -> Scores:
     """Top-k softmax probabilities of every readable sample, batched, with eval transforms, through the one
     inference path (the config's AMP and channels_last); unreadable ones listed; with ``full`` every class's
@@ -246,6 +246,7 @@ def score_samples(model: TrainedModel, samples: list[Sample], config: Experiment
                                       "predict")
     else:
         loader = build_loader(model.config_for(config), samples, train=False)
+        device = device or select_device(config.device, DistributedContext())
         result = run_inference(model.model, loader, top_k_probabilities(k, full), names, inference_options(config, device),
                                "predict")
     if not len(result):
@@ -349,13 +350,13 @@ def build_input(config: ExperimentConfig, model: TrainedModel, split: str | None
     return megadetector_input(Path(megadetector), Path(crops_dir).resolve(), model.label_names)  # type: ignore[arg-type]
 
 
-def prediction_info(source: PredictionInput, model: TrainedModel, device: torch.device, n_predicted: int, n_skipped: int,
+def prediction_info(source: PredictionInput, model: TrainedModel, device: str, n_predicted: int, n_skipped: int,
                     images_per_second: float, topk: int) -> dict[str, Any]:
     """``prediction_info.json``: what was predicted, with which checkpoint, where, and how fast."""
     return {
         "input": source.name, "images_root": str(source.root), "checkpoint": str(model.checkpoint), "epoch": model.epoch,
         "architecture": model.architecture, "image_size": model.image_size, "weights": model.weights,
-        "device": str(device), "n_images": len(source.samples), "n_predicted": n_predicted,
+        "device": device, "n_images": len(source.samples), "n_predicted": n_predicted,
         "n_skipped": n_skipped, "images_per_second": round(images_per_second, 2), "topk": topk,
         "label_names": model.label_names,
     }
@@ -399,12 +400,14 @@ def run_prediction(
     model = load_trained_model(checkpoint_path, config)
     source = build_input(config, model, split, images_dir, cct, megadetector, crops_dir)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "predictions" / f"{source.name}_{checkpoint_path.stem}"
-    torch_device = select_device(config.device, DistributedContext())
+    # on Dask the workers choose their devices: the client touches no GPU
+    torch_device = None if dask.enabled else select_device(config.device, DistributedContext())
+    device_used = str(torch_device) if torch_device is not None else f"Dask workers (device: {config.device})"
     scores = score_samples(model, source.samples, config, torch_device, topk, dask, output_dir / SHARDS_DIR,
                            full=is_enabled(config.postprocess))
     log.info("predicted %d images (%.1f images/s on %s); %d skipped (see skipped.csv)",
-             len(scores.indices), scores.images_per_second, torch_device, len(scores.skipped))
-    info = prediction_info(source, model, torch_device, len(scores.indices), len(scores.skipped), scores.images_per_second, topk)
+             len(scores.indices), scores.images_per_second, device_used, len(scores.skipped))
+    info = prediction_info(source, model, device_used, len(scores.indices), len(scores.skipped), scores.images_per_second, topk)
     # the raw predictions: complete from here on
     predictions, skipped, predictions_path, metrics = write_prediction_files(source, scores, model.label_names, output_dir, info)
     md_output = None

@@ -24,7 +24,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,12 +107,16 @@ class Progress:
                    partial_train_metrics=checkpoint.get("partial_train_metrics"))
 
 
-def build_checkpoint(states: Mapping[str, Any], config: ExperimentConfig, label_index: Mapping[int, str]) -> dict[str, Any]:
-    """The checkpoint dict: the trainer's, the counters' and the hooks' ``states``, every random state,
-    the labels and the config (tensors and plain values only, for ``weights_only=True`` loading)."""
+def build_checkpoint(states: Mapping[str, Any], config: ExperimentConfig, label_index: Mapping[int, str],
+                     rank_rng: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The checkpoint dict: the trainer's, the counters' and the hooks' ``states``, every rank's random
+    states (``rank_rng``, from ``capture_rng_state`` on each rank; ``rng`` is rank 0's), the number of
+    processes, the labels and the config (tensors and plain values only, for ``weights_only=True`` loading)."""
     return {
         **states,
-        "rng": capture_rng_state(),
+        "rng": rank_rng[0],
+        "rank_rng": list(rank_rng),
+        "world_size": len(rank_rng),
         "label_index": {str(i): name for i, name in label_index.items()},
         "config_hash": config_hash(config),
         "config": config.to_dict(),
@@ -127,6 +131,28 @@ def load_state(target: Any, state: Any, path: Path, what: str) -> None:
         reason = f"no {error} entry" if isinstance(error, KeyError) else (str(error).strip().splitlines() or [""])[0]
         raise DataError(f"{path}: its {what} state does not fit this config ({reason}); "
                         "start again with --no-resume --overwrite") from None
+
+
+def rank_rng_state(checkpoint: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, Any]:
+    """This rank's saved random states: its own when the checkpoint has them for this many processes,
+    else rank 0's (a checkpoint from before per-rank states, or a forced change of world size)."""
+    per_rank = checkpoint.get("rank_rng") or []
+    return per_rank[rank] if len(per_rank) == world_size else checkpoint["rng"]
+
+
+def check_world_size(checkpoint: Mapping[str, Any], path: Path, world_size: int, force: bool) -> bool:
+    """True when the checkpoint was saved by another number of processes (unknown before it was saved):
+    refused unless ``force``, as the steps per epoch, the sharding and the schedule all change with it."""
+    saved = checkpoint.get("world_size")
+    if saved is None or int(saved) == world_size:
+        return False
+    if not force:
+        raise UserError(f"{path}: saved by a run of {saved} process(es), this one has {world_size}; resume anyway "
+                        "with --force (the schedule is rebuilt from the completed epochs and an unfinished epoch "
+                        "starts again), or start again with --no-resume --overwrite")
+    log.warning("resuming a run of %s process(es) with %d (--force): the schedule is rebuilt from the completed epochs",
+                saved, world_size)
+    return True
 
 
 def check_resumable(checkpoint: Mapping[str, Any], path: Path, config: ExperimentConfig,

@@ -59,10 +59,12 @@ from classification.training.checkpoint import (
     LAST,
     Progress,
     build_checkpoint,
+    check_world_size,
     check_resumable,
     checkpoints_dir,
     load_checkpoint,
     repair_best,
+    rank_rng_state,
     restore_rng_state,
 )
 from classification.training.data import (
@@ -166,12 +168,12 @@ class TrainingLoop:
     stop: StopRequest = field(default_factory=StopRequest)
     backbone_frozen: bool | None = None  # None until the first epoch of this process sets it
 
-    def checkpoint(self) -> dict[str, Any]:
-        """The checkpoint dict of the current state: trainer, counters, every hook, random states."""
+    def checkpoint(self, rank_rng: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The checkpoint dict of the current state: trainer, counters, every hook, every rank's random states."""
         states = {**self.trainer.state_dict(), **self.progress.state_dict()}
         for hook in self.hooks:
             states.update(hook.state_dict())
-        return build_checkpoint(states, self.config, self.data.label_index)
+        return build_checkpoint(states, self.config, self.data.label_index, rank_rng)
 
     def result(self, metrics: dict[str, float], stopped_early: bool = False, stopped_by_signal: int | None = None) -> TrainResult:
         """A ``TrainResult`` for the state the loop is in."""
@@ -196,10 +198,14 @@ def restore_loop(loop: TrainingLoop, checkpoint: Mapping[str, Any], path: Path, 
     """Continue from ``checkpoint``: refuse one made for other labels or settings, repair ``best.pt``, load the
     trainer, the counters and every hook (the random states are put back last, just before the first batch)."""
     check_resumable(checkpoint, path, loop.config, loop.data.label_index, options.force, options.config_path)
+    other_world_size = check_world_size(checkpoint, path, loop.trainer.context.world_size, options.force)
     if loop.trainer.context.is_main and repair_best(checkpoints_dir(loop.run_dir), checkpoint, path):
         log.info("%s: rewritten from %s (a crash had cut the save short)", BEST, path.name)
     loop.trainer.load_state_dict(checkpoint, path, loop.config, loop.data.steps_per_epoch)
     loop.progress = Progress.from_checkpoint(checkpoint)
+    if other_world_size:  # another sharding: the unfinished epoch starts again, the schedule counts this run's steps
+        loop.progress = Progress(epoch=loop.progress.epoch, step=loop.progress.epoch * loop.data.steps_per_epoch)
+        loop.trainer.restart_schedule_at(loop.progress.step, loop.data.steps_per_epoch, loop.config)
     for hook in loop.hooks:
         hook.load_state_dict(checkpoint)
 
@@ -236,7 +242,7 @@ def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions,
     # input size and normalisation where the config leaves them unset: those the run was trained with
     # (checkpoints from before these keys: ImageNet's, bilinear), else the weights'; saved with the run
     config = resolve_inputs(config, with_legacy_defaults(checkpoint.get("config") or {}) if checkpoint else None)
-    configure_determinism(config.deterministic)
+    configure_determinism(config.deterministic, device)
     seed_everything(config.seed)
     loop = build_loop(config, run_dir, load_run_data(config, context, options.config_path), device, context)
     # the dataset, the config and the model are checked: only now is the run folder changed (an earlier run archived)
@@ -249,7 +255,7 @@ def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions,
         return loop.result({}, stopped_early=loop.progress.epoch < config.num_epochs)
     if context.is_main:
         record_start(loop, options, resume_from, device)
-    rng_state = checkpoint["rng"] if checkpoint else None
+    rng_state = rank_rng_state(checkpoint, context.rank, context.world_size) if checkpoint else None
     del checkpoint
     return run_with_hooks(loop, rng_state)
 
@@ -403,7 +409,7 @@ def evaluate(trainer: Trainer, loader: DataLoader, num_classes: int, skipped: Sk
         for batch in loader:
             skipped.record(batch.skipped)
             if len(batch):
-                labels = batch.labels.to(trainer.device)
+                labels = batch.labels.to(trainer.device, non_blocking=True)
                 with trainer.autocast():
                     logits = model(trainer.to_device(batch.images)).float()
                 metrics.update(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
@@ -413,9 +419,10 @@ def evaluate(trainer: Trainer, loader: DataLoader, num_classes: int, skipped: Sk
 
 
 def all_reduce_metrics(accumulator: MetricAccumulator, context: DistributedContext) -> None:
-    """Sum the metric counts of every rank into every rank's accumulator."""
+    """Sum the metric counts of every rank into every rank's accumulator, always on the CPU (gloo): a rank
+    that saw no batch keeps its counts there, and all ranks must reduce on one backend or the job hangs."""
     if context.distributed:
-        accumulator.load_state_tensor(all_reduce_sum(accumulator.state_tensor(), context))
+        accumulator.load_state_tensor(all_reduce_sum(accumulator.state_tensor().cpu(), context))
 
 
 # ---------------------------------------------------------------- an epoch's figures

@@ -20,10 +20,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from classification.runtime import barrier
-from classification.training.checkpoint import LAST, checkpoint_names, prune_checkpoints, save_checkpoint
+from classification.runtime import barrier, gather_objects
+from classification.training.checkpoint import LAST, capture_rng_state, checkpoint_names, prune_checkpoints, save_checkpoint
 from classification.training.sample_grid import sample_prediction_grid
 from classification.training.tracking import ExperimentTracker
 
@@ -169,8 +169,9 @@ class Checkpointer(Hook):
         self.save(loop, [LAST])
 
     def save(self, loop: TrainingLoop, names: list[str]) -> None:
-        """Write the loop's checkpoint under ``names`` (rank 0), then wait on every rank."""
+        """Write the loop's checkpoint under ``names`` (rank 0, with every rank's random states), then wait on every rank."""
+        rank_rng = gather_objects(capture_rng_state(), loop.trainer.context)
         if loop.trainer.context.is_main:
-            save_checkpoint(loop.checkpoint(), self.directory, names)
+            save_checkpoint(loop.checkpoint(cast(list[Mapping[str, Any]], rank_rng)), self.directory, names)
             prune_checkpoints(self.directory, self.keep_last)
         barrier(loop.trainer.context)

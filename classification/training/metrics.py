@@ -3,7 +3,7 @@
 ``MetricAccumulator`` keeps every count it needs in one flat float64 tensor, so that a
 distributed run can ``all_reduce(SUM)`` it and every rank computes the same figures:
 
-    state = accumulator.state_tensor().to(device)
+    state = accumulator.state_tensor().cpu()     # every rank reduces on one device, whatever it saw
     torch.distributed.all_reduce(state)          # SUM is the default
     accumulator.load_state_tensor(state)
 
@@ -44,7 +44,8 @@ class MetricAccumulator:
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
-        self._state = torch.zeros(self.state_size(num_classes), dtype=torch.float64)
+        with torch.inference_mode(False):  # never an inference tensor: written outside inference mode too
+            self._state = torch.zeros(self.state_size(num_classes), dtype=torch.float64)
 
     @staticmethod
     def state_size(num_classes: int) -> int:
@@ -53,7 +54,8 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         """Forget everything accumulated (start of a new epoch)."""
-        self._state.zero_()
+        with torch.inference_mode(False):
+            self._state = torch.zeros_like(self._state)
 
     @property
     def num_samples(self) -> int:
@@ -70,7 +72,8 @@ class MetricAccumulator:
         """
         device = logits.device if logits.device.type != "mps" else torch.device("cpu")
         if self._state.device != device:
-            self._state = self._state.to(device)
+            with torch.inference_mode(False):  # a normal tensor even when evaluating: reset and all_reduce write it later
+                self._state = self._state.to(device)
         logits = logits.detach().to(device, torch.float64)
         targets = targets.detach().to(device, torch.int64)
         self._check_batch(logits, targets)
@@ -119,16 +122,18 @@ class MetricAccumulator:
         return self._state.clone()
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
-        """Replace the state with ``state`` (e.g. after an all_reduce)."""
+        """Replace the state with a copy of ``state`` (e.g. after an all_reduce), on the counts' device."""
         if state.shape != self._state.shape:
             raise ValueError(f"state must have shape {tuple(self._state.shape)}, got {tuple(state.shape)}")
-        self._state.copy_(state.detach().to(self._state.device, torch.float64))
+        with torch.inference_mode(False):  # a fresh normal tensor: the old one may be an inference tensor
+            self._state = state.detach().to(self._state.device, torch.float64, copy=True)
 
     def merge(self, other: MetricAccumulator) -> None:
         """Add another accumulator's counts to this one (same as having seen its batches)."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
-        self._state += other._state.to(self._state.device)
+        with torch.inference_mode(False):
+            self._state = self._state + other._state.to(self._state.device)
 
     def compute(self, label_names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, Any]:
         """All figures as plain Python values (JSON-able); aggregates are NaN when nothing was seen."""

@@ -62,6 +62,11 @@ class Trainer:
             "ema_num_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
         }
 
+    def restart_schedule_at(self, step: int, steps_per_epoch: int, config: ExperimentConfig) -> None:
+        """Put the learning-rate schedule at ``step`` of this run's ``steps_per_epoch`` (a resume with another world size)."""
+        self.scheduler.last_epoch = step
+        restore_schedule(self.optimizer, self.scheduler, steps_per_epoch, config)
+
     def load_state_dict(self, checkpoint: Mapping[str, Any], path: Path, config: ExperimentConfig, steps_per_epoch: int) -> None:
         """Load a checkpoint's module states; a state that does not fit this config is one line."""
         architecture = str((checkpoint.get("config") or {}).get("architecture", config.architecture))
@@ -120,9 +125,20 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, met
     losses = trainer.criterion(logits.float(), labels)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(losses.mean()).backward()
+    if optimizer_step(trainer):
+        trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update_parameters(trainer.model)
+    metrics.update(logits.detach(), labels, losses.detach().sum())  # a tensor: no wait for the device
+
+
+def optimizer_step(trainer: Trainer) -> bool:
+    """The optimizer step through the AMP scaler; False when fp16's scaler skipped it (inf or NaN gradients),
+    so that the schedule and the EMA do not step either. Reading the scale waits for the GPU: fp16 only."""
+    if not trainer.scaler.is_enabled():
+        trainer.optimizer.step()
+        return True
+    scale = trainer.scaler.get_scale()
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
-    trainer.scheduler.step()
-    if trainer.ema is not None:
-        trainer.ema.update_parameters(trainer.model)
-    metrics.update(logits.detach(), labels, losses.detach().sum())  # a tensor: no wait for the device
+    return trainer.scaler.get_scale() >= scale  # lowered only when the step was skipped
