@@ -135,3 +135,21 @@ def test_a_fixed_gpu_under_torchrun_is_one_line() -> None:
     from classification.runtime import DistributedContext, select_device
     with pytest.raises(UserError, match="device: cuda:1 under torchrun .*LOCAL_RANK"):
         select_device("cuda:1", DistributedContext(rank=1, world_size=2, local_rank=1))
+
+
+def test_deterministic_auto_is_exact_on_the_cpu_and_fast_on_cuda(tmp_path: Path) -> None:
+    from classification.runtime import is_deterministic
+    assert is_deterministic("auto", torch.device("cpu")) and not is_deterministic("auto", torch.device("cuda", 0))
+    assert is_deterministic(True, torch.device("cuda", 0)) and not is_deterministic(False, torch.device("cpu"))
+    (tmp_path / "config.yml").write_text("data_root: .\ndeterministic: auto\n")
+    assert load_config(tmp_path / "config.yml").deterministic == "auto"
+    (tmp_path / "config.yml").write_text("data_root: .\n")
+    assert load_config(tmp_path / "config.yml").deterministic == "auto"  # the default
+
+
+def test_each_rank_resumes_from_its_own_random_states() -> None:
+    from classification.training.checkpoint import rank_rng_state
+    checkpoint = {"rng": "rank 0", "rank_rng": ["rank 0", "rank 1"], "world_size": 2}
+    assert [rank_rng_state(checkpoint, rank, 2) for rank in (0, 1)] == ["rank 0", "rank 1"]
+    assert rank_rng_state(checkpoint, 2, 4) == "rank 0"  # another world size (forced): rank 0's for all
+    assert rank_rng_state({"rng": "old"}, 1, 2) == "old"  # saved before per-rank states

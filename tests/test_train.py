@@ -321,3 +321,22 @@ def test_a_step_the_fp16_scaler_skips_moves_neither_the_schedule_nor_the_ema(tmp
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.named_parameters())  # no optimizer step
     train_step(trainer, torch.rand(4, 3, 32, 32), labels, MetricAccumulator(3))
     assert (trainer.scheduler.last_epoch, int(trainer.ema.n_averaged)) == (steps + 1, averaged + 1)
+
+
+def test_the_ema_equals_torchs_averaged_model_and_keeps_its_counter_on_the_cpu() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from classification.training.ema import ExponentialMovingAverage
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.rand(2, 3, 8, 8))
+    ours = ExponentialMovingAverage(model, 0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(4):
+        model(torch.rand(2, 3, 8, 8)).sum().backward()
+        optimizer.step()
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    assert_same_tensors(ours.module.state_dict(), torchs.module.state_dict())
+    assert int(ours.n_averaged) == 4 and ours.n_averaged.device.type == "cpu"

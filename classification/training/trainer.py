@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from classification.config import ExperimentConfig
 from classification.runtime import DistributedContext, autocast, autocast_dtype, uses_channels_last
 from classification.training.checkpoint import load_model_weights, load_state
 from classification.training.data import class_weights_for_loss
+from classification.training.ema import ExponentialMovingAverage
 from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model, set_backbone_trainable
 from classification.training.optim import build_optimizer, build_scheduler, restore_schedule
@@ -31,7 +31,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    ema: AveragedModel | None
+    ema: ExponentialMovingAverage | None
     criterion: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -97,7 +97,7 @@ def build_trainer(config: ExperimentConfig, num_classes: int, train_labels: Sequ
     amp_dtype = autocast_dtype(config, device)
     ema = None
     if config.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        ema = ExponentialMovingAverage(model, config.ema_decay)
     weights = class_weights_for_loss(train_labels, num_classes).to(device) if config.balancing == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing, reduction="none")
     return Trainer(
