@@ -7,8 +7,10 @@
 deployments and media are kept, and each prediction becomes a media-level observation of its
 medium (crops are matched through the crops manifest of the run's images folder, or
 --crops-manifest), plus event-level observations per event. classifiedBy defaults to the
-model and run (prediction_info.json). Exit code 2 when an input is wrong or the package
-written is not valid Camtrap DP (the first problem is printed).
+model and run (prediction_info.json). The package is validated before it is moved into
+--output-dir: exit code 2, and nothing at --output-dir, when an input is wrong or the package
+would not be valid Camtrap DP (the first problem is printed). A package already at --output-dir
+is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import ArgumentParser, run_main
-from classification.errors import DataError
 from classification.evaluation.camtrap_dp import export_predictions
 
 
@@ -30,13 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classified-by", help="classifiedBy of every observation (default: '<architecture> <run>/<checkpoint>')")
     parser.add_argument("--crops-manifest", type=Path, help="crops_manifest.csv mapping crops to media (default: the run's images folder)")
     parser.add_argument("--images-dir", type=Path, help="folder of the media files, to read image sizes (default: the package folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a Camtrap DP package already at --output-dir")
     args = parser.parse_args(argv)
     report = export_predictions(args.predictions, args.package, args.output_dir, classified_by=args.classified_by,
-                                crops_manifest=args.crops_manifest, images_dir=args.images_dir)
+                                crops_manifest=args.crops_manifest, images_dir=args.images_dir, overwrite=args.overwrite)
     print("\n".join(report.lines()))
-    if report.problems:
-        raise DataError(f"{args.output_dir}: not valid Camtrap DP 1.0.2: {report.problems[0]}"
-                        + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
     return 0
 
 

@@ -1123,3 +1123,258 @@ def test_train_no_resume_overwrite_moves_nothing_when_num_classes_disagrees(
     outcome = run(capsys, "classifier/train.py", "--config", run_dir / "config.yml", "--no-resume", "--overwrite", "--set", "num_classes=9")
     assert_one_line(outcome, "num_classes: 9")
     assert snapshot(run_dir) == before and not (run_dir / "archive").exists()
+
+
+# ---------------------------------------------------------------- Camtrap DP: files from outside a package, special files, values (issue 17)
+
+
+def package_with_media(example: Path, folder: Path) -> Path:
+    """A copy of the example package with its 10 local media files, which a test may spoil."""
+    package = copy_tables(example, folder)
+    shutil.copytree(example / "media", package / "media")
+    return package
+
+
+def heron_row(package: Path) -> tuple[int, str]:
+    """The CSV row number and filePath of the first local medium of media.csv."""
+    media = pd.read_csv(package / "media.csv", dtype=str, keep_default_na=False)
+    index = int(media.index[~media["filePath"].str.startswith("https://")][0])
+    return index + 2, str(media["filePath"][index])
+
+
+def spoil_medium(package: Path, how: str, outside: Path) -> tuple[int, str]:
+    """Make the first local medium hostile in one way; returns its media.csv row and the message's key phrase."""
+    import os  # noqa: PLC0415 - only the FIFO case needs it
+
+    row, file_path = heron_row(package)
+    medium = package / file_path
+    outside.mkdir(exist_ok=True)
+    (outside / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY----- not for any package\n")
+    if how == "a folder of the package linked outside":  # PKG/leak -> outside, filePath=leak/id_rsa
+        (package / "leak").symlink_to(outside, target_is_directory=True)
+        set_cell(package / "media.csv", row - 2, "filePath", "leak/id_rsa")
+        return row, "leads out of"
+    medium.unlink()
+    if how == "a medium linked to an outside file":
+        medium.symlink_to(outside / "id_rsa")
+        return row, "leads out of"
+    if how == "a medium that is a FIFO":
+        os.mkfifo(medium)
+        return row, "is a FIFO (named pipe)"
+    medium.mkdir()  # a medium that is a folder
+    return row, "is a folder"
+
+
+MEDIA_HOSTILITY = ["a folder of the package linked outside", "a medium linked to an outside file", "a medium that is a FIFO",
+                   "a medium that is a folder"]
+
+
+@pytest.mark.parametrize("how", MEDIA_HOSTILITY)
+@pytest.mark.parametrize("script", ["utils/camtrap_dp_to_cct.py", "classifier/predictions_to_camtrap_dp.py"])
+def test_camtrap_dp_media_must_be_regular_files_inside_the_package(how: str, script: str, example: Path, tmp_path: Path) -> None:
+    """A link out of the package was hard-linked, copied or linked into the exported package (exit 0), and imported
+    without a word; a FIFO was skipped by the export. Each is one line naming media.csv's row, and nothing is written."""
+    import subprocess  # noqa: PLC0415 - a real process with a timeout: a FIFO could block forever
+    import sys  # noqa: PLC0415
+
+    package = package_with_media(example, tmp_path / "package")
+    row, phrase = spoil_medium(package, how, tmp_path / "private")
+    output = tmp_path / "out"
+    if script.startswith("utils"):
+        args = [package, output]
+    else:
+        args = ["--predictions", whole_image_predictions(example, tmp_path / "run"), "--package", package, "--output-dir", output]
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO_ROOT)
+    assert_one_line(Outcome(result.returncode, result.stdout, result.stderr), f"media.csv: row {row}: filePath", phrase)
+    assert not output.exists() and not any(tmp_path.glob(".out.*"))
+
+
+def test_camtrap_dp_a_table_linked_out_of_the_package_is_refused(example: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The export copies the tables' contents into the package it writes: a link to another project's table leaks it."""
+    package = copy_tables(example, tmp_path / "package")
+    shutil.move(package / "deployments.csv", tmp_path / "elsewhere.csv")
+    (package / "deployments.csv").symlink_to(tmp_path / "elsewhere.csv")
+    outcome = run(capsys, "utils/camtrap_dp_to_cct.py", package, tmp_path / "o.json")
+    assert_one_line(outcome, "resources[deployments].path: 'deployments.csv' leads out of")
+
+
+def test_camtrap_dp_a_link_inside_the_package_is_followed(example: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A medium linked to another file of the package is fine: exported as a file (the target's bytes), not a link."""
+    package = package_with_media(example, tmp_path / "package")
+    _, file_path = heron_row(package)
+    shutil.move(package / file_path, package / "media" / "real.JPG")
+    (package / file_path).symlink_to("real.JPG")
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", package,
+                  "--output-dir", tmp_path / "out")
+    assert outcome.code == 0, outcome.err
+    exported = tmp_path / "out" / file_path
+    assert not exported.is_symlink() and exported.read_bytes() == (package / "media" / "real.JPG").read_bytes()
+
+
+def export_args(example: Path, tmp_path: Path, output: Path, *extra: str) -> list[object]:
+    return ["--predictions", whole_image_predictions(example, tmp_path / "run"), "--package", example, "--output-dir", output, *extra]
+
+
+def test_camtrap_dp_export_replaces_a_package_only_with_overwrite(example: Path, tmp_path: Path) -> None:
+    """--output-dir at an existing package replaced its tables (549 human observations became 10 machine ones)."""
+    from tests.conftest import run_entry_point  # noqa: PLC0415 - real processes, as a user runs them twice
+
+    output = tmp_path / "out"
+    first = run_entry_point("classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, output, "--classified-by", "v1"))
+    assert first.returncode == 0, first.stderr
+    before = (output / "observations.csv").read_bytes()
+    again = run_entry_point("classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, output, "--classified-by", "v2"))
+    assert_one_line(Outcome(again.returncode, again.stdout, again.stderr), "holds a Camtrap DP package already", "--overwrite")
+    assert (output / "observations.csv").read_bytes() == before
+    replaced = run_entry_point("classifier/predictions_to_camtrap_dp.py",
+                               *export_args(example, tmp_path, output, "--classified-by", "v2", "--overwrite"))
+    assert replaced.returncode == 0, replaced.stderr
+    assert set(pd.read_csv(output / "observations.csv", dtype=str)["classifiedBy"]) == {"v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging or old folder left
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a folder of other files", "holds files but no Camtrap DP package"),
+    ("the folder holding the source package", "holds --package"),
+    ("the folder holding the predictions", "holds --predictions"),
+])
+def test_camtrap_dp_export_never_replaces_what_is_not_its_package(case: str, message: str, example: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    package = copy_tables(example, tmp_path / "data" / "package")
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    output = {"a folder of other files": tmp_path / "notes", "the folder holding the source package": tmp_path / "data",
+              "the folder holding the predictions": tmp_path / "run"}[case]
+    output.mkdir(exist_ok=True)
+    (output / "notes.txt").write_text("mine")
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", package,
+                  "--output-dir", output, "--overwrite")
+    assert_one_line(outcome, message)
+    assert (output / "notes.txt").read_text() == "mine" and (package / "observations.csv").is_file() and predictions.is_file()
+
+
+def test_camtrap_dp_to_cct_never_writes_over_a_file_of_the_package(example: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    package = copy_tables(example, tmp_path / "package")
+    before = (package / "media.csv").read_bytes()
+    assert_one_line(run(capsys, "utils/camtrap_dp_to_cct.py", package, package / "media.csv"), "is a file of the package")
+    assert (package / "media.csv").read_bytes() == before
+
+
+def first_boxed_observation(package: Path) -> int:
+    observations = pd.read_csv(package / "observations.csv", dtype=str, keep_default_na=False)
+    return int(observations.index[observations["bboxX"] != ""][0])
+
+
+def set_box(package: Path, x: str, width: str) -> tuple[Path, Path]:
+    index = first_boxed_observation(package)
+    set_cell(package / "observations.csv", index, "bboxX", x)
+    set_cell(package / "observations.csv", index, "bboxWidth", width)
+    return package, package / "o.json"
+
+
+def boxed_row(package: Path) -> str:
+    return f"observations.csv: row {first_boxed_observation(package) + 2}"
+
+
+# name -> (spoil the package, the pieces of the one-line message (a callable of the package for row numbers))
+CAMTRAP_VALUES: dict[str, tuple[Callable[[Path], tuple[Path, Path]], Callable[[Path], list[str]]]] = {
+    "a box wholly right of the image": (lambda p: set_box(p, "1.005", "0.005"),
+                                        lambda p: [boxed_row(p), "bbox: [1.005,", "lies wholly outside the image"]),
+    "a box running far past the edge": (lambda p: set_box(p, "0.9", "0.5"), lambda p: [boxed_row(p), "runs past the image's edge"]),
+    "a box of no width": (lambda p: set_box(p, "0.5", "0"), lambda p: [boxed_row(p), "needs a width and height above 0"]),
+    "a date-only timestamp": (lambda p: (set_cell(p / "media.csv", 0, "timestamp", "2020-05-30"), (p, p / "o.json"))[-1],
+                              lambda p: ["media.csv: row 2: timestamp: '2020-05-30' is a date without a time"]),
+    "a timestamp without a time zone": (lambda p: (set_cell(p / "media.csv", 0, "timestamp", "2020-05-30T04:57:37"), (p, p / "o.json"))[-1],
+                                        lambda p: ["media.csv: row 2: timestamp: '2020-05-30T04:57:37' has no time zone"]),
+    "a date-only eventStart": (lambda p: (set_cell(p / "observations.csv", 0, "eventStart", "2020-05-30"), (p, p / "o.json"))[-1],
+                               lambda p: ["observations.csv: row 2: eventStart: '2020-05-30' is a date without a time"]),
+    "a file:// filePath": (lambda p: (set_cell(p / "media.csv", 0, "filePath", "file:///etc/passwd"), (p, p / "o.json"))[-1],
+                           lambda p: ["media.csv: row 2: filePath", "a URL of a scheme not fetched here"]),
+    "an ftp:// filePath": (lambda p: (set_cell(p / "media.csv", 0, "filePath", "ftp://example.org/a.jpg"), (p, p / "o.json"))[-1],
+                           lambda p: ["media.csv: row 2: filePath", "a URL of a scheme not fetched here"]),
+    "a filePath with a NUL byte": (lambda p: (set_cell(p / "media.csv", 0, "filePath", "media/a\x00.jpg"), (p, p / "o.json"))[-1],
+                                   lambda p: ["media.csv: row 2: filePath", "control character"]),
+    "a remote medium's fileName climbing out": (lambda p: (set_cell(p / "media.csv", 0, "fileName", "../../../x.jpg"), (p, p / "o.json"))[-1],
+                                                lambda p: ["media.csv: row 2: fileName/deploymentID", "climbing out"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CAMTRAP_VALUES))
+def test_camtrap_dp_to_cct_checks_values(name: str, example: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was read as it came: a box cropped from the image's edge, a date as midnight UTC, file:// taken for a URL."""
+    spoil_package, pieces = CAMTRAP_VALUES[name]
+    package, output = spoil_package(copy_tables(example, tmp_path / "package"))
+    assert_one_line(run(capsys, "utils/camtrap_dp_to_cct.py", package, output), *pieces(package))
+    assert not output.exists()
+
+
+def test_camtrap_dp_s3_and_https_media_are_urls_as_download_fetches_them(example: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from classification.data import camtrap_dp_media, download  # noqa: PLC0415
+
+    assert camtrap_dp_media.URL_SCHEMES == download.URL_SCHEMES
+    package = copy_tables(example, tmp_path / "package")
+    set_cell(package / "media.csv", 0, "filePath", "s3://bucket/a.jpg")
+    assert run(capsys, "utils/camtrap_dp_to_cct.py", package, tmp_path / "o.json").code == 0
+    images = json.loads((tmp_path / "o.json").read_text())["images"]
+    assert images[0]["url"] == "s3://bucket/a.jpg" and images[0]["file_name"] == "00a2c20d/20200709093328-RCNX0001.JPG"
+
+
+def test_camtrap_dp_export_refuses_an_empty_pred_label(example: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was exported as an animal without a name."""
+    predictions = whole_image_predictions(example, tmp_path / "run", {"pred_label": "", "top1_label": ""})
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", example,
+                  "--output-dir", tmp_path / "out")
+    assert_one_line(outcome, "predictions.csv: row 2: pred_label: empty")
+    assert not (tmp_path / "out").exists()
+
+
+def test_camtrap_dp_export_ids_are_unique_when_an_event_is_named_like_a_medium(example: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """eventID == one of its mediaIDs gave two observations '<id>_machine1' and an invalid package left on disk."""
+    package = package_with_media(example, tmp_path / "package")
+    observations = pd.read_csv(package / "observations.csv", dtype=str, keep_default_na=False)
+    media = pd.read_csv(package / "media.csv", dtype=str, keep_default_na=False)
+    row, _ = heron_row(package)
+    heron = media["mediaID"][row - 2]
+    event = observations.loc[observations["mediaID"] == heron, "eventID"].iloc[0]
+    observations.loc[observations["eventID"] == event, "eventID"] = heron
+    observations.to_csv(package / "observations.csv", index=False)
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", package,
+                  "--output-dir", tmp_path / "out")
+    assert outcome.code == 0, outcome.err
+    written = pd.read_csv(tmp_path / "out" / "observations.csv", dtype=str, keep_default_na=False)
+    assert written["observationID"].is_unique and len(written) == 11
+    assert {f"media:{heron}:machine1", f"event:{heron}:machine1"} <= set(written["observationID"])
+
+
+def test_camtrap_dp_an_invalid_package_is_never_left_at_the_output(example: Path, tmp_path: Path) -> None:
+    """The package was written in place, then validated: an invalid one stayed at --output-dir (exit 2)."""
+    from classification.evaluation.camtrap_dp import export_predictions  # noqa: PLC0415
+
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    with pytest.raises(DataError, match="out: not written: the package would not be valid Camtrap DP 1.0.2: datapackage.json: created"):
+        export_predictions(predictions, example, tmp_path / "out", timestamp="yesterday")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_camtrap_dp_export_refuses_a_crop_box_outside_its_image(example: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A crops manifest's box with no part on its image was clipped to a sliver at the image's edge."""
+    _, file_path = heron_row(example)
+    media = pd.read_csv(example / "media.csv", dtype=str, keep_default_na=False)
+    heron = media.loc[media["filePath"] == file_path, "mediaID"].iloc[0]
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    pd.DataFrame([{"crop_path": "a___crop_1.jpg", "dataset": "ex", "location": "l", "label": "Ardea", "image_id": heron,
+                   "file_name": file_path, "bbox_x": "5000", "bbox_y": "10", "bbox_w": "20", "bbox_h": "20"}]).to_csv(
+        crops / "crops_manifest.csv", index=False)
+    predictions = whole_image_predictions(example, tmp_path / "run", {"path": "a___crop_1.jpg"})
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", "--predictions", predictions, "--package", example,
+                  "--output-dir", tmp_path / "out", "--crops-manifest", crops / "crops_manifest.csv")
+    assert_one_line(outcome, "crop a___crop_1.jpg: box [5000, 10, 20, 20] lies wholly outside its 2048x1440 image")
+    assert not (tmp_path / "out").exists()

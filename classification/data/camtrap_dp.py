@@ -18,12 +18,13 @@ import bisect
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
+from classification.data.camtrap_dp_media import ConfinedFolder, check_media_paths, is_url, local_media, media_file_name
 from classification.data.camtrap_dp_schema import TABLES
 from classification.data.cct import CCT, load_cct, read_image_size
 from classification.data.images import DECODE_ERRORS
@@ -141,17 +142,6 @@ def check_references(frame: pd.DataFrame, column: str, known: pd.Series, path: P
         raise DataError(f"{path}: row {unknown[0] + 2}: {column}: {value!r} is not in {target}")
 
 
-def check_media_paths(media: pd.DataFrame, path: Path) -> None:
-    """Refuse a local ``filePath`` that is absolute or climbs out of the package (``..``): the standard forbids it,
-    and the files are read, linked and copied by that path."""
-    for i, file_path in enumerate(media["filePath"]):
-        if is_url(file_path):
-            continue
-        parts = PurePosixPath(file_path.replace("\\", "/"))
-        if not file_path.strip() or parts.is_absolute() or ".." in parts.parts or (len(file_path) > 1 and file_path[1] == ":"):
-            raise DataError(f"{path}: row {i + 2}: filePath: expected a URL or a relative path inside the package, got {file_path!r}")
-
-
 def check_observation_kinds(observations: pd.DataFrame, path: Path) -> None:
     """Refuse an ``observationLevel`` or ``observationType`` outside the standard's values, and a media-level observation
     without its ``mediaID``: each would otherwise be skipped without a word."""
@@ -165,11 +155,21 @@ def check_observation_kinds(observations: pd.DataFrame, path: Path) -> None:
         raise DataError(f"{path}: row {orphans[0] + 2}: mediaID: empty in a media-level observation (which medium is it of?)")
 
 
+def confine_tables(root: Path, paths: dict[str, Path]) -> None:
+    """Refuse a ``datapackage.json`` or table that is a symbolic link out of the package: the export copies their
+    contents into the package it writes, so a link to another project's file would leak it."""
+    confined = ConfinedFolder(root)
+    for table, path in {"datapackage": root / "datapackage.json", **paths}.items():
+        confined.inside(path.relative_to(root).as_posix(), f"{root / 'datapackage.json'}: resources[{table}].path"
+                        if table != "datapackage" else str(root))
+
+
 def read_package(path: str | Path) -> CamtrapPackage:
     """Read ``datapackage.json`` and the three tables, checking their columns, identifiers and references."""
     root = package_root(path)
     descriptor = read_json(root / "datapackage.json")
     paths = resource_paths(root, descriptor)
+    confine_tables(root, paths)
     tables = {table: read_string_csv(paths[table], REQUIRED_COLUMNS[table]) for table in TABLES}
     deployments, media, observations = tables["deployments"], tables["media"], tables["observations"]
     check_unique(deployments, "deploymentID", paths["deployments"])
@@ -184,11 +184,18 @@ def read_package(path: str | Path) -> CamtrapPackage:
 
 
 def parse_timestamp(value: str, path: Path, row: int, column: str) -> datetime:
-    """An ISO 8601 date-time (with or without an offset); a bad one is a one-line error naming file, row and field."""
+    """An ISO 8601 date-time with a time zone, as Camtrap DP requires; a bad one is a one-line error naming file, row and
+    field. A date alone would read as midnight, and a time without a zone as UTC: both place media in the wrong event."""
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise DataError(f"{path}: row {row + 2}: {column}: not an ISO 8601 date-time ({value!r})") from None
+    if is_date(value.strip()):
+        raise DataError(f"{path}: row {row + 2}: {column}: {value!r} is a date without a time "
+                        "(Camtrap DP needs an ISO 8601 date-time with a time zone, e.g. 2020-05-30T04:57:37+02:00)")
+    if moment.tzinfo is None:
+        raise DataError(f"{path}: row {row + 2}: {column}: {value!r} has no time zone "
+                        "(Camtrap DP needs one: Z or an offset such as +02:00)")
     try:
         instant(moment)
     except OverflowError:  # 0001-01-01T00:00+05:00 is before the first instant Python can hold in UTC
@@ -196,24 +203,18 @@ def parse_timestamp(value: str, path: Path, row: int, column: str) -> datetime:
     return moment
 
 
+def is_date(value: str) -> bool:
+    """True for an ISO 8601 date alone (``2020-05-30``, ``2020-W22-6``)."""
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def instant(moment: datetime) -> datetime:
     """A comparable instant: aware times in UTC; naive ones taken as UTC."""
     return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def is_url(file_path: str) -> bool:
-    """True for a remote file (``https://...``), false for a path inside the package."""
-    return "://" in file_path
-
-
-def media_file_name(row: Any) -> str:
-    """The CCT ``file_name`` of a medium: its relative ``filePath`` for a file inside the package, else
-    ``<deploymentID>/<fileName>`` (camera file names repeat across deployments), with the medium's id when it has none."""
-    file_path = str(row["filePath"])
-    if not is_url(file_path):
-        return PurePosixPath(file_path.replace("\\", "/")).as_posix()
-    name = str(row.get("fileName") or "") or f"{row['mediaID']}{PurePosixPath(file_path.split('?')[0]).suffix}"
-    return f"{row['deploymentID']}/{name}"
 
 
 # ---------------------------------------------------------------- events
@@ -290,14 +291,16 @@ def location_of(deployment: Any) -> str:
     return str(deployment["deploymentID"])
 
 
-def image_size(file_name: str, images_dir: Path, cache: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:
-    """The displayed size of an image file, or None when it is not there or unreadable."""
-    if file_name not in cache:
+def image_size(file: Path | None, cache: dict[Path, tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The displayed size of a medium's file (checked by ``local_media``), or None when it is not there or unreadable."""
+    if file is None:
+        return None
+    if file not in cache:
         try:
-            cache[file_name] = read_image_size(images_dir / file_name)
+            cache[file] = read_image_size(file)
         except DECODE_ERRORS:
-            cache[file_name] = None
-    return cache[file_name]
+            cache[file] = None
+    return cache[file]
 
 
 def normalised_box(row: Any, path: Path, line: int) -> list[float] | None:
@@ -314,16 +317,31 @@ def normalised_box(row: Any, path: Path, line: int) -> list[float] | None:
         if not -BOX_TOLERANCE <= number <= 1 + BOX_TOLERANCE:
             raise DataError(f"{path}: row {line + 2}: {column}: {value} is outside 0..1 (boxes are fractions of the image)")
         box.append(number)
+    return check_box_placement(box, path, line)
+
+
+def check_box_placement(box: list[float], path: Path, line: int) -> list[float]:
+    """Refuse a box of no area, or one that is not on the image (``bboxX=1.005, bboxWidth=0.005`` would be cropped
+    from the image's edge): each would become a crop of something else."""
+    x, y, width, height = box
+    where = f"{path}: row {line + 2}"
+    if width <= 0 or height <= 0:
+        raise DataError(f"{where}: bboxWidth/bboxHeight: {width:g} x {height:g}: a box needs a width and height above 0")
+    if x >= 1 or y >= 1 or x + width <= 0 or y + height <= 0:
+        raise DataError(f"{where}: bbox: [{x:g}, {y:g}, {width:g}, {height:g}] lies wholly outside the image")
+    if x + width > 1 + BOX_TOLERANCE or y + height > 1 + BOX_TOLERANCE:
+        raise DataError(f"{where}: bbox: [{x:g}, {y:g}, {width:g}, {height:g}] runs past the image's edge "
+                        f"(bboxX + bboxWidth = {x + width:g}, bboxY + bboxHeight = {y + height:g}; at most 1)")
     return box
 
 
-def annotation_of(row: Any, image: dict[str, Any], category_id: int, images_dir: Path, sizes: dict[str, Any],
+def annotation_of(row: Any, image: dict[str, Any], category_id: int, file: Path | None, sizes: dict[Path, Any],
                   path: Path, line: int, report: ConversionReport) -> dict[str, Any]:
     """One CCT annotation from one media-level observation (its box in pixels when the image's size is known)."""
     annotation: dict[str, Any] = {"id": row["observationID"], "image_id": image["id"], "category_id": category_id}
     box = normalised_box(row, path, line)
     if box is not None:
-        size = image_size(image["file_name"], images_dir, sizes)
+        size = image_size(file, sizes)
         if size is None:
             report.boxes_without_size += 1
         else:
@@ -367,13 +385,14 @@ def cct_images(package: CamtrapPackage, times: dict[str, datetime], events: dict
     return images
 
 
-def camtrap_dp_to_cct(package_path: str | Path, images_dir: Path | None = None) -> tuple[CCT, ConversionReport]:
-    """A CCT dict from a Camtrap DP package; ``images_dir`` (default: the package folder) holds the media files
-    whose sizes turn normalised boxes into pixels."""
-    package = read_package(package_path)
+def camtrap_dp_to_cct(package_path: str | Path | CamtrapPackage, images_dir: Path | None = None) -> tuple[CCT, ConversionReport]:
+    """A CCT dict from a Camtrap DP package (its folder, or the package read); ``images_dir`` (default: the package
+    folder) holds the media files whose sizes turn normalised boxes into pixels."""
+    package = package_path if isinstance(package_path, CamtrapPackage) else read_package(package_path)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise DataError(f"--images-dir {images_dir}: folder not found")
     images_dir = Path(images_dir) if images_dir is not None else package.root
+    files = local_media(package.media, images_dir, package.paths["media"])  # no link out of the folder, no FIFO
     times = media_times(package)
     events = media_events(package, times)
     images = cct_images(package, times, events)
@@ -381,7 +400,7 @@ def camtrap_dp_to_cct(package_path: str | Path, images_dir: Path | None = None) 
     report = ConversionReport(images=len(images), sequences=len(set(events.values())),
                               unclassified=int((package.observations["observationType"] == "unclassified").sum()))
     categories: dict[str, int] = {}
-    annotations = media_annotations(package, by_id, categories, images_dir, report)
+    annotations = media_annotations(package, by_id, categories, files, report)
     annotations += event_annotations(package, by_id, {a["image_id"] for a in annotations}, categories, report)
     report.annotations = len(annotations)
     report.media_without_labels = len(set(by_id) - {a["image_id"] for a in annotations})
@@ -393,10 +412,10 @@ def camtrap_dp_to_cct(package_path: str | Path, images_dir: Path | None = None) 
 
 
 def media_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]], categories: dict[str, int],
-                      images_dir: Path, report: ConversionReport) -> list[dict[str, Any]]:
-    """Annotations from the media-level observations."""
+                      files: dict[str, Path], report: ConversionReport) -> list[dict[str, Any]]:
+    """Annotations from the media-level observations (``files``: the media's files, for their sizes)."""
     path = package.paths["observations"]
-    sizes: dict[str, tuple[int, int] | None] = {}
+    sizes: dict[Path, tuple[int, int] | None] = {}
     annotations = []
     for line, row in enumerate(package.observations.to_dict("records")):
         if row["observationLevel"] != "media" or not row["mediaID"]:
@@ -406,7 +425,7 @@ def media_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]]
             continue
         category_id = categories.setdefault(category, len(categories))
         report.categories[category] += 1
-        annotations.append(annotation_of(row, images[row["mediaID"]], category_id, images_dir, sizes, path, line, report))
+        annotations.append(annotation_of(row, images[row["mediaID"]], category_id, files.get(row["mediaID"]), sizes, path, line, report))
     return annotations
 
 
@@ -434,10 +453,22 @@ def event_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]]
     return annotations
 
 
+def check_not_a_package_file(output: Path, package: CamtrapPackage) -> None:
+    """Refuse an output file that is one of the package's own files (its descriptor, a table, a medium): the CCT
+    would replace it."""
+    target, root = output.resolve(), package.root.resolve()
+    tables = {path.resolve() for path in (package.root / "datapackage.json", *package.paths.values())}
+    media = target.is_relative_to(root) and target.relative_to(root).as_posix() in set(package.media["filePath"])
+    if target in tables or media:
+        raise DataError(f"{output}: is a file of the package {package.root}; it would be replaced (write the CCT elsewhere)")
+
+
 def convert_package(package_path: str | Path, output: Path, images_dir: Path | None = None) -> ConversionReport:
     """Convert a Camtrap DP package and write the CCT file (validated like any CCT file first)."""
     check_output_file(output)
-    data, report = camtrap_dp_to_cct(package_path, images_dir)
+    package = read_package(package_path)
+    check_not_a_package_file(output, package)
+    data, report = camtrap_dp_to_cct(package, images_dir)
     load_cct(output, data)  # the same checks utils/validate_cct.py makes: a box outside its image is an error here too
     write_json_atomic(output, data)
     return report

@@ -12,18 +12,25 @@ probability is the mean of that class's probability over the event's crops (0 wh
 not in a crop's top-k), its count the most crops of that class in any one image of the event
 (none for predictions on whole images).
 Deployments and media are the source package's (local media files are hard-linked, else
-copied, so relative ``filePath`` values stay valid); ``datapackage.json`` keeps the source's
-metadata with a new ``created``, ``title``, ``observationLevel`` and ``taxonomic`` coverage.
-The package written is then validated offline (``validate_camtrap_dp``); problems that the source
-package has too (the standard's own example has 3 ``exifData`` cells that are not one JSON
-object) are reported apart, as inherited, not as ours.
+copied, so relative ``filePath`` values stay valid; a medium that is a symbolic link out of the
+package, or no regular file, is refused, never linked or copied); ``datapackage.json`` keeps the
+source's metadata with a new ``created``, ``title``, ``observationLevel`` and ``taxonomic`` coverage.
+Observation IDs are ``media:<mediaID>:machine<n>`` and ``event:<eventID>:machine<n>``: unique
+whatever the source's IDs are. The package is written to a staging folder beside ``--output-dir``
+and validated offline there (``validate_camtrap_dp``); only a valid one is moved into place, so an
+invalid package is never left at ``--output-dir``. Problems that the source package has too (the
+standard's own example has 3 ``exifData`` cells that are not one JSON object) are reported apart,
+as inherited, not as ours. An ``--output-dir`` that holds a package is replaced only with
+``overwrite``; one that holds other files, or any of the inputs, never.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,14 +39,13 @@ from typing import Any
 
 import pandas as pd
 
-from classification.data.camtrap_dp import (
-    CamtrapPackage, image_size, instant, is_url, media_events, media_file_name, media_times, read_package,
-)
+from classification.data.camtrap_dp import CamtrapPackage, image_size, instant, media_events, media_times, read_package
+from classification.data.camtrap_dp_media import is_url, local_media, media_file_name
 from classification.data.camtrap_dp_schema import PROFILE_URL, TABLES, column_names, resource_descriptor, validate_camtrap_dp
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.errors import DataError, UserError
 from classification.evaluation.report import read_prediction_info, read_predictions, topk_of
-from classification.io import copy_file_atomic, ensure_folder, link_atomic, write_csv_atomic, write_json_atomic
+from classification.io import copy_file_atomic, ensure_folder, link_atomic, temporary_name, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +102,9 @@ def manifest_path_of(info: dict[str, Any], given: Path | None) -> Path | None:
     return find_crops_manifest(str(root)) if root else None
 
 
-def normalised_box(crop: dict[str, Any], size: tuple[int, int] | None) -> list[float] | None:
-    """A manifest's pixel box as Camtrap DP fractions ``[x, y, w, h]`` clipped to the image, or None."""
+def normalised_box(crop: dict[str, Any], size: tuple[int, int] | None, where: str) -> list[float] | None:
+    """A manifest's pixel box as Camtrap DP fractions ``[x, y, w, h]`` clipped to the image, or None; a box with no
+    part on the image is refused (clipped, it would become a sliver at the image's edge)."""
     try:
         x, y, w, h = (float(crop[key]) for key in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
     except (KeyError, TypeError, ValueError):
@@ -107,6 +114,8 @@ def normalised_box(crop: dict[str, Any], size: tuple[int, int] | None) -> list[f
     width, height = size
     left, top = min(max(x / width, 0.0), 1.0), min(max(y / height, 0.0), 1.0)
     right, bottom = min(max((x + w) / width, 0.0), 1.0), min(max((y + h) / height, 0.0), 1.0)
+    if not (right > left and bottom > top):  # NaN fails this too
+        raise DataError(f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] lies wholly outside its {width}x{height} image")
     return [left, top, max(right - left, MIN_BOX_SIDE), max(bottom - top, MIN_BOX_SIDE)]
 
 
@@ -128,14 +137,23 @@ def class_probabilities(row: Any, topk: int) -> dict[str, float]:
             if str(row[f"top{k}_label"]) and row[f"top{k}_prob"] == row[f"top{k}_prob"]}
 
 
+def check_labels(predictions: pd.DataFrame, path: Path) -> None:
+    """Refuse an empty ``pred_label``: it would be exported as an animal without a name, and no class of a model is
+    empty (a photo of nothing is the class ``blank``, exported as ``observationType`` blank)."""
+    empty = predictions.index[predictions["pred_label"].astype(str).str.strip() == ""]
+    if len(empty):
+        raise DataError(f"{path}: row {empty[0] + 2}: pred_label: empty (which class is it? an empty photo is the class 'blank')")
+
+
 def match_predictions(predictions: pd.DataFrame, package: CamtrapPackage, manifest: pd.DataFrame | None,
-                      images_dir: Path, report: ExportReport) -> list[MatchedPrediction]:
-    """Each prediction's medium (and box, for a crop); predictions of no medium of the package are listed in the report."""
+                      files: dict[str, Path], report: ExportReport) -> list[MatchedPrediction]:
+    """Each prediction's medium (and box, for a crop, sized by its medium's file in ``files``); predictions of no medium
+    of the package are listed in the report."""
     media_ids = set(package.media["mediaID"])
     by_file = {media_file_name(row): row["mediaID"] for row in package.media.to_dict("records")}
     crops = {row["crop_path"]: row for row in manifest.to_dict("records")} if manifest is not None else {}
     topk = topk_of(predictions)
-    sizes: dict[str, tuple[int, int] | None] = {}
+    sizes: dict[Path, tuple[int, int] | None] = {}
     matched = []
     for row in predictions.to_dict("records"):
         crop = crops.get(str(row["path"]))
@@ -145,7 +163,7 @@ def match_predictions(predictions: pd.DataFrame, package: CamtrapPackage, manife
             continue
         box = None
         if crop is not None:
-            box = normalised_box(crop, image_size(str(crop.get("file_name") or ""), images_dir, sizes))
+            box = normalised_box(crop, image_size(files.get(media_id), sizes), f"crops manifest: crop {row['path']}")
             report.boxes_without_size += box is None
         matched.append(MatchedPrediction(media_id, class_probabilities(row, topk), str(row["pred_label"]),
                                          float(row["confidence"]), box, crop is not None))
@@ -176,7 +194,7 @@ def media_observation_rows(matched: list[MatchedPrediction], media: dict[str, di
     for prediction in matched:
         medium = media[prediction.media_id]
         seen[prediction.media_id] += 1
-        row = {"observationID": f"{prediction.media_id}_machine{seen[prediction.media_id]}",
+        row = {"observationID": f"media:{prediction.media_id}:machine{seen[prediction.media_id]}",
                "deploymentID": medium["deploymentID"], "mediaID": prediction.media_id,
                "eventID": events.get(prediction.media_id, ""), "eventStart": medium["timestamp"],
                "eventEnd": medium["timestamp"], "observationLevel": "media",
@@ -214,7 +232,7 @@ def event_observation_rows(matched: list[MatchedPrediction], media: dict[str, di
             per_image: dict[str, int] = defaultdict(int)
             for p in predictions:
                 per_image[p.media_id] += p.label == label
-            row = {"observationID": f"{event_id}_machine{number_in_event}", "deploymentID": media[predictions[0].media_id]["deploymentID"],
+            row = {"observationID": f"event:{event_id}:machine{number_in_event}", "deploymentID": media[predictions[0].media_id]["deploymentID"],
                    "eventID": event_id, "eventStart": start, "eventEnd": end, "observationLevel": "event",
                    "count": str(max(per_image.values())) if counted and label.lower() not in TYPE_OF_CLASS else ""}
             row.update(classification(label, probability, classified_by, timestamp))
@@ -242,17 +260,16 @@ def package_descriptor(source: dict[str, Any], levels: list[str], names: set[str
     return descriptor
 
 
-def place_media(package: CamtrapPackage, output_dir: Path) -> int:
-    """Hard-link (else copy) the package's local media files into the new package under the same relative paths."""
+def place_media(package: CamtrapPackage, files: dict[str, Path], output_dir: Path) -> int:
+    """Hard-link (else copy) the package's local media files (``files``: checked by ``local_media``, so none leads out
+    of the package) into the new package under the same relative paths."""
     placed = 0
-    for file_path in package.media["filePath"]:
-        source = package.root / file_path
-        if is_url(file_path) or not source.is_file():
+    for media_id, file_path in zip(package.media["mediaID"], package.media["filePath"]):
+        source = files.get(media_id)
+        if source is None or is_url(file_path):
             continue
         target = output_dir / file_path
-        if source.resolve() == target.resolve():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(target.parent)
         if not link_atomic(source, target):
             copy_file_atomic(source, target)
         placed += 1
@@ -271,24 +288,77 @@ def write_package(package: CamtrapPackage, observations: list[dict[str, str]], o
     write_json_atomic(output_dir / "datapackage.json", package_descriptor(package.descriptor, levels, names, classified_by, created))
 
 
+def check_output_folder(output_dir: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """Refuse, before any work, an ``--output-dir`` that is a file, that holds one of the ``inputs`` (it would be
+    replaced), that holds files but no package, or that holds a package when not ``overwrite``."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"--output-dir {output_dir}: exists and is not a folder (an output folder is needed here)")
+    target = output_dir.resolve()
+    for name, path in inputs.items():
+        if path.resolve() == target and name == "--package":
+            raise UserError(f"--output-dir {output_dir}: is the source package; its observations.csv would be replaced "
+                            "(choose another folder)")
+        if path.resolve().is_relative_to(target):
+            raise UserError(f"--output-dir {output_dir}: holds {name} {path}, which writing the package there would replace "
+                            "(choose another folder)")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not (output_dir / "datapackage.json").is_file():
+        raise UserError(f"--output-dir {output_dir}: holds files but no Camtrap DP package; nothing there is replaced "
+                        "(choose a new or empty folder)")
+    if not overwrite:
+        raise UserError(f"--output-dir {output_dir}: holds a Camtrap DP package already; pass --overwrite to replace it, "
+                        "or choose another folder")
+
+
+def publish_package(staging: Path, output_dir: Path) -> None:
+    """Move the validated package from ``staging`` to ``output_dir``; a package there (checked by
+    ``check_output_folder``) is moved aside first and removed once the new one is in place."""
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        os.replace(staging, output_dir)  # a missing or empty folder
+        return
+    old = Path(temporary_name(output_dir) + ".old")
+    os.replace(output_dir, old)
+    os.replace(staging, output_dir)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
+
+
+def validate_staged(report: ExportReport, package: CamtrapPackage, staging: Path, output_dir: Path) -> None:
+    """Validate the package in ``staging``; problems the source package has too are inherited, the others refused."""
+    source_problems = set(validate_camtrap_dp(package.root))
+    problems = validate_camtrap_dp(staging)
+    report.problems = [p for p in problems if p not in source_problems]
+    report.inherited = [p for p in problems if p in source_problems]
+    if report.problems:
+        raise DataError(f"{output_dir}: not written: the package would not be valid Camtrap DP 1.0.2: {report.problems[0]}"
+                        + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
+
+
 def export_predictions(predictions_path: str | Path, package_path: str | Path, output_dir: str | Path,
                        classified_by: str | None = None, crops_manifest: Path | None = None, images_dir: Path | None = None,
-                       timestamp: str | None = None) -> ExportReport:
-    """Write ``predictions_path`` as a Camtrap DP package in ``output_dir`` (see the module docstring) and validate it."""
+                       timestamp: str | None = None, overwrite: bool = False) -> ExportReport:
+    """Write ``predictions_path`` as a Camtrap DP package in ``output_dir`` (see the module docstring), validated first."""
     predictions_path, output_dir = Path(predictions_path), Path(output_dir)
     predictions = read_predictions(predictions_path)
+    check_labels(predictions, predictions_path)
     package = read_package(package_path)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise DataError(f"--images-dir {images_dir}: folder not found")
-    if output_dir.resolve() == package.root.resolve():
-        raise UserError(f"--output-dir {output_dir}: is the source package; its observations.csv would be replaced (choose another folder)")
     info = read_prediction_info(predictions_path)
+    manifest_path = manifest_path_of(info, crops_manifest)
+    inputs = {"--package": package.root, "--predictions": predictions_path, "--crops-manifest": manifest_path,
+              "--images-dir": Path(images_dir) if images_dir else None}
+    check_output_folder(output_dir, overwrite, {name: path for name, path in inputs.items() if path is not None})
     classified_by = classified_by or default_classified_by(info)
     timestamp = timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    manifest_path = manifest_path_of(info, crops_manifest)
     manifest = read_crops_manifest(manifest_path) if manifest_path is not None else None
+    files = local_media(package.media, package.root, package.paths["media"])  # no link out of the package, no FIFO
+    sized = files if images_dir is None else local_media(package.media, Path(images_dir), package.paths["media"])
     report = ExportReport(output_dir)
-    matched = match_predictions(predictions, package, manifest, Path(images_dir) if images_dir else package.root, report)
+    matched = match_predictions(predictions, package, manifest, sized, report)
     if not matched:
         raise DataError(f"{predictions_path}: no prediction is of a medium of {package.root} (e.g. {report.unmatched[:1]}); "
                         "pass the crops manifest with --crops-manifest, or predict on the CCT made by utils/camtrap_dp_to_cct.py")
@@ -297,11 +367,13 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     media = {row["mediaID"]: row for row in package.media.to_dict("records")}
     media_rows = media_observation_rows(matched, media, events, classified_by, timestamp)
     event_rows = event_observation_rows(matched, media, events, times, classified_by, timestamp)
-    write_package(package, media_rows + event_rows, output_dir, classified_by, timestamp)
-    report.linked_media = place_media(package, output_dir)
-    report.media_observations, report.event_observations = len(media_rows), len(event_rows)
-    source_problems = set(validate_camtrap_dp(package.root))
-    problems = validate_camtrap_dp(output_dir)
-    report.problems = [p for p in problems if p not in source_problems]
-    report.inherited = [p for p in problems if p in source_problems]
+    staging = Path(temporary_name(ensure_folder(output_dir.parent) / output_dir.name))
+    try:
+        write_package(package, media_rows + event_rows, staging, classified_by, timestamp)
+        report.linked_media = place_media(package, files, staging)
+        report.media_observations, report.event_observations = len(media_rows), len(event_rows)
+        validate_staged(report, package, staging, output_dir)
+        publish_package(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
