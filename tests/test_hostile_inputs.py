@@ -1378,3 +1378,22 @@ def test_camtrap_dp_export_refuses_a_crop_box_outside_its_image(example: Path, t
                   "--output-dir", tmp_path / "out", "--crops-manifest", crops / "crops_manifest.csv")
     assert_one_line(outcome, "crop a___crop_1.jpg: box [5000, 10, 20, 20] lies wholly outside its 2048x1440 image")
     assert not (tmp_path / "out").exists()
+
+
+def test_camtrap_dp_to_cct_an_annotation_id_used_twice_names_the_row(example: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An event-level label's annotation id '<observationID>_<mediaID>' equal to a media-level observationID gave a CCT
+    with one id twice, refused as 'annotations[k].id: duplicate id' of the output file instead of the package's row."""
+    from classification.data.camtrap_dp import camtrap_dp_to_cct  # noqa: PLC0415
+
+    package = copy_tables(example, tmp_path / "package")
+    observations = pd.read_csv(package / "observations.csv", dtype=str, keep_default_na=False)
+    media_level = observations[observations["observationLevel"] == "media"]
+    alone = media_level[~media_level["mediaID"].duplicated(keep=False)].index[0]  # its medium's one label: unclassified,
+    set_cell(package / "observations.csv", int(alone), "observationType", "unclassified")  # it takes its event's labels
+    data, _ = camtrap_dp_to_cct(package)
+    taken = next(a["id"] for a in data["annotations"] if a.get("observation_level") == "event")
+    set_cell(package / "observations.csv", int(media_level.index[-1]), "observationID", taken)
+    event_row = int(observations.index[observations["observationID"] == taken.rsplit("_", 1)[0]][0]) + 2
+    outcome = run(capsys, "utils/camtrap_dp_to_cct.py", package, tmp_path / "o.json")
+    assert_one_line(outcome, f"observations.csv: row {event_row}: observationID", "which another observation has already")

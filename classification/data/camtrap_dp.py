@@ -431,25 +431,33 @@ def media_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]]
 
 def event_annotations(package: CamtrapPackage, images: dict[str, dict[str, Any]], labelled: set[str],
                       categories: dict[str, int], report: ConversionReport) -> list[dict[str, Any]]:
-    """Image-level annotations for media without media-level labels, from their event's event-level observations."""
+    """Image-level annotations for media without media-level labels, from their event's event-level observations
+    (id ``<observationID>_<mediaID>``; one that another annotation has already is refused, naming the row)."""
     observations = package.observations
-    by_event: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in observations[observations["observationLevel"] == "event"].to_dict("records"):
+    events = observations[observations["observationLevel"] == "event"]
+    by_event: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for line, row in zip(events.index, events.to_dict("records")):
         if row["eventID"]:
-            by_event[row["eventID"]].append(row)
+            by_event[row["eventID"]].append((int(line), row))
+    used = set(observations.loc[observations["observationLevel"] == "media", "observationID"])
     annotations = []
     for image in images.values():
         if image["id"] in labelled or image.get("seq_id") not in by_event:
             continue
-        for row in by_event[image["seq_id"]]:
+        for line, row in by_event[image["seq_id"]]:
             category = category_of(row)
             if category is None:
                 continue
+            annotation_id = f"{row['observationID']}_{image['id']}"
+            if annotation_id in used:
+                raise DataError(f"{package.paths['observations']}: row {line + 2}: observationID: {row['observationID']!r} of "
+                                f"medium {image['id']!r} gives the annotation id {annotation_id!r}, which another observation "
+                                "has already (rename one of them)")
+            used.add(annotation_id)
             category_id = categories.setdefault(category, len(categories))
             report.categories[category] += 1
             report.from_events += 1
-            annotations.append({"id": f"{row['observationID']}_{image['id']}", "image_id": image["id"],
-                                "category_id": category_id, "observation_level": "event"})
+            annotations.append({"id": annotation_id, "image_id": image["id"], "category_id": category_id, "observation_level": "event"})
     return annotations
 
 
