@@ -1397,3 +1397,22 @@ def test_camtrap_dp_to_cct_an_annotation_id_used_twice_names_the_row(example: Pa
     event_row = int(observations.index[observations["observationID"] == taken.rsplit("_", 1)[0]][0]) + 2
     outcome = run(capsys, "utils/camtrap_dp_to_cct.py", package, tmp_path / "o.json")
     assert_one_line(outcome, f"observations.csv: row {event_row}: observationID", "which another observation has already")
+
+
+def test_camtrap_dp_export_removes_the_staging_folder_of_a_killed_export(example: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An export killed mid-write leaves its staging folder beside --output-dir (never a partial package at it):
+    the next export removes it, and leaves a running export's folder alone."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / f".out.{gone.stdout.strip()}-1.tmp"
+    (stale / "media").mkdir(parents=True)
+    (stale / "observations.csv").write_text("half,written\n")
+    running = tmp_path / ".out.1-1.tmp"  # pid 1 always runs
+    running.mkdir()
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py",
+                  *export_args(example, tmp_path, tmp_path / "out"))
+    assert outcome.code == 0, outcome.err
+    assert not stale.exists() and running.is_dir() and (tmp_path / "out" / "datapackage.json").is_file()

@@ -27,6 +27,7 @@ as inherited, not as ours. An ``--output-dir`` that holds a package is replaced 
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import os
 import re
@@ -311,6 +312,29 @@ def check_output_folder(output_dir: Path, overwrite: bool, inputs: dict[str, Pat
                         "or choose another folder")
 
 
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (signal 0 asks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(output_dir: Path) -> list[Path]:
+    """Remove the staging folders (``.<name>.<process>-<thread>.tmp``) that exports to ``output_dir`` killed mid-write
+    left beside it; a folder of a process still running (an export in progress) is left alone."""
+    removed = []
+    for path in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*-*.tmp"):
+        pid = path.name[len(output_dir.name) + 2:].split("-")[0]
+        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def publish_package(staging: Path, output_dir: Path) -> None:
     """Move the validated package from ``staging`` to ``output_dir``; a package there (checked by
     ``check_output_folder``) is moved aside first and removed once the new one is in place."""
@@ -368,6 +392,7 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     media_rows = media_observation_rows(matched, media, events, classified_by, timestamp)
     event_rows = event_observation_rows(matched, media, events, times, classified_by, timestamp)
     staging = Path(temporary_name(ensure_folder(output_dir.parent) / output_dir.name))
+    remove_stale_staging(output_dir)
     try:
         write_package(package, media_rows + event_rows, staging, classified_by, timestamp)
         report.linked_media = place_media(package, files, staging)
