@@ -37,7 +37,8 @@ from torch import nn
 from classification.config import ExperimentConfig
 from classification.data.crops import CropOptions, crop_detections
 from classification.shards import DaskOptions
-from classification.training.data import Sample, build_loader
+from classification.data.samples import Sample
+from classification.training.data import build_loader
 from classification.training.inference import PROBABILITIES, inference_options, probabilities, run_inference
 from classification.training.inference_shards import ModelSource, run_inference_shards
 from classification.training.models import build_model, resolve_inputs

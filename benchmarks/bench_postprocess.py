@@ -27,7 +27,7 @@ from bench_pretrained import backbone_features, fit_logistic_regression, labels_
 from classification.config import ExperimentConfig, PostprocessConfig
 from classification.evaluation.postprocess import PostprocessInput, run_postprocess
 from classification.evaluation.report import prediction_columns
-from classification.training.data import Sample, build_samples, load_label_index
+from classification.data.samples import Sample, build_samples, load_label_index
 
 REPO = Path(__file__).resolve().parents[1]
 TAXONOMY = REPO / "runs" / "efficientnet-lite0" / "mct" / "taxonomy.csv"

@@ -39,7 +39,7 @@ from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.training.checkpoint import resolve_checkpoint
-from classification.training.data import Sample, build_samples, load_label_index
+from classification.data.samples import Sample, build_samples, load_label_index
 from classification.training.engine import train
 from classification.training.metrics import accumulate_probabilities
 from classification.training.models import build_model

@@ -25,7 +25,7 @@ import numpy as np
 from bench_pretrained import REPO, backbone_features, labels_of, mlp_scores, prepare_crops, probe_scores
 from classification.config import ExperimentConfig
 from classification.data.dataset import DatasetOptions, create_classification_dataset
-from classification.training.data import build_samples, load_label_index
+from classification.data.samples import build_samples, load_label_index
 
 KINDS = ("location", "time", "period")
 

@@ -34,7 +34,8 @@ from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.runtime import distributed_context
 from classification.training import trainer as trainer_module
-from classification.training.data import Batch, build_loader, build_samples, load_label_index, set_loader_epoch
+from classification.data.samples import build_samples, load_label_index
+from classification.training.data import Batch, build_loader, set_loader_epoch
 from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model, resolve_inputs
 from machine_load import describe_load

@@ -6,9 +6,9 @@ import argparse
 import difflib
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 

@@ -460,7 +460,7 @@ def test_embedding_cache_is_made_again_for_other_input_statistics(tmp_path: Path
 
     from classification.active_learning.embeddings import embed_samples
     from classification.config import ExperimentConfig
-    from classification.training.data import Sample
+    from classification.data.samples import Sample
     from classification.training.models import build_model
 
     samples = []
@@ -486,7 +486,7 @@ def test_a_random_backbone_is_the_same_network_every_time_and_names_its_seed(tmp
     import torch
 
     from classification.active_learning.embeddings import backbone_config, backbone_network, embed_with_backbone
-    from classification.training.data import Sample
+    from classification.data.samples import Sample
 
     state = torch.random.get_rng_state()
     first, second = (backbone_network("timm:test_efficientnet", False, "library", seed=3) for _ in range(2))
@@ -517,7 +517,7 @@ def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
 
     from classification.active_learning import head_rounds
     from classification.active_learning.loop import head_context, round_model
-    from classification.training.data import build_samples
+    from classification.data.samples import build_samples
 
     experiment = open_experiment(loop.config, ["active_learning.retrain=head", "active_learning.embeddings=fine_tuned",
                                                "active_learning.head_epochs=5"])
@@ -580,7 +580,7 @@ def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -
 
     from classification.active_learning import head_rounds
     from classification.active_learning.loop import head_context, model_checkpoint, round_model
-    from classification.training.data import build_samples
+    from classification.data.samples import build_samples
 
     experiment = open_experiment(fine_tuned_heads(loop).config)
     context, classes = head_context(experiment), len(experiment.label_names)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from classification.config import ExperimentConfig, load_config
 from classification.training.checkpoint import load_checkpoint
-from classification.training.data import build_loader, build_samples
+from classification.data.samples import build_samples
+from classification.training.data import build_loader
 from classification.training.models import build_model, resolve_inputs
 from tests.conftest import REPO_ROOT
 from tests.test_train import build_dataset, read_metrics, train_command, train_env, write_run

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from classification.config import ExperimentConfig
 from classification.errors import UserError
-from classification.training.data import Sample, build_loader
+from classification.data.samples import Sample
+from classification.training.data import build_loader
 from classification.training.inference import (
     EMBEDDINGS,
     PROBABILITIES,

@@ -8,7 +8,8 @@ import torch
 
 from classification.config import load_config
 from classification.runtime import DistributedContext
-from classification.training.data import build_loader, build_samples, load_label_index
+from classification.data.samples import build_samples, load_label_index
+from classification.training.data import build_loader
 from classification.training.models import resolve_inputs
 from classification.training.sample_grid import TILE, sample_prediction_grid
 from classification.training.trainer import build_trainer

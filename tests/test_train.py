@@ -40,7 +40,7 @@ from classification.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from classification.training.data import build_samples
+from classification.data.samples import build_samples
 from classification.runtime import seed_everything
 from classification.training.engine import train
 from classification.training.hooks import is_improvement

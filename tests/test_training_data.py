@@ -16,22 +16,19 @@ from classification.config import ExperimentConfig
 from classification.data.clean import CleanOptions, clean_cct
 from classification.demo import make_demo_dataset
 from classification.errors import DataError, UserError
+from classification.data.samples import Sample, available_splits, build_samples, load_label_index
 from classification.training.data import (
     CropDataset,
     EpochSampler,
     ImageLoadError,
-    Sample,
     SkippedImages,
-    available_splits,
     build_loader,
-    build_samples,
     BatchNormalize,
     build_transforms,
     class_weights_for_loss,
     collate_skip_none,
     label_weights,
     load_image,
-    load_label_index,
     lower_worker_priority,
     set_loader_epoch,
 )

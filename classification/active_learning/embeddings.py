@@ -27,16 +27,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from classification.config import ExperimentConfig
-from classification.errors import DataError, UserError
-from classification.io import atomic_open, write_csv_atomic
 from classification.active_learning.lightly import write_embeddings_csv
 from classification.active_learning.scores import uncertainty_scores
+from classification.config import ExperimentConfig
+from classification.data.samples import Sample, image_files
+from classification.errors import DataError, UserError
 from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model, trained_network
+from classification.io import atomic_open, write_csv_atomic
+from classification.runtime import DistributedContext, select_device
 from classification.shards import NO_DASK, DaskOptions
 from classification.training.checkpoint import resolve_checkpoint
-from classification.training.data import Sample, build_loader, image_files
-from classification.runtime import DistributedContext, select_device
+from classification.training.data import build_loader
 from classification.training.inference import (
     EMBEDDINGS,
     PROBABILITIES,

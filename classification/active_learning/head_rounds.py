@@ -33,9 +33,9 @@ from classification.active_learning.embeddings import (
 )
 from classification.active_learning.triplet import MLPClassifier, predict_proba, train_mlp
 from classification.config import ActiveLearningConfig, ExperimentConfig
+from classification.data.samples import Sample
 from classification.errors import DataError, UserError
 from classification.io import write_bytes_atomic
-from classification.training.data import Sample
 from classification.training.models import input_spec_of
 
 log = logging.getLogger(__name__)

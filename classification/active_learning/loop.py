@@ -53,6 +53,15 @@ from classification.active_learning.scores import uncertainty_scores
 from classification.active_learning.strategies import Selection, SelectionInputs, select
 from classification.active_learning.timelapse import read_timelapse_export, write_request_csv
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
+from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
+from classification.data.samples import (
+    Sample,
+    available_splits,
+    build_samples,
+    image_files,
+    is_dataset_folder,
+    load_label_index,
+)
 from classification.errors import DataError, UserError
 from classification.evaluation.predict import (
     labelled_samples,
@@ -61,7 +70,6 @@ from classification.evaluation.predict import (
     split_samples_input,
     write_prediction_files,
 )
-from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
 from classification.io import (
     json_count,
     read_json_object,
@@ -72,14 +80,6 @@ from classification.io import (
     write_text_atomic,
 )
 from classification.training.checkpoint import resolve_checkpoint
-from classification.training.data import (
-    Sample,
-    available_splits,
-    build_samples,
-    image_files,
-    is_dataset_folder,
-    load_label_index,
-)
 from classification.training.engine import TrainResult, train
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,10 @@ from classification.active_learning.triplet import (
     train_embedding,
     train_mlp,
 )
+from classification.data.samples import Sample, class_folder_samples, class_folders
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, write_csv_atomic
-from classification.training.data import Sample, class_folder_samples, class_folders, derived_seed
+from classification.training.data import derived_seed
 from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import pandas as pd
 from classification.active_learning.labels import normalize_path
 from classification.active_learning.timelapse import timelapse_row
 from classification.data.dataset import write_dataset_folder
+from classification.data.samples import DATASET_CSV, SPLITS_JSON, load_label_index, read_split_keys
 from classification.errors import DataError, UserError
 from classification.io import copy_file_atomic, link_atomic, read_json, read_string_csv, write_csv_atomic
-from classification.training.data import DATASET_CSV, SPLITS_JSON, load_label_index, read_split_keys
 
 ANSWERS_FILE = "pool_answers.csv"
 

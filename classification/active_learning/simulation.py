@@ -46,11 +46,11 @@ from classification.active_learning.strategies import SelectionInputs, select
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import SimulationConfig, describe_error
 from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
+from classification.data.samples import Sample, build_samples
 from classification.errors import DataError, UserError
 from classification.evaluation.plots import save_figure
 from classification.io import read_string_csv, write_csv_atomic, write_json_atomic
 from classification.training.checkpoint import resolve_checkpoint
-from classification.training.data import Sample, build_samples
 from classification.training.engine import train
 from classification.training.metrics import accumulate_probabilities
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from classification.data.samples import Sample
 from classification.errors import UserError
 from classification.training.data import (
     Augmentation,
     CropDataset,
-    Sample,
     build_transforms,
     collate_skip_none,
     decode_size,

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
 from classification.data.images import DECODE_ERRORS, decode_failure, displayed_size, open_image
 from classification.errors import DataError
 from classification.io import read_json

@@ -34,9 +34,9 @@ from classification.data.cct import (
     category_names,
     errors_only,
     is_number,
-    shown,
     load_cct,
     resolve_missing_locations,
+    shown,
 )
 from classification.errors import DataError, UserError
 from classification.io import read_json

@@ -20,9 +20,18 @@ from typing import IO, Any
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, HTTPClientError, IncompleteReadError, InvalidRegionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    HTTPClientError,
+    IncompleteReadError,
+    InvalidRegionError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.exceptions import ProfileNotFound, ReadTimeoutError, ResponseStreamingError
 from urllib3.exceptions import ProtocolError
 
 from classification.data.http import CHUNK_SIZE, MAX_BACKOFF_SECONDS, Cancelled, FetchError, _after, _BodyError, check_image_body

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar

@@ -325,13 +325,18 @@ def process_alive(pid: int) -> bool:
 
 def remove_stale_staging(output_dir: Path) -> list[Path]:
     """Remove the staging folders (``.<name>.<process>-<thread>.tmp``) that exports to ``output_dir`` killed mid-write
-    left beside it; a folder of a process still running (an export in progress) is left alone."""
+    left beside it; a folder of a process still running (an export in progress) is left alone. A package moved aside
+    (``...tmp.old``) by an export killed before the new one was in place is moved back."""
     removed = []
-    for path in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*-*.tmp"):
+    for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*-*.tmp*")):
         pid = path.name[len(output_dir.name) + 2:].split("-")[0]
-        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not (pid.isdigit() and path.suffix in (".tmp", ".old") and path.is_dir() and not path.is_symlink()) or process_alive(int(pid)):
+            continue
+        if path.suffix == ".old" and not output_dir.exists():
+            os.replace(path, output_dir)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 

@@ -30,6 +30,7 @@ from classification.data.cct import category_names, load_cct
 from classification.data.crops import MANIFEST_NAME
 from classification.data.dataset import read_crops_manifest
 from classification.data.detections import load_megadetector
+from classification.data.samples import Sample, build_samples, image_files, is_dataset_folder, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
 from classification.evaluation.postprocess import (
@@ -42,12 +43,12 @@ from classification.evaluation.postprocess import (
 )
 from classification.evaluation.report import evaluate_predictions, prediction_columns, scored_rows, write_predictions
 from classification.io import write_csv_atomic, write_json_atomic
-from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
-from classification.training.data import Sample, build_loader, build_samples, image_files, is_dataset_folder, load_label_index
+from classification.runtime import DistributedContext, select_device
 from classification.shards import NO_DASK, SHARDS_DIR, DaskOptions, remove_shard_files
+from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from classification.training.data import build_loader
 from classification.training.inference import PROBABILITIES, TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
 from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards, whole_batches
-from classification.runtime import DistributedContext, select_device
 from classification.training.models import build_model
 
 log = logging.getLogger(__name__)

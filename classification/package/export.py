@@ -28,6 +28,7 @@ import torch
 
 from classification.config import ExperimentConfig, load_config
 from classification.data.crops import MANIFEST_NAME
+from classification.data.samples import build_samples
 from classification.errors import DataError, UserError
 from classification.evaluation.postprocess import load_fitted
 from classification.evaluation.predict import TrainedModel, load_trained_model
@@ -48,7 +49,6 @@ from classification.package.spec import (
     packaged_file,
 )
 from classification.training.checkpoint import load_checkpoint, resolve_checkpoint
-from classification.training.data import build_samples
 from classification.training.weights import PACKAGED_WEIGHTS
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from classification.config import ExperimentConfig, check_num_classes, with_legacy_defaults, write_run_files
+from classification.data.samples import build_samples, load_label_index
 from classification.errors import DataError
 from classification.runtime import (
     DistributedContext,
@@ -59,23 +60,15 @@ from classification.training.checkpoint import (
     LAST,
     Progress,
     build_checkpoint,
-    check_world_size,
     check_resumable,
+    check_world_size,
     checkpoints_dir,
     load_checkpoint,
-    repair_best,
     rank_rng_state,
+    repair_best,
     restore_rng_state,
 )
-from classification.training.data import (
-    CropDataset,
-    EpochSampler,
-    SkippedImages,
-    build_loader,
-    build_samples,
-    load_label_index,
-    set_loader_epoch,
-)
+from classification.training.data import CropDataset, EpochSampler, SkippedImages, build_loader, set_loader_epoch
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs

@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from classification.config import ExperimentConfig
+from classification.data.samples import Sample
 from classification.errors import DataError, UserError
 from classification.io import atomic_open, ensure_folder, read_json, write_json_atomic
 from classification.runtime import DistributedContext, autocast, autocast_dtype, progress_bar, uses_channels_last
-from classification.training.data import Batch, Sample
+from classification.training.data import Batch
 from classification.training.models import forward_features, head_module
 
 log = logging.getLogger(__name__)

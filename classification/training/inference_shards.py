@@ -31,11 +31,11 @@ import numpy as np
 from torch import nn
 
 from classification.config import ExperimentConfig
+from classification.data.samples import Sample
 from classification.runtime import DistributedContext, select_device
 from classification.shards import DaskOptions, cut_shards, run_shards
-from classification.training.data import Sample, build_loader
-from classification.training.inference import Compute, InferenceResult, chunk_arrays, combine_chunks, inference_options, report_skipped
-from classification.training.inference import run_inference
+from classification.training.data import build_loader
+from classification.training.inference import Compute, InferenceResult, chunk_arrays, combine_chunks, inference_options, report_skipped, run_inference
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any, cast
 import timm
 import torch
 import torchvision
-from torch import Tensor, nn
 from timm.models import split_model_name_tag
+from torch import Tensor, nn
 
 from classification.config import ExperimentConfig, PretrainedSource, load_config
 from classification.errors import DataError, UserError

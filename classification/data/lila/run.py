@@ -13,8 +13,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from classification.data.download import Connection, DownloadItem, DownloadPlan, DownloadReport, download_files, plan_downloads
-from classification.data.lila.index import (ALL_IMAGES_FILE, CLOUDS, DATASETS_FILE, MD_RESULTS_COLUMNS, TAXONOMY_FILE, Dataset, fetch_index,
-                                           read_datasets)
+from classification.data.lila.index import (
+    ALL_IMAGES_FILE,
+    CLOUDS,
+    DATASETS_FILE,
+    MD_RESULTS_COLUMNS,
+    TAXONOMY_FILE,
+    Dataset,
+    fetch_index,
+    read_datasets,
+)
 from classification.data.lila.locations import species_locations, write_locations
 from classification.data.lila.select import Selection, SelectionOptions, select_rows
 from classification.data.lila.subset import CCT_FILE, SubsetReport, download_items, fetch_md_results, read_cct_file, summary_lines, write_subset
