@@ -1416,3 +1416,19 @@ def test_camtrap_dp_export_removes_the_staging_folder_of_a_killed_export(example
                   *export_args(example, tmp_path, tmp_path / "out"))
     assert outcome.code == 0, outcome.err
     assert not stale.exists() and running.is_dir() and (tmp_path / "out" / "datapackage.json").is_file()
+
+
+def test_camtrap_dp_export_killed_between_its_two_moves_gets_the_old_package_back(example: Path, tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite moves the old package aside, then the new one in: killed between the two, no package is at
+    --output-dir; the next export puts the old one back before it looks (here: refusing to replace it without --overwrite)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    first = run(capsys, "classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, tmp_path / "out"))
+    assert first.code == 0, first.err
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / "out").rename(tmp_path / f".out.{gone.stdout.strip()}-1.tmp.old")
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, tmp_path / "out"))
+    assert_one_line(outcome, "holds a Camtrap DP package already")
+    assert (tmp_path / "out" / "observations.csv").is_file() and not list(tmp_path.glob(".out.*"))

@@ -380,6 +380,7 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     manifest_path = manifest_path_of(info, crops_manifest)
     inputs = {"--package": package.root, "--predictions": predictions_path, "--crops-manifest": manifest_path,
               "--images-dir": Path(images_dir) if images_dir else None}
+    remove_stale_staging(output_dir)  # first: a package an export killed mid-way moved aside is back before the checks
     check_output_folder(output_dir, overwrite, {name: path for name, path in inputs.items() if path is not None})
     classified_by = classified_by or default_classified_by(info)
     timestamp = timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -397,7 +398,6 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     media_rows = media_observation_rows(matched, media, events, classified_by, timestamp)
     event_rows = event_observation_rows(matched, media, events, times, classified_by, timestamp)
     staging = Path(temporary_name(ensure_folder(output_dir.parent) / output_dir.name))
-    remove_stale_staging(output_dir)
     try:
         write_package(package, media_rows + event_rows, staging, classified_by, timestamp)
         report.linked_media = place_media(package, files, staging)
