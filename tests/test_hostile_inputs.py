@@ -1432,3 +1432,18 @@ def test_camtrap_dp_export_killed_between_its_two_moves_gets_the_old_package_bac
     outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, tmp_path / "out"))
     assert_one_line(outcome, "holds a Camtrap DP package already")
     assert (tmp_path / "out" / "observations.csv").is_file() and not list(tmp_path.glob(".out.*"))
+
+
+def test_camtrap_dp_the_validator_reads_no_table_linked_out_of_the_package(example: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The validator reads <table>.csv whatever the descriptor names: a source whose observations are in obs.csv and
+    whose observations.csv links to another file had that file read, and its cells quoted in the problems printed."""
+    package = copy_tables(example, tmp_path / "package")
+    shutil.move(package / "observations.csv", package / "obs.csv")
+    edit_descriptor(package, lambda d: d["resources"][2].update(path="obs.csv"))
+    (tmp_path / "private.csv").write_text("observationID\nsecret\n")
+    (package / "observations.csv").symlink_to(tmp_path / "private.csv")
+    outcome = run(capsys, "classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, tmp_path / "out")[:2],
+                  "--package", package, "--output-dir", tmp_path / "out")
+    assert_one_line(outcome, "'observations.csv' leads out of")
+    assert "secret" not in outcome.out + outcome.err and not (tmp_path / "out").exists()

@@ -9,7 +9,9 @@ level, no box). ``eventID`` becomes the sequence (``seq_id``, ``frame_num``,
 ``seq_num_frames``). The category of an animal is its ``scientificName``; of a blank,
 human, vehicle or unknown observation, that type; ``unclassified`` observations are skipped
 and counted. Everything downstream (validate, clean, crop, dataset, splits) then runs on
-the CCT unchanged.
+the CCT unchanged. A package is someone else's folder: what it cannot mean is refused in one
+line naming the row (a medium or table that is a link out of the package or no regular file,
+see ``camtrap_dp_media``; a date without a time or zone; a box not on its image).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from classification.data.camtrap_dp_media import ConfinedFolder
 from classification.io import read_json
 
 VERSION = "1.0.2"
@@ -244,6 +245,9 @@ def validate_camtrap_dp(package_dir: str | Path) -> list[str]:
     Offline: the tables are checked against the schemas bundled here, not the remote ones.
     """
     root = Path(package_dir)
+    confined = ConfinedFolder(root)  # a table linked out of the package is refused, not read (its cells reach messages)
+    for name in ("datapackage.json", *(f"{table}.csv" for table in TABLES)):
+        confined.inside(name, str(root))
     problems = [f"datapackage.json: {p}" for p in descriptor_problems(read_json(root / "datapackage.json"))]
     missing = [table for table in TABLES if not (root / f"{table}.csv").is_file()]
     if missing:
