@@ -11,6 +11,7 @@ would hang the reader. Each refusal is one line naming the table's row.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import urllib.parse
 from pathlib import Path, PurePosixPath
@@ -20,24 +21,25 @@ from classification.errors import DataError
 from classification.io import FILE_KINDS
 
 URL_SCHEMES = ("http", "https", "s3")  # those of classification.data.download (not imported: it pulls in boto3)
+URL_PREFIXES = tuple(f"{scheme}://" for scheme in URL_SCHEMES)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def is_url(file_path: str) -> bool:
     """True for a remote file (``https://host/...``, ``s3://bucket/...``); false for a path inside the package."""
-    parts = urllib.parse.urlsplit(file_path)
-    return parts.scheme.lower() in URL_SCHEMES and bool(parts.netloc)
+    return file_path[:8].lower().startswith(URL_PREFIXES) and bool(urllib.parse.urlsplit(file_path).netloc)
 
 
 def path_problem(file_path: str) -> str | None:
     """Why ``file_path`` is no relative path inside a package (None when it is one)."""
     if not file_path.strip():
         return "empty"
-    if any(ord(c) < 32 or ord(c) == 127 for c in file_path):
+    if CONTROL_CHARACTERS.search(file_path):
         return "holds a control character (a NUL byte, a line break, ...)"
     if "://" in file_path:
         return f"a URL of a scheme not fetched here (only {', '.join(URL_SCHEMES)})"
-    parts = PurePosixPath(file_path.replace("\\", "/"))
-    if parts.is_absolute() or ".." in parts.parts or (len(file_path) > 1 and file_path[1] == ":"):
+    posix = file_path.replace("\\", "/")
+    if posix.startswith("/") or ".." in posix.split("/") or (len(file_path) > 1 and file_path[1] == ":"):
         return "absolute or climbing out of the package (..)"
     return None
 
@@ -46,7 +48,7 @@ def check_media_paths(media: Any, path: Path) -> None:
     """Refuse a ``filePath`` that is neither an http(s)/s3 URL nor a relative path inside the package (the standard
     forbids it, and the files are read, linked and copied by that path), and a remote medium's file name that is
     no plain name (it names the downloaded file)."""
-    for i, row in enumerate(media.to_dict("records")):
+    for i, row in enumerate(media_rows(media)):
         file_path = str(row["filePath"])
         problem = None if is_url(file_path) else path_problem(file_path)
         if problem:
@@ -57,6 +59,13 @@ def check_media_paths(media: Any, path: Path) -> None:
             problem = path_problem(name)
             if problem:
                 raise DataError(f"{path}: row {i + 2}: fileName/deploymentID: the remote medium's file name {shown(name)} {problem}")
+
+
+def media_rows(media: Any) -> list[dict[str, str]]:
+    """The columns of media.csv that name a medium's file, row by row (a dict per row of four columns: ~10x faster
+    than all of ``to_dict("records")`` on a million media)."""
+    columns = [c for c in ("mediaID", "deploymentID", "filePath", "fileName") if c in media]
+    return [dict(zip(columns, values)) for values in zip(*(media[c].tolist() for c in columns))]
 
 
 def shown(value: str, limit: int = 120) -> str:
@@ -70,7 +79,8 @@ def media_file_name(row: Any) -> str:
     ``<deploymentID>/<fileName>`` (camera file names repeat across deployments), with the medium's id when it has none."""
     file_path = str(row["filePath"])
     if not is_url(file_path):
-        return PurePosixPath(file_path.replace("\\", "/")).as_posix()
+        posix = file_path.replace("\\", "/")
+        return posix if all(part not in ("", ".") for part in posix.split("/")) else PurePosixPath(posix).as_posix()
     name = str(row.get("fileName") or "") or f"{row['mediaID']}{PurePosixPath(file_path.split('?')[0]).suffix}"
     return f"{row['deploymentID']}/{name}"
 
@@ -82,22 +92,23 @@ class ConfinedFolder:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.root = folder.resolve()
-        self.parents: dict[str, Path] = {}
+        self.parents: dict[str, str] = {}
 
     def resolve(self, relative: str) -> Path | None:
         """The real path of ``folder / relative``; None when nothing is there (a medium not downloaded)."""
-        path = self.folder / relative
-        parent = self.parents.get(str(path.parent))
+        folder, _, name = relative.rpartition("/")
+        parent = self.parents.get(folder)
         if parent is None:
-            parent = self.parents.setdefault(str(path.parent), path.parent.resolve())
+            parent = self.parents.setdefault(folder, str((self.folder / folder).resolve()))
+        path = f"{parent}/{name}"
         try:
-            status = os.lstat(parent / path.name)
+            status = os.lstat(path)
         except FileNotFoundError:
             return None
         if not stat.S_ISLNK(status.st_mode):
-            return parent / path.name
+            return Path(path)
         try:
-            return (parent / path.name).resolve(strict=True)
+            return Path(path).resolve(strict=True)
         except FileNotFoundError:
             return None  # a dangling link: nothing to read, link or copy
 
@@ -134,7 +145,7 @@ def local_media(media: Any, folder: Path, path: Path) -> dict[str, Path]:
     (``path``: media.csv, for the row in a refusal); media not there are left out (remote, or not downloaded)."""
     confined = ConfinedFolder(folder)
     found = {}
-    for i, row in enumerate(media.to_dict("records")):
+    for i, row in enumerate(media_rows(media)):
         column = "fileName" if is_url(str(row["filePath"])) else "filePath"
         file = confined.file(media_file_name(row), f"{path}: row {i + 2}: {column}")
         if file is not None:
