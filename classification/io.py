@@ -8,12 +8,15 @@ other part of the library, and pandas only inside the CSV helpers, so importing 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import threading
+import warnings
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,8 +294,15 @@ def read_json_object(path: str | Path, optional: bool = False) -> dict[str, Any]
 
 def shown_json(value: object, limit: int = 80) -> str:
     """``value`` as JSON for a one-line message (``null``, ``[1]``, ``"ab"``), cut to about ``limit`` characters."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown_value(json.dumps(value, ensure_ascii=False), limit)
+
+
+def shown_value(text: str, limit: int = 80) -> str:
+    """``text`` as a message may quote it: cut to ``limit`` characters (a 50 MB label is not echoed whole), with
+    its size said when cut, so one value never floods a log line."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 0)]}... ({len(text)} characters)"
 
 
 def json_count(data: dict[str, Any], key: str, path: Path) -> int:
@@ -304,16 +314,21 @@ def json_count(data: dict[str, Any], key: str, path: Path) -> int:
 
 
 def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd.DataFrame:
-    """A CSV with every column as a string (locations like ``001`` survive), checked for columns."""
+    """A CSV with every column as a string (locations like ``001`` survive), checked for columns: a name given
+    twice, a row with more fields than the header (a trailing comma) and a last row cut short are refused."""
     import pandas as pd  # noqa: PLC0415 - only the CSV helpers need pandas; the rest of io stays cheap to import
 
     check_regular_file(path, "a CSV file", hint)  # a FIFO would block pandas, /dev/zero fill memory
+    check_csv_head(Path(path))
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas drops extra fields with only a warning
+            # index_col=False: rows one field longer than the header must not make the first column the index
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except OSError as error:
         raise unreadable_file(Path(path), error, "a CSV file", hint) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: {csv_parser_problem(str(error))}") from None
     missing = sorted(set(required) - set(frame.columns))
     if missing:
         raise DataError(f"{path}: missing columns {', '.join(missing)}")
@@ -322,6 +337,38 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
         raise DataError(f"{path}: row {len(frame) + 1}: {fields} of {len(frame.columns)} fields: the file looks cut short "
                         "(pandas would fill the rest with empty values)")
     return frame
+
+
+CSV_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def csv_parser_problem(message: str) -> str:
+    """pandas' parser error as a short reason: a row too long names its line and both counts."""
+    found = CSV_FIELD_COUNT.search(message)
+    if found:
+        expected, line, seen = found.groups()
+        return f"line {line} has {seen} fields, the header {expected} (a comma too many, or a value with a comma not in quotes)"
+    return f"not a readable CSV ({shown_value(message.splitlines()[0] if message else '', 200)})"
+
+
+def check_csv_head(path: Path) -> None:
+    """Refuse a header that names a column twice (pandas would read the second as ``name.1`` and every reader
+    ignore it) and a first row longer than the header (pandas would take the first column for an index)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            first = next((row for row in reader if row), None)
+            line = reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return  # pandas reads the file next and says what is wrong with it
+    names = [name for name in header if name]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise DataError(f"{path}: the column {shown_json(twice)} is named twice in the header (only one could be read)")
+    if first is not None and len(first) > len(header):
+        trailing = " (a trailing comma?)" if first[len(header):] == [""] * (len(first) - len(header)) else ""
+        raise DataError(f"{path}: line {line} has {len(first)} fields, the header {len(header)}{trailing}")
 
 
 def last_row_fields(path: Path) -> int | None:

@@ -1434,6 +1434,101 @@ def test_camtrap_dp_export_killed_between_its_two_moves_gets_the_old_package_bac
     assert (tmp_path / "out" / "observations.csv").is_file() and not list(tmp_path.glob(".out.*"))
 
 
+# ---------------------------------------------------------------- CSV headers and rows (io.read_string_csv, every CSV reader)
+
+
+def with_trailing_commas(path: Path) -> None:
+    """A comma after every data row (a spreadsheet's export): pandas took the first column for the index."""
+    header, *rows = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join([header, *(row + "," for row in rows)]) + "\n", encoding="utf-8")
+
+
+def with_column_twice(path: Path, column: str, value: str) -> None:
+    """``column`` named a second time at the end of the header, ``value`` in every row (pandas read it as ``column.1``)."""
+    header, *rows = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join([f"{header},{column}", *(f"{row},{value}" for row in rows)]) + "\n", encoding="utf-8")
+
+
+CSV_SPOILS: dict[str, tuple[Callable[[Path], None], str]] = {  # how a CSV is spoiled, a piece of the message
+    "trailing commas": (with_trailing_commas, "line 2 has"),
+    "filePath twice": (lambda p: with_column_twice(p, "filePath", "x.jpg"), 'the column "filePath" is named twice'),
+    "confidence twice": (lambda p: with_column_twice(p, "confidence", "0.1"), 'the column "confidence" is named twice'),
+}
+
+
+@pytest.mark.parametrize("spoil_name", ["trailing commas", "filePath twice"])
+def test_camtrap_dp_to_cct_refuses_a_spoiled_media_csv_header(spoil_name: str, example: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    package = copy_tables(example, tmp_path / "package")
+    spoil_csv, message = CSV_SPOILS[spoil_name]
+    spoil_csv(package / "media.csv")  # trailing commas: TypeError; filePath twice: the second silently ignored
+    assert_one_line(run(capsys, "utils/camtrap_dp_to_cct.py", package, tmp_path / "o.json", "--images-dir", example),
+                    "media.csv", message)
+
+
+@pytest.mark.parametrize("spoil_name", ["trailing commas", "confidence twice"])
+@pytest.mark.parametrize("script", ["classifier/review_page.py", "classifier/predictions_to_camtrap_dp.py"])
+def test_predictions_readers_refuse_a_spoiled_predictions_csv(script: str, spoil_name: str, example: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    predictions = whole_image_predictions(example, tmp_path / "run")
+    spoil_csv, message = CSV_SPOILS[spoil_name]
+    spoil_csv(predictions)  # trailing commas: ValueError (review page) or every path wrong; confidence twice: one ignored
+    args = ["--per-class", "2"] if "review" in script else ["--package", example, "--output-dir", tmp_path / "out"]
+    assert_one_line(run(capsys, script, "--predictions", predictions, *args), "predictions.csv", message)
+
+
+def test_trailing_commas_are_refused_by_a_real_process(example: Path, tmp_path: Path) -> None:
+    """The user's command, as a process: one line, exit 2, no traceback (it was a pandas TypeError)."""
+    from tests.conftest import run_entry_point  # noqa: PLC0415
+
+    package = copy_tables(example, tmp_path / "package")
+    with_trailing_commas(package / "media.csv")
+    result = run_entry_point("utils/camtrap_dp_to_cct.py", str(package), str(tmp_path / "o.json"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {package / 'media.csv'}: line 2 has ") and lines[0].endswith("(a trailing comma?)")
+
+
+@pytest.mark.parametrize("spoil_name", ["trailing commas", "Species twice"])
+def test_timelapse_export_with_a_spoiled_header_says_why(spoil_name: str, tmp_path: Path) -> None:
+    from classification.active_learning.timelapse import read_timelapse_export  # noqa: PLC0415
+
+    export = tmp_path / "export.csv"
+    export.write_text("File,RelativePath,Species\n" + "".join(f"a{i}.jpg,site\\cam,deer\n" for i in range(5)), encoding="utf-8")
+    if spoil_name == "trailing commas":  # it was: nothing imported, "5 unmatched rows", without saying why
+        with_trailing_commas(export)
+        message = r"export.csv: line 2 has 4 fields, the header 3 \(a trailing comma\?\)"
+    else:  # it was: the first Species column read, the second (a person's correction) ignored
+        with_column_twice(export, "Species", "bird")
+        message = r'export.csv: the column "Species" is named twice'
+    with pytest.raises(DataError, match=message):
+        read_timelapse_export(export, ["bird", "deer"], [f"site/cam/a{i}.jpg" for i in range(5)])
+
+
+@pytest.mark.parametrize("body, message", [
+    ("a,b\n1,2\n3,4,5\n", "line 3 has 3 fields, the header 2 (a comma too many, or a value with a comma not in quotes)"),
+    ("a,b\n1,2,\n", "line 2 has 3 fields, the header 2 (a trailing comma?)"),
+    ("a,b\n1,2,x\n", "line 2 has 3 fields, the header 2"),
+    ("a,a\n1,2\n", 'the column "a" is named twice in the header (only one could be read)'),
+])
+def test_read_string_csv_refuses_rows_longer_than_the_header_and_names_twice(body: str, message: str, tmp_path: Path) -> None:
+    from classification.io import read_string_csv  # noqa: PLC0415
+
+    (tmp_path / "t.csv").write_text(body)
+    with pytest.raises(DataError) as raised:
+        read_string_csv(tmp_path / "t.csv", ("a",))
+    assert str(raised.value) == f"{tmp_path / 't.csv'}: {message}"
+
+
+def test_read_string_csv_keeps_a_header_ending_in_a_comma(tmp_path: Path) -> None:
+    """Every line ending in a comma, the header too, is an empty last column: read, nothing shifted."""
+    from classification.io import read_string_csv  # noqa: PLC0415
+
+    (tmp_path / "t.csv").write_text("a,b,\n1,2,\n")
+    frame = read_string_csv(tmp_path / "t.csv", ("a", "b"))
+    assert frame[["a", "b"]].values.tolist() == [["1", "2"]]
+
+
 def test_camtrap_dp_the_validator_reads_no_table_linked_out_of_the_package(example: Path, tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The validator reads <table>.csv whatever the descriptor names: a source whose observations are in obs.csv and
