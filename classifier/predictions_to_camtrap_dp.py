@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predictions", type=Path, required=True, help="predictions.csv written by classifier/predict.py")
     parser.add_argument("--package", type=Path, required=True, help="the source Camtrap DP package (folder or datapackage.json)")
-    parser.add_argument("--output-dir", type=Path, required=True, help="folder to write the new package into")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="folder to write the new package into (new or empty; --overwrite to replace a package there)")
     parser.add_argument("--classified-by", help="classifiedBy of every observation (default: '<architecture> <run>/<checkpoint>')")
     parser.add_argument("--crops-manifest", type=Path, help="crops_manifest.csv mapping crops to media (default: the run's images folder)")
     parser.add_argument("--images-dir", type=Path, help="folder of the media files, to read image sizes (default: the package folder)")

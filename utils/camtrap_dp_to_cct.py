@@ -7,8 +7,9 @@ Locations come from deployments.csv (locationID, else locationName, else the dep
 sequences from eventID, labels and boxes from observations.csv (normalised boxes become
 pixels for every image whose file is in --images-dir, default: the package folder). Then:
 utils/validate_cct.py, clean_cct.py, crop_detections.py (--images-dir the same folder), ...
-A malformed package (a missing resource or column, a bad timestamp) is one line naming the
-file and the field, and exit code 2.
+A malformed package (a missing resource or column, a bad timestamp or box) is one line naming
+the file, the row and the field, and exit code 2; so is a medium that is a symbolic link out of
+the package (or of --images-dir) or no regular file (a FIFO, a folder): nothing outside is read.
 """
 
 from __future__ import annotations
