@@ -124,6 +124,8 @@ BAD_JSON: dict[str, tuple[str, str]] = {
     "md bbox integer beyond float": (md_text(bbox=f"[0, 0, {HUGE}, 0.1]"), "detections[0].bbox: expected [x, y, width, height]"),
     "md conf as text": (md_text(conf='"high"'), "detections[0].conf: expected a number, got 'high'"),
     "md conf integer beyond float": (md_text(conf=HUGE), "detections[0].conf: expected a number, got an integer too large"),
+    "md conf 7": (md_text(conf="7"), "images[0].detections[0].conf: expected a confidence from 0 to 1, got 7 (image 'a.jpg')"),
+    "md conf negative": (md_text(conf="-0.5"), "detections[0].conf: expected a confidence from 0 to 1, got -0.5"),
     "md absolute file": (md_text(file='"C:/x/a.jpg"'), "images[0].file: expected a relative path"),
     "md categories a list": (md_text(categories='["animal"]'), "detection_categories: expected an object mapping ids to names"),
 }

@@ -166,6 +166,8 @@ def _check_detection(detection: Any, categories: dict[str, str], path: str) -> l
         problems.append(Problem(f"{path}.category", f"{shown(detection.get('category'))} is not in detection_categories"))
     if not is_number(detection.get("conf")):
         problems.append(Problem(f"{path}.conf", f"expected a number, got {shown(detection.get('conf'))}"))
+    elif not 0 <= detection["conf"] <= 1:  # a percentage or a logit: every threshold would keep or drop it all
+        problems.append(Problem(f"{path}.conf", f"expected a confidence from 0 to 1, got {shown(detection['conf'])}"))
     bbox = detection.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
         problems.append(Problem(f"{path}.bbox", f"expected [x, y, width, height] with 4 numbers, got {shown(bbox)}"))
@@ -204,7 +206,8 @@ def validate_megadetector(data: dict[str, Any]) -> list[Problem]:
             problems.append(Problem(f"{path}.detections", "missing or not a list (and no failure given)"))
             continue
         for j, detection in enumerate(detections):
-            problems += _check_detection(detection, categories, f"{path}.detections[{j}]")
+            problems += [Problem(p.path, f"{p.message} (image {shown(file)})", p.severity)
+                         for p in _check_detection(detection, categories, f"{path}.detections[{j}]")]
     return problems
 
 
