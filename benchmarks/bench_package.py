@@ -35,11 +35,12 @@ import yaml
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from classification.config import load_config
 from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
-from classification.evaluation.predict import cct_input, load_trained_model
-from classification.config import load_config
+from classification.evaluation.predict import load_trained_model
+from classification.evaluation.prediction_files import cct_input
 from classification.package.runtime import default_threads, load_session, preprocess, softmax
 from classification.package.spec import read_package
 

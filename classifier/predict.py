@@ -24,7 +24,7 @@ from pathlib import Path
 
 from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
 from classification.errors import UserError
-from classification.evaluation.predict import PredictionResult, run_prediction
+from classification.evaluation.prediction_files import PredictionResult
 from classification.evaluation.review_page import write_review_page
 
 
@@ -56,6 +56,8 @@ def build_parser() -> ArgumentParser:
 def predict(args: Namespace) -> PredictionResult:
     """A checkpoint's prediction (--config), or a model package's (--model)."""
     if args.model is None:
+        from classification.evaluation.predict import run_prediction  # noqa: PLC0415 - PyTorch only for --config
+
         return run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
                               megadetector=args.megadetector, crops_dir=args.crops_dir, output_dir=args.output_dir,
                               batch_size=args.batch_size, topk=args.topk, device=args.device, dask=dask_options(args))

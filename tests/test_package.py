@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 from classification.evaluation.report import read_predictions
 from classification.package.spec import ONNX_NAME, SPEC_NAME, file_sha256, read_package
-from tests.conftest import run_in_process
+from tests.conftest import REPO_ROOT, run_in_process
 from tests.test_inspect import DemoData, build_demo_dataset
 from tests.test_train import train_env, write_run
 
@@ -170,3 +172,17 @@ def test_model_needs_an_input_it_can_read(exported: Exported, tmp_path: Path) ->
     assert code != 0 and "--split needs --config" in err
     code, _, err = run("classifier/predict.py", "--model", exported.package, "--config", exported.config, "--split", "test")
     assert code != 0 and "not allowed with argument" in err
+
+
+def test_predicting_unlabelled_images_with_a_package_never_imports_pytorch(exported: Exported, tmp_path: Path) -> None:
+    images = tmp_path / "new_photos"
+    images.mkdir()
+    for path in sorted(exported.data.crops_dir.rglob("*.jpg"))[:5]:
+        shutil.copy(path, images / path.name)  # no class folders: nothing to score, so nothing needs PyTorch
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "classifier" / "predict.py"), "--model",
+                             str(exported.package), "--images", str(images), "--output-dir", str(tmp_path / "out"), "--review-page"],
+                            capture_output=True, text=True, env=train_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported and not {"torch", "torchvision", "timm"} & imported
+    assert len(read_predictions(tmp_path / "out" / "predictions.csv")) == 5

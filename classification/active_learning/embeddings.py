@@ -32,7 +32,8 @@ from classification.active_learning.scores import uncertainty_scores
 from classification.config import ExperimentConfig
 from classification.data.samples import Sample, image_files
 from classification.errors import DataError, UserError
-from classification.evaluation.predict import folder_input, labelled_samples, load_trained_model, trained_network
+from classification.evaluation.predict import load_trained_model, trained_network
+from classification.evaluation.prediction_files import folder_input, labelled_samples
 from classification.io import atomic_open, write_csv_atomic
 from classification.runtime import DistributedContext, select_device
 from classification.shards import NO_DASK, DaskOptions

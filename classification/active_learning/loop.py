@@ -63,11 +63,10 @@ from classification.data.samples import (
     load_label_index,
 )
 from classification.errors import DataError, UserError
-from classification.evaluation.predict import (
+from classification.evaluation.predict import run_prediction, split_samples_input
+from classification.evaluation.prediction_files import (
     labelled_samples,
-    run_prediction,
     scores_from_probabilities,
-    split_samples_input,
     write_prediction_files,
 )
 from classification.io import (

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
 from classification.errors import DataError
-from classification.training.metrics import accumulate_probabilities
+from classification.evaluation.report import accumulate_scores
 
 MIN_SUPPORT = 20  # val predictions of a class below which it takes the pooled threshold (5 overfitted on MCT: see README)
 LOG_T_BOUNDS = (-3.0, 3.0)  # T between e^-3 and e^3
@@ -52,7 +52,7 @@ def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
 
 def calibration_figures(probabilities: np.ndarray, targets: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
     """NLL and ECE (the training metrics' 15-bin definition) of one probability matrix."""
-    result = accumulate_probabilities(probabilities, targets, len(label_names)).compute(list(label_names))
+    result = accumulate_scores(probabilities, targets, len(label_names)).compute(list(label_names))
     return {"nll": float(result["loss"]), "ece": float(result["ece"])}
 
 

@@ -45,7 +45,7 @@ from classification.errors import DataError
 from classification.evaluation import calibration as cal
 from classification.evaluation.megadetector import image_answers, write_megadetector_classifications
 from classification.evaluation.plots import save_figure
-from classification.evaluation.report import probability_matrix, topk_of
+from classification.evaluation.report import accumulate_scores, probability_matrix, topk_of
 from classification.evaluation.taxonomy import (
     SpeciesList,
     Taxonomy,
@@ -59,7 +59,6 @@ from classification.evaluation.taxonomy import (
     roll_up,
 )
 from classification.io import read_json_object, write_csv_atomic, write_json_atomic
-from classification.training.metrics import accumulate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +309,7 @@ def labelled(predictions: pd.DataFrame, label_names: list[str]) -> tuple[np.ndar
 
 def stage_summary(probabilities: np.ndarray, targets: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """The headline figures of the training metrics for one stage's probabilities."""
-    result = accumulate_probabilities(probabilities, targets, len(label_names)).compute(list(label_names))
+    result = accumulate_scores(probabilities, targets, len(label_names)).compute(list(label_names))
     return {"n": int(len(targets)), **{key: float(result[key]) for key in ("top1", "top3", "macro_f1", "loss", "ece")}}
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,9 @@ import pandas as pd
 from classification.errors import DataError
 from classification.evaluation.plots import write_evaluation_plots
 from classification.io import read_json_object, read_string_csv, write_csv_atomic, write_json_atomic
-from classification.training.metrics import CALIBRATION_BINS, MetricAccumulator, accumulate_probabilities
+
+if TYPE_CHECKING:
+    from classification.training.metrics import MetricAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,21 @@ def probability_matrix(scored: pd.DataFrame, label_names: Sequence[str], with_tr
     return np.where(known, probabilities, share[:, None])
 
 
+def accumulate_scores(probabilities: np.ndarray, targets: np.ndarray, num_classes: int) -> MetricAccumulator:
+    """The training loop's ``MetricAccumulator`` fed with these probabilities and true class numbers.
+
+    PyTorch is imported here, when there are labels to score: predicting unlabelled images with a
+    model package never loads it.
+    """
+    from classification.training.metrics import accumulate_probabilities  # noqa: PLC0415 - see above
+
+    return accumulate_probabilities(probabilities, targets, num_classes)
+
+
 def accumulate(scored: pd.DataFrame, label_names: Sequence[str]) -> MetricAccumulator:
     """A ``MetricAccumulator`` fed with the table's rows (loss = mean cross-entropy of the true label)."""
     targets = scored["true_label"].map({n: i for i, n in enumerate(label_names)}).to_numpy(int, copy=True)
-    return accumulate_probabilities(probability_matrix(scored, label_names), targets, len(label_names))
+    return accumulate_scores(probability_matrix(scored, label_names), targets, len(label_names))
 
 
 def per_location_accuracy(scored: pd.DataFrame) -> pd.DataFrame:
@@ -165,14 +178,14 @@ def compute_metrics(predictions: pd.DataFrame, label_names: Sequence[str]) -> di
         log.warning("%d predictions have true labels the model does not know (%s): not scored",
                     len(known) - len(scored), ", ".join(others[:5]))
     accumulator = accumulate(scored, label_names)
-    metrics = accumulator.compute(list(label_names))
+    metrics, bins = accumulator.compute(list(label_names)), accumulator.calibration_bins()
     metrics["top3"] = metrics["top3"] if topk_of(predictions) >= 3 or len(label_names) <= topk_of(predictions) else None
     metrics.update(
         n_predictions=len(predictions),
         n_scored=len(scored),
         n_unknown_label=len(known) - len(scored),
         label_names=list(label_names),
-        calibration={"n_bins": CALIBRATION_BINS, "bins": accumulator.calibration_bins()},
+        calibration={"n_bins": len(bins), "bins": bins},
         per_location=per_location_accuracy(scored).to_dict("records"),
     )
     return metrics

@@ -30,7 +30,7 @@ from classification.evaluation.postprocess import (
     megadetector_descriptions_for,
     run_postprocess,
 )
-from classification.evaluation.predict import (
+from classification.evaluation.prediction_files import (
     PredictionInput,
     PredictionResult,
     cct_input,
