@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import ValidationError
 
 from classification.config import describe_error
-from classification.errors import UserError
+from classification.errors import UserError, closest_names
 from classification.shards import DEFAULT_SHARD_SIZE, DaskOptions
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ class ArgumentParser(argparse.ArgumentParser):
         for word in message.replace(",", " ").split():
             word = word.rstrip(":")  # argparse writes "argument --flag: ..." about a flag it knows
             if word.startswith("-") and word not in self.known_flags():
-                close = difflib.get_close_matches(word.split("=")[0], self.known_flags(), n=1, cutoff=0.6)
+                close = closest_names(word.split("=")[0], self.known_flags())
                 if close:
                     hints.append(f"{word}: did you mean {close[0]}?")
         return f"{message} ({'; '.join(hints)})" if hints else message

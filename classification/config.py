@@ -13,7 +13,6 @@ is read as 224. ``--set`` takes dotted keys for sections (``active_learning.stra
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import hashlib
 import json
 import platform
@@ -27,7 +26,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from classification.errors import DataError, UserError
+from classification.errors import DataError, UserError, did_you_mean
 from classification.io import read_bounded_text, write_json_atomic, write_text_atomic
 
 MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
@@ -274,12 +273,6 @@ class ExperimentConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values (paths as strings)."""
         return self.model_dump(mode="json")
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """`` (did you mean X?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 TYPE_NAMES = {

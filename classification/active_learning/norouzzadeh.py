@@ -12,7 +12,6 @@ which changes with every round and is biased by the selection itself.
 from __future__ import annotations
 
 import csv
-import difflib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -37,7 +36,7 @@ from classification.active_learning.triplet import (
     train_mlp,
 )
 from classification.data.samples import Sample, class_folder_samples, class_folders
-from classification.errors import DataError, UserError
+from classification.errors import DataError, UserError, did_you_mean
 from classification.io import atomic_open, write_csv_atomic
 from classification.training.data import derived_seed
 from classification.training.metrics import accumulate_probabilities
@@ -250,8 +249,7 @@ class LoopOptions:
         known = [f.name for f in fields(cls)]
         for name in keywords:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                raise UserError(f"run_active_learning: unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+                raise UserError(f"run_active_learning: unknown option {name!r}" + did_you_mean(name, known, quote=True))
         options = cls(**keywords)
         check_options(options.active_batch, options.active_learning_strategy, options.num_rounds, options.retune_every,
                       options.mining)

@@ -12,12 +12,11 @@ can push a value a hair outside [0, 1], so results are clipped.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import numpy as np
 
-from classification.errors import DataError, UserError
+from classification.errors import DataError, UserError, did_you_mean
 
 SUM_TOLERANCE = 1e-3  # rows may be float32 softmax output or rounded JSON values
 
@@ -89,9 +88,8 @@ def check_score_name(name: str) -> str:
     """Return ``name`` if it is a known score; otherwise a one-line ``UserError`` with a suggestion."""
     if name in SCORE_FUNCTIONS:
         return name
-    close = difflib.get_close_matches(str(name), list(SCORE_FUNCTIONS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UserError(f"unknown uncertainty score {name!r} (known: {', '.join(SCORE_FUNCTIONS)}){hint}")
+    raise UserError(f"unknown uncertainty score {name!r} (known: {', '.join(SCORE_FUNCTIONS)})"
+                    + did_you_mean(str(name), SCORE_FUNCTIONS, quote=True))
 
 
 def uncertainty_scores(probabilities: np.ndarray, name: str) -> np.ndarray:

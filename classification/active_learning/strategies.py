@@ -14,7 +14,6 @@ first rounded to float32). See docs/active_learning_strategies.md for formulas a
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import warnings
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from classification.active_learning.scores import SCORE_FUNCTIONS, check_score_name, uncertainty_scores
 from classification.config import STRATEGY_NAMES
-from classification.errors import UserError
+from classification.errors import UserError, did_you_mean
 
 STRATEGIES: tuple[str, ...] = STRATEGY_NAMES  # the config owns the names (it imports no stage); OPTIONS covers each
 
@@ -105,9 +104,7 @@ def select(strategy: str, inputs: SelectionInputs, budget: int, seed: int, **opt
 
 def _unknown(kind: str, name: object, known: tuple[str, ...] | list[str]) -> UserError:
     """A one-line error naming the known choices and the closest one."""
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UserError(f"unknown {kind} {name!r} (known: {', '.join(known) or 'none'}){hint}")
+    return UserError(f"unknown {kind} {name!r} (known: {', '.join(known) or 'none'}){did_you_mean(str(name), known, quote=True)}")
 
 
 def check_strategy_name(strategy: str) -> str:

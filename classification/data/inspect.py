@@ -8,7 +8,6 @@ in Jupyter, ``%matplotlib inline`` displays a returned figure as a PNG.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from classification.data.dataset import read_dataset_csv, read_label_index
 from classification.data.figures import Thumbnail, plot_thumbnail_grid
 from classification.data.images import read_thumbnail as read_thumbnail  # re-exported: the notebooks' thumbnails
 from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits, read_splits
-from classification.errors import DataError, UserError
+from classification.errors import DataError, UserError, did_you_mean
 from classification.io import read_json_object
 
 NO_LOCATION = "(no location)"  # never a normalised location: those have no spaces
@@ -283,9 +282,7 @@ def edit_category_map(
     convert = dict(convert or {})
     for name in [*drop, *convert]:
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"category {name!r} is not in the category map{hint}")
+            raise UserError(f"category {name!r} is not in the category map{did_you_mean(name, names, quote=True)}")
     dropped = set(drop)
     edited = []
     for row in rows:

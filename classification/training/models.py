@@ -15,7 +15,6 @@ recorded on the model (``model._classification_head_name``) for freezing and for
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from timm.models import split_model_name_tag
 from torch import Tensor, nn
 
 from classification.config import ExperimentConfig, PretrainedSource, load_config
-from classification.errors import DataError, UserError
+from classification.errors import DataError, UserError, did_you_mean
 from classification.training.weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -62,8 +61,7 @@ def resolve_architecture(architecture: str) -> tuple[str, str]:
         return "timm", name
     candidates = list(dict.fromkeys((torchvision_names() if library != "timm" else [])  # a name both libraries have, once
                                     + (timm.list_models() if library != "torchvision" else [])))
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    hint = did_you_mean(name, candidates, n=3)
     raise UserError(f"architecture: unknown model {architecture!r}{hint}; names are torchvision's "
                     "(torchvision.models.list_models()) or timm's (timm.list_models('*pattern*'); prefix timm: to force timm)")
 

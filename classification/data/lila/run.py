@@ -27,8 +27,8 @@ from classification.data.lila.locations import species_locations, write_location
 from classification.data.lila.select import Selection, SelectionOptions, select_rows
 from classification.data.lila.subset import CCT_FILE, SubsetReport, download_items, fetch_md_results, read_cct_file, summary_lines, write_subset
 from classification.data.lila.table import PARQUET_FILE, convert_all_images
-from classification.data.lila.taxa import Taxonomy, did_you_mean
-from classification.errors import DataError, UserError
+from classification.data.lila.taxa import Taxonomy
+from classification.errors import DataError, UserError, did_you_mean
 from classification.io import ensure_folder, read_json
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class SubsetResult:
 
 def _check_cloud(cloud: str) -> None:
     if cloud not in CLOUDS:
-        raise UserError(f"--cloud {cloud!r}: not one of {', '.join(CLOUDS)}{did_you_mean(cloud, CLOUDS)}")
+        raise UserError(f"--cloud {cloud!r}: not one of {', '.join(CLOUDS)}{did_you_mean(cloud, CLOUDS, n=3)}")
 
 
 def open_lila(source: LilaSource, table: bool = True) -> tuple[dict[str, Dataset], Taxonomy, Path]:
@@ -141,7 +141,7 @@ def download_dataset_cct(source: LilaSource, dataset_name: str, output_dir: Path
     by_any = {key.lower(): dataset for dataset in datasets.values() for key in (dataset.name, dataset.short_name)}
     dataset = by_any.get(dataset_name.lower())
     if dataset is None:
-        raise UserError(f"--dataset {dataset_name!r}: not a LILA dataset{did_you_mean(dataset_name.lower(), by_any)}")
+        raise UserError(f"--dataset {dataset_name!r}: not a LILA dataset{did_you_mean(dataset_name.lower(), by_any, n=3)}")
     url = dataset.metadata_urls.get(source.cloud, "")
     if not url:
         raise DataError(f"{dataset.name}: metadata_url_{source.cloud}: empty (try another --cloud)")

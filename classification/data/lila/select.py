@@ -20,8 +20,8 @@ import pandas as pd
 
 from classification.data.lila.index import CLOUDS, Dataset
 from classification.data.lila.table import connect, table_columns
-from classification.data.lila.taxa import EMPTY_LABELS, Taxonomy, check_rank, did_you_mean
-from classification.errors import UserError
+from classification.data.lila.taxa import EMPTY_LABELS, Taxonomy, check_rank
+from classification.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _match_places(datasets: Mapping[str, Dataset], wanted: Sequence[str], attrib
     known = {part for dataset in datasets.values() for part in _parts(getattr(dataset, attribute))}
     for value in wanted:
         if value.strip().lower() not in known:
-            raise UserError(f"{flag} {value!r}: no LILA dataset lists it{did_you_mean(value.strip().lower(), known)}")
+            raise UserError(f"{flag} {value!r}: no LILA dataset lists it{did_you_mean(value.strip().lower(), known, n=3)}")
     lowered = {value.strip().lower() for value in wanted}
     return {name for name, dataset in datasets.items() if _parts(getattr(dataset, attribute)) & lowered}
 
@@ -95,7 +95,7 @@ def chosen_datasets(datasets: Mapping[str, Dataset], options: SelectionOptions) 
         names = set()
         for value in options.datasets:
             if value.lower() not in by_any:
-                raise UserError(f"--dataset {value!r}: not a LILA dataset{did_you_mean(value.lower(), by_any)}")
+                raise UserError(f"--dataset {value!r}: not a LILA dataset{did_you_mean(value.lower(), by_any, n=3)}")
             names.add(by_any[value.lower()])
         allowed = names
     for attribute, flag in (("country", "--country"), ("continent", "--continent"), ("region", "--region")):

@@ -8,14 +8,13 @@ only. A name the taxonomy does not hold is one line with the nearest names, neve
 
 from __future__ import annotations
 
-import difflib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from classification.data.lila.index import RANKS, TAXONOMY_COLUMNS, open_csv_rows
-from classification.errors import UserError
+from classification.errors import UserError, did_you_mean
 
 NAME_COLUMNS = ("common_name", "scientific_name", *RANKS)
 EMPTY_LABELS = frozenset({"empty", "blank", "none", "nothing", "no animal"})
@@ -34,10 +33,6 @@ def normalise_name(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """`` (did you mean a, b?)`` for the closest choices, or an empty string."""
-    close = difflib.get_close_matches(word, sorted(set(choices)), n=n, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 class Taxonomy:
@@ -71,14 +66,14 @@ class Taxonomy:
         if rank:
             column = normalise_name(rank).replace(" ", "_")
             if column not in NAME_COLUMNS:
-                raise UserError(f"--taxon {text!r}: unknown rank {rank!r}{did_you_mean(column, NAME_COLUMNS)}")
+                raise UserError(f"--taxon {text!r}: unknown rank {rank!r}{did_you_mean(column, NAME_COLUMNS, n=3)}")
             if value not in self.values[column]:
-                raise UserError(f"--taxon {text!r}: no {column} {name!r} in LILA's taxonomy{did_you_mean(value, self.values[column])}")
+                raise UserError(f"--taxon {text!r}: no {column} {name!r} in LILA's taxonomy{did_you_mean(value, self.values[column], n=3)}")
             return TaxonQuery(text, ((column, value),))
         columns = self._matches(value)
         if not columns:
             raise UserError(f"--taxon {text!r}: not a common name, scientific name or rank in LILA's taxonomy"
-                            f"{did_you_mean(value, self.all_names())}")
+                            f"{did_you_mean(value, self.all_names(), n=3)}")
         return TaxonQuery(text, columns)
 
     def _matches(self, value: str) -> tuple[tuple[str, str], ...]:
@@ -94,4 +89,4 @@ def check_rank(rank: str, where: str = "--label-rank") -> str:
     """A rank name (``species``, ``genus``, ...) or ``original``; else a one-line UserError with the nearest."""
     if rank == "original" or rank in RANKS:
         return rank
-    raise UserError(f"{where} {rank!r}: not a rank{did_you_mean(rank, [*RANKS, 'original'])}")
+    raise UserError(f"{where} {rank!r}: not a rank{did_you_mean(rank, [*RANKS, 'original'], n=3)}")
