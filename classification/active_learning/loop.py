@@ -83,6 +83,12 @@ from classification.training.engine import TrainResult, train
 
 log = logging.getLogger(__name__)
 
+
+def round_seed(seed: int, round_number: int) -> int:
+    """The seed of one round's selection and head training: distinct per round, the same on a re-run."""
+    return seed * 1000 + round_number
+
+
 AL_DIR = "active_learning"
 POOL_DATASET = "al_pool"
 DIVERSITY_STRATEGIES = ("k_center", "coral")  # start from the labelled set: the train split is embedded too
@@ -201,7 +207,7 @@ def train_round_head(experiment: Experiment, number: int, pool: list[Sample]) ->
     config = experiment.config
     return head_rounds.train_head(head_context(experiment), build_samples(config, config.train_split), pool,
                                   len(experiment.label_names), experiment.round(number).model / head_rounds.HEAD_FILE,
-                                  seed=experiment.al.seed * 1000 + number)
+                                  seed=round_seed(experiment.al.seed, number))
 
 
 def is_trained(experiment: Experiment, number: int) -> bool:
@@ -313,7 +319,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
         labelled = np.concatenate([labelled, np.ones(len(train), dtype=bool)])
         excluded = np.concatenate([excluded, np.zeros(len(train), dtype=bool)])
     inputs = SelectionInputs(labelled=labelled, excluded=excluded, probabilities=probabilities, embeddings=embeddings)
-    seed = al.seed * 1000 + number
+    seed = round_seed(al.seed, number)
     selection = select(al.strategy, inputs, al.batch_size, seed, **strategy_options(al))
     table = selection_table(selection, kept_paths, probabilities, experiment.label_names)
     info = {

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from classification.active_learning.embeddings import embed_with_backbone, embed_with_checkpoint
-from classification.active_learning.loop import Experiment, strategy_options, write_derived_config
+from classification.active_learning.loop import Experiment, round_seed, strategy_options, write_derived_config
 from classification.active_learning.pool import stratified_mask
 from classification.active_learning.strategies import SelectionInputs, select
 from classification.active_learning.triplet import predict_proba, train_mlp
@@ -209,7 +209,7 @@ def head_curve(experiment: Experiment, data: SimulationData, strategy: str, seed
         top1, macro_f1 = top1_and_macro_f1(predict_proba(mlp, held_x), data.held_out_labels, data.num_classes)
         rows.append([strategy, seed, round_number, int(labelled.sum()), top1, macro_f1])
         if round_number < settings.rounds and not labelled.all():
-            chosen = pick(strategy, labelled, predict_proba(mlp, train_x), train_x, budget, seed * 1000 + round_number, experiment)
+            chosen = pick(strategy, labelled, predict_proba(mlp, train_x), train_x, budget, round_seed(seed, round_number), experiment)
             labelled[chosen] = True
     return rows
 
@@ -226,7 +226,7 @@ def full_curve(experiment: Experiment, data: SimulationData, strategy: str, seed
         top1, macro_f1 = top1_and_macro_f1(held_p, data.held_out_labels, data.num_classes)
         rows.append([strategy, seed, round_number, int(labelled.sum()), top1, macro_f1])
         if round_number < settings.rounds and not labelled.all():
-            labelled[pick(strategy, labelled, train_p, train_x, budget, seed * 1000 + round_number, experiment)] = True
+            labelled[pick(strategy, labelled, train_p, train_x, budget, round_seed(seed, round_number), experiment)] = True
     return rows
 
 
