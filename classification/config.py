@@ -28,6 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from classification.errors import DataError, UserError, did_you_mean
 from classification.io import read_bounded_text, write_json_atomic, write_text_atomic
+from classification.redaction import find_env_files, known_secrets, redact_secrets, warn_about_secrets
 
 MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
 # Fields that may change between a run and its resume without changing what has been
@@ -549,10 +550,14 @@ def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str]
                     extra: Mapping[str, Any] | None = None) -> None:
     """Write ``resolved_config.yml`` and ``run_info.json`` (versions, command line, start time).
 
-    Nothing from the environment is recorded, so no key or token can end up in them.
+    Nothing from the environment is recorded, and a value holding a known secret (``--set experiment_name=<key>``)
+    is written as ``***`` with a one-line warning naming the field.
     """
+    secrets = known_secrets(*find_env_files(run_dir))
+    warn_about_secrets(config.to_dict(), secrets, "the run files, checkpoints and Comet")
     header = "# written at the start of each run: the config as validated, defaults and --set overrides included\n"
-    write_text_atomic(run_dir / "resolved_config.yml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    resolved = redact_secrets(config.to_dict(), secrets)
+    write_text_atomic(run_dir / "resolved_config.yml", header + yaml.safe_dump(resolved, sort_keys=False))
     info = {
         "command": [sys.executable, *argv],
         "overrides": list(overrides),
@@ -564,4 +569,4 @@ def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str]
         "config_hash": config_hash(config),
         **(extra or {}),
     }
-    write_json_atomic(run_dir / "run_info.json", info)
+    write_json_atomic(run_dir / "run_info.json", redact_secrets(info, secrets))

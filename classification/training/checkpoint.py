@@ -35,6 +35,7 @@ import torch
 from classification.config import ExperimentConfig, config_changes, config_hash
 from classification.errors import DataError, UserError
 from classification.io import link_atomic, remove_stale_temporaries, write_bytes_atomic
+from classification.redaction import known_secrets, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def build_checkpoint(states: Mapping[str, Any], config: ExperimentConfig, label_
                      rank_rng: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The checkpoint dict: the trainer's, the counters' and the hooks' ``states``, every rank's random
     states (``rank_rng``, from ``capture_rng_state`` on each rank; ``rng`` is rank 0's), the number of
-    processes, the labels and the config (tensors and plain values only, for ``weights_only=True`` loading)."""
+    processes, the labels and the config (tensors and plain values only, for ``weights_only=True`` loading); a config
+    value holding a known secret is saved as ``***`` (``redact_secrets``)."""
     return {
         **states,
         "rng": rank_rng[0],
@@ -119,7 +121,7 @@ def build_checkpoint(states: Mapping[str, Any], config: ExperimentConfig, label_
         "world_size": len(rank_rng),
         "label_index": {str(i): name for i, name in label_index.items()},
         "config_hash": config_hash(config),
-        "config": config.to_dict(),
+        "config": redact_secrets(config.to_dict(), known_secrets()),
     }
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from classification.runtime import barrier, gather_objects
 from classification.training.checkpoint import LAST, capture_rng_state, checkpoint_names, prune_checkpoints, save_checkpoint
 from classification.training.sample_grid import sample_prediction_grid
-from classification.training.tracking import ExperimentTracker
+from classification.training.tracking import ExperimentTracker, load_comet_settings
 
 if TYPE_CHECKING:  # the loop calls the hooks; the hooks only read it
     from classification.training.engine import TrainingLoop
@@ -116,6 +116,8 @@ class Tracking(Hook):
 
     def __init__(self, run_dir: Path, mode: str, experiment_name: str) -> None:
         self.run_dir, self.mode, self.experiment_name = run_dir, mode, experiment_name
+        if mode != "off":
+            load_comet_settings(run_dir)  # a key that is not a plain token stops the run here, before anything is written
         self.key: str | None = None  # the experiment to continue
         self.tracker: ExperimentTracker | None = None
 

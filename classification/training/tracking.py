@@ -30,7 +30,6 @@ printed, or written to the experiment folder.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
@@ -40,10 +39,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from dotenv import dotenv_values
-
 from classification.errors import DataError, UserError
-from classification.io import atomic_open, read_bounded_text, unreadable_file
+from classification.io import atomic_open, unreadable_file
+from classification.redaction import (
+    SECRET_NAME_PARTS,
+    check_token,
+    find_env_files,
+    holds_secret,
+    known_secrets,
+    read_env_file,
+    redact,
+    register_secret,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,6 @@ MODES: tuple[str, ...] = ("auto", "online", "offline", "off")
 COMET_DIR = "comet"
 METRICS_FILE = "metrics.csv"
 SETTING_NAMES = ("COMET_API_KEY", "COMET_PROJECT_NAME", "COMET_WORKSPACE")
-SECRET_NAME_PARTS = ("api_key", "apikey", "secret", "password", "token")
 
 # Nothing Comet logs by itself: no code, git, environment, host, packages or console output,
 # so it never probes the network or cloud-metadata addresses and only logs what we log.
@@ -90,33 +96,18 @@ class CometSettings:
     workspace: str | None = None
 
 
-def find_env_files(run_dir: Path) -> list[Path]:
-    """``.env`` files that may hold Comet settings, nearest first (see the module docstring)."""
-    run_dir = Path(run_dir).resolve()
-    cwd = Path.cwd().resolve()
-    chain = [run_dir, *run_dir.parents]
-    stop = next((i for i, folder in enumerate(chain) if folder == cwd or (folder / ".git").exists()), 0)
-    folders = [*chain[: stop + 1], cwd]
-    files = [folder / ".env" for folder in dict.fromkeys(folders)]
-    return [path for path in files if path.is_file()]
-
-
-def read_env_file(path: Path) -> dict[str, str | None]:
-    """The settings of a ``.env`` file; one that cannot be read is a one-line ``DataError`` (its
-    contents, which may hold the API key, are never shown)."""
-    try:
-        return dict(dotenv_values(stream=io.StringIO(read_bounded_text(path, "a .env file"))))
-    except (OSError, UnicodeDecodeError) as error:
-        raise unreadable_file(path, error, "a .env file") from None
-
-
 def load_comet_settings(run_dir: Path) -> CometSettings:
-    """Each setting from the environment, else from the nearest ``.env`` that sets it."""
-    sources: list[Mapping[str, str | None]] = [os.environ]
-    sources += [read_env_file(path) for path in find_env_files(run_dir)]
+    """Each setting from the environment, else from the nearest ``.env`` that sets it; a key that is not a plain
+    token is a one-line ``DataError`` (``check_token``) before comet_ml ever sees it."""
+    sources: list[tuple[str, Mapping[str, str | None]]] = [("the environment", os.environ)]
+    sources += [(str(path), read_env_file(path, ("COMET_API_KEY",))) for path in find_env_files(run_dir)]
     found: dict[str, str | None] = {}
     for name in SETTING_NAMES:
-        found[name] = next((source[name] for source in sources if source.get(name)), None)
+        found[name] = next((source[name] for _, source in sources if source.get(name)), None)
+    key_from = next((where for where, source in sources if source.get("COMET_API_KEY")), None)
+    if found["COMET_API_KEY"] and key_from:
+        register_secret(found["COMET_API_KEY"])
+        check_token("COMET_API_KEY", found["COMET_API_KEY"], key_from)
     return CometSettings(found["COMET_API_KEY"], found["COMET_PROJECT_NAME"], found["COMET_WORKSPACE"])
 
 
@@ -165,8 +156,9 @@ class ExperimentTracker:
                 "comet: online: no COMET_API_KEY in the environment or a .env file "
                 f"(looked beside {self.run_dir} and in {Path.cwd()}); set it, or use comet: offline"
             )
-        project_name = config_dict.get("comet_project") or settings.project_name
         self._secrets = tuple(secret for secret in (settings.api_key, os.environ.get("COMET_API_KEY")) if secret)
+        project_name = config_dict.get("comet_project") or settings.project_name
+        project_name = redact(project_name, self.secrets) if project_name else None  # --set comet_project=<key>
         offline_dir = self.run_dir / COMET_DIR
         experiment, self.mode = None, "online"
         if mode == "online" or (mode == "auto" and settings.api_key):
@@ -174,14 +166,14 @@ class ExperimentTracker:
         if experiment is None:
             experiment, self.mode = _start_offline(settings, project_name, offline_dir, existing_key), "offline"
         if experiment_name:
-            experiment.set_name(experiment_name)
+            experiment.set_name(redact(experiment_name, self.secrets))
         self._experiment, self._key = experiment, experiment.get_key()
         self.log_parameters(config_dict)
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """What must never be logged: the Comet API key and key-like environment values."""
-        return (*self._secrets, *environment_secrets())
+        return tuple(dict.fromkeys((*self._secrets, *known_secrets())))
 
     @property
     def key(self) -> str | None:
@@ -306,22 +298,6 @@ def _start_offline(
     return comet_ml.OfflineExperiment(**where, **EXPERIMENT_OPTIONS, **EXTRA_OPTIONS)
 
 
-def environment_secrets() -> tuple[str, ...]:
-    """Values of environment variables named like a key, token or password (8+ characters)."""
-    names = (*SECRET_NAME_PARTS, "key")
-    return tuple(
-        value for name, value in os.environ.items() if len(value) >= 8 and any(part in name.lower() for part in names)
-    )
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
 def public_parameters(parameters: Mapping[str, Any], secrets: Iterable[str] = ()) -> dict[str, Any]:
     """Parameters safe to log: no name that says secret, no value holding one of ``secrets``; paths as text."""
     secrets = tuple(secret for secret in secrets if secret)
@@ -335,7 +311,7 @@ def public_parameters(parameters: Mapping[str, Any], secrets: Iterable[str] = ()
             value = [str(item) if isinstance(item, Path) else item for item in value]
         elif isinstance(value, Path):
             value = str(value)
-        if any(secret in str(value) for secret in secrets):
+        if holds_secret(str(value), secrets):
             continue
         public[str(name)] = value
     return public
