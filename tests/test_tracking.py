@@ -10,18 +10,24 @@ import logging
 import socket
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import torch
 from PIL import Image
 
-from classification.errors import UserError
+from classification import redaction
+from classification.errors import DataError, UserError
+from classification.redaction import redact, redact_secrets
 from classification.training.tracking import (
     ExperimentTracker,
     find_env_files,
     load_comet_settings,
     public_parameters,
 )
+from tests.test_train import build_dataset, run_train, write_run
 
 FAKE_KEY = "x" * 32
 CONFIG = {"learning_rate": 0.01, "data_root": Path("/data/demo"), "comet": "auto", "comet_project": None}
@@ -279,3 +285,109 @@ def test_key_like_environment_values_are_secrets(monkeypatch: pytest.MonkeyPatch
     secrets = ExperimentTracker(None).secrets
     assert "t0k3n-value-123" in secrets and "1" not in secrets
     assert public_parameters({"a": "t0k3n-value-123", "b": 1}, secrets) == {"b": 1}
+
+
+# ---------------------------------------------------------------- secrets: refused when malformed, redacted everywhere
+
+
+@pytest.fixture(autouse=True)
+def no_registered_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets registered by earlier tests in this process (``.env`` files read) are forgotten."""
+    monkeypatch.setattr(redaction, "_registered", set())
+
+
+COMET_KEY = "Zq9aBcDeFgHiJkLmNoPqRsTuV"  # what a Comet key looks like: 25 letters and digits
+ESCAPED_KEY = "Zq9aBcDeFgHiJkLm\\nkeyMoreSecret42"  # as a quoted .env value shows it; python-dotenv reads a newline
+
+
+def forms_of(secret: str) -> list[str]:
+    """Every way a test looks for a secret: as is, escaped, repr'd, each of its lines."""
+    lines = [line for line in secret.splitlines() if line]
+    return sorted({secret, secret.encode("unicode_escape").decode(), repr(secret), json.dumps(secret)[1:-1], *lines})
+
+
+def leaks(folder: Path, outputs: Sequence[str], secrets: Sequence[str], skip: Sequence[str] = (".env",)) -> list[str]:
+    """Where any form of any secret shows: the outputs, every file under ``folder`` (zip members and the contents
+    of torch.load'ed checkpoints included), except the files named in ``skip`` (where the user put it)."""
+    found = [f"output {i}" for i, text in enumerate(outputs) for s in secrets for form in forms_of(s) if form in text]
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.name in skip:
+            continue
+        texts = [path.read_bytes().decode("latin-1")]
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                texts += [archive.read(name).decode("latin-1") for name in archive.namelist()]
+        if path.suffix == ".pt":
+            texts.append(repr(torch.load(path, map_location="cpu", weights_only=False)))
+        found += [str(path) for text in texts for s in secrets for form in forms_of(s) if form in text]
+    return sorted(set(found))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cropped and split dataset for end-to-end runs of classifier/train.py."""
+    return build_dataset(tmp_path_factory.mktemp("secrets"), n_locations=4, sequences=2, frames=2)
+
+
+def comet_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a train.py run whose Comet online attempt hits a closed local port at once."""
+    return {"HOME": str(tmp_path / "home"), "COMET_URL_OVERRIDE": f"http://127.0.0.1:{closed_port()}/clientlib/",
+            "COMET_HTTP_SESSION_RETRY_TOTAL": "0", "COMET_GET_OR_ADD_EXPERIMENT_RETRY_TOTAL": "0", **extra}
+
+
+def test_a_key_that_is_not_a_plain_token_is_one_line_before_comet_sees_it(dataset: Path, tmp_path: Path) -> None:
+    config = write_run(tmp_path / "run", dataset, num_epochs=1, comet="auto")
+    (config.parent / ".env").write_text(f'COMET_API_KEY="{ESCAPED_KEY}"\n')
+    done = run_train(config, **comet_env(tmp_path))
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"error: COMET_API_KEY in {config.parent / '.env'}: not a valid key (expected letters, digits, "
+                     "'-' or '_', on one line, without quotes or spaces); nothing was sent"], done.stderr[-3000:]
+    secret = ESCAPED_KEY.replace("\\n", "\n")
+    assert leaks(config.parent, [done.stdout, done.stderr], [secret]) == []
+    assert sorted(p.name for p in config.parent.iterdir()) == [".env", "config.yml"]  # stopped before anything was written
+
+
+@pytest.mark.parametrize("value", ["has space in it 12345", "line-one-1234\nline-two-5678", "'quoted-key-12345'", "short"])
+def test_a_comet_key_in_the_environment_that_is_not_a_plain_token_is_refused(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMET_API_KEY", value)
+    with pytest.raises(DataError, match="^COMET_API_KEY in the environment: not a valid key") as error:
+        ExperimentTracker.create(tmp_path / "run", CONFIG, "auto", "exp", None)
+    assert not any(form in str(error.value) for form in forms_of(value) if len(form) > 4)
+    assert not (tmp_path / "run").exists()
+
+
+def test_redact_replaces_every_form_of_a_secret() -> None:
+    secret = 'Zq9aBcDeFgHi\nkey"More\\Secret42'
+    shown = [secret, repr(secret), json.dumps(secret), str([secret]), secret.encode("unicode_escape").decode(),
+             "prefix " + secret.splitlines()[1] + " suffix", quote(secret, safe="")]
+    for text in shown:
+        assert leaks_in(redact(text, [secret]), secret) == [], text
+    assert redact("lr 0.1", [secret]) == "lr 0.1"
+    assert redact_secrets({"a": [secret, 1], secret: (2, f"x{secret}")}, [secret]) == {"a": ["***", 1], "***": (2, "x***")}
+
+
+def leaks_in(text: str, secret: str) -> list[str]:
+    """The forms of ``secret`` still in ``text``."""
+    return [form for form in forms_of(secret) if form in text]
+
+
+def test_a_secret_passed_by_set_is_written_nowhere(dataset: Path, tmp_path: Path) -> None:
+    aws_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    config = write_run(tmp_path / "run", dataset, num_epochs=1, comet="auto")
+    (config.parent / ".env").write_text(f"COMET_API_KEY={COMET_KEY}\n")
+    done = run_train(config, "--set", f"experiment_name={COMET_KEY}", "--set", f"comet_project={aws_secret}",
+                     **comet_env(tmp_path, AWS_SECRET_ACCESS_KEY=aws_secret))
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "hold a secret" in line]
+    assert warnings == ["comet_project, experiment_name hold a secret (an API key or token): written as *** in the "
+                        "run files, checkpoints and Comet"], done.stderr[-3000:]
+    run_dir = config.parent
+    assert [p.name for p in (run_dir / "comet").glob("*.zip")] and (run_dir / "checkpoints" / "last.pt").is_file()
+    assert leaks(run_dir, [done.stdout, done.stderr], [COMET_KEY, aws_secret]) == []
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["overrides"] == ["experiment_name=***", "comet_project=***"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert (checkpoint["config"]["experiment_name"], checkpoint["config"]["learning_rate"]) == ("***", 0.05)
