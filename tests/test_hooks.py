@@ -7,13 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from classification.config import load_config
-from classification.training import engine
 from classification.training.checkpoint import load_checkpoint
 from classification.training.engine import TrainingLoop, train
-from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook
+from classification.training.hooks import EarlyStopping, EpochEnd, Hook
 from tests.test_train import build_dataset, write_run
 
 
@@ -66,28 +64,39 @@ class Recording(Hook):
         self.steps = int(checkpoint.get("recording_steps", 0))
 
 
-def test_a_new_hook_needs_no_loop_code_and_resumes_with_its_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_hook_needs_no_loop_code_and_resumes_with_its_state(tmp_path: Path) -> None:
     dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=2, frames=2)
     calls: list[str] = []
-    added: list[Recording] = []
-    build_loop = engine.build_loop
-
-    def with_recording(*args: Any, **kwargs: Any) -> TrainingLoop:
-        loop = build_loop(*args, **kwargs)
-        assert isinstance(loop.hooks[-1], Checkpointer)  # the checkpoint comes last, so it holds the others' state
-        added.append(Recording(calls))
-        loop.hooks.insert(len(loop.hooks) - 1, added[-1])
-        return loop
-
-    monkeypatch.setattr(engine, "build_loop", with_recording)
     config_path = write_run(tmp_path / "run", dataset, num_epochs=1)
-    train(load_config(config_path), config_path.parent)
+    recording = Recording(calls)
+    train(load_config(config_path), config_path.parent, hooks=[recording])
     first = load_checkpoint(config_path.parent / "checkpoints" / "last.pt")
     assert calls == ["before_train", "after_epoch 1", "after_train"]
-    assert first["recording_steps"] == first["step"] == added[0].steps > 0
+    assert first["recording_steps"] == first["step"] == recording.steps > 0  # the checkpoint comes after it
 
     calls.clear()
-    train(load_config(config_path, ["num_epochs=2"]), config_path.parent)
+    resumed = Recording(calls)
+    train(load_config(config_path, ["num_epochs=2"]), config_path.parent, hooks=[resumed])
     second = load_checkpoint(config_path.parent / "checkpoints" / "last.pt")
     assert calls == ["before_train", "after_epoch 2", "after_train"]
     assert second["recording_steps"] == second["step"] == 2 * first["step"]
+
+
+
+class LearningRateLog(Hook):
+    """A user's hook, written outside the library: the learning rate after every epoch, one line each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(f"{end.epoch},{loop.trainer.optimizer.param_groups[0]['lr']:.6g}\n")
+
+
+def test_a_user_hook_logs_the_learning_rate_through_train(tmp_path: Path) -> None:
+    dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=2, frames=2)
+    config_path = write_run(tmp_path / "run", dataset, num_epochs=2, lr_schedule="constant", learning_rate=0.02)
+    log_file = tmp_path / "lr.csv"
+    train(load_config(config_path), config_path.parent, hooks=[LearningRateLog(log_file)])
+    assert log_file.read_text().splitlines() == ["1,0.02", "2,0.02"]

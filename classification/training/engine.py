@@ -92,6 +92,7 @@ class TrainOptions:
     argv: Sequence[str]
     overrides: Sequence[str]
     config_path: Path
+    hooks: Sequence[Hook] = ()  # the user's, run after the built-in ones and before the checkpoint
 
 
 @dataclass
@@ -175,13 +176,14 @@ class TrainingLoop:
 
 
 def build_loop(config: ExperimentConfig, run_dir: Path, data: RunData, device: torch.device,
-               context: DistributedContext) -> TrainingLoop:
-    """The trainer and the hooks the config asks for, in the order they run after an epoch (checkpoint last)."""
+               context: DistributedContext, user_hooks: Sequence[Hook] = ()) -> TrainingLoop:
+    """The trainer and the hooks the config asks for, then ``user_hooks``, in the order they run after an epoch;
+    the checkpoint comes last, so that it holds every other hook's state."""
     trainer = build_trainer(config, len(data.label_index), data.train_labels, data.steps_per_epoch, device, context)
     early_stopping = EarlyStopping(config.monitor, config.early_stopping_patience)
     tracking = Tracking(run_dir, config.comet, config.experiment_name or f"{run_dir.parent.name}/{run_dir.name}")
     hooks: list[Hook] = [
-        early_stopping, tracking, SampleGrid(tracking, config.log_sample_predictions),
+        early_stopping, tracking, SampleGrid(tracking, config.log_sample_predictions), *user_hooks,
         Checkpointer(checkpoints_dir(run_dir), config.checkpoint_every, config.checkpoint_keep_last),
     ]
     return TrainingLoop(config, run_dir, trainer, data, Progress(), early_stopping, hooks)
@@ -214,10 +216,15 @@ def is_finished(loop: TrainingLoop) -> bool:
 
 
 def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrite: bool = False, force: bool = False,
-          argv: Sequence[str] = (), overrides: Sequence[str] = (), config_path: Path | None = None) -> TrainResult:
-    """Train (or continue training) the experiment in ``run_dir``; see the module docstring for the rules."""
+          argv: Sequence[str] = (), overrides: Sequence[str] = (), config_path: Path | None = None,
+          hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Train (or continue training) the experiment in ``run_dir``; see the module docstring for the rules.
+
+    ``hooks``: your own ``training.hooks.Hook`` objects (log something each epoch, stop on a condition);
+    their ``state_dict`` goes into every checkpoint, and ``load_state_dict`` reads it back on resume.
+    """
     run_dir = Path(run_dir).resolve()
-    options = TrainOptions(resume, overwrite, force, argv, overrides, config_path or run_dir / "config.yml")
+    options = TrainOptions(resume, overwrite, force, argv, overrides, config_path or run_dir / "config.yml", tuple(hooks))
     context = distributed_context()
     device = select_device(config.device, context)
     init_distributed(context, device)
@@ -237,7 +244,7 @@ def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions,
     config = resolve_inputs(config, with_legacy_defaults(checkpoint.get("config") or {}) if checkpoint else None)
     configure_determinism(config.deterministic, device)
     seed_everything(config.seed)
-    loop = build_loop(config, run_dir, load_run_data(config, context, options.config_path), device, context)
+    loop = build_loop(config, run_dir, load_run_data(config, context, options.config_path), device, context, options.hooks)
     # the dataset, the config and the model are checked: only now is the run folder changed (an earlier run archived)
     prepare_run_folder(run_dir, options.resume, options.overwrite, context)
     if checkpoint is not None and resume_from is not None:
