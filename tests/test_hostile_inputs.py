@@ -1544,3 +1544,38 @@ def test_camtrap_dp_the_validator_reads_no_table_linked_out_of_the_package(examp
                   "--package", package, "--output-dir", tmp_path / "out")
     assert_one_line(outcome, "'observations.csv' leads out of")
     assert "secret" not in outcome.out + outcome.err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- label imports: what a person reads (classifier/active_learning.py import)
+
+
+def test_active_learning_import_quotes_a_huge_label_short_and_says_why_images_were_skipped(tmp_path: Path) -> None:
+    """A 5 MB label was printed whole on one line; a blank one was "skipped" like the person's own skip, without why."""
+    from tests.test_active_learning import al, answer, ok  # noqa: PLC0415
+
+    loop = _copied_loop(tmp_path)
+    ok(al("select", loop))
+    export = answer(loop, 1)
+    frame = pd.read_csv(export, dtype=str, keep_default_na=False)
+    frame.loc[0, "Species"] = "x" * 5_000_000
+    frame.loc[1, "Species"] = ""
+    frame.to_csv(export, index=False)
+    result = ok(al("import", loop, "--file", export))
+    assert all(len(line) < 1000 for line in result.stdout.splitlines()), [len(line) for line in result.stdout.splitlines()]
+    assert "not in the label index (not stored)" in result.stdout and "(5000002 characters)" in result.stdout
+    assert "skipped (no Species): 1 images" in result.stdout
+
+
+def _copied_loop(tmp_path: Path) -> Any:
+    """A trained active-learning experiment of tests.test_active_learning, built here (its fixtures are module-scoped there)."""
+    from tests.test_active_learning import LoopRun, build_dataset, ok, run_in_process, run_script, train_env, write_run  # noqa: PLC0415
+
+    root = tmp_path / "al"
+    dataset = build_dataset(root / "data", n_locations=6, sequences=4, frames=2)
+    carved, pool = root / "data" / "dataset_al", root / "data" / "pool"
+    ok(run_script("utils/make_al_pool.py", dataset, carved, pool, "--crops-dir", dataset / "crops",
+                  "--labelled-fraction", "0.3", "--seed", "0"))
+    config = write_run(root / "runs" / "tiny" / "al", carved, crops_dir=None, num_epochs=1, learning_rate=0.01,
+                       active_learning={"pool": "../../../data/pool", "batch_size": 4, "strategy": "margin"})
+    ok(run_in_process("classifier/train.py", "--config", config, env=train_env(), cwd=config.parent))
+    return LoopRun(config, pool, carved / "pool_answers.csv", carved)

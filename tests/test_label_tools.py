@@ -495,3 +495,49 @@ def test_label_studio_refuses_a_wrong_token_in_one_line(label_studio_server: Lab
     message = str(caught.value)
     assert label_studio_server.url in message and "API key was refused" in message
     assert wrong not in message and label_studio_server.token not in message and "\n" not in message
+
+
+def test_json_min_labels_that_are_no_text_are_skipped_saying_why(tmp_path: Path) -> None:
+    """A number, true, an object or two choices as a label were "skipped" like a person's skip, without a word."""
+    rows = [
+        min_row(1, "a/1.jpg", 5),
+        min_row(2, "a/2.jpg", True),
+        min_row(3, "a/3.jpg", ["deer", "agouti"]),
+        min_row(4, "a/4.jpg", {"labels": ["deer"]}),
+        min_row(5, "a/5.jpg", None),
+        min_row(6, "a/6.jpg", [7]),
+        min_row(7, "a/7.jpg", "deer"),
+    ]
+    requested = [f"a/{i}.jpg" for i in range(1, 9)]
+    result = read_json_min(write_json(tmp_path / "export.json", rows), LABEL_INDEX, requested)
+    assert [r.path for r in result.labels] == ["a/7.jpg"]
+    assert result.skip_reasons == {"a/1.jpg": "not a label: a number", "a/2.jpg": "not a label: true or false",
+                                   "a/3.jpg": "several different choices in one annotation", "a/4.jpg": "not a label: an object",
+                                   "a/5.jpg": "no choice", "a/6.jpg": "not a label: a number", "a/8.jpg": "not in the export"}
+    assert result.skip_lines() == [
+        "skipped (not a label: a number): 2 images, e.g. a/1.jpg",
+        "skipped (not a label: true or false): 1 images, e.g. a/2.jpg",
+        "skipped (several different choices in one annotation): 1 images, e.g. a/3.jpg",
+        "skipped (not a label: an object): 1 images, e.g. a/4.jpg",
+        "skipped (no choice): 1 images, e.g. a/5.jpg",
+        "skipped (not in the export): 1 images, e.g. a/8.jpg",
+    ]
+
+
+def test_a_huge_label_is_never_echoed_whole(tmp_path: Path) -> None:
+    """A 5 MB label (unknown, or matched ignoring case) and a huge path: every line a person reads stays short."""
+    huge = "x" * 5_000_000
+    rows = [min_row(1, "a/1.jpg", huge), min_row(2, "a/2.jpg", " DEER" + " " * 5_000_000), min_row(3, "a/3.jpg", "deer", 1),
+            min_row(3, "a/3.jpg", huge, 2)]
+    result = read_json_min(write_json(tmp_path / "export.json", rows), LABEL_INDEX, ["a/1.jpg", "a/2.jpg", "a/3.jpg"])
+    assert result.unknown == {"a/1.jpg": huge} and result.renamed  # the values kept whole; only what is shown is cut
+    lines = [result.summary(), *result.detail_lines()]
+    assert len(lines) == 3 and all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+    assert "(5000002 characters)" in lines[1]
+
+
+def test_timelapse_skips_say_why(tmp_path: Path) -> None:
+    export = tmp_path / "export.csv"
+    export.write_text("File,RelativePath,Species,DeleteFlag\na.jpg,cam,,false\nb.jpg,cam,deer,true\nc.jpg,cam,deer,false\n")
+    result = read_timelapse_export(export, LABEL_INDEX, ["cam/a.jpg", "cam/b.jpg", "cam/c.jpg", "cam/d.jpg"])
+    assert result.skip_reasons == {"cam/a.jpg": "no Species", "cam/b.jpg": "DeleteFlag set", "cam/d.jpg": "not in the export"}

@@ -32,8 +32,6 @@ from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.sax.saxutils import quoteattr
 
-from dotenv import dotenv_values
-
 from classification.active_learning.labels import (
     LabelImport,
     LabelMatcher,
@@ -44,7 +42,8 @@ from classification.active_learning.labels import (
     normalize_path,
 )
 from classification.errors import DataError, UserError
-from classification.io import read_json, write_json_atomic, write_text_atomic
+from classification.io import JSON_KINDS, read_json, shown_value, write_json_atomic, write_text_atomic
+from classification.redaction import check_token, read_env_file, register_secret
 
 DEFAULT_URL = "http://localhost:8080"
 LOCAL_FILES_URL = "/data/local-files/?d="
@@ -113,23 +112,27 @@ def task_path(data: Mapping[str, Any], image_field: str, document_root_prefix: s
     return None
 
 
-def choice_values(value: Any) -> list[str]:
-    """The choices in a JSON_MIN value: ``"deer"``, ``["deer"]`` or ``{"choices": ["deer"]}``."""
+def choice_leaves(value: Any) -> list[Any]:
+    """The choices in a JSON_MIN value: ``"deer"``, ``["deer"]`` or ``{"choices": ["deer"]}``; what is not text
+    (a number, an object without ``choices``) is kept as it is, so the reader can say why it is no label."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return choice_values(value.get("choices"))
+    if isinstance(value, Mapping) and "choices" in value:
+        return choice_leaves(value["choices"])
     if isinstance(value, list):
-        return [item for element in value for item in choice_values(element)]
-    return []
+        return [leaf for element in value for leaf in choice_leaves(element)]
+    return [value]
 
 
-def single_choice(values: list[str]) -> str | None:
-    """The one non-empty choice, or None (no choice, or several different ones)."""
-    distinct = {value.strip(): value for value in reversed(values) if value.strip()}
-    return next(iter(distinct.values())) if len(distinct) == 1 else None
+def single_choice(leaves: list[Any]) -> tuple[str | None, str]:
+    """``(the one non-empty choice, "")``, else ``(None, why there is none)``: the reason the skip is reported with."""
+    odd = [leaf for leaf in leaves if not isinstance(leaf, str)]
+    if odd:
+        return None, f"not a label: {JSON_KINDS.get(type(odd[0]), 'an object')}"
+    distinct = {leaf.strip(): leaf for leaf in reversed(leaves) if leaf.strip()}
+    if len(distinct) > 1:
+        return None, "several different choices in one annotation"
+    return (next(iter(distinct.values())), "") if distinct else (None, "no choice")
 
 
 def annotator_name(value: Any, users: Mapping[int, str]) -> str:
@@ -143,41 +146,45 @@ def annotator_name(value: Any, users: Mapping[int, str]) -> str:
     return str(value)
 
 
+Choice = tuple[str | None, str]  # (the label, or None and why there is none)
+
+
 @dataclass
 class _Gathered:
-    """What a reader collected before the vote: votes and choice-less rows per path, unmatched rows."""
+    """What a reader collected before the vote: votes and choice-less rows (with why) per path, unmatched rows."""
 
     votes: dict[str, list[Vote]] = field(default_factory=dict)
-    no_choice: set[str] = field(default_factory=set)
+    no_choice: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
 
-    def add(self, path: str, choice: str | None, annotator: str) -> None:
-        """Record one annotation (or a row without a usable choice) for a matched path."""
-        if choice is None:
-            self.no_choice.add(path)
+    def add(self, path: str, choice: Choice, annotator: str) -> None:
+        """Record one annotation (or a row without a usable choice, and why) for a matched path."""
+        label, reason = choice
+        if label is None:
+            self.no_choice.setdefault(path, reason)
         else:
-            self.votes.setdefault(path, []).append((choice, annotator))
+            self.votes.setdefault(path, []).append((label, annotator))
 
 
-def _row_choices(row: Mapping[str, Any], choice_name: str) -> list[tuple[str | None, Any]]:
+def _row_choices(row: Mapping[str, Any], choice_name: str) -> list[tuple[Choice, Any]]:
     """``(choice, annotator)`` per annotation of one export row (JSON_MIN row or full JSON task)."""
     if isinstance(row.get("annotations"), list) and isinstance(row.get("data"), Mapping):
-        found: list[tuple[str | None, Any]] = []
+        found: list[tuple[Choice, Any]] = []
         for annotation in row["annotations"]:
             if not isinstance(annotation, Mapping):
                 continue
             if annotation.get("was_cancelled"):
-                found.append((None, annotation.get("completed_by")))
+                found.append(((None, "cancelled"), annotation.get("completed_by")))
                 continue
             results = [
                 r
                 for r in annotation.get("result") or []
                 if isinstance(r, Mapping) and r.get("from_name") == choice_name
             ]
-            values = [v for r in results for v in choice_values(r.get("value"))]
-            found.append((single_choice(values), annotation.get("completed_by")))
-        return found or [(None, None)]
-    return [(single_choice(choice_values(row.get(choice_name))), row.get("annotator"))]
+            leaves = [v for r in results for v in choice_leaves(r.get("value"))]
+            found.append((single_choice(leaves), annotation.get("completed_by")))
+        return found or [((None, "not annotated"), None)]
+    return [(single_choice(choice_leaves(row.get(choice_name))), row.get("annotator"))]
 
 
 ANNOTATION_FIELDS = ("annotator", "annotation_id", "lead_time", "created_at", "updated_at")
@@ -204,11 +211,11 @@ def check_choice_field(rows: Sequence[Any], choice_name: str, where: str) -> Non
     annotated = [row for row in minimal if any(key in row for key in ANNOTATION_FIELDS)]
     if annotated and not any(choice_name in row for row in minimal):
         found = ", ".join(sorted({str(key) for row in annotated for key in row}))
-        raise DataError(f"{where}: no row has a {choice_name!r} field: {expected}; fields found: {found}")
+        raise DataError(f"{where}: no row has a {choice_name!r} field: {expected}; fields found: {shown_value(found, 300)}")
     names = result_names(rows)
     if names and choice_name not in names:
         raise DataError(f"{where}: no annotation result comes from {choice_name!r}: {expected}; "
-                        f"from_name found: {', '.join(sorted(names))}")
+                        f"from_name found: {shown_value(', '.join(sorted(names)), 300)}")
 
 
 def parse_label_studio_rows(
@@ -275,17 +282,21 @@ class LabelStudioSettings:
 
 def load_label_studio_settings(env_file: str | Path | None = None) -> LabelStudioSettings:
     """``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` from the environment, else ``env_file`` or ./.env."""
-    sources: list[Mapping[str, str | None]] = [os.environ]
+    sources: list[tuple[str, Mapping[str, str | None]]] = [("the environment", os.environ)]
     candidate = Path(env_file) if env_file is not None else Path.cwd() / ".env"
-    if candidate.is_file():
-        sources.append(dotenv_values(candidate))
+    if candidate.exists():  # a FIFO or an oversized file is refused in one line by read_env_file
+        sources.append((str(candidate), read_env_file(candidate)))
     elif env_file is not None:
         raise UserError(f"{candidate}: .env file not found")
     found = {
-        name: next((s[name] for s in sources if s.get(name)), None)
+        name: next(((where, s[name]) for where, s in sources if s.get(name)), None)
         for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")
     }
-    return LabelStudioSettings(found["LABEL_STUDIO_URL"] or DEFAULT_URL, found["LABEL_STUDIO_API_KEY"])
+    key = found["LABEL_STUDIO_API_KEY"]
+    if key is not None:  # a key that is not a plain token is one line before the SDK puts it in a header
+        register_secret(check_token("LABEL_STUDIO_API_KEY", str(key[1]), key[0]))
+    url = found["LABEL_STUDIO_URL"]
+    return LabelStudioSettings(str(url[1]) if url else DEFAULT_URL, str(key[1]) if key else None)
 
 
 def _api_error_detail(body: Any) -> str:
@@ -315,7 +326,8 @@ class LabelStudioClient:
         """Connect and check the key (``/api/current-user/whoami``); arguments win over the environment."""
         settings = load_label_studio_settings(env_file)
         self.url = (url or settings.url).rstrip("/")
-        key = api_key or settings.api_key
+        key = check_token("LABEL_STUDIO_API_KEY", api_key, "the api_key argument") if api_key else settings.api_key
+        register_secret(key)
         if not key:
             raise UserError(
                 f"Label Studio at {self.url}: no API key; set LABEL_STUDIO_API_KEY in the environment or .env"

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from classification.errors import UserError
+from classification.io import shown_value
 
 # One vote: (label as written, annotator; "" when the tool does not say).
 Vote = tuple[str, str]
@@ -45,6 +46,7 @@ class LabelImport:
     unknown: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)  # label as written -> index name (case/spaces)
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped path -> why ("no choice", "not a label: a number")
 
     def label_by_path(self) -> dict[str, str]:
         """``{path: label}`` for the images that received a usable label."""
@@ -63,9 +65,26 @@ class LabelImport:
             f"{len(self.unknown)} with a label not in the label index, {len(self.unmatched)} unmatched rows"
         )
         if self.renamed:
-            fixes = ", ".join(f"{raw!r} -> {name!r}" for raw, name in sorted(self.renamed.items()))
-            text += f"; labels matched ignoring case/spaces: {fixes}"
+            fixes = ", ".join(f"{shown_value(repr(raw))} -> {shown_value(repr(name))}" for raw, name in sorted(self.renamed.items()))
+            text += f"; labels matched ignoring case/spaces: {shown_value(fixes, 400)}"
         return text
+
+    def skip_lines(self) -> list[str]:
+        """One line per reason images were skipped (a number given as the label is not a skip in the tool), with
+        how many and one example, so an export that labels nothing says why."""
+        by_reason: dict[str, list[str]] = {}
+        for path in self.skipped:
+            by_reason.setdefault(self.skip_reasons.get(path, "skipped"), []).append(path)
+        return [f"skipped ({reason}): {len(paths)} images, e.g. {shown_value(paths[0])}" for reason, paths in by_reason.items()]
+
+    def detail_lines(self) -> list[str]:
+        """The lines a person reads after the summary: unknown labels, disagreements, why images were skipped;
+        every value quoted is cut short (a 50 MB label is not echoed whole)."""
+        lines = [f"not in the label index (not stored): {shown_value(path)}: {shown_value(repr(label))}"
+                 for path, label in sorted(self.unknown.items())]
+        lines += [f"annotators disagree: {shown_value(path)}: {shown_value(repr(votes), 300)}"
+                  for path, votes in sorted(self.conflicts.items())]
+        return lines + self.skip_lines()
 
 
 @dataclass
@@ -166,20 +185,22 @@ class PathMatcher:
 
 def build_label_import(
     votes: Mapping[str, Sequence[Vote]],
-    no_choice: Iterable[str],
+    no_choice: Mapping[str, str] | Iterable[str],
     unmatched: Sequence[str],
     source: str,
     labels: LabelMatcher,
     paths: PathMatcher,
 ) -> LabelImport:
-    """Resolve the votes gathered by a reader (paths already matched) into a ``LabelImport``."""
+    """Resolve the votes gathered by a reader (paths already matched) into a ``LabelImport``; ``no_choice`` names the
+    paths read without a usable label, with why when a mapping."""
+    reasons = dict(no_choice) if isinstance(no_choice, Mapping) else dict.fromkeys(no_choice, "no choice")
     matched_votes: dict[str, list[Vote]] = {}
     for path, path_votes in votes.items():
         matched_votes[path] = [(labels.match(label)[0], annotator) for label, annotator in path_votes]
     outcome = resolve_votes(matched_votes)
     result = LabelImport(conflicts=outcome.conflicts, unmatched=list(unmatched), renamed=dict(labels.renamed))
     known = set(labels.names)
-    order = paths.requested if paths.requested is not None else sorted(set(votes) | set(no_choice))
+    order = paths.requested if paths.requested is not None else sorted(set(votes) | set(reasons))
     for path in order:
         if path in outcome.winners:
             label, annotator = outcome.winners[path]
@@ -189,4 +210,5 @@ def build_label_import(
                 result.unknown[path] = label
         elif path not in outcome.conflicts:
             result.skipped.append(path)
+            result.skip_reasons[path] = reasons.get(path, "not in the export")
     return result

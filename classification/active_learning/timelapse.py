@@ -83,7 +83,7 @@ def read_timelapse_export(
     delete_column = next((name for name in header if name.strip().casefold() == "deleteflag"), None)
     labels, paths = LabelMatcher(label_names), PathMatcher(requested_paths)
     votes: dict[str, list[Vote]] = {}
-    no_choice: set[str] = set()
+    no_choice: dict[str, str] = {}
     unmatched: list[str] = []
     for line, row in enumerate(rows, start=2):
         file_name = (row.get(file_column) or "").strip()
@@ -99,7 +99,7 @@ def read_timelapse_export(
         label = (row.get(label_column) or "").strip()
         deleted = delete_column is not None and (row.get(delete_column) or "").strip().lower() in TRUE_VALUES
         if not label or deleted:
-            no_choice.add(matched)
+            no_choice.setdefault(matched, "DeleteFlag set" if deleted else f"no {label_column}")
         else:
             votes.setdefault(matched, []).append((label, ""))
     return build_label_import(votes, no_choice, unmatched, f"timelapse:{path}", labels, paths)
