@@ -39,6 +39,28 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return EXIT_INTERRUPTED
 
 
+MAX_BATCH_SIZE = 1_000_000  # images in one batch: far above any GPU's memory, far below what overflows islice/torch
+MAX_WORKERS = 1024  # threads or processes
+MAX_COUNT = 10**9  # images, candidates, rounds, shard sizes
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
+
+
+def bounded_int(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high``, else argparse's one-line error naming the flag
+    (``--batch-size 100000000000000000000`` was a traceback from ``islice``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high:,}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse says if it ever names the type
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with abbreviations off and one-line errors that suggest the flag meant.
 
@@ -87,11 +109,11 @@ def add_dask_arguments(parser: argparse.ArgumentParser, unit: str, shard_size: b
     """The flags that run a stage as shards on Dask (``classification.shards``): the same on every entry point
     (``shard_size`` False where the stage has its own unit of work, e.g. embedding's ``--chunk-size``)."""
     group = parser.add_argument_group("Dask (docs/scaling.md)")
-    group.add_argument("--dask-workers", type=int, default=1,
+    group.add_argument("--dask-workers", type=bounded_int(1, MAX_WORKERS), default=1,
                        help="run as shards on a local Dask cluster of this many worker processes (1: no Dask)")
     group.add_argument("--scheduler", help="run as shards on the existing Dask scheduler at this address (tcp://host:8786)")
     if shard_size:
-        group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+        group.add_argument("--shard-size", type=bounded_int(), default=DEFAULT_SHARD_SIZE,
                            help=f"{unit} per shard: the most a killed worker loses; keep it when re-running, to reuse finished shards")
 
 
@@ -128,7 +150,7 @@ def add_lila_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where the index files and the converted table are kept (default: $CLASSIFICATION_LILA_CACHE "
                             "or ~/.cache/camtrap-classification/lila)")
     group.add_argument("--refresh-index", action="store_true", help="fetch the index files again (LILA updates them)")
-    group.add_argument("--retries", type=int, default=3, help="retries on network errors, HTTP 5xx and 429")
+    group.add_argument("--retries", type=bounded_int(0, 100), default=3, help="retries on network errors, HTTP 5xx and 429")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a server")
 
 

@@ -29,7 +29,7 @@ from classification.active_learning.loop import (
     status_table,
 )
 from classification.active_learning.strategies import STRATEGIES
-from classification.cli import ArgumentParser, run_main
+from classification.cli import MAX_BATCH_SIZE, MAX_SEED, ArgumentParser, bounded_int, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config key, e.g. active_learning.strategy=k_center (repeatable)")
         if name in ("import", "retrain", "evaluate"):
-            command.add_argument("--round", type=int, help="the round (default: the newest one this step applies to)")
+            command.add_argument("--round", type=bounded_int(0), help="the round (default: the newest one this step applies to)")
         if name == "import":
             command.add_argument("--file", type=Path,
                                  help="the export: Timelapse CSV, or Label Studio JSON_MIN (default for Label Studio: "
@@ -59,9 +59,9 @@ def build_parser() -> ArgumentParser:
                                  help="retrain from scratch with the labels imported since (the earlier model is archived)")
         if name == "simulate":
             command.add_argument("--strategies", nargs="+", choices=STRATEGIES, help="default: the config's simulation.strategies")
-            command.add_argument("--seeds", nargs="+", type=int, help="default: the config's simulation.seeds")
-            command.add_argument("--rounds", type=int, help="default: the config's simulation.rounds")
-            command.add_argument("--batch-size", type=int, help="images per round (default: active_learning.batch_size)")
+            command.add_argument("--seeds", nargs="+", type=bounded_int(0, MAX_SEED), help="default: the config's simulation.seeds")
+            command.add_argument("--rounds", type=bounded_int(), help="default: the config's simulation.rounds")
+            command.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), help="images per round (default: active_learning.batch_size)")
             command.add_argument("--output-dir", type=Path, help="default: <experiment>/active_learning/simulation")
     return parser
 

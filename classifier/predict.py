@@ -22,7 +22,7 @@ from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
+from classification.cli import MAX_BATCH_SIZE, ArgumentParser, add_dask_arguments, bounded_int, dask_options, run_main
 from classification.errors import UserError
 from classification.evaluation.prediction_files import PredictionResult
 from classification.evaluation.review_page import write_review_page
@@ -43,8 +43,8 @@ def build_parser() -> ArgumentParser:
                         help="--megadetector: the crops folder of utils/crop_detections.py; --cct: the folder its file names "
                              "are relative to (default: the config's crops_dir)")
     parser.add_argument("--output-dir", type=Path, help="default: <experiment>/predictions/<input>_<checkpoint>/")
-    parser.add_argument("--batch-size", type=int, help="default: the config's batch_size")
-    parser.add_argument("--topk", type=int, default=3, help="top-k labels and probabilities per image")
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), help="default: the config's batch_size")
+    parser.add_argument("--topk", type=bounded_int(1, 1000), default=3, help="top-k labels and probabilities per image")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's device)")
     parser.add_argument("--review-page", action="store_true",
                         help="also write review.html (classifier/review_page.py) of the answers: postprocessed.csv when the "

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, run_main
+from classification.cli import MAX_SEED, ArgumentParser, bounded_int, run_main
 from classification.evaluation.review_page import DEFAULT_PER_CLASS, PageOptions, write_review_page
 
 
@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, required=True, help="predictions.csv written by classifier/predict.py")
     parser.add_argument("--output", type=Path, help="the HTML file to write (default: review.html beside the predictions)")
     parser.add_argument("--images-root", type=Path, help="folder the predictions' paths are relative to (default: from prediction_info.json)")
-    parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="crops shown per class (and mistakes per true class)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-class sample")
+    parser.add_argument("--per-class", type=bounded_int(), default=DEFAULT_PER_CLASS, help="crops shown per class (and mistakes per true class)")
+    parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="seed of the per-class sample")
     parser.add_argument("--embed-thumbnails", action="store_true", help="embed JPEG thumbnails: one self-contained file")
     parser.add_argument("--source-images", type=Path,
                         help="the folder the crops were cut from (crop_detections.py's --images-dir): a click shows the whole image with its box")

@@ -1579,3 +1579,22 @@ def _copied_loop(tmp_path: Path) -> Any:
                        active_learning={"pool": "../../../data/pool", "batch_size": 4, "strategy": "margin"})
     ok(run_in_process("classifier/train.py", "--config", config, env=train_env(), cwd=config.parent))
     return LoopRun(config, pool, carved / "pool_answers.csv", carved)
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("classifier/predict.py", ("--config", "c.yml", "--split", "val", "--batch-size", "100000000000000000000")),
+    ("classifier/predict.py", ("--config", "c.yml", "--split", "val", "--topk", "0")),
+    ("classifier/embed.py", ("--num-workers", "-1")),
+    ("utils/crop_detections.py", ("md.json", "crops", "--threads", "100000000000000000000")),
+    ("utils/create_classification_dataset.py", ("out", "--seed", "-5")),
+    ("utils/make_demo_data.py", ("out", "--locations", "99999999999")),
+])
+def test_huge_or_negative_counts_on_the_command_line_are_one_line(tmp_path: Path, script: str,
+                                                                    args: tuple[str, ...]) -> None:
+    """``predict.py --batch-size 10**20`` was a traceback from islice: every size/count flag is bounded by argparse."""
+    from tests.conftest import run_entry_point  # noqa: PLC0415
+
+    result = run_entry_point(script, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "expected an integer from" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, run_main
+from classification.cli import MAX_SEED, ArgumentParser, bounded_int, run_main
 from classification.data.dataset import MODES, SPLIT_BY, DatasetOptions, create_classification_dataset
 from classification.errors import UserError
 
@@ -45,12 +45,12 @@ def build_parser() -> ArgumentParser:
     source.add_argument("--crops-manifest", type=Path, nargs="+", default=[],
                         help="crops manifest CSV (default: CROPS_DIR/crops_manifest.csv); several join crop runs made in"
                              " folders under CROPS_DIR (your Animl export's crops and a LILA subset's) into one dataset")
-    parser.add_argument("--min-locs", type=int, default=1, help="drop labels seen at fewer locations")
+    parser.add_argument("--min-locs", type=bounded_int(), default=1, help="drop labels seen at fewer locations")
     parser.add_argument("--val-frac", type=float, default=0.2, help="target fraction of crops in val")
     parser.add_argument("--test-frac", type=float, default=0.1, help="target fraction of crops in test")
     parser.add_argument("--method", choices=["random", "smallest_first"], default="random", help="split search")
-    parser.add_argument("--seed", type=int, default=123, help="random seed: same seed, same splits")
-    parser.add_argument("--candidates", type=int, default=10_000, help="candidates scored by --method random")
+    parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=123, help="random seed: same seed, same splits")
+    parser.add_argument("--candidates", type=bounded_int(), default=10_000, help="candidates scored by --method random")
     parser.add_argument("--no-improve", action="store_true", help="skip the local improvement after the search")
     parser.add_argument("--match-test", nargs=2, type=Path, metavar=("CSV", "SPLITS"),
                         help="reuse the test locations of an earlier classification_ds.csv and splits.json")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, add_dask_arguments, dask_options, run_main
+from classification.cli import MAX_WORKERS, ArgumentParser, add_dask_arguments, bounded_int, dask_options, run_main
 from classification.data.crops import CROP_STRATEGIES, DEFAULT_MAX_CROP_SIDE, CropOptions, crop_detections
 from classification.data.detections import DEFAULT_DETECTOR_CATEGORIES, DEFAULT_THRESHOLD
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images-dir", type=Path, required=True, help="folder the file names are relative to")
     parser.add_argument("--crop-strategy", choices=CROP_STRATEGIES, default="square",
                         help="square: max(w, h) square inside the image; pad: exact box padded with black")
-    parser.add_argument("--threads", type=int, default=1, help="images processed in parallel")
+    parser.add_argument("--threads", type=bounded_int(1, MAX_WORKERS), default=1, help="images processed in parallel")
     parser.add_argument("--logdir", type=Path, help="write crop_detections_<UTC time>.json with counts and failures here")
     parser.add_argument("--check-crops-valid", action="store_true", help="decode existing crops and redo invalid ones")
     parser.add_argument("--images-base-url", help="fetch images missing from --images-dir from this URL")
@@ -43,14 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--detector-categories", nargs="+", default=list(DEFAULT_DETECTOR_CATEGORIES),
                         help="MegaDetector output: detection categories to crop")
     parser.add_argument("--labels-cct", type=Path, help="MegaDetector output: CCT with image-level labels to join")
-    parser.add_argument("--max-size", type=int, help="store crops no larger than this many pixels a side")
-    parser.add_argument("--max-crop-side", type=int, default=DEFAULT_MAX_CROP_SIDE,
+    parser.add_argument("--max-size", type=bounded_int(), help="store crops no larger than this many pixels a side")
+    parser.add_argument("--max-crop-side", type=bounded_int(), default=DEFAULT_MAX_CROP_SIDE,
                         help="skip (and list) an image with a crop larger than this many pixels a side before --max-size "
                              f"(default {DEFAULT_MAX_CROP_SIDE}: a header declaring a huge image would take gigabytes)")
     parser.add_argument("--missing-locations", choices=["sequence", "image", "drop"], default="sequence",
                         help="images without a location: one group per sequence, one per image, or drop them")
     parser.add_argument("--dataset", help="dataset name for images without one (default: the input file's stem)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the crops")
+    parser.add_argument("--quality", type=bounded_int(1, 100), default=90, help="JPEG quality of the crops")
     add_dask_arguments(parser, unit="images")
     args = parser.parse_args(argv)
     options = CropOptions(

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, add_aws_arguments, aws_options, run_main
+from classification.cli import MAX_WORKERS, ArgumentParser, add_aws_arguments, aws_options, bounded_int, run_main
 from classification.data.download import Connection, download_images, plan_image_downloads
 from classification.data.s3 import ANIML_SERVING_BUCKET
 
@@ -35,8 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bucket", default=ANIML_SERVING_BUCKET,
                         help="bucket (or s3://bucket/prefix) that images' serving_bucket_key names a key in (Animl exports)")
     add_aws_arguments(parser)
-    parser.add_argument("--threads", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--retries", type=int, default=3, help="retries on network errors, HTTP 5xx and 429")
+    parser.add_argument("--threads", type=bounded_int(1, MAX_WORKERS), default=8, help="parallel downloads")
+    parser.add_argument("--retries", type=bounded_int(0, 100), default=3, help="retries on network errors, HTTP 5xx and 429")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
     parser.add_argument("--backoff-seconds", type=float, default=1.0,
                         help="backoff factor: retries wait 0, 2x, 4x, ... seconds (urllib3), or the server's Retry-After")

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classification.cli import ArgumentParser, add_lila_arguments, lila_source, run_main
+from classification.cli import MAX_SEED, MAX_WORKERS, ArgumentParser, add_lila_arguments, bounded_int, lila_source, run_main
 from classification.data.lila.index import MD_RESULTS_COLUMNS, RANKS
 from classification.data.lila.run import SubsetRequest, make_subset
 from classification.data.lila.select import ANNOTATION_LEVELS, SelectionOptions
@@ -38,13 +38,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pick.add_argument("--continent", action="append", default=[], help="datasets on this continent")
     pick.add_argument("--region", action="append", default=[], help="datasets in this region")
     pick.add_argument("--annotation-level", action="append", default=[], choices=ANNOTATION_LEVELS, help="image or sequence labels")
-    pick.add_argument("--include-empty", type=int, default=0, help="also this many blank images from the same datasets and places")
-    pick.add_argument("--max-per-dataset", type=int, help="at most this many images per dataset")
-    pick.add_argument("--max-per-location", type=int, help="at most this many images per location")
-    pick.add_argument("--max-per-class", type=int, help="at most this many images per class")
+    pick.add_argument("--include-empty", type=bounded_int(0), default=0, help="also this many blank images from the same datasets and places")
+    pick.add_argument("--max-per-dataset", type=bounded_int(), help="at most this many images per dataset")
+    pick.add_argument("--max-per-location", type=bounded_int(), help="at most this many images per location")
+    pick.add_argument("--max-per-class", type=bounded_int(), help="at most this many images per class")
     pick.add_argument("--label-rank", default="species", choices=[*RANKS, "original"],
                       help="the level every label is mapped to, so names from different datasets merge (original: LILA's own label)")
-    pick.add_argument("--seed", type=int, default=0, help="which images the caps keep")
+    pick.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="which images the caps keep")
     boxes = parser.add_argument_group("boxes")
     boxes.add_argument("--md-results", nargs="+", default=list(MD_RESULTS_COLUMNS), choices=MD_RESULTS_COLUMNS,
                        help="which of a dataset's published MegaDetector results to use, in order of preference")
@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fetch = parser.add_argument_group("download")
     fetch.add_argument("--no-download", action="store_true", help="write the subset files only")
     fetch.add_argument("--dry-run", action="store_true", help="write the subset files and say how many files and bytes would be fetched")
-    fetch.add_argument("--threads", type=int, default=8, help="parallel downloads")
+    fetch.add_argument("--threads", type=bounded_int(1, MAX_WORKERS), default=8, help="parallel downloads")
     fetch.add_argument("--overwrite", action="store_true", help="download again even when a file is complete")
     return parser.parse_args(argv)
 

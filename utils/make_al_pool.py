@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classification.active_learning.pool import carve_pool
-from classification.cli import ArgumentParser, run_main
+from classification.cli import MAX_SEED, ArgumentParser, bounded_int, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("pool_dir", type=Path, help="where the unlabelled pool crops go")
     parser.add_argument("--crops-dir", type=Path, required=True, help="the folder the dataset's paths are relative to")
     parser.add_argument("--labelled-fraction", type=float, default=0.2, help="of each class of the train split, kept labelled")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0)
     args = parser.parse_args(argv)
     result = carve_pool(args.dataset_dir, args.crops_dir, args.output_dir, args.pool_dir, args.labelled_fraction, args.seed)
     print(f"{result.labelled} train crops kept labelled in {result.dataset_dir}; {result.pooled} in the pool "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from classification.cli import ArgumentParser, run_main
+from classification.cli import ArgumentParser, bounded_int, run_main
 from classification.data.cct import errors_only, validate_cct
 from classification.io import read_json
 
@@ -18,7 +18,7 @@ from classification.io import read_json
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cct_json", help="CCT JSON file to check")
-    parser.add_argument("--max-problems", type=int, default=50, help="print at most this many problems")
+    parser.add_argument("--max-problems", type=bounded_int(0), default=50, help="print at most this many problems")
     args = parser.parse_args(argv)
     problems = validate_cct(read_json(args.cct_json))
     for problem in problems[: args.max_problems]:
