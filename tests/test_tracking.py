@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import socket
+import threading
 import time
 import zipfile
 from collections.abc import Sequence
@@ -19,6 +21,8 @@ import torch
 from PIL import Image
 
 from classification import redaction
+from classification.active_learning.label_studio import load_label_studio_settings
+from classification.data.s3 import AwsOptions, S3Transport
 from classification.errors import DataError, UserError
 from classification.redaction import redact, redact_secrets
 from classification.training.tracking import (
@@ -391,3 +395,35 @@ def test_a_secret_passed_by_set_is_written_nowhere(dataset: Path, tmp_path: Path
     assert info["overrides"] == ["experiment_name=***", "comet_project=***"]
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert (checkpoint["config"]["experiment_name"], checkpoint["config"]["learning_rate"]) == ("***", 0.05)
+
+
+def test_a_label_studio_key_that_is_not_a_plain_token_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    env_file = tmp_path / ".env"
+    env_file.write_text(f'LABEL_STUDIO_API_KEY="{ESCAPED_KEY}"\n')
+    with pytest.raises(DataError, match=f"^LABEL_STUDIO_API_KEY in {env_file}: not a valid key") as error:
+        load_label_studio_settings(env_file)
+    assert leaks_in(str(error.value), ESCAPED_KEY.replace("\\n", "\n")) == []
+    token = "0123456789abcdef0123456789abcdef01234567"  # a legacy token: 40 hex characters
+    env_file.write_text(f"LABEL_STUDIO_API_KEY={token}\n")
+    assert load_label_studio_settings(env_file).api_key == token
+    assert token in redaction.known_secrets()  # so no run file or checkpoint can hold it
+
+
+def test_a_fifo_as_label_studio_env_file_is_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / ".env"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is a FIFO"):
+        load_label_studio_settings(fifo)  # before: dotenv_values waited for a writer forever
+
+
+def test_aws_credentials_from_a_profile_are_known_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPROFILEKEY"
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[lab]\naws_access_key_id = AKIAPROFILEEXAMPLE01\naws_secret_access_key = {secret}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    S3Transport(AwsOptions(profile="lab", region="us-east-1"), retries=0, timeout=1.0, stop=threading.Event())
+    assert {secret, "AKIAPROFILEEXAMPLE01"} <= set(redaction.known_secrets())

@@ -37,6 +37,7 @@ from urllib3.exceptions import ProtocolError
 from classification.data.http import CHUNK_SIZE, MAX_BACKOFF_SECONDS, Cancelled, FetchError, _after, _BodyError, check_image_body
 from classification.errors import UserError
 from classification.io import atomic_open
+from classification.redaction import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class S3Transport:
         self.stop = stop
         session, region = _open_session(options)
         self._secrets = () if options.anonymous else _credential_values(session, options.profile)
+        for secret in self._secrets:  # known to every writer of run provenance (redaction.known_secrets)
+            register_secret(secret)
         self.client: Any = _make_client(session, options, region, retries, timeout)
 
     def size(self, url: str) -> int | None:
