@@ -35,7 +35,7 @@ import torch
 from classification.config import ExperimentConfig, config_changes, config_hash
 from classification.errors import DataError, UserError
 from classification.io import link_atomic, remove_stale_temporaries, write_bytes_atomic
-from classification.redaction import known_secrets, redact_secrets
+from classification.redaction import known_secrets, redact, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def check_resumable(checkpoint: Mapping[str, Any], path: Path, config: Experimen
     if not changes:  # saved by an older version: only keys added since, at the values it used
         return
     summary = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    summary = redact(summary, known_secrets())  # a changed value may be a key given by --set
     if not force:
         raise UserError(f"{config_path}: changed since {path} ({summary}); resume anyway with --force, "
                         "or start again with --no-resume --overwrite")
