@@ -22,6 +22,7 @@ from PIL import Image
 
 from classification import redaction
 from classification.active_learning.label_studio import load_label_studio_settings
+from classification.active_learning.loop import open_experiment, write_derived_config
 from classification.data.s3 import AwsOptions, S3Transport
 from classification.errors import DataError, UserError
 from classification.redaction import redact, redact_secrets
@@ -427,3 +428,11 @@ def test_aws_credentials_from_a_profile_are_known_secrets(tmp_path: Path, monkey
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     S3Transport(AwsOptions(profile="lab", region="us-east-1"), retries=0, timeout=1.0, stop=threading.Event())
     assert {secret, "AKIAPROFILEEXAMPLE01"} <= set(redaction.known_secrets())
+
+
+def test_an_active_learning_round_config_holds_no_key_given_by_set(dataset: Path, tmp_path: Path) -> None:
+    config = write_run(tmp_path / "run", dataset, comet="offline")
+    (config.parent / ".env").write_text(f"COMET_API_KEY={COMET_KEY}\n")
+    experiment = open_experiment(config, [f"comet_project={COMET_KEY}"])
+    derived = write_derived_config(experiment, tmp_path / "round", dataset, "round 1")
+    assert derived.comet_project == "***" and COMET_KEY not in (tmp_path / "round" / "config.yml").read_text()

@@ -78,6 +78,7 @@ from classification.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from classification.redaction import find_env_files, known_secrets, redact_secrets
 from classification.training.checkpoint import resolve_checkpoint
 from classification.training.engine import TrainResult, train
 
@@ -529,6 +530,7 @@ def write_derived_config(experiment: Experiment, model_dir: Path, data_root: Pat
     values.update({"data_root": str(Path(data_root).resolve()), "crops_dir": None,
                    "num_epochs": experiment.al.num_epochs or experiment.config.num_epochs, **updates})
     kept = {key: value for key, value in values.items() if value is not None}
+    kept = redact_secrets(kept, known_secrets(*find_env_files(experiment.run_dir)))  # a key given by --set: ***
     write_text_atomic(model_dir / "config.yml", f"# {header}\n" + yaml.safe_dump(kept, sort_keys=False))
     return load_config(model_dir / "config.yml")
 
