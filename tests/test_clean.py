@@ -115,3 +115,20 @@ def test_typo_flag_gets_one_line_with_suggestion(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "did you mean --category-map?" in lines[0]
+
+
+def test_clean_cct_quotes_a_huge_category_name_cut_short(tmp_path: Path) -> None:
+    """A category map row with a 1 MB name: the summary line it printed held the whole name."""
+    huge = "x" * 1_000_000
+    cct = {"images": [{"id": "a", "file_name": "a.jpg", "width": 64, "height": 48, "location": "l1"}],
+           "annotations": [{"id": "x1", "image_id": "a", "category_id": 1, "bbox": [4, 4, 20, 20]},
+                           {"id": "x2", "image_id": "a", "category_id": 2, "bbox": [4, 4, 20, 20]}],
+           "categories": [{"id": 1, "name": huge}, {"id": 2, "name": "deer"}]}
+    (tmp_path / "in.json").write_text(json.dumps(cct))
+    (tmp_path / "map.json").write_text(json.dumps([{"name": huge, "keep": False}, {"name": "deer"}]))
+    result = run_entry_point("utils/clean_cct.py", str(tmp_path / "in.json"), str(tmp_path / "out.json"),
+                             "--category-map", str(tmp_path / "map.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+    assert any("dropped 1 of category 'xxx" in line and "(1000002 characters)" in line for line in lines), lines

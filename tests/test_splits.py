@@ -546,3 +546,13 @@ def test_datetimes_out_of_range_or_with_offsets_read_as_wall_clock_or_missing() 
     assert times.isna().tolist() == [False, True, True, True, True, True, True, False, False, False, False]
     assert [str(t) for t in times.dropna()] == ["2012-03-01 10:00:00", "2020-03-28 10:00:00", "2020-03-30 10:00:00",
                                                 "2020-03-30 11:00:00", "2020-03-30 12:00:00"]
+
+
+def test_split_report_warnings_quote_a_huge_class_name_cut_short() -> None:
+    """A 1 MB class name (a pasted file, a broken export) was echoed whole in every warning and log line."""
+    huge = "x" * 1_000_000
+    counts = np.array([[3, 0], [2, 0], [4, 0]])
+    problem = SplitProblem([("d", "0"), ("d", "1"), ("d", "2")], ["deer", huge], counts + np.array([[0, 1], [0, 0], [0, 0]]))
+    report = build_split_report(problem, np.array([0, 1, 2]), FRACTIONS, dropped_labels={huge + "y": 1})
+    assert report["warnings"] and all(len(warning) < 300 for warning in report["warnings"]), report["warnings"]
+    assert any("(1000002 characters) is absent from" in warning for warning in report["warnings"])

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from classification.data.images import DECODE_ERRORS, decode_failure, displayed_size, open_image
 from classification.errors import DataError
-from classification.io import read_json
+from classification.io import read_json, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,14 @@ def is_number(value: Any) -> bool:
 
 
 def shown(value: Any, limit: int = 120) -> str:
-    """A value for a one-line message: its ``repr`` cut to ``limit`` characters; a huge integer says so."""
+    """A value for a one-line message: its ``repr`` cut to ``limit`` characters (``io.shown_value``); a huge integer says so."""
     if isinstance(value, int) and not isinstance(value, bool) and not is_number(value):
         return f"an integer too large for a number ({value.bit_length()} bits)"
     if isinstance(value, list):
         text = "[" + ", ".join(shown(item, limit) for item in value[:8]) + (", ...]" if len(value) > 8 else "]")
     else:
         text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown_value(text, limit)
 
 
 def normalize_location(value: Any) -> str | None:

@@ -23,7 +23,7 @@ from classification.data.cct import (
     resolve_missing_locations,
 )
 from classification.errors import DataError, UserError
-from classification.io import read_json, write_json_atomic
+from classification.io import read_json, shown_value, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class CleanReport:
         """Human-readable summary lines."""
         out = [f"annotations: {self.annotations_in} in, {self.annotations_out} out"]
         for name, count in sorted(self.dropped_by_category.items()):
-            out.append(f"  dropped {count} of category {name!r} (keep: false)")
+            out.append(f"  dropped {count} of category {shown_value(repr(name))} (keep: false)")
         for change, count in sorted(self.converted.items()):
             out.append(f"  converted {count}: {change}")
         if self.dropped_without_box:
@@ -90,12 +90,12 @@ def read_category_map(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(row, dict) or not isinstance(row.get("name"), str):
             raise DataError(f"{path}: [{i}].name: missing or not a string")
         if not isinstance(row.get("keep", True), bool):
-            raise DataError(f"{path}: [{i}].keep: must be true or false, got {row.get('keep')!r}")
+            raise DataError(f"{path}: [{i}].keep: must be true or false, got {shown_value(repr(row.get('keep')))}")
         convert_to = row.get("convert_to")
         if convert_to is not None and (not isinstance(convert_to, str) or not convert_to.strip()):
-            raise DataError(f"{path}: [{i}].convert_to: must be a category name or null, got {convert_to!r}")
+            raise DataError(f"{path}: [{i}].convert_to: must be a category name or null, got {shown_value(repr(convert_to))}")
         if row["name"] in by_name:
-            raise DataError(f"{path}: [{i}].name: {row['name']!r} appears twice")
+            raise DataError(f"{path}: [{i}].name: {shown_value(repr(row['name']))} appears twice")
         by_name[row["name"]] = row
     return by_name
 
@@ -113,7 +113,7 @@ def apply_category_map(data: CCT, category_map: dict[str, dict[str, Any]], sourc
     names = {c["id"]: c["name"] for c in data["categories"]}
     missing = sorted(set(names.values()) - set(category_map))
     if missing:
-        raise DataError(f"{source}: categories not in the category map: {', '.join(missing[:5])} (rebuild the map)")
+        raise DataError(f"{source}: categories not in the category map: {shown_value(', '.join(missing[:5]), 300)} (rebuild the map)")
     final_names = sorted({_final_name(category_map[n]) for n in names.values() if category_map[n].get("keep", True)})
     new_ids = {name: i for i, name in enumerate(final_names, start=1)}
     annotations = []
@@ -186,7 +186,8 @@ def combine_datasets(named: list[tuple[str, CCT]], prefix_file_names: bool = Fal
             file_name = f"{name}/{image['file_name']}" if prefix_file_names else image["file_name"]
             if file_name in seen_files:
                 raise DataError(
-                    f"{name}: file_name {file_name!r} also in dataset {seen_files[file_name]!r}; use --prefix-file-names"
+                    f"{name}: file_name {shown_value(repr(file_name))} also in dataset {shown_value(repr(seen_files[file_name]))}; "
+                    "use --prefix-file-names"
                 )
             seen_files[file_name] = name
             seq_id = image.get("seq_id")

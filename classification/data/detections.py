@@ -335,12 +335,12 @@ def match_labelled_image(file: str, matcher: FileMatcher, by_file: dict[str, dic
         return None, "", "not in the labels CCT", reason
     image = by_file.get(cct_file)
     if image is None:
-        return None, "", "no location (dropped by --missing-locations drop)", f"CCT image {cct_file!r}"
+        return None, "", "no location (dropped by --missing-locations drop)", f"CCT image {shown(cct_file)}"
     if labels is None:
         return image, "", "", ""
     found = sorted(labels.get(image["id"], set()))
     if len(found) != 1:
-        return None, "", "no label" if not found else "ambiguous label", f"CCT image {image['id']!r} has labels {found}"
+        return None, "", "no label" if not found else "ambiguous label", f"CCT image {shown(image['id'])} has labels {shown(found)}"
     return image, found[0], "", ""
 
 

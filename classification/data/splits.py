@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import sparse
 
 from classification.errors import DataError, UserError
-from classification.io import JSON_KINDS, read_json_object, shown_json
+from classification.io import JSON_KINDS, read_json_object, shown_json, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SplitProblem:
         if list(self.labels) != sorted(set(self.labels)):
             raise ValueError("labels must be sorted and unique")
         if counts.size and (counts.sum(axis=0) == 0).any():
-            raise ValueError(f"label {self.labels[int(np.argmin(counts.sum(axis=0)))]!r} has no crops")
+            raise ValueError(f"label {shown_value(repr(self.labels[int(np.argmin(counts.sum(axis=0)))]))} has no crops")
         counts.setflags(write=False)
         object.__setattr__(self, "counts", counts)
 
@@ -140,7 +140,7 @@ def _as_text(value: object, column: str) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return str(value)
     raise DataError(
-        f"{column} {value!r} is a {type(value).__name__}, expected text "
+        f"{column} {shown_value(repr(value))} is a {type(value).__name__}, expected text "
         "(read CSV files with dtype=str so that '001' stays '001')"
     )
 
@@ -737,7 +737,7 @@ def assignment_from_splits(problem: SplitProblem, splits: Mapping[str, object], 
         for i, entry in enumerate(entries):
             key = location_entry(entry, f"{source}: {name}[{i}]")
             if key in seen and seen[key] != name:
-                raise DataError(f"{source}: location {list(key)} is in both {seen[key]} and {name}")
+                raise DataError(f"{source}: location {shown_value(repr(list(key)))} is in both {seen[key]} and {name}")
             seen[key] = name
             if key in index:
                 assignment[index[key]] = split
@@ -747,9 +747,10 @@ def assignment_from_splits(problem: SplitProblem, splits: Mapping[str, object], 
     if uncovered:
         shown = ", ".join(str(list(key)) for key in uncovered[:5])
         more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
-        raise DataError(f"{source}: {len(uncovered)} location(s) of the data are in no split: {shown}{more}")
+        raise DataError(f"{source}: {len(uncovered)} location(s) of the data are in no split: {shown_value(shown, 400)}{more}")
     if extra:
-        log.warning("%s: %d location(s) are not in the data and are ignored, e.g. %s", source, len(extra), extra[:5])
+        log.warning("%s: %d location(s) are not in the data and are ignored, e.g. %s", source, len(extra),
+                    shown_value(repr(extra[:5]), 400))
     return assignment
 
 
@@ -798,7 +799,7 @@ def _class_rows(problem: SplitProblem, split_crops: np.ndarray, split_locations:
         }
         absent = [name for s, name in enumerate(SPLIT_NAMES) if f[s] > 0 and split_crops[s, y] == 0]
         if absent:
-            warnings.append(f"class {label!r} is absent from {' and '.join(absent)}")
+            warnings.append(f"class {shown_value(repr(label))} is absent from {' and '.join(absent)}")
     return rows, warnings
 
 
@@ -820,7 +821,7 @@ def build_split_report(
     splits, split_warnings = _split_sizes(in_split, split_crops, f)
     classes, class_warnings = _class_rows(problem, split_crops, split_locations, f)
     dropped = dict(sorted((dropped_labels or {}).items()))
-    dropped_warnings = [f"class {label!r} dropped: seen at {n} location(s), below --min-locs" for label, n in dropped.items()]
+    dropped_warnings = [f"class {shown_value(repr(label))} dropped: seen at {n} location(s), below --min-locs" for label, n in dropped.items()]
     score = float(score_assignments(problem, assignment[None, :], f)[0])
     return {
         "score": round(score, 6),
