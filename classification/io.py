@@ -339,6 +339,16 @@ def read_string_csv(path: Path, required: Collection[str], hint: str = "") -> pd
     return frame
 
 
+def repeated_name(names: Iterable[str]) -> str | None:
+    """The first non-empty column name a CSV header gives twice, else None (a reader would keep only one of them)."""
+    seen: set[str] = set()
+    for name in names:
+        if name and name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 CSV_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 
 
@@ -362,8 +372,7 @@ def check_csv_head(path: Path) -> None:
             line = reader.line_num
     except (OSError, UnicodeDecodeError, csv.Error):
         return  # pandas reads the file next and says what is wrong with it
-    names = [name for name in header if name]
-    twice = next((name for name in names if names.count(name) > 1), None)
+    twice = repeated_name(header)
     if twice is not None:
         raise DataError(f"{path}: the column {shown_json(twice)} is named twice in the header (only one could be read)")
     if first is not None and len(first) > len(header):

@@ -1598,3 +1598,15 @@ def test_huge_or_negative_counts_on_the_command_line_are_one_line(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "expected an integer from" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lila_index_readers_refuse_a_column_named_twice(tmp_path: Path) -> None:
+    """The readers that do not go through read_string_csv (csv.DictReader kept the last of two, pyarrow the first)."""
+    from classification.data.lila.index import open_csv_rows  # noqa: PLC0415
+    from classification.data.lila.table import ALL_IMAGES_COLUMNS, _check_header  # noqa: PLC0415
+
+    (tmp_path / "datasets.csv").write_text("name,url,name\na,http://x,b\n")
+    with pytest.raises(DataError, match=r'datasets.csv: the column "name" is named twice'):
+        open_csv_rows(tmp_path / "datasets.csv", ["name"])
+    with pytest.raises(DataError, match=r'all_images.csv: the column "dataset_name" is named twice'):
+        _check_header([*ALL_IMAGES_COLUMNS, "dataset_name"], "lila.zip: all_images.csv")

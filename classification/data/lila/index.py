@@ -20,7 +20,7 @@ from pathlib import Path
 
 from classification.data.download import Connection, DownloadItem, download_files
 from classification.errors import DataError, UserError
-from classification.io import copy_file_atomic, ensure_folder, unreadable_file
+from classification.io import copy_file_atomic, ensure_folder, repeated_name, shown_json, unreadable_file
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ def open_csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             missing = [column for column in required if column not in header]
+            if (twice := repeated_name(header)) is not None:  # DictReader keeps the last of the two, without a word
+                raise DataError(f"{path}: the column {shown_json(twice)} is named twice in the header (only one could be read)")
             if missing:
                 raise DataError(f"{path}: column {missing[0]!r} missing (has LILA changed the format? columns: {', '.join(header[:12])})")
             return [{key: (value or "").strip() for key, value in row.items() if key is not None} for row in reader]

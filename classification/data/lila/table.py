@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from classification.data.lila.index import ALL_IMAGES_COLUMNS, RANKS, all_images_member
 from classification.errors import DataError
-from classification.io import atomic_open
+from classification.io import atomic_open, repeated_name, shown_json
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def is_converted(zip_path: Path, parquet_path: Path) -> bool:
 def _check_header(names: Sequence[str], where: str) -> list[str]:
     """The header's rank columns; a missing required column is one line naming it."""
     missing = [column for column in ALL_IMAGES_COLUMNS if column not in names]
+    if (twice := repeated_name(names)) is not None:
+        raise DataError(f"{where}: the column {shown_json(twice)} is named twice in the header (only one could be read)")
     if missing:
         raise DataError(f"{where}: column {missing[0]!r} missing (has LILA changed the format? columns: {', '.join(names[:14])})")
     return [rank for rank in RANKS if rank in names]
