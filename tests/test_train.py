@@ -194,7 +194,7 @@ def test_animl_config_and_num_classes_check(dataset: Path, tmp_path: Path) -> No
 def test_unreadable_images_are_skipped_and_reported_once(dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     copy = tmp_path / "dataset"
     shutil.copytree(dataset, copy)
-    config = load_config(write_run(tmp_path / "run", copy, batch_size=4))
+    config = load_config(write_run(tmp_path / "run", copy, batch_size=4, max_skipped_fraction=0.5))
     train_paths = [sample.path for sample in build_samples(config, "train")]
     truncated, missing = train_paths[0], train_paths[1]
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -208,6 +208,54 @@ def test_unreadable_images_are_skipped_and_reported_once(dataset: Path, tmp_path
     rows = read_metrics(tmp_path / "run")
     assert float(rows[-1]["skipped_images"]) == 2
     assert all(math.isfinite(float(row["train_loss"])) for row in rows)
+
+
+def test_a_mistyped_crops_dir_is_one_line_before_any_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    """Every image "skipped (file not found)", "diverged", exit 0 and 1.pt written: now one line naming the folder."""
+    config = write_run(tmp_path / "run", dataset, crops_dir="crops_typo")
+    result = run_train(config)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    first = build_samples(load_config(config), "train")[0].path
+    assert lines[0].startswith(f"error: {dataset / 'crops_typo'}: split 'train' (is the folder right?): ")
+    assert "images missing or unreadable, more than max_skipped_fraction (0.05); first: " in lines[0]
+    assert str(first) in lines[0]
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
+def test_more_unreadable_images_than_max_skipped_fraction_stop_the_run(dataset: Path, tmp_path: Path) -> None:
+    """Decode failures found during an epoch count against the same fraction; a few are skipped, too many stop it."""
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    config = load_config(write_run(tmp_path / "run", copy, batch_size=4, max_skipped_fraction=0.1))
+    train_paths = [sample.path for sample in build_samples(config, "train")]
+    bad = train_paths[: len(train_paths) // 4]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])  # exists (the stat passes), does not decode
+    with pytest.raises(DataError, match=r"split 'train': \d+ of \d+ images missing or unreadable, more than max_skipped_fraction \(0.1\)"):
+        train(config, tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
+def test_a_loss_that_becomes_nan_is_an_error_and_never_best(dataset: Path, tmp_path: Path) -> None:
+    """A loss that became NaN was saved as best.pt with exit 0: the run stops with an error and writes no
+    checkpoint of the diverged epoch (the weights are poisoned in epoch 2 through the public hook interface)."""
+    from classification.training.hooks import Hook  # noqa: PLC0415
+
+    class Poison(Hook):
+        def after_step(self, loop: Any) -> None:
+            if loop.progress.epoch == 1:  # epoch 1 is done: from epoch 2's first step on, the weights are NaN
+                with torch.no_grad():
+                    for parameter in loop.trainer.network.parameters():
+                        parameter.fill_(math.nan)
+
+    config = load_config(write_run(tmp_path / "run", dataset, num_epochs=3))
+    with pytest.raises(DataError, match=r"epoch 2: the training loss is nan: training diverged; lower learning_rate"):
+        train(config, tmp_path / "run", hooks=[Poison()])
+    saved = {path.name: torch.load(path, map_location="cpu", weights_only=False) for path in (tmp_path / "run").rglob("*.pt")}
+    assert "1.pt" in saved and "2.pt" not in saved, sorted(saved)
+    assert all(checkpoint["epoch"] == 1 for checkpoint in saved.values()), sorted(saved)
 
 
 # ---------------------------------------------------------------- checkpoints

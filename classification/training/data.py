@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from classification.data.images import ImageLoadError, decode_failure, read_rgb
 from classification.data.samples import Sample
-from classification.errors import UserError
+from classification.errors import DataError, UserError
 from classification.training.weights import InputSpec
 
 if TYPE_CHECKING:
@@ -227,21 +227,40 @@ def collate_skip_none(items: Sequence[tuple[Tensor | None, int, int]], finish: B
     return Batch(images, labels, indices, skipped)
 
 
-class SkippedImages:
-    """Warns once per unreadable file (in the main process, from ``Batch.skipped``) and counts them."""
+def check_skipped_fraction(skipped: int, total: int, max_fraction: float, what: str, first: Path | str) -> None:
+    """Skipping a few unreadable images is right; skipping all of them, or more than ``max_fraction``, is an error
+    (a mistyped ``crops_dir`` trained on nothing, "diverged" and exited 0)."""
+    if total and (skipped == total or skipped > max_fraction * total):
+        raise DataError(f"{what}: {skipped} of {total} images missing or unreadable, more than max_skipped_fraction "
+                        f"({max_fraction:g}); first: {first}")
 
-    def __init__(self, dataset: CropDataset) -> None:
+
+def check_images_exist(samples: Sequence[Sample], max_fraction: float, what: str) -> None:
+    """Stat every image up front, so that a wrong folder is one line before epoch 1 (and before any checkpoint)."""
+    missing = [sample.path for sample in samples if not os.path.isfile(sample.path)]
+    if missing:
+        check_skipped_fraction(len(missing), len(samples), max_fraction, f"{what} (is the folder right?)", missing[0])
+
+
+class SkippedImages:
+    """Warns once per unreadable file (in the main process, from ``Batch.skipped``) and counts them; more than
+    ``max_fraction`` of the dataset is a ``DataError`` (``check_skipped_fraction``)."""
+
+    def __init__(self, dataset: CropDataset, max_fraction: float = 1.0, what: str = "images") -> None:
         self.dataset = dataset
         self.seen: set[int] = set()
+        self.max_fraction = max_fraction
+        self.what = what
 
     def record(self, indices: Sequence[int]) -> None:
-        """Warn about each index not seen before."""
+        """Warn about each index not seen before; stop the run when too many are unreadable."""
         for index in indices:
             if index not in self.seen:
                 self.seen.add(index)
                 path = Path(self.dataset.describe(index))
                 reason = "unreadable image" if path.exists() else "file not found"
                 log.warning("skipped %s (%s); training goes on without it", path, reason)
+                check_skipped_fraction(len(self.seen), len(self.dataset), self.max_fraction, self.what, path)
 
     def __len__(self) -> int:
         return len(self.seen)

@@ -68,7 +68,14 @@ from classification.training.checkpoint import (
     repair_best,
     restore_rng_state,
 )
-from classification.training.data import CropDataset, EpochSampler, SkippedImages, build_loader, set_loader_epoch
+from classification.training.data import (
+    CropDataset,
+    EpochSampler,
+    SkippedImages,
+    build_loader,
+    check_images_exist,
+    set_loader_epoch,
+)
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
@@ -138,13 +145,18 @@ def load_run_data(config: ExperimentConfig, context: DistributedContext, config_
     val_samples = build_samples(config, config.val_split)
     if not train_samples:
         raise DataError(f"{config.data_root}: the {config.train_split!r} split has no images to train on")
+    folder = config.resolved_crops_dir()
+    for split, samples in ((config.train_split, train_samples), (config.val_split, val_samples)):
+        check_images_exist(samples, config.max_skipped_fraction, f"{folder}: split {split!r}")
     train_loader = build_loader(config, train_samples, True, context.rank, context.world_size)
     val_loader = build_loader(config, val_samples, False, context.rank, context.world_size)
     return RunData(
         label_index=label_index, train_loader=train_loader, val_loader=val_loader,
         train_labels=[sample.label for sample in train_samples],
-        train_skipped=SkippedImages(cast(CropDataset, train_loader.dataset)),
-        val_skipped=SkippedImages(cast(CropDataset, val_loader.dataset)),
+        train_skipped=SkippedImages(cast(CropDataset, train_loader.dataset), config.max_skipped_fraction,
+                                    f"{folder}: split {config.train_split!r}"),
+        val_skipped=SkippedImages(cast(CropDataset, val_loader.dataset), config.max_skipped_fraction,
+                                  f"{folder}: split {config.val_split!r}"),
     )
 
 
@@ -395,6 +407,7 @@ def finish_epoch(loop: TrainingLoop, epoch: int, train_metrics: MetricAccumulato
     loop.progress.epoch, loop.progress.batch_in_epoch = epoch, 0
     if trainer.context.is_main:
         log_epoch(epoch, row, loop.config)
+    check_finite_loss(epoch, row, loop.config)
     return EpochEnd(epoch, row, val["confusion"], label_names, final=epoch == loop.config.num_epochs)
 
 
@@ -449,8 +462,13 @@ def format_epoch(epoch: int, num_epochs: int, row: Mapping[str, float], monitor:
 
 
 def log_epoch(epoch: int, row: Mapping[str, float], config: ExperimentConfig) -> None:
-    """The epoch's log line, and a warning when the training loss is no longer finite."""
+    """The epoch's log line."""
     log.info(format_epoch(epoch, config.num_epochs, row, config.monitor))
+
+
+def check_finite_loss(epoch: int, row: Mapping[str, float], config: ExperimentConfig) -> None:
+    """A NaN or inf training loss ends the run with an error before the hooks see the epoch, so it is written
+    neither as best.pt nor as last.pt or ``<epoch>.pt`` (``--resume`` continues from the last finite epoch)."""
     if not math.isfinite(row["train_loss"]):
-        log.warning("epoch %d: the training loss is %s: training diverged; lower learning_rate (now %g) "
-                    "or add warmup_epochs", epoch, row["train_loss"], config.learning_rate)
+        raise DataError(f"epoch {epoch}: the training loss is {row['train_loss']}: training diverged; lower "
+                        f"learning_rate (now {config.learning_rate:g}) or add warmup_epochs (this epoch was not saved)")
