@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from classification.evaluation.report import prediction_columns
-from classification.evaluation.review_page import PageOptions, write_review_page
-from tests.conftest import run_entry_point, run_in_process
+from classification.evaluation.review_page import PageOptions, embedded_thumbnail, write_review_page
+from tests.conftest import REPO_ROOT, run_entry_point, run_in_process
 from tests.test_predict import TrainedRun, trained  # noqa: F401 (the fixture: a tiny model trained once per module)
 from tests.test_train import train_env
 
@@ -229,3 +231,120 @@ def test_a_missing_crop_is_reported_by_the_browser_too(run: Run) -> None:
     dom = browser("--dump-dom", page_path.resolve().as_uri())
     assert 'data-broken-images="1"' in dom and dom.count('data-loaded="no"') == 1
     assert '<figure class="right broken" id=' in dom
+
+
+# ---------------------------------------------------------------- hostile rows (issue 17)
+
+
+def set_first_row(predictions: Path, **values: str) -> None:
+    """Change the first data row (line 2) of a predictions.csv."""
+    frame = pd.read_csv(predictions, dtype=str, keep_default_na=False)
+    for column, value in values.items():
+        frame.loc[0, column] = value
+    frame.to_csv(predictions, index=False)
+
+
+def outside_image(run: Run) -> Path:
+    """A real JPEG outside the images folder: a user's private photo that no page may read, embed or link."""
+    private = run.crops.parent / "home" / "user" / "private.jpg"
+    private.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(private)  # unlike every crop, so its thumbnail is recognisable
+    return private
+
+
+def leading_out(run: Run, how: str) -> str:
+    """The ``path`` of a row that leads out of the images folder (or to no regular file), made on disk."""
+    private = outside_image(run)
+    if how == "climbing out":
+        return os.path.relpath(private, run.crops)
+    if how == "absolute":
+        return str(private)
+    if how == "symlinked file":
+        (run.crops / "link.jpg").symlink_to(private)
+        return "link.jpg"
+    if how == "symlinked folder":
+        (run.crops / "sub").symlink_to(private.parent, target_is_directory=True)
+        return "sub/private.jpg"
+    os.mkfifo(run.crops / "pipe.jpg")  # opening it would block the page for ever
+    return "pipe.jpg"
+
+
+def assert_nothing_outside(page_path: Path, crops: Path, private: Path) -> None:
+    """No image source or link of the page leads out of ``crops``, and the private image is not embedded."""
+    page = parse(page_path.read_text(encoding="utf-8"))
+    assert embedded_thumbnail(private) not in page.images
+    for url in page.images + page.links:
+        if not url.startswith(("#", "data:")):
+            assert target_of(url, page_path).is_relative_to(crops.resolve()), url
+
+
+LEADING_OUT = ["climbing out", "absolute", "symlinked file", "symlinked folder", "a FIFO"]
+
+
+@pytest.mark.parametrize("embed", [True, False], ids=["embedded", "linked"])
+@pytest.mark.parametrize("how", LEADING_OUT)
+def test_a_row_leading_out_of_the_images_folder_is_shown_without_its_image(how: str, embed: bool, run: Run) -> None:
+    path = leading_out(run, how)
+    set_first_row(run.predictions, path=path)
+    flags = ["--embed-thumbnails"] if embed else []
+    result = subprocess.run([*run_entry_point_command("classifier/review_page.py"), "--predictions", str(run.predictions),
+                             *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    reason = "not a regular file" if how == "a FIFO" else "outside the images folder"
+    assert result.stderr.count("\n") == 1 and "predictions.csv: 1 rows shown without their image: row 2: path" in result.stderr
+    assert reason in result.stderr, result.stderr
+    page_path = run.predictions.parent / "review.html"
+    assert_nothing_outside(page_path, run.crops, run.crops.parent / "home" / "user" / "private.jpg")
+    assert f"image not shown: {reason}" in " ".join(parse(page_path.read_text(encoding="utf-8")).text)
+
+
+def test_a_source_image_outside_the_source_folder_is_not_shown(run: Run, tmp_path: Path) -> None:
+    """The lightbox's whole image comes from the crops manifest's file_name: it is confined to --source-images too."""
+    private = outside_image(run)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    manifest = pd.read_csv(run.crops / "crops_manifest.csv", dtype=str, keep_default_na=False)
+    manifest["file_name"] = os.path.relpath(private, sources)
+    for column in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"):
+        manifest[column] = "10"
+    manifest.to_csv(run.crops / "crops_manifest.csv", index=False)
+    for embed in (True, False):
+        page_path = write_review_page(run.predictions, options=PageOptions(embed=embed, source_images=sources))
+        assert_nothing_outside(page_path, run.crops, private)
+        assert "lightbox" not in page_path.read_text(encoding="utf-8").split("</style>")[1]
+
+
+def run_entry_point_command(script: str) -> list[str]:
+    """The command line ``run_entry_point`` runs (for a call that needs its own timeout: a FIFO must not hang it)."""
+    return [sys.executable, str(REPO_ROOT / script)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-3", "1.5", "nan", "1e400", "high", "-inf"])
+def test_a_confidence_outside_0_to_1_stops_the_page_with_one_line(value: str, run: Run) -> None:
+    set_first_row(run.predictions, confidence=value)
+    result = run_entry_point("classifier/review_page.py", "--predictions", run.predictions)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"predictions.csv: row 2: confidence: expected a probability from 0 to 1, got {value!r}" in result.stderr
+    assert not (run.predictions.parent / "review.html").exists()  # never a page of inf% or -300.0%
+
+
+def test_an_answer_confidence_outside_0_to_1_names_its_column(run: Run) -> None:
+    frame = pd.read_csv(run.predictions, dtype=str, keep_default_na=False)
+    frame["answer"], frame["answer_rank"], frame["answer_confidence"] = frame["pred_label"], "species", "0.5"
+    frame.loc[3, "answer_confidence"] = "inf"
+    frame.to_csv(run.predictions.parent / "postprocessed.csv", index=False)
+    result = run_in_process("classifier/review_page.py", "--predictions", run.predictions.parent / "postprocessed.csv")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "postprocessed.csv: row 5: answer_confidence: expected a probability from 0 to 1, got 'inf'" in result.stderr
+
+
+@pytest.mark.parametrize("path", ["x" * 5000 + ".jpg", "/".join(["d" * 200] * 25) + "/a.jpg", "bad\x01name\x7f.jpg"],
+                         ids=["5000-character name", "5000-character path", "control characters"])
+def test_an_unusable_path_is_one_line_not_a_traceback(path: str, run: Run) -> None:
+    set_first_row(run.predictions, path=path)
+    result = run_entry_point("classifier/review_page.py", "--predictions", run.predictions, "--embed-thumbnails")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") <= 1 and len(result.stderr) < 400, result.stderr  # a 5000-character path is not echoed
+    if result.stderr:
+        assert "predictions.csv: 1 rows shown without their image: row 2: path" in result.stderr
+    assert (run.predictions.parent / "review.html").is_file()

@@ -12,8 +12,9 @@ works while it stays beside the run's images) or, with ``embed=True``, embedded 
 thumbnails (the page is self-contained). Every string from the data is HTML-escaped; a small
 inline script marks images that failed to load, so a missing file is visible, not silent.
 
-What the page refuses: a confidence that is not a number from 0 to 1 stops it (one line naming the
-row and column: the file is not a prediction table). A row whose path leaves the images folder (``..``,
+What the page refuses: a confidence that is not a number from 0 to 1 (``inf``, ``-3``, ``nan``, text) stops it
+(one line naming the row and column: the file is not a prediction table, and a page of ``inf%`` would mislead).
+A row whose path leaves the images folder (``..``,
 an absolute path, a symlink pointing out), names no regular file (a FIFO, a folder) or cannot be a path
 (too long) is shown without its image and reported in one line: no file outside the images folder is
 read, embedded or linked. With ``source_images`` (the folder ``crop_detections.py`` cropped from) a click
@@ -39,8 +40,8 @@ import pandas as pd
 from classification.data.cct import read_image_size
 from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.data.images import DECODE_ERRORS, read_thumbnail
-from classification.errors import DataError, UserError
-from classification.evaluation.report import read_prediction_info
+from classification.errors import UserError
+from classification.evaluation.report import probabilities_of, read_prediction_info
 from classification.io import read_string_csv, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def read_review_table(path: Path) -> pd.DataFrame:
     else:
         frame["rank"] = [NO_ANSWER if label == UNKNOWN_LABEL else SPECIES for label in frame["pred_label"]]
     column = "answer_confidence" if "answer" in frame and "answer_confidence" in frame else "confidence"
-    frame["confidence"] = confidences(frame["confidence"], path, column)
+    frame["confidence"] = probabilities_of(frame["confidence"], path, column)  # inf%, -300.0% would mislead the reader
     return frame
 
 
@@ -139,18 +140,6 @@ def quoted(text: Any) -> str:
     """A value as a message quotes it: at most ``QUOTED_CHARS`` characters (a 5000-character path is not echoed)."""
     text = str(text)
     return repr(text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "...")
-
-
-def confidences(raw: pd.Series, path: Path, column: str) -> pd.Series:
-    """The confidences as floats from 0 to 1 (empty: none shown); anything else (``inf``, ``-3``, ``nan``, text) is one
-    line naming the row: such a file is not a prediction table, and a page of ``inf%`` would mislead its reader."""
-    values = pd.to_numeric(raw, errors="coerce").astype(float)
-    for index, (text, value) in enumerate(zip(raw, values)):
-        if text == "":
-            continue
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise DataError(f"{path}: line {index + 2}: {column}: {quoted(text)} is not a number from 0 to 1")
-    return values
 
 
 def percent(value: float) -> str:
@@ -226,7 +215,7 @@ def report_refused(frame: pd.DataFrame, predictions_path: Path) -> int:
     """Log one line naming the rows whose image was refused (not the missing ones: the page marks those); their count."""
     refused = [(index, row) for index, row in enumerate(frame.to_dict("records")) if row["problem"] not in ("", "not found")]
     if refused:
-        named = "; ".join(f"line {index + 2}: path {quoted(row['path'])}: {row['problem']}" for index, row in refused[:REPORTED_ROWS])
+        named = "; ".join(f"row {index + 2}: path {quoted(row['path'])}: {row['problem']}" for index, row in refused[:REPORTED_ROWS])
         more = f" (and {len(refused) - REPORTED_ROWS} more)" if len(refused) > REPORTED_ROWS else ""
         log.warning("%s: %d rows shown without their image: %s%s", predictions_path, len(refused), named, more)
     return len(refused)
