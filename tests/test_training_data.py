@@ -20,6 +20,7 @@ from classification.data.samples import Sample, available_splits, build_samples,
 from classification.training.data import (
     CropDataset,
     EpochSampler,
+    check_images_exist,
     ImageLoadError,
     SkippedImages,
     build_loader,
@@ -169,15 +170,30 @@ def test_real_problem_files(shared_data: Path) -> None:
 def test_skipped_images_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    dataset = CropDataset([Sample(bad, 0, "", ""), Sample(tmp_path / "gone.jpg", 0, "", "")],
+    others = [Sample(tmp_path / f"ok{i}.jpg", 0, "", "") for i in range(38)]  # not read: record() sees indices only
+    dataset = CropDataset([Sample(bad, 0, "", ""), Sample(tmp_path / "gone.jpg", 0, "", ""), *others],
                           build_transforms(32, "none", False), seed=0)
-    skipped = SkippedImages(dataset)
+    skipped = SkippedImages(dataset, max_fraction=0.05)
     with caplog.at_level("WARNING"):
         skipped.record([0, 1])
         skipped.record([0])
     assert len(skipped) == 2
     assert [r.getMessage() for r in caplog.records] == [f"skipped {bad} (unreadable image); training goes on without it",
                                                         f"skipped {tmp_path / 'gone.jpg'} (file not found); training goes on without it"]
+
+
+def test_skipped_images_beyond_the_fraction_or_all_of_them_are_an_error(tmp_path: Path) -> None:
+    """Skipping every image (a wrong crops_dir) or more than ``max_fraction`` of them stops the run, naming the file."""
+    samples = [Sample(tmp_path / f"gone{i}.jpg", 0, "", "") for i in range(10)]
+    dataset = CropDataset(samples, build_transforms(32, "none", False), seed=0)
+    skipped = SkippedImages(dataset, max_fraction=0.15, what="crops: split 'train'")
+    skipped.record([0])  # 1 of 10: fine
+    with pytest.raises(DataError, match=r"crops: split 'train': 2 of 10 images missing or unreadable, more than "
+                                        r"max_skipped_fraction \(0.15\); first: .*gone1.jpg"):
+        skipped.record([1])
+    with pytest.raises(DataError, match=r"3 of 3 images"):
+        check_images_exist(samples[:3], 1.0, "crops")
+    check_images_exist(samples[:0], 0.0, "crops")
 
 
 # ---------------------------------------------------------------- transforms and determinism
