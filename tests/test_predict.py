@@ -216,6 +216,19 @@ def predict_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> tup
     return code, capsys.readouterr().err
 
 
+def test_predict_on_a_split_whose_crops_are_missing_is_one_line(trained: TrainedRun, tmp_path: Path) -> None:
+    """A wrong ``--crops-dir`` (or crops deleted) predicted nothing and wrote empty outputs: now one line, exit 2."""
+    empty = tmp_path / "no_crops"
+    empty.mkdir()
+    result = run_predict("--config", trained.config, "--cct", trained.data.dataset_dir / "test_cct.json", "--crops-dir", empty,
+                         "--output-dir", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the CCT reader's own warning (no width/height)
+    assert error.startswith("error: predict (is the folder right?): ") and "Traceback" not in result.stderr, result.stderr
+    assert "images missing or unreadable, more than max_skipped_fraction (0.05); first: " in error
+    assert str(empty) in error and not (tmp_path / "out" / "predictions.csv").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ((), "one of the arguments --split --images --cct --megadetector is required"),
     (("--split", "test", "--cct", "x.json"), "not allowed with argument"),
@@ -223,7 +236,8 @@ def predict_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> tup
     (("--megadetector", "md.json"), "--megadetector needs --crops-dir"),
     (("--split", "tset"), "no split 'tset'"),
     (("--split", "test", "--checkpoint", "9.pt"), "checkpoint not found (checkpoints in"),
-    (("--split", "test", "--batch-size", "0"), "--batch-size: must be greater than or equal to 1"),
+    (("--split", "test", "--batch-size", "0"), "argument --batch-size: expected an integer from 1 to 1,000,000, got 0"),
+    (("--split", "test", "--batch-size", "100000000000000000000"), "expected an integer from 1 to 1,000,000"),
 ])
 def test_input_errors_are_one_line(trained: TrainedRun, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str) -> None:
     code, stderr = predict_in_process(capsys, "--config", trained.config, *args)

@@ -48,7 +48,7 @@ from classification.evaluation.prediction_files import (
 from classification.runtime import DistributedContext, select_device
 from classification.shards import NO_DASK, SHARDS_DIR, DaskOptions, remove_shard_files
 from classification.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
-from classification.training.data import build_loader
+from classification.training.data import build_loader, check_images_exist, check_skipped_fraction
 from classification.training.inference import PROBABILITIES, TOP_K_OUTPUTS, inference_options, run_inference, top_k_probabilities
 from classification.training.inference_shards import ModelSource, file_identity, run_inference_shards, whole_batches
 from classification.training.models import build_model
@@ -148,6 +148,7 @@ def score_samples(model: TrainedModel, samples: list[Sample], config: Experiment
     ``shard_folder``): the same numbers, see ``training.inference_shards``."""
     k = min(topk, len(model.label_names))
     names = (*TOP_K_OUTPUTS, PROBABILITIES) if full else TOP_K_OUTPUTS
+    check_images_exist(samples, config.max_skipped_fraction, "predict")  # a wrong --crops-dir: one line, no empty outputs
     if dask.enabled:
         source = ModelSource(trained_network, (model.checkpoint, config), file_identity(model.checkpoint))
         result = run_inference_shards(source, samples, model.config_for(config), top_k_probabilities(k, full), names,
@@ -158,6 +159,8 @@ def score_samples(model: TrainedModel, samples: list[Sample], config: Experiment
         device = device or select_device(config.device, DistributedContext())
         result = run_inference(model.model, loader, top_k_probabilities(k, full), names, inference_options(config, device),
                                "predict")
+    if result.skipped and not len(result):  # a few unreadable images are listed in skipped.csv; all of them is an error
+        check_skipped_fraction(len(result.skipped), len(samples), 1.0, "predict", samples[result.skipped[0]].path)
     if not len(result):
         empty = np.zeros((0, len(model.label_names))) if full else None
         return Scores(np.zeros(0, int), np.zeros((0, k), int), np.zeros((0, k)), np.zeros(0), result.skipped,
