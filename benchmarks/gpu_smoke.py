@@ -4,8 +4,9 @@
 
 On generated demo data (no download): trains with ``amp: fp16``, ``ema_decay`` and
 ``freeze_backbone_epochs: 1``; kills the run with SIGKILL once its first checkpoint exists and
-resumes it; predicts the val split; embeds the crops. With two or more GPUs, the same training
-under ``torchrun --nproc_per_node 2`` (NCCL), resumed, then predicted. Prints one line per step
+resumes it; predicts the val split; embeds the crops. Then the same training under
+``torchrun --nproc_per_node 2``, resumed, then predicted: on two GPUs with NCCL, on one GPU with
+both ranks sharing it (``CLASSIFICATION_SHARE_GPUS=1``: CUDA tensors over gloo). Prints one line per step
 (exit code, seconds, val top-1) and exits non-zero when a step failed. Results go in
 docs/benchmarks.md with the card named.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import yaml
 from classification.data.crops import CropOptions, crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.demo import make_demo_dataset
+from classification.runtime import SHARE_GPUS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_S = 900
@@ -53,15 +56,27 @@ def write_config(run_dir: Path, dataset: Path, architecture: str, epochs: int, d
     return path
 
 
-def run(name: str, command: list[str], results: list[tuple[str, int, float, str]], run_dir: Path | None = None) -> int:
-    """Run one step and record its exit code, time and the run's last val top-1."""
+def run(name: str, command: list[str], results: list[tuple[str, int, float, str]], run_dir: Path | None = None,
+        env: dict[str, str] | None = None) -> int:
+    """Run one step (its whole process group killed after ``STEP_TIMEOUT_S``) and record its exit code, time and
+    the run's last val top-1; a step that timed out is recorded as failed (exit -1)."""
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=STEP_TIMEOUT_S)
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env,
+                               start_new_session=True)
+    try:
+        code = process.wait(timeout=STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun's workers too, so that none is left on the GPU
+        process.wait()
+        code = -1
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        print(f"--- {name} failed; last lines:\n" + "\n".join(result.stderr.splitlines()[-15:]), flush=True)
-    results.append((name, result.returncode, seconds, last_val_top1(run_dir) if run_dir else ""))
-    return result.returncode
+    if code != 0:
+        log.seek(0)
+        print(f"--- {name} failed ({'timed out' if code == -1 else f'exit {code}'}); last lines:\n"
+              + "\n".join(log.read().splitlines()[-15:]), flush=True)
+    results.append((name, code, seconds, last_val_top1(run_dir) if run_dir else ""))
+    return code
 
 
 def last_val_top1(run_dir: Path) -> str:
@@ -74,18 +89,20 @@ def last_val_top1(run_dir: Path) -> str:
     return f"epoch {rows[-1]['epoch']}: val_top1 {float(rows[-1]['val_top1']):.3f}" if rows else ""
 
 
-def kill_after_first_checkpoint(command: list[str], run_dir: Path, results: list[tuple[str, int, float, str]]) -> None:
-    """Start training, SIGKILL it once ``1.pt`` exists (a crash at any moment), record how it ended."""
+def kill_after_first_checkpoint(command: list[str], run_dir: Path, results: list[tuple[str, int, float, str]]) -> bool:
+    """Start training, SIGKILL it once ``1.pt`` exists (a crash at any moment); False when ``1.pt`` never came."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while process.poll() is None and not (run_dir / "checkpoints" / "1.pt").exists():
-        if time.perf_counter() - started > STEP_TIMEOUT_S:
-            break
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run_dir / "checkpoints" / "1.pt"
+    while process.poll() is None and not first.exists() and time.perf_counter() - started < STEP_TIMEOUT_S:
         time.sleep(0.2)
+    reached = first.exists()
     if process.poll() is None:
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    results.append(("train, killed after 1.pt", process.returncode, time.perf_counter() - started, last_val_top1(run_dir)))
+    note = last_val_top1(run_dir) if reached else "1.pt never written"
+    results.append(("train, killed after 1.pt", process.returncode, time.perf_counter() - started, note))
+    return reached and process.returncode == -signal.SIGKILL
 
 
 def main() -> int:
@@ -105,25 +122,26 @@ def main() -> int:
     python, results = sys.executable, []
     config = write_config(workdir / "runs" / "one_gpu", dataset, args.architecture, args.epochs, args.device)
     train = [python, "classifier/train.py", "--config", str(config)]
-    kill_after_first_checkpoint(train, config.parent, results)
+    killed_ok = kill_after_first_checkpoint(train, config.parent, results)
     run("train, resumed", [*train, "--resume"], results, config.parent)
     run("predict val", [python, "classifier/predict.py", "--config", str(config), "--checkpoint", "best", "--split", "val"],
         results)
     run("embed crops", [python, "classifier/embed.py", "--config", str(config), "--checkpoint", "best",
                         "--images", str(dataset / "crops"), "--output-dir", str(workdir / "embeddings")], results)
-    if args.device == "cuda" and torch.cuda.device_count() >= 2:
-        ddp = write_config(workdir / "runs" / "two_gpus", dataset, args.architecture, args.epochs, args.device)
+    if args.device == "cuda":
+        # two ranks: on two GPUs with NCCL; on one GPU both ranks share it, CUDA tensors over gloo (NCCL refuses that)
+        shared = torch.cuda.device_count() < 2
+        env = {**os.environ, SHARE_GPUS_ENV: "1"} if shared else None
+        ddp = write_config(workdir / "runs" / "two_ranks", dataset, args.architecture, args.epochs, args.device)
         torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "classifier/train.py", "--config", str(ddp)]
-        run("torchrun x2, 2 epochs", [*torchrun, "--set", "num_epochs=2"], results, ddp.parent)
-        run("torchrun x2, resumed", [*torchrun, "--resume"], results, ddp.parent)
+        where = "one GPU shared" if shared else "two GPUs"
+        run(f"torchrun x2 ({where}), 2 ep", [*torchrun, "--set", "num_epochs=2"], results, ddp.parent, env)
+        run("torchrun x2, resumed", [*torchrun, "--resume"], results, ddp.parent, env)
         run("predict val (DDP run)", [python, "classifier/predict.py", "--config", str(ddp), "--checkpoint", "best",
                                       "--split", "val"], results)
-    elif args.device == "cuda":
-        print("one GPU: the torchrun steps need two (NCCL does not share a device between ranks)")
     for name, code, seconds, note in results:
         print(f"{name:28s} exit {code:4d}  {seconds:7.1f} s  {note}")
-    killed_ok = results[0][1] == -signal.SIGKILL
     return 0 if killed_ok and all(code == 0 for _, code, _, _ in results[1:]) else 1
 
 

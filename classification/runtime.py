@@ -56,6 +56,16 @@ def distributed_context() -> DistributedContext:
                               int(os.environ.get("LOCAL_RANK", 0)))
 
 
+# Set to 1 for torchrun ranks to share the GPUs there are (rank k on GPU k mod count), CUDA tensors
+# over gloo as NCCL refuses two ranks on one GPU: for checking DDP on a one-GPU machine, not for speed.
+SHARE_GPUS_ENV = "CLASSIFICATION_SHARE_GPUS"
+
+
+def shares_gpus() -> bool:
+    """Whether ``SHARE_GPUS_ENV`` asks torchrun's ranks to share GPUs."""
+    return os.environ.get(SHARE_GPUS_ENV, "") == "1"
+
+
 def select_device(name: str, context: DistributedContext) -> torch.device:
     """``auto`` -> CUDA (this process's local GPU under torchrun), else MPS, else CPU.
 
@@ -69,10 +79,16 @@ def select_device(name: str, context: DistributedContext) -> torch.device:
                             "each rank takes its LOCAL_RANK GPU (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if not torch.cuda.is_available():
             raise UserError(f"device: {name} asked for, but no CUDA GPU is visible (use device: auto or cpu)")
+        count = torch.cuda.device_count()
         index = context.local_rank if name == "cuda" else int(name.split(":")[1])
-        if index >= torch.cuda.device_count():
-            raise UserError(f"device: cuda:{index} asked for, but this machine shows {torch.cuda.device_count()} CUDA GPU(s) "
-                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        if context.distributed and shares_gpus():
+            index %= count
+        if index >= count and context.distributed:
+            raise UserError(f"torchrun rank with LOCAL_RANK {index}, but this machine shows {count} CUDA GPU(s): start at most "
+                            f"{count} processes per node (--nproc_per_node), or set {SHARE_GPUS_ENV}=1 to share them")
+        if index >= count:
+            raise UserError(f"device: cuda:{index} asked for, but this machine shows {count} CUDA GPU(s) "
+                            f"(cuda:0 to cuda:{count - 1})")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if name == "mps" and not torch.backends.mps.is_available():
@@ -81,9 +97,12 @@ def select_device(name: str, context: DistributedContext) -> torch.device:
 
 
 def process_group_backend(device: torch.device) -> str:
-    """The process group's backend per device type: on CUDA, NCCL for the model's tensors and gloo for
-    the small CPU flags and metric counts (``agree``, ``all_reduce_metrics``); gloo alone elsewhere."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    """The process group's backend per device type: on CUDA, NCCL for the model's tensors (gloo when ranks
+    share GPUs, ``SHARE_GPUS_ENV``) and gloo for the small CPU flags and metric counts (``agree``,
+    ``all_reduce_metrics``); gloo alone elsewhere."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:gloo" if shares_gpus() else "cpu:gloo,cuda:nccl"
 
 
 def init_distributed(context: DistributedContext, device: torch.device) -> None:

@@ -154,3 +154,20 @@ def test_each_rank_resumes_from_its_own_random_states() -> None:
     assert [rank_rng_state(checkpoint, rank, 2) for rank in (0, 1)] == ["rank 0", "rank 1"]
     assert rank_rng_state(checkpoint, 2, 4) == "rank 0"  # another world size (forced): rank 0's for all
     assert rank_rng_state({"rng": "old"}, 1, 2) == "old"  # saved before per-rank states
+
+
+def test_a_checkpoint_without_a_world_size_is_checked_against_run_info(tmp_path: Path) -> None:
+    from classification.errors import UserError
+    from classification.training.checkpoint import check_world_size
+    from classification.training.run_folder import recorded_world_size
+    (tmp_path / "run_info.json").write_text(json.dumps({"world_size": 4}))
+    assert recorded_world_size(tmp_path) == 4 and recorded_world_size(tmp_path / "none") is None
+    with pytest.raises(UserError, match="saved by a run of 4 process"):
+        check_world_size({}, tmp_path / "last.pt", 1, force=False, recorded=recorded_world_size(tmp_path))
+    assert check_world_size({"world_size": 1}, tmp_path / "last.pt", 1, force=False, recorded=4) is False
+
+
+def test_ranks_may_share_one_gpu_over_gloo_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from classification.runtime import SHARE_GPUS_ENV, process_group_backend
+    monkeypatch.setenv(SHARE_GPUS_ENV, "1")
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:gloo"  # NCCL refuses two ranks on one GPU

@@ -142,10 +142,12 @@ def rank_rng_state(checkpoint: Mapping[str, Any], rank: int, world_size: int) ->
     return per_rank[rank] if len(per_rank) == world_size else checkpoint["rng"]
 
 
-def check_world_size(checkpoint: Mapping[str, Any], path: Path, world_size: int, force: bool) -> bool:
-    """True when the checkpoint was saved by another number of processes (unknown before it was saved):
-    refused unless ``force``, as the steps per epoch, the sharding and the schedule all change with it."""
-    saved = checkpoint.get("world_size")
+def check_world_size(checkpoint: Mapping[str, Any], path: Path, world_size: int, force: bool,
+                     recorded: int | None = None) -> bool:
+    """True when the checkpoint was saved by another number of processes (``recorded``, from the run folder,
+    for a checkpoint that does not say): refused unless ``force``, as the steps per epoch, the sharding and
+    the schedule all change with it."""
+    saved = checkpoint.get("world_size", recorded)
     if saved is None or int(saved) == world_size:
         return False
     if not force:

@@ -79,7 +79,7 @@ from classification.training.data import (
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
-from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder
+from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder, recorded_world_size
 from classification.training.signals import StopRequest
 from classification.training.trainer import Trainer, build_trainer, set_frozen_backbone, train_step
 
@@ -205,7 +205,8 @@ def restore_loop(loop: TrainingLoop, checkpoint: Mapping[str, Any], path: Path, 
     """Continue from ``checkpoint``: refuse one made for other labels or settings, repair ``best.pt``, load the
     trainer, the counters and every hook (the random states are put back last, just before the first batch)."""
     check_resumable(checkpoint, path, loop.config, loop.data.label_index, options.force, options.config_path)
-    other_world_size = check_world_size(checkpoint, path, loop.trainer.context.world_size, options.force)
+    other_world_size = check_world_size(checkpoint, path, loop.trainer.context.world_size, options.force,
+                                        recorded_world_size(loop.run_dir))
     if loop.trainer.context.is_main and repair_best(checkpoints_dir(loop.run_dir), checkpoint, path):
         log.info("%s: rewritten from %s (a crash had cut the save short)", BEST, path.name)
     loop.trainer.load_state_dict(checkpoint, path, loop.config, loop.data.steps_per_epoch)

@@ -9,6 +9,7 @@ there is none); ``--no-resume`` refuses to start over a run that has checkpoints
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 METRICS_CSV = "metrics.csv"
 ARCHIVE_DIR = "archive"
 RUN_FILES = ("metrics.csv", "resolved_config.yml", "run_info.json")
+
+
+def recorded_world_size(run_dir: Path) -> int | None:
+    """The number of processes ``run_info.json`` says the run's last start had (None when it cannot tell):
+    what a checkpoint saved before checkpoints held their world size was written by."""
+    try:
+        value = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8")).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def archive_run(run_dir: Path) -> Path:
