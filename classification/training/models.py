@@ -15,8 +15,10 @@ recorded on the model (``model._classification_head_name``) for freezing and for
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -159,6 +161,26 @@ def cached_timm_file(name: str) -> str | None:
     return None
 
 
+HUB_LOGGERS = ("huggingface_hub", "timm", "urllib3")  # offline, they printed ~45 lines of retries before the one-line error
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Silence the Hugging Face Hub's, timm's and urllib3's retry and progress messages while weights are fetched:
+    the outcome is the model or ``offline_hint``'s one line."""
+    loggers = [logging.getLogger(name) for name in HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     """A timm model created with a head for ``num_classes`` (timm's own weights when ``pretrained``).
 
@@ -168,7 +190,8 @@ def build_timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     cached = cached_timm_file(name) if pretrained else None
     overlay: dict[str, Any] = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overlay)
+        with quiet_hub():
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overlay)
     except Exception as error:
         if pretrained and is_download_error(error):
             raise offline_hint(name, "timm (Hugging Face Hub)", error) from None
