@@ -34,7 +34,14 @@ from classification.data.splits import (
     splits_to_json,
     target_fractions,
 )
-from classification.data.time_splits import TimeRule, parse_datetimes, parse_duration, parse_period, time_split_of_crops
+from classification.data.time_splits import (
+    TimeRule,
+    parse_datetimes,
+    parse_duration,
+    parse_period,
+    read_datetimes,
+    time_split_of_crops,
+)
 from classification.errors import DataError, UserError
 from tests.conftest import run_in_process
 

@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-TIME_FLAGS = ("test_last", "val_last", "test_period", "val_period")
+TIME_FLAGS = ("test_last", "val_last", "test_period", "val_period", "datetime_format")
 
 
 def add_time_arguments(parser: ArgumentParser) -> None:
@@ -76,6 +76,9 @@ def add_time_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--val-period", metavar="START..END", help="with --split-by time: a calendar period to val")
     parser.add_argument("--missing-datetimes", choices=["drop", "train"], default="drop",
                         help="with --split-by time: crops without a datetime (nor a sequence with one) left out, or kept in train")
+    parser.add_argument("--datetime-format", metavar="FORMAT",
+                        help="with --split-by time: the strptime format of every datetime, e.g. '%%d/%%m/%%Y %%H:%%M:%%S' "
+                             "(default: ISO 8601 or EXIF YYYY:MM:DD only; day/month order is never guessed)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_period=args.test_period,
         val_period=args.val_period,
         missing_datetimes=args.missing_datetimes,
+        datetime_format=args.datetime_format,
     )
     report = create_classification_dataset(args.output_dir, options)
     print(f"{report.crops} crops written to {args.output_dir}"

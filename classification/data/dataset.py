@@ -82,12 +82,19 @@ class DatasetOptions:
     test_period: str | None = None  # e.g. "2011-06..2011-08": a calendar period to test
     val_period: str | None = None
     missing_datetimes: MissingDatetimeRule = "drop"
+    datetime_format: str | None = None  # strptime syntax of the datetimes; None: ISO 8601 / EXIF only
 
     def time_rule(self) -> TimeRule:
         """The time part of the options (``--split-by time`` or ``location-time``)."""
         return TimeRule(test_frac=self.test_frac, val_frac=self.val_frac, test_last=self.test_last,
                         val_last=self.val_last, test_period=self.test_period, val_period=self.val_period,
-                        missing=self.missing_datetimes)
+                        missing=self.missing_datetimes, datetime_format=self.datetime_format)
+
+    def datetime_source(self) -> str:
+        """The file the datetimes come from, for a one-line error: the CCT or the crops manifest(s)."""
+        if self.cct_json is not None:
+            return str(self.cct_json)
+        return ", ".join(map(str, self.crops_manifests or (self.crops_dir / MANIFEST_NAME,)))
 
 
 @dataclass
@@ -364,7 +371,7 @@ def hold_out_in_time(frame: pd.DataFrame, options: DatasetOptions) -> tuple[pd.D
     """``--split-by time``: every crop's split by its time at its location, and the location column
     renamed ``<location>@<split>`` (the unit ``splits.json`` lists); ``location-time``: only the crops
     whose location split (the usual search) and time split agree. Crops left out are counted."""
-    split, times, counts = time_split_of_crops(frame, options.time_rule())
+    split, times, counts = time_split_of_crops(frame, options.time_rule(), options.datetime_source())
     keep = split != NO_SPLIT
     if options.split_by == "location-time":
         located = location_split_of_crops(frame[keep], options)

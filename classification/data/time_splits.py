@@ -18,6 +18,12 @@ cameras firing at the same second, never straddle two splits.
 Crops without a datetime take their sequence's time when another frame of it has one; the
 rest follow ``missing`` (``"drop"``: left out of the dataset, ``"train"``: kept in train),
 and are counted in the report either way.
+
+Datetimes are read by one rule for the whole file, never guessed value by value: ISO 8601
+(``2011-06-13 10:00:00``, ``...T10:00:00+02:00``) or EXIF (``2011:06:13 10:00:00``) by default,
+else the one strptime format given (``datetime_format``, ``--datetime-format %d/%m/%Y %H:%M``).
+A value that fits neither is an error naming the file and the value: ``01/05/2012`` read as
+January 5th at one camera and May 1st at the next would split one month into a year.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 import numpy as np
@@ -40,6 +47,7 @@ NO_SPLIT = -1  # a crop left out (no datetime under the "drop" rule)
 _DURATION = re.compile(r"^\s*(\d+)\s*([DWMY])\s*$", re.IGNORECASE)
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 _EXIF_DATE = re.compile(r"^(\d{4}):(\d{2}):(\d{2})")
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?$")  # after EXIF and offsets
 _UTC_OFFSET = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}:?\d{2})$")  # after a time of day
 MAX_SPAN_YEARS = 200
 _MOST_OF_UNIT = {"D": MAX_SPAN_YEARS * 365, "W": MAX_SPAN_YEARS * 52, "M": MAX_SPAN_YEARS * 12, "Y": MAX_SPAN_YEARS}
@@ -56,6 +64,7 @@ class TimeRule:
     test_period: str | None = None
     val_period: str | None = None
     missing: MissingDatetimeRule = "drop"
+    datetime_format: str | None = None  # strptime syntax; None: ISO 8601 or EXIF only
 
     def check(self) -> None:
         """Parse every flag once, so a typo fails before any work (one-line ``UserError``)."""
@@ -67,6 +76,14 @@ class TimeRule:
                 parse_duration(last, f"--{split}-last")
             if period:
                 parse_period(period, f"--{split}-period")
+        if self.datetime_format is not None:
+            check_datetime_format(self.datetime_format)
+
+
+def check_datetime_format(fmt: str) -> None:
+    """A ``--datetime-format`` must hold a strptime directive and a year (else every value would fail)."""
+    if "%" not in fmt or not any(code in fmt for code in ("%Y", "%y")):
+        raise UserError(f"--datetime-format: expected strptime syntax with a year, e.g. %d/%m/%Y %H:%M:%S, got {fmt!r}")
 
 
 def parse_duration(text: str, flag: str) -> pd.DateOffset:
@@ -107,22 +124,58 @@ def parse_period(text: str, flag: str) -> tuple[pd.Timestamp, pd.Timestamp]:
     return start, end
 
 
-def parse_datetimes(values: pd.Series) -> pd.Series:
-    """Datetimes from CCT/manifest text (ISO or EXIF ``YYYY:MM:DD``); empty or unreadable → NaT."""
-    text = values.fillna("").astype(str).str.strip().str.replace(_EXIF_DATE, r"\1-\2-\3", regex=True)
-    text = text.str.replace(_UTC_OFFSET, r"\1", regex=True)  # wall-clock time: mixed offsets (DST) cannot parse together
-    parsed = pd.to_datetime(text.where(text != ""), errors="coerce", format="mixed")
+def _datetime_text(values: pd.Series, fmt: str | None) -> pd.Series:
+    """Stripped text, empty → NaN; without ``fmt``, EXIF dates as ISO and UTC offsets dropped (wall-clock time)."""
+    text = values.fillna("").astype(str).str.strip()
+    if fmt is None:
+        text = text.str.replace(_EXIF_DATE, r"\1-\2-\3", regex=True)
+        text = text.str.replace(_UTC_OFFSET, r"\1", regex=True)  # mixed offsets (DST) cannot parse together
+    return text.where(text != "")
+
+
+def parse_datetimes(values: pd.Series, fmt: str | None = None) -> pd.Series:
+    """Datetimes from CCT/manifest text by one rule (ISO/EXIF, or ``fmt``); empty or unreadable → NaT."""
+    text = _datetime_text(values, fmt)
+    if fmt is None:
+        parsed = pd.to_datetime(text.where(text.str.match(_ISO).fillna(False).astype(bool)), errors="coerce", format="ISO8601")
+    else:
+        parsed = pd.to_datetime(text, errors="coerce", format=fmt)
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_localize(None)
     parsed = parsed.where((parsed >= pd.Timestamp.min) & (parsed <= pd.Timestamp.max))  # sentinels (9999-12-31, year 1)
     return parsed.astype("datetime64[ns]")  # one unit, so the 1 ns steps of the rules are exact
 
 
-def crop_times(frame: pd.DataFrame) -> tuple[pd.Series, dict[str, int]]:
+def _fits(value: str, fmt: str | None) -> bool:
+    """Whether ``value`` has the shape of the rule (a sentinel such as 9999-12-31 fits: it is read as missing)."""
+    if fmt is None:
+        return bool(_ISO.match(value))
+    try:
+        datetime.strptime(value, fmt)
+    except ValueError:
+        return False
+    return True
+
+
+def read_datetimes(values: pd.Series, fmt: str | None, source: str) -> pd.Series:
+    """``parse_datetimes``, but a value that fits neither ISO/EXIF nor ``fmt`` is a ``DataError`` naming ``source``."""
+    parsed = parse_datetimes(values, fmt)
+    text = _datetime_text(values, fmt)
+    for position in np.flatnonzero((text.notna() & parsed.isna()).to_numpy()):
+        if not _fits(str(text.iloc[position]), fmt):
+            value = str(values.iloc[position]).strip()
+            rule = f"does not match --datetime-format {fmt!r}" if fmt else (
+                "is not ISO 8601 (YYYY-MM-DD HH:MM:SS) nor EXIF (YYYY:MM:DD HH:MM:SS); "
+                "give its format, e.g. --datetime-format '%d/%m/%Y %H:%M:%S' (day/month is never guessed)")
+            raise DataError(f"{source}: datetime {value[:80]!r} {rule}")
+    return parsed
+
+
+def crop_times(frame: pd.DataFrame, fmt: str | None = None, source: str = "datetime") -> tuple[pd.Series, dict[str, int]]:
     """Each crop's moment: its sequence's first time (or its own); counts of filled and missing ones."""
     if "datetime" not in frame.columns:
         raise UserError("splits held out in time need datetimes: build with --mode csv from a CCT or crops manifest")
-    own = parse_datetimes(frame["datetime"])
+    own = read_datetimes(frame["datetime"], fmt, source)
     sequence = frame["seq_id"].fillna("").astype(str) if "seq_id" in frame.columns else pd.Series("", index=frame.index)
     group = np.where(sequence != "", frame["dataset"] + "\x1f" + frame["location"] + "\x1f" + sequence, frame.index.astype(str))
     times = own.groupby(group).transform("min")
@@ -177,10 +230,12 @@ def assign_moments(moments: pd.DataFrame, rule: TimeRule) -> np.ndarray:
     return split
 
 
-def time_split_of_crops(frame: pd.DataFrame, rule: TimeRule) -> tuple[np.ndarray, pd.Series, dict[str, int]]:
-    """Per crop: its split by time (``NO_SPLIT`` for a crop left out), its moment, and the datetime counts."""
+def time_split_of_crops(frame: pd.DataFrame, rule: TimeRule,
+                        source: str = "datetime") -> tuple[np.ndarray, pd.Series, dict[str, int]]:
+    """Per crop: its split by time (``NO_SPLIT`` for a crop left out), its moment, and the datetime counts;
+    ``source`` (the CCT or manifest) names the file in the error for a datetime that cannot be read."""
     rule.check()
-    times, counts = crop_times(frame)
+    times, counts = crop_times(frame, rule.datetime_format, source)
     if counts["without_datetime"] == len(frame):
         raise DataError("no crop has a datetime: splits cannot be held out in time (use --split-by location)")
     moments = _moments(frame, times)
