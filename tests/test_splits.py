@@ -563,3 +563,50 @@ def test_split_report_warnings_quote_a_huge_class_name_cut_short() -> None:
     report = build_split_report(problem, np.array([0, 1, 2]), FRACTIONS, dropped_labels={huge + "y": 1})
     assert report["warnings"] and all(len(warning) < 300 for warning in report["warnings"]), report["warnings"]
     assert any("(1000002 characters) is absent from" in warning for warning in report["warnings"])
+
+
+def day_first_cct(tmp_path: Path) -> tuple[Path, Path]:
+    """One location, one image a day 01/05/2012..18/05/2012 written dd/mm/YYYY (a European camera's export)."""
+    images, annotations = [], []
+    (tmp_path / "crops").mkdir(exist_ok=True)
+    for day in range(1, 19):
+        image_id = f"d{day}"
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "location": "l1",
+                       "datetime": f"{day:02d}/05/2012 10:00:00"})
+        annotations.append({"id": f"a_{image_id}", "image_id": image_id, "category_id": 1 + day % 2, "bbox": [0, 0, 5, 5]})
+        (tmp_path / "crops" / crop_file_name(f"{image_id}.jpg", f"a_{image_id}")).write_bytes(b"")
+    cct = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "fox"}, {"id": 2, "name": "owl"}]}
+    (tmp_path / "cct.json").write_text(json.dumps(cct))
+    return tmp_path / "cct.json", tmp_path / "crops"
+
+
+def test_day_first_datetimes_are_refused_or_read_by_the_declared_format(tmp_path: Path) -> None:
+    """01/05..18/05 were read month-first where they could be (January..December) and day-first where not: one
+    fortnight spread over a year, and split_report.json said the splits never overlapped."""
+    cct, crops = day_first_cct(tmp_path)
+    args = ("--mode", "csv", "splits", "--crops-dir", crops, "--cct-json", cct, "--split-by", "time", "--test-last", "3D")
+    result = run_in_process("utils/create_classification_dataset.py", tmp_path / "guess", *args)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and str(cct) in last and "'01/05/2012 10:00:00'" in last, last
+    assert "--datetime-format" in last
+    result = run_in_process("utils/create_classification_dataset.py", tmp_path / "ok", *args,
+                            "--datetime-format", "%d/%m/%Y %H:%M:%S")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "ok" / "classification_ds.csv", dtype=str)
+    test_files = sorted(table.loc[table["location"] == "l1@test", "path"]) if "path" in table else []
+    assert len(test_files) == 3 and all(f"d{day}" in name for day, name in zip((16, 17, 18), test_files)), table
+    result = run_in_process("utils/create_classification_dataset.py", tmp_path / "bad", *args, "--datetime-format", "%m")
+    assert result.returncode != 0 and "--datetime-format: expected strptime" in result.stderr.strip().splitlines()[-1]
+
+
+def test_datetimes_are_read_by_one_rule_never_guessed_per_value() -> None:
+    """ISO and EXIF only by default; a declared format for everything else; 13/05 cannot turn a day into a month."""
+    text = pd.Series(["01/05/2012 10:00", "13/05/2012 10:00", "2012-05-01 10:00:00", ""])
+    assert parse_datetimes(text).notna().tolist() == [False, False, True, False]
+    day_first = parse_datetimes(text, "%d/%m/%Y %H:%M")
+    assert [str(t) for t in day_first[:2]] == ["2012-05-01 10:00:00", "2012-05-13 10:00:00"]
+    with pytest.raises(DataError, match=r"^x.json: datetime '01/05/2012 10:00' is not ISO 8601"):
+        read_datetimes(text, None, "x.json")
+    sentinels = pd.Series(["9999-12-31 23:59:59", "0000:00:00 00:00:00", "2012:05:01 10:00:00"])
+    assert read_datetimes(sentinels, None, "x.json").notna().tolist() == [False, False, True]  # missing, not refused
