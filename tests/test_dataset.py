@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -221,3 +222,25 @@ def test_bad_input_gets_one_line(tmp_path: Path) -> None:
 def test_typo_flag(tmp_path: Path, flag: str) -> None:
     result = run_entry_point("utils/create_classification_dataset.py", tmp_path, flag, "3")
     assert result.returncode == 2 and "did you mean" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda rows: rows + [rows[1]], "line 5: crop_path '{first}' is the crop of line 2 again"),
+    (lambda rows: rows + [rows[1].replace(rows[1].split(",")[0], "./" + rows[1].split(",")[0], 1)],
+     "line 5: crop_path './{first}' is the crop of line 2 again"),
+    (lambda rows: rows[:2] + ["/etc/passwd" + rows[2][rows[2].index(","):]], "line 3: crop_path '/etc/passwd' is not a path inside"),
+    (lambda rows: rows[:2] + ["../../x.jpg" + rows[2][rows[2].index(","):]], "line 3: crop_path '../../x.jpg' is not a path inside"),
+])
+def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path, edit: Any, message: str) -> None:
+    from classification.data.crops import CropOptions, crop_detections
+    from classification.demo import make_demo_dataset
+    cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
+    crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))
+    manifest = tmp_path / "crops" / "crops_manifest.csv"
+    rows = manifest.read_text().splitlines()[:4]  # the header and three crops
+    first = rows[1].split(",")[0]
+    manifest.write_text("\n".join(edit(rows)) + "\n")
+    result = run_entry_point("utils/create_classification_dataset.py", tmp_path / "ds", "--mode", "csv",
+                             "--crops-dir", tmp_path / "crops", "--crops-manifest", manifest)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{manifest}: " + message.format(first=first) in result.stderr

@@ -11,6 +11,7 @@ another seed, or a user's own CSV). Output, in the formats MegaDetector's and an
 
 from __future__ import annotations
 
+import posixpath
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,16 @@ from classification.data.time_splits import (
     time_warnings,
 )
 from classification.errors import DataError, UserError
-from classification.io import ensure_folder, read_json, read_json_object, read_string_csv, shown_json, write_csv_atomic, write_json_atomic
+from classification.io import (
+    ensure_folder,
+    read_json,
+    read_json_object,
+    read_string_csv,
+    shown_json,
+    shown_value,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +133,25 @@ def read_crops_manifest(path: Path) -> pd.DataFrame:
     frame = read_string_csv(path, ("crop_path", "dataset", "location", "label"), hint)
     if frame.empty:
         raise DataError(f"{path}: lists no crops (a header and no rows); did utils/crop_detections.py find any boxes?")
+    check_crop_paths(frame["crop_path"], path)
     return frame
+
+
+def check_crop_paths(crop_paths: pd.Series, path: Path) -> None:
+    """Every ``crop_path`` is relative, stays inside the crops folder, and is listed once (after ``./`` and
+    ``a/../`` are resolved): a crop listed twice would count twice, one outside would be read from anywhere."""
+    normalised = crop_paths.map(lambda text: posixpath.normpath(text.replace("\\", "/")))
+    outside = normalised.map(lambda text: text.startswith("/") or text == ".." or text.startswith("../") or text == ".")
+    if outside.any():
+        row = int(outside.to_numpy().argmax())
+        raise DataError(f"{path}: line {row + 2}: crop_path {shown_value(crop_paths.iloc[row])!r} is not a path inside the crops "
+                        "folder (crop paths are relative to the manifest's folder)")
+    repeated = normalised.duplicated()
+    if repeated.any():
+        row = int(repeated.to_numpy().argmax())
+        first = int((normalised == normalised.iloc[row]).to_numpy().argmax())
+        raise DataError(f"{path}: line {row + 2}: crop_path {shown_value(crop_paths.iloc[row])!r} is the crop of line {first + 2} "
+                        "again (each crop is listed once)")
 
 
 def read_manifests(paths: Sequence[Path], crops_dir: Path) -> pd.DataFrame:
