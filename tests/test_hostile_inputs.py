@@ -1610,3 +1610,19 @@ def test_lila_index_readers_refuse_a_column_named_twice(tmp_path: Path) -> None:
         open_csv_rows(tmp_path / "datasets.csv", ["name"])
     with pytest.raises(DataError, match=r'all_images.csv: the column "dataset_name" is named twice'):
         _check_header([*ALL_IMAGES_COLUMNS, "dataset_name"], "lila.zip: all_images.csv")
+
+
+@pytest.mark.parametrize(("first", "second"), [("a.jpg", "a.jpg"), ("a.jpg", "./a.jpg"), ("cam1/a.jpg", "cam1\\\\a.jpg"),
+                                               ("cam1/a.jpg", "cam1/x/../a.jpg")])
+def test_one_photo_twice_is_an_error_in_cct_and_megadetector_files(tmp_path: Path, first: str, second: str) -> None:
+    from classification.data.cct import validate_cct
+    from classification.data.detections import load_megadetector
+    images = [{"id": "one", "file_name": first, "width": 64, "height": 48, "location": "A"},
+              {"id": "two", "file_name": second, "width": 64, "height": 48, "location": "B"}]
+    problems = validate_cct({"images": images, "annotations": [], "categories": [{"id": 1, "name": "deer"}]})
+    assert [p.path for p in problems if p.severity == "error"] == ["images[1].file_name"]
+    md = tmp_path / "md.json"
+    md.write_text(json.dumps({"info": {"format_version": "1.4"}, "detection_categories": {"1": "animal"},
+                              "images": [{"file": first, "detections": []}, {"file": second, "detections": []}]}))
+    with pytest.raises(DataError, match=r"images\[1\]\.file: (duplicate file|expected a relative path inside)"):
+        load_megadetector(md)

@@ -212,7 +212,7 @@ def test_a_manifest_outside_the_crops_folder_is_one_line(tmp_path: Path) -> None
     (["--taxon", "family=muridea"], "did you mean muridae"),
     (["--taxon", "deer", "--dataset", "nort"], "did you mean north"),
     (["--taxon", "deer", "--country", "Tanzanai"], "did you mean tanzania"),
-    (["--taxon", "deer", "--max-per-class", "0"], "--max-per-class must be at least 1"),
+    (["--taxon", "deer", "--max-per-class", "0"], "argument --max-per-class: expected an integer from 1 to"),
     (["--taxon", "bird", "--dataset", "island"], "the selection is empty"),
 ])
 def test_unknown_names_are_one_line_with_the_nearest(lila: MiniLila, tmp_path: Path, flags: list[str], expected: str) -> None:

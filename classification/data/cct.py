@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -173,9 +174,17 @@ def _check_ids(items: list[Any], section: str) -> tuple[dict[Any, int], list[Pro
     return index, problems
 
 
+def file_key(name: str) -> str:
+    """The file an image path names, for comparing paths: ``\\`` as ``/``, ``./`` and ``a/../`` resolved
+    (``a.jpg`` and ``./a.jpg`` are one photo)."""
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
 def _check_images(images: list[Any]) -> list[Problem]:
-    """Required fields and sizes of every image."""
+    """Required fields and sizes of every image; one photo under two image ids is an error (its crops could
+    land in two splits)."""
     problems = []
+    seen: dict[str, int] = {}
     for i, image in enumerate(images):
         if not isinstance(image, dict):
             continue
@@ -184,6 +193,11 @@ def _check_images(images: list[Any]) -> list[Problem]:
             problems.append(Problem(f"images[{i}].file_name", "missing or not a string"))
         elif Path(file_name).is_absolute() or ".." in Path(file_name).parts:
             problems.append(Problem(f"images[{i}].file_name", f"must be a relative path inside the images folder: {shown(file_name)}"))
+        elif file_key(file_name) in seen:
+            problems.append(Problem(f"images[{i}].file_name", f"{shown(file_name)} is the file of images[{seen[file_key(file_name)]}] "
+                                    "too (one photo under two image ids)"))
+        else:
+            seen[file_key(file_name)] = i
         for key in ("width", "height"):
             value = image.get(key)
             if value is None:

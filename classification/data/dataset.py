@@ -11,8 +11,8 @@ another seed, or a user's own CSV). Output, in the formats MegaDetector's and an
 
 from __future__ import annotations
 
-import posixpath
 import logging
+import posixpath
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

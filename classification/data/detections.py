@@ -33,6 +33,7 @@ from classification.data.cct import (
     box_outside_image,
     category_names,
     errors_only,
+    file_key,
     is_number,
     load_cct,
     resolve_missing_locations,
@@ -195,10 +196,10 @@ def validate_megadetector(data: dict[str, Any]) -> list[Problem]:
         file = image.get("file")
         if not isinstance(file, str) or not is_safe_relative(file.replace("\\", "/")):
             problems.append(Problem(f"{path}.file", f"expected a relative path inside the images folder, got {shown(file)}"))
-        elif file in seen:
-            problems.append(Problem(f"{path}.file", f"duplicate file {shown(file)} (also images[{seen[file]}])"))
+        elif file_key(file) in seen:
+            problems.append(Problem(f"{path}.file", f"duplicate file {shown(file)} (also images[{seen[file_key(file)]}])"))
         else:
-            seen[file] = i
+            seen[file_key(file)] = i
         if image.get("failure") is not None:
             continue
         detections = image.get("detections")
