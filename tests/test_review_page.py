@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from classification.data.cct import read_image_size
 from classification.evaluation.report import prediction_columns
 from classification.evaluation.review_page import PageOptions, embedded_thumbnail, write_review_page
 from tests.conftest import REPO_ROOT, run_entry_point, run_in_process
@@ -348,3 +349,62 @@ def test_an_unusable_path_is_one_line_not_a_traceback(path: str, run: Run) -> No
     if result.stderr:
         assert "predictions.csv: 1 rows shown without their image: row 2: path" in result.stderr
     assert (run.predictions.parent / "review.html").is_file()
+
+
+MEASURE = """<script>
+window.addEventListener('load', function () {
+  var bad = [], sizes = {};
+  document.querySelectorAll('figure').forEach(function (f) {
+    var r = f.getBoundingClientRect();
+    sizes[Math.round(r.width) + 'x' + Math.round(r.height)] = 1;
+    if (f.scrollWidth > f.clientWidth || f.scrollHeight > f.clientHeight) bad.push(f.id);
+    f.querySelectorAll(':scope > *, .line').forEach(function (e) {
+      var q = e.getBoundingClientRect();
+      if (q.right > r.right + 0.5 || q.left < r.left - 0.5 || q.bottom > r.bottom + 0.5) bad.push(f.id + ':' + e.className);
+    });
+  });
+  var shown = document.querySelector('.lightbox:target'), box = '';
+  if (shown) {
+    var i = shown.querySelector('img').getBoundingClientRect(), b = shown.querySelector('.box').getBoundingClientRect();
+    box = [(b.left - i.left) / i.width, (b.top - i.top) / i.height, b.width / i.width, b.height / i.height].map(
+      function (v) { return v.toFixed(3); }).join(' ');
+  }
+  document.body.setAttribute('data-overflow', bad.join(' ') || 'none');
+  document.body.setAttribute('data-sizes', Object.keys(sizes).join(' '));
+  document.body.setAttribute('data-box', box);
+});
+</script>"""
+
+
+def test_long_names_stay_in_their_cards_and_a_click_shows_the_whole_image_in_chromium(run: Run, tmp_path: Path) -> None:
+    """At 1300 px wide no card's text runs out of it, the cards are one size, and a card's lightbox draws the box where it is."""
+    chromium()
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    frame = pd.read_csv(run.predictions, dtype=str, keep_default_na=False)
+    manifest = pd.read_csv(run.crops / "crops_manifest.csv", dtype=str, keep_default_na=False)
+    for i, name in enumerate(list(frame["path"])):
+        long = f"mct/images/{'SITE_0' + str(i) * 40}/IMG_{i:04d}.JPG___crop_{'f' * 60}{i}.jpg"
+        (run.crops / long).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run.crops / name, run.crops / long)
+        shutil.copy(run.crops / name, sources / name)
+        frame.loc[i, "path"], manifest.loc[i, "crop_path"], manifest.loc[i, "file_name"] = long, long, name
+    frame["pred_label"] = frame["pred_label"].where(frame.index != 0, "a_very_long_label_" * 6)
+    for column, value in zip(("bbox_x", "bbox_y", "bbox_w", "bbox_h"), ("10", "20", "40", "30")):
+        manifest[column] = value
+    frame.to_csv(run.predictions, index=False)
+    manifest.to_csv(run.crops / "crops_manifest.csv", index=False)
+    page_path = write_review_page(run.predictions, options=PageOptions(source_images=sources))
+    text = page_path.read_text(encoding="utf-8")
+    assert 'title="' + frame.loc[1, "path"] + '"' in text  # the whole name on hover
+    measured = page_path.with_name("measured.html")
+    measured.write_text(text.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    first = parse(text).figures[0]["id"]
+    dom = browser("--window-size=1300,1000", "--dump-dom", measured.resolve().as_uri() + f"#{first}-view")
+    assert 'data-overflow="none"' in dom, dom[dom.index("data-overflow"):][:400]
+    assert len(dom.split('data-sizes="')[1].split('"')[0].split()) == 1  # every card one size
+    sizes = {read_image_size(source) for source in sources.iterdir()}
+    assert len(sizes) == 1  # the MCT camera's: whichever card is first, its box is at these fractions
+    (width, height), = sizes
+    box = [float(v) for v in dom.split('data-box="')[1].split('"')[0].split()]
+    assert box == pytest.approx([10 / width, 20 / height, 40 / width, 30 / height], abs=0.002), "the box is not where the crop is"
