@@ -208,6 +208,13 @@ FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)")
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def file_kind(mode: int) -> str:
+    """What a file of this ``st_mode`` is, as a message names it: ``a folder``, ``a FIFO (named pipe)``, ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+
+
 def check_regular_file(path: str | Path, what: str, hint: str = "") -> os.stat_result:
     """Refuse, in one line, what is not a regular file (a FIFO or ``/dev/zero`` would hang or fill memory when
     read); ``os.stat`` never blocks, where ``open`` on a FIFO waits for a writer. Returns the file's stat."""
@@ -217,8 +224,7 @@ def check_regular_file(path: str | Path, what: str, hint: str = "") -> os.stat_r
     except OSError as error:
         raise unreadable_file(path, error, what, hint) from None
     if not stat.S_ISREG(status.st_mode):
-        kind = next((name for test, name in FILE_KINDS if test(status.st_mode)), "not a regular file")
-        raise DataError(f"{path}: is {kind}, expected {what}")
+        raise DataError(f"{path}: is {file_kind(status.st_mode)}, expected {what}")
     return status
 
 

@@ -230,7 +230,7 @@ def test_a_fifo_named_in_megadetector_output_is_skipped_not_waited_on(tmp_path: 
     jpeg(tmp_path / "images" / "good.jpg")
     os.mkfifo(tmp_path / "images" / "pipe.jpg")
     _, failures = crop_run(tmp_path, ["good.jpg", "pipe.jpg"])
-    assert failures == [{"file": "pipe.jpg", "reason": "not a regular file (a FIFO)"}]
+    assert failures == [{"file": "pipe.jpg", "reason": "not a regular file (a FIFO (named pipe))"}]
     assert len(list((tmp_path / "crops").glob("good.jpg___crop*"))) == 1
 
 

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from classification.errors import DataError
-from classification.io import FILE_KINDS
+from classification.io import file_kind
 
 URL_SCHEMES = ("http", "https", "s3")  # those of classification.data.download (not imported: it pulls in boto3)
 URL_PREFIXES = tuple(f"{scheme}://" for scheme in URL_SCHEMES)
@@ -135,8 +135,7 @@ class ConfinedFolder:
         except OSError as error:
             raise DataError(f"{where}: {shown(relative)} cannot be read ({error.strerror or error})") from None
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
-            raise DataError(f"{where}: {shown(relative)} is {kind}, expected an image or video file")
+            raise DataError(f"{where}: {shown(relative)} is {file_kind(mode)}, expected an image or video file")
         return resolved
 
 

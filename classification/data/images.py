@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from classification.data.jpeg_region import Region, decode_region
+from classification.io import file_kind
 
 try:
     import simplejpeg
@@ -63,8 +64,7 @@ def check_regular_file(path: Path) -> None:
     too long) pass through. A stat never blocks, where opening a FIFO waits for a writer."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-        raise NotRegularFileError(f"not a regular file ({kind})")
+        raise NotRegularFileError(f"not a regular file ({file_kind(mode)})")
 
 
 def check_pixels(image: Image.Image) -> None:

@@ -42,7 +42,7 @@ from classification.data.dataset import find_crops_manifest, read_crops_manifest
 from classification.data.images import DECODE_ERRORS, read_thumbnail
 from classification.errors import UserError
 from classification.evaluation.report import probabilities_of, read_prediction_info
-from classification.io import read_string_csv, write_text_atomic
+from classification.io import file_kind, read_string_csv, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def safe_file(path: str, root: Path) -> tuple[Path | None, str]:
     except (OSError, ValueError) as error:  # too long a name, a NUL byte, a loop of links
         return None, f"not a usable path ({getattr(error, 'strerror', None) or error})"
     if not stat.S_ISREG(mode):
-        return None, "not a regular file"
+        return None, f"not a regular file ({file_kind(mode)})"
     return resolved, ""
 
 
