@@ -104,7 +104,9 @@ class DatasetOptions:
         """The file the datetimes come from, for a one-line error: the CCT or the crops manifest(s)."""
         if self.cct_json is not None:
             return str(self.cct_json)
-        return ", ".join(map(str, self.crops_manifests or (self.crops_dir / MANIFEST_NAME,)))
+        if self.crops_manifests:
+            return ", ".join(map(str, self.crops_manifests))
+        return str(Path(self.crops_dir or ".") / MANIFEST_NAME)
 
 
 @dataclass
