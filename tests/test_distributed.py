@@ -171,3 +171,32 @@ def test_ranks_may_share_one_gpu_over_gloo_when_asked(monkeypatch: pytest.Monkey
     from classification.runtime import SHARE_GPUS_ENV, process_group_backend
     monkeypatch.setenv(SHARE_GPUS_ENV, "1")
     assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:gloo"  # NCCL refuses two ranks on one GPU
+
+
+def served_devices(backend: str) -> list[str]:
+    """The device types a backend string serves ("nccl" alone serves CUDA only, as NCCL does)."""
+    if ":" not in backend:
+        return ["cuda"] if backend == "nccl" else ["cpu", "cuda"]
+    return [part.split(":")[0] for part in backend.split(",")]
+
+
+def agree_worker(rank: int, init_file: str, results: str) -> None:
+    """A gloo group serving exactly the device types the CUDA run's backend serves; then ``agree``."""
+    import torch.distributed as dist
+
+    from classification.runtime import DistributedContext, agree, process_group_backend
+
+    served = served_devices(process_group_backend(torch.device("cuda", 0)))
+    dist.init_process_group(",".join(f"{device}:gloo" for device in served), init_method=f"file://{init_file}",
+                            rank=rank, world_size=2)
+    try:
+        Path(results, f"{rank}.json").write_text(json.dumps(agree(DistributedContext(rank, 2, rank), rank, 0)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_agree_runs_on_the_backends_a_cuda_run_has() -> None:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:  # the CPU flags crashed a group that served CUDA only (NCCL)
+        torch.multiprocessing.spawn(agree_worker, args=(str(Path(folder) / "init"), folder), nprocs=2)
+        assert [json.loads(Path(folder, f"{rank}.json").read_text()) for rank in (0, 1)] == [[1, 0], [1, 0]]
