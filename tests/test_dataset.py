@@ -244,3 +244,19 @@ def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path,
                              "--crops-dir", tmp_path / "crops", "--crops-manifest", manifest)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"{manifest}: " + message.format(first=first) in result.stderr
+
+
+def test_labels_that_differ_only_by_case_or_spaces_are_one_line(tmp_path: Path) -> None:
+    from classification.data.crops import CropOptions, crop_detections
+    from classification.demo import make_demo_dataset
+    cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
+    crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))
+    manifest = tmp_path / "crops" / "crops_manifest.csv"
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    label = frame.loc[0, "label"]
+    frame.loc[0, "label"] = label.upper() + " "  # a hand-edited manifest: 'DEER ' beside 'deer'
+    frame.to_csv(manifest, index=False)
+    result = run_entry_point("utils/create_classification_dataset.py", tmp_path / "ds", "--mode", "csv",
+                             "--crops-dir", tmp_path / "crops", "--crops-manifest", manifest)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"labels {label.upper() + ' '!r} and {label!r} differ only by case or spaces" in result.stderr

@@ -1626,3 +1626,17 @@ def test_one_photo_twice_is_an_error_in_cct_and_megadetector_files(tmp_path: Pat
                               "images": [{"file": first, "detections": []}, {"file": second, "detections": []}]}))
     with pytest.raises(DataError, match=r"images\[1\]\.file: (duplicate file|expected a relative path inside)"):
         load_megadetector(md)
+
+
+@pytest.mark.parametrize("second", ["deer ", "DEER", "red  deer"])
+def test_class_names_that_differ_only_by_case_or_spaces_are_refused(tmp_path: Path, second: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from classification.data.cct import validate_cct
+    first = "red deer" if "red" in second else "Deer"
+    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": first}, {"id": 2, "name": second}]}
+    problems = [p for p in validate_cct(data) if p.severity == "error"]
+    assert [p.path for p in problems] == ["categories[1].name"] and "only by case or spaces" in problems[0].message
+    path = tmp_path / "cct.json"
+    path.write_text(json.dumps(data))
+    outcome = run(capsys, "utils/validate_cct.py", path)
+    assert outcome.code != 0 and "only by case or spaces" in outcome.out + outcome.err

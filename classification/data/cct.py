@@ -180,6 +180,30 @@ def file_key(name: str) -> str:
     return posixpath.normpath(name.replace("\\", "/"))
 
 
+def name_key(name: str) -> str:
+    """A class name as compared for sameness: case and runs of spaces do not count (``Deer`` is ``deer ``)."""
+    return " ".join(name.split()).casefold()
+
+
+def _check_category_names(categories: list[Any]) -> list[Problem]:
+    """Every category has a name, and no two names differ only by case or spaces: they would become two
+    classes of one species (merge them with a category map)."""
+    problems = []
+    seen: dict[str, tuple[int, str]] = {}
+    for i, category in enumerate(categories):
+        if not isinstance(category, dict):
+            continue
+        name = category.get("name")
+        if not isinstance(name, str):
+            problems.append(Problem(f"categories[{i}].name", "missing or not a string"))
+            continue
+        first = seen.setdefault(name_key(name), (i, name))
+        if first[1] != name:
+            problems.append(Problem(f"categories[{i}].name", f"{shown(name)} differs from categories[{first[0]}]'s "
+                                    f"{shown(first[1])} only by case or spaces (one class twice: merge them with a category map)"))
+    return problems
+
+
 def _check_images(images: list[Any]) -> list[Problem]:
     """Required fields and sizes of every image; one photo under two image ids is an error (its crops could
     land in two splits)."""
@@ -245,9 +269,7 @@ def validate_cct(data: Any) -> list[Problem]:
     category_index, category_problems = _check_ids(data["categories"], "categories")
     _, annotation_problems = _check_ids(data["annotations"], "annotations")
     problems = id_problems + category_problems + annotation_problems
-    for i, category in enumerate(data["categories"]):
-        if isinstance(category, dict) and not isinstance(category.get("name"), str):
-            problems.append(Problem(f"categories[{i}].name", "missing or not a string"))
+    problems += _check_category_names(data["categories"])
     problems += _check_images(data["images"])
     problems += _check_annotations(data, image_index, set(category_index))
     return problems

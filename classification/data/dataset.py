@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, resolve_missing_locations
+from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, name_key, resolve_missing_locations
 from classification.data.crops import MANIFEST_NAME, crop_file_name
 from classification.data.splits import (
     SPLIT_NAMES,
@@ -280,8 +280,16 @@ def warn_split_sequences(frame: pd.DataFrame) -> None:
 
 
 def label_index(labels: Collection[str]) -> dict[str, str]:
-    """``{"0": "agouti", "1": "bird_spec", ...}``, sorted by name."""
-    return {str(i): name for i, name in enumerate(sorted(set(labels)))}
+    """``{"0": name, ...}`` in sorted name order; two labels that differ only by case or spaces are refused
+    (one class twice: ``Deer`` and ``deer `` from a hand-made manifest or CSV)."""
+    names = sorted(set(labels))
+    first: dict[str, str] = {}
+    for name in names:
+        other = first.setdefault(name_key(name), name)
+        if other != name:
+            raise DataError(f"labels {shown_value(other)!r} and {shown_value(name)!r} differ only by case or spaces "
+                            "(one class twice: merge them with a category map or fix the labels)")
+    return {str(i): name for i, name in enumerate(names)}
 
 
 def class_number(key: str, path: Path) -> int:
