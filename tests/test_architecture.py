@@ -14,7 +14,8 @@ def test_loading_a_config_imports_no_stage() -> None:
     code = ("import json, sys, classification.config; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('classification.'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(loaded) == ["classification.config", "classification.errors", "classification.io"]
+    assert json.loads(loaded) == ["classification.config", "classification.errors", "classification.io",
+                                 "classification.redaction"]
 
 
 def test_strategies_implement_exactly_the_names_the_config_accepts() -> None:

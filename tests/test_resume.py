@@ -199,3 +199,24 @@ def test_checkpoint_from_before_the_input_statistics_keys_resumes_with_what_it_w
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
     assert (saved["image_size"], saved["mean"], saved["std"], saved["interpolation"]) == (
         32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "bilinear")
+
+
+def test_a_changed_setting_holding_a_secret_is_shown_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``--set train_split=<key>`` on a resume: the refusal and the --force warning name the field, never the key."""
+    from classification.config import config_hash
+    from classification.training.checkpoint import check_resumable
+
+    secret = "c0met-key-given-by-set-0123456789"
+    monkeypatch.setenv("COMET_API_KEY", secret)
+    dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=1, frames=1)
+    config_path = write_run(tmp_path / "run", dataset, num_epochs=1)
+    before = load_config(config_path)
+    checkpoint = {"label_index": {}, "config": before.to_dict(), "config_hash": config_hash(before)}
+    changed = load_config(config_path, [f"train_split={secret}"])
+    with pytest.raises(UserError) as refused:
+        check_resumable(checkpoint, tmp_path / "last.pt", changed, {}, force=False, config_path=config_path)
+    assert "train_split: 'train' -> '***'" in str(refused.value) and secret not in str(refused.value)
+    with caplog.at_level(logging.WARNING):
+        check_resumable(checkpoint, tmp_path / "last.pt", changed, {}, force=True, config_path=config_path)
+    assert "train_split: 'train' -> '***'" in caplog.text and secret not in caplog.text

@@ -258,7 +258,7 @@ def test_max_crop_side_can_be_raised_and_is_checked(tmp_path: Path) -> None:
     _, failures = crop_run(tmp_path, ["good.jpg"], "[0, 0, 1, 1]", "--max-crop-side", "32")
     assert "a crop of 64 x 64 pixels is larger than --max-crop-side 32" in failures[0]["reason"]
     assert_refused(run_script("utils/crop_detections.py", tmp_path / "md.json", tmp_path / "c2", "--images-dir",
-                              tmp_path / "images", "--max-crop-side", "0"), "--max-crop-side must be at least 1")
+                              tmp_path / "images", "--max-crop-side", "0"), "--max-crop-side: expected an integer from 1")
 
 
 def test_image_paths_and_crop_names_too_long_are_skipped_with_a_reason(tmp_path: Path) -> None:
