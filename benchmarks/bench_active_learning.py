@@ -90,7 +90,7 @@ def main() -> None:
     started = time.perf_counter()
     dataset = prepare_dataset(args.workdir)
     experiment = open_experiment(write_config(args.workdir, dataset, args))
-    settings = settings_with(experiment.al.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds,
+    settings = settings_with(experiment.active_learning.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds,
                              initial_fraction=args.initial_fraction, retrain=args.retrain, embeddings=args.embeddings)
     result = simulate(experiment, settings, args.batch_size)
     print(f"mct: {args.architecture} at {args.image_size or 'its weights'} px "

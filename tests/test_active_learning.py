@@ -283,7 +283,7 @@ def test_config_section_paths_and_overrides(tmp_path: Path) -> None:
     assert (config.active_learning.batch_size, config.active_learning.simulation.rounds) == (7, 2)
     assert config.active_learning.strategy == "coral" and config.active_learning.label_tool == "timelapse"
     with pytest.raises(UserError, match=r"active_learning\.simulation\.strategies\[1\]: expected one of .* got 'margn' \(did you mean margin\?\)"):
-        load_config(run / "config.yml", ["active_learning.simulation.strategies=[random, margn]"])
+        open_experiment(run / "config.yml", ["active_learning.simulation.strategies=[random, margn]"])
 
 
 def test_embed_entry_point_matches_predict_and_resumes(loop: LoopRun, tmp_path: Path) -> None:
@@ -375,7 +375,7 @@ def test_simulation_with_full_retraining(loop: LoopRun) -> None:
     from classification.active_learning.simulation import settings_with, simulate
 
     experiment = open_experiment(loop.config)
-    settings = settings_with(experiment.al.simulation, strategies=["margin"], seeds=[0], rounds=1, retrain="full",
+    settings = settings_with(experiment.active_learning.simulation, strategies=["margin"], seeds=[0], rounds=1, retrain="full",
                              initial_fraction=0.2)
     result = simulate(experiment, settings, budget=3)
     assert list(result.curves["round"]) == [0, 1] and result.curves["labels"].diff().iloc[1] == 3
@@ -445,7 +445,7 @@ def test_simulation_on_pretrained_embeddings_shares_them_across_seeds(loop: Loop
     from classification.active_learning.simulation import settings_with, simulate
 
     experiment = open_experiment(loop.config, [f"{key}={value}" for key, value in PACKAGED_LITE0.items()])
-    settings = settings_with(experiment.al.simulation, strategies=["random", "margin"], seeds=[0, 1], rounds=2,
+    settings = settings_with(experiment.active_learning.simulation, strategies=["random", "margin"], seeds=[0, 1], rounds=2,
                              head_epochs=30, initial_fraction=0.2)
     assert settings.embeddings == "pretrained"  # the default
     result = simulate(experiment, settings, budget=3)
@@ -516,7 +516,7 @@ def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
     import torch
 
     from classification.active_learning import head_rounds
-    from classification.active_learning.loop import head_context, round_model
+    from classification.active_learning.rounds import head_context, round_model
     from classification.data.samples import build_samples
 
     experiment = open_experiment(loop.config, ["active_learning.retrain=head", "active_learning.embeddings=fine_tuned",
@@ -579,7 +579,7 @@ def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -
     import torch
 
     from classification.active_learning import head_rounds
-    from classification.active_learning.loop import head_context, model_checkpoint, round_model
+    from classification.active_learning.rounds import head_context, model_checkpoint, round_model
     from classification.data.samples import build_samples
 
     experiment = open_experiment(fine_tuned_heads(loop).config)

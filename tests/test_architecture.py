@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from classification.active_learning import strategies
-from classification.config import STRATEGY_NAMES
+from classification.active_learning.registry import get_strategy, strategy_names
+from classification.config import ActiveLearningConfig
 
 
 def test_loading_a_config_imports_no_stage() -> None:
@@ -18,6 +18,8 @@ def test_loading_a_config_imports_no_stage() -> None:
                                  "classification.redaction"]
 
 
-def test_strategies_implement_exactly_the_names_the_config_accepts() -> None:
-    assert strategies.STRATEGIES == STRATEGY_NAMES
-    assert set(strategies.OPTIONS) == set(STRATEGY_NAMES)
+def test_the_registry_names_the_strategies_and_the_config_defaults_are_among_them() -> None:
+    assert strategy_names()[:7] == ("random", "least_confidence", "margin", "entropy", "k_center", "coral", "informative_diverse")
+    defaults = ActiveLearningConfig()
+    for name in (defaults.strategy, *defaults.simulation.strategies):
+        assert get_strategy(name).name == name

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from classification.active_learning.strategies import STRATEGIES, Selection, SelectionInputs, select
+from classification.active_learning.registry import select, strategy_names
+from classification.active_learning.strategies import Selection, SelectionInputs
 from classification.active_learning.triplet import (
     DEFAULT_MARGIN,
     MINING,
@@ -131,8 +132,9 @@ def folder_samples(folder: str | Path, name_to_index: Mapping[str, int], option:
 
 def check_options(active_batch: int, strategy: str, num_rounds: int, retune_every: int, mining: str) -> None:
     """One-line UserError for an option out of range or unknown."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"active_learning_strategy: unknown {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if strategy not in strategy_names():
+        raise UserError(f"active_learning_strategy: unknown {strategy!r} (choose from {', '.join(strategy_names())})"
+                        + did_you_mean(strategy, strategy_names()))
     if mining not in MINING:
         raise UserError(f"mining: unknown {mining!r} (choose from {', '.join(MINING)})")
     for name, value in (("active_batch", active_batch), ("num_rounds", num_rounds), ("retune_every", retune_every)):

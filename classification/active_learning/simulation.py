@@ -40,9 +40,11 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from classification.active_learning.embeddings import embed_with_backbone, embed_with_checkpoint
-from classification.active_learning.loop import Experiment, round_seed, strategy_options, write_derived_config
+from classification.active_learning.registry import check_strategy_name, get_strategy, select
+from classification.active_learning.retraining import write_derived_config
+from classification.active_learning.rounds import Experiment, round_seed
 from classification.active_learning.pool import stratified_mask
-from classification.active_learning.strategies import SelectionInputs, select
+from classification.active_learning.strategies import SelectionInputs
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import SimulationConfig, describe_error
 from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
@@ -109,7 +111,7 @@ class SimulationResult:
 
 def load_simulation_data(experiment: Experiment) -> SimulationData:
     """Samples of the train, val and held-out splits (the held-out split must not be the train split)."""
-    config, al = experiment.config, experiment.al
+    config, al = experiment.config, experiment.active_learning
     if al.eval_split == config.train_split:
         raise UserError(f"{experiment.config_path}: active_learning.eval_split must be a held-out split, not {al.eval_split!r}")
     train_samples = build_samples(config, config.train_split)
@@ -194,7 +196,7 @@ def head_features(experiment: Experiment, data: SimulationData, settings: Simula
 def pick(strategy: str, labelled: np.ndarray, probabilities: np.ndarray, embeddings: np.ndarray, budget: int,
          seed: int, experiment: Experiment) -> np.ndarray:
     """The pool images a strategy picks this round (indices into the train split)."""
-    options = strategy_options(experiment.al.model_copy(update={"strategy": strategy}))
+    options = get_strategy(strategy).config_options(experiment.active_learning)
     inputs = SelectionInputs(labelled=labelled, probabilities=probabilities, embeddings=embeddings)
     return select(strategy, inputs, budget, seed, **options).indices
 
@@ -305,8 +307,10 @@ def settings_with(base: SimulationConfig, **updates: Any) -> SimulationConfig:
 def simulate(experiment: Experiment, settings: SimulationConfig | None = None, budget: int | None = None,
              output_dir: Path | None = None) -> SimulationResult:
     """Run (or resume) the simulation for every seed and strategy and write the curves (see the module docstring)."""
-    settings = settings or experiment.al.simulation
-    budget = budget or experiment.al.batch_size
+    settings = settings or experiment.active_learning.simulation
+    for i, strategy in enumerate(settings.strategies):
+        check_strategy_name(strategy, f"active_learning.simulation.strategies[{i}]")
+    budget = budget or experiment.active_learning.batch_size
     output_dir = Path(output_dir) if output_dir is not None else experiment.root / "simulation"
     data = load_simulation_data(experiment)
     all_rows: list[list[Any]] = []
@@ -335,7 +339,7 @@ def simulate(experiment: Experiment, settings: SimulationConfig | None = None, b
     write_csv_atomic(output_dir / "curves_mean.csv", means)
     write_csv_atomic(output_dir / "summary.csv", summary)
     write_json_atomic(output_dir / "summary.json", {
-        "settings": settings.model_dump(), "batch_size": budget, "eval_split": experiment.al.eval_split,
+        "settings": settings.model_dump(), "batch_size": budget, "eval_split": experiment.active_learning.eval_split,
         "train_images": len(data.train), "held_out_images": len(data.held_out),
         "strategies": summary.to_dict(orient="records")})
     embeddings = f", {settings.embeddings} embeddings" if settings.retrain == "head" else ""

@@ -3,7 +3,8 @@
 Every strategy is a pure, deterministic function of ``(inputs, budget, seed, options)``. It never
 picks a labelled or excluded item, never picks an item twice, returns every available item when
 fewer than ``budget`` are left, and breaks ties by pool index (the smaller index first). A missing
-input, an unknown strategy or an unknown option is a one-line ``UserError``.
+or malformed input is a one-line ``UserError``. ``registry.py`` names each strategy, calls it by name
+(``registry.select``) and refuses unknown names and options.
 
 Distances are Euclidean. k_center and coral compute them in float32 as ``|x|² + |c|² − 2 x·c``
 in chunk × chunk blocks (never an n×n matrix): float32 keeps a 100,000 × 512 pool at 200 MB and the
@@ -17,31 +18,22 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from classification.active_learning.k_center import DistanceKey, FarthestPoint
-from classification.active_learning.scores import SCORE_FUNCTIONS, check_score_name, uncertainty_scores
-from classification.config import STRATEGY_NAMES
-from classification.errors import UserError, did_you_mean
+from classification.active_learning.scores import check_score_name, uncertainty_scores
+from classification.errors import UserError
 
-STRATEGIES: tuple[str, ...] = STRATEGY_NAMES  # the config owns the names (it imports no stage); OPTIONS covers each
+__all__ = [
+    "Pick", "Selection", "SelectionInputs", "available_items", "cluster_quotas", "kmeans", "select_coral",
+    "select_informative_diverse", "select_k_center", "select_random", "select_top_scores",
+]
 
 DEFAULT_CHUNK_SIZE = 2048  # rows (and centres) per distance block: a block is at most 2048² float32 = 16 MB
 DEFAULT_MAX_ITERATIONS = 20  # Lloyd iterations for informative_diverse's k-means (stops early once stable)
-
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "random": (),
-    "least_confidence": (),
-    "margin": (),
-    "entropy": (),
-    "k_center": ("chunk_size",),
-    "coral": ("score", "diversity_weight", "chunk_size"),
-    "informative_diverse": ("n_clusters", "max_iterations"),
-}
 
 
 @dataclass(frozen=True)
@@ -78,42 +70,7 @@ class Selection:
         return np.array([pick.index for pick in self.picks], dtype=np.int64)
 
 
-# ---------------------------------------------------------------- entry point and checks
-
-
-def select(strategy: str, inputs: SelectionInputs, budget: int, seed: int, **options: Any) -> Selection:
-    """Choose up to ``budget`` pool items to label next with the named strategy."""
-    check_strategy_name(strategy)
-    check_options(strategy, options)
-    if strategy == "random":
-        return select_random(inputs, budget, seed)
-    if strategy in SCORE_FUNCTIONS:
-        return select_top_scores(inputs, budget, score=strategy)
-    if strategy == "k_center":
-        return select_k_center(inputs, budget, seed, **options)
-    if strategy == "coral":
-        return select_coral(inputs, budget, seed, **options)
-    return select_informative_diverse(inputs, budget, seed, **options)
-
-
-def _unknown(kind: str, name: object, known: tuple[str, ...] | list[str]) -> UserError:
-    """A one-line error naming the known choices and the closest one."""
-    return UserError(f"unknown {kind} {name!r} (known: {', '.join(known) or 'none'}){did_you_mean(str(name), known, quote=True)}")
-
-
-def check_strategy_name(strategy: str) -> str:
-    """Return ``strategy`` if it is known; otherwise a one-line ``UserError`` with a suggestion."""
-    if strategy not in STRATEGIES:
-        raise _unknown("active-learning strategy", strategy, STRATEGIES)
-    return strategy
-
-
-def check_options(strategy: str, options: dict[str, Any]) -> None:
-    """Reject options the strategy does not take (typos fail instead of being ignored)."""
-    allowed = OPTIONS[check_strategy_name(strategy)]
-    for name in options:
-        if name not in allowed:
-            raise _unknown(f"option for strategy {strategy!r}:", name, allowed)
+# ---------------------------------------------------------------- checks of inputs and options
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
