@@ -9,7 +9,7 @@ test crops:
 - end to end, start-up, decoding and resizing counted: ``predict.py --config --checkpoint`` (PyTorch
   eager, today's path) against ``predict.py --model`` (onnxruntime float32), wall time of each command;
 - the network alone (batch 32, preprocessed tensors in memory): PyTorch eager, eager channels_last,
-  onnxruntime float32 and onnxruntime int8 (static QDQ, per channel, calibrated on 256 train crops),
+  onnxruntime float32 and onnxruntime int8 (``export.py --int8``: static QDQ, per channel, calibrated on 256 train crops),
   with the int8 model's test top-1 beside float32's;
 - the machine's limit: the network's multiply-adds per image against the cores' fp32 FMA peak.
 
@@ -29,11 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import yaml
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from classification.config import load_config
 from classification.data.clean import CleanOptions, clean_cct
@@ -80,8 +77,8 @@ def train_and_export(workdir: Path, crops: Path, dataset: Path, size: int) -> tu
     if not (run_dir / "checkpoints" / "2.pt").exists():
         command("classifier/train.py", "--config", config)
     package = workdir / "models" / "mct-lite0"
-    if not package.exists():
-        command("classifier/export.py", "--config", config, "--checkpoint", "2.pt", "--output", package)
+    if not (package / "model_int8.onnx").exists():
+        command("classifier/export.py", "--config", config, "--checkpoint", "2.pt", "--output", package, "--int8", "--overwrite")
     return config, package
 
 
@@ -128,23 +125,6 @@ def cpu_peak_gflops(threads: int) -> tuple[float, str]:
     return threads * ghz * 2 * lanes * 2, f"{threads} cores x {ghz:.2f} GHz x 2 FMA units x {lanes} fp32 lanes"
 
 
-def quantize(package: Path, calibration: np.ndarray, output: Path) -> Path:
-    """Static int8 QDQ of the package's network, calibrated on ``calibration`` (preprocessed train crops)."""
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // BATCH)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"image": batch}
-
-    prepared = output.with_name("prepared.onnx")
-    quant_pre_process(str(package / "model.onnx"), str(prepared))
-    quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return output
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "data" / "interim" / "bench_package")
@@ -168,6 +148,8 @@ def main() -> None:
                                  "--crops-dir", crops, "--output-dir", out / "torch"),
         "onnxruntime_fp32": command("classifier/predict.py", "--model", package, "--cct", test_cct, "--crops-dir", crops,
                                     "--output-dir", out / "onnx"),
+        "onnxruntime_int8": command("classifier/predict.py", "--model", package, "--cct", test_cct, "--crops-dir", crops,
+                                    "--output-dir", out / "onnx_int8", "--precision", "int8"),
     }
     pixels = np.stack([preprocess(p, spec.input) for p in paths[: 4 * BATCH]])
     batch = pixels[:BATCH]
@@ -181,12 +163,7 @@ def main() -> None:
         channels_last = per_second(lambda: last(last_tensor), BATCH)
     fp32 = per_second(lambda: session.run(None, {"image": batch}), BATCH)
 
-    train = cct_input(dataset / "train_cct.json", crops, spec.label_names)
-    calibration = np.stack([preprocess(s.path, spec.input) for s in train.samples[:256]])
-    int8_path = quantize(package, calibration, args.workdir / "model_int8.onnx")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-    int8 = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    int8 = load_session(package, spec, args.threads, precision="int8")
     int8_speed = per_second(lambda: int8.run(None, {"image": batch}), BATCH)
     everything = np.stack([preprocess(p, spec.input) for p in paths])
     top1 = {}

@@ -26,6 +26,7 @@ from classification.cli import MAX_BATCH_SIZE, ArgumentParser, add_dask_argument
 from classification.errors import UserError
 from classification.evaluation.prediction_files import PredictionResult
 from classification.evaluation.review_page import write_review_page
+from classification.package.runtime import PRECISIONS
 
 
 def build_parser() -> ArgumentParser:
@@ -45,6 +46,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="default: <experiment>/predictions/<input>_<checkpoint>/")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), help="default: the config's batch_size")
     parser.add_argument("--topk", type=bounded_int(1, 1000), default=3, help="top-k labels and probabilities per image")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="--model only: fp32 (model.onnx, the default) or int8 (model_int8.onnx of export.py --int8)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's device)")
     parser.add_argument("--review-page", action="store_true",
                         help="also write review.html (classifier/review_page.py) of the answers: postprocessed.csv when the "
@@ -56,6 +59,8 @@ def build_parser() -> ArgumentParser:
 def predict(args: Namespace) -> PredictionResult:
     """A checkpoint's prediction (--config), or a model package's (--model)."""
     if args.model is None:
+        if args.precision is not None:
+            raise UserError("--precision needs --model: a checkpoint predicts with the config's amp setting")
         from classification.evaluation.predict import run_prediction  # noqa: PLC0415 - PyTorch only for --config
 
         return run_prediction(args.config, args.checkpoint, split=args.split, images_dir=args.images, cct=args.cct,
@@ -67,7 +72,7 @@ def predict(args: Namespace) -> PredictionResult:
         raise UserError("--split needs --config (a package has no dataset): give --images, --cct or --megadetector")
     return run_package_prediction(args.model, images_dir=args.images, cct=args.cct, megadetector=args.megadetector,
                                   crops_dir=args.crops_dir, output_dir=args.output_dir, batch_size=args.batch_size,
-                                  topk=args.topk)
+                                  topk=args.topk, precision=args.precision or "fp32")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,3 +186,68 @@ def test_predicting_unlabelled_images_with_a_package_never_imports_pytorch(expor
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "onnxruntime" in imported and not {"torch", "torchvision", "timm"} & imported
     assert len(read_predictions(tmp_path / "out" / "predictions.csv")) == 5
+
+
+@pytest.fixture(scope="module")
+def int8_package(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint exported with its int8 network, calibrated on 16 train crops."""
+    package = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    code, out, err = run("classifier/export.py", "--config", exported.config, "--checkpoint", "last", "--output", package,
+                         "--int8", "--calibration-crops", "16")
+    assert code == 0, err
+    assert "int8 network: val top-1" in out
+    return package
+
+
+def test_an_int8_export_adds_a_calibrated_network_and_its_cost(exported: Exported, int8_package: Path) -> None:
+    assert {p.name for p in int8_package.iterdir()} == PACKAGE_FILES | {"model_int8.onnx"}
+    spec = read_package(int8_package)
+    assert spec.onnx_int8 is not None and spec.int8 is not None
+    graph = onnx.load(int8_package / "model_int8.onnx").graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    assert spec.int8["calibration_crops"] == 16 and spec.int8["calibration_split"] == "train"
+    check = spec.int8["check"]
+    assert check["split"] == "val" and check["n_images"] > 0 and 0 <= check["same_top1"] <= 1
+    assert "--precision int8" in (int8_package / "model_card.md").read_text()
+    assert file_sha256(int8_package / ONNX_NAME) == file_sha256(exported.package / ONNX_NAME)  # float32 network untouched
+
+
+def test_int8_predictions_follow_the_float32_network(exported: Exported, int8_package: Path, tmp_path: Path) -> None:
+    images = exported.data.crops_dir
+    outputs = {}
+    for precision in ("fp32", "int8"):
+        code, _, err = run("classifier/predict.py", "--model", int8_package, "--images", images, "--output-dir", tmp_path / precision,
+                           "--precision", precision)
+        assert code == 0, err
+        outputs[precision] = read_predictions(tmp_path / precision / "predictions.csv")
+        info = json.loads((tmp_path / precision / "prediction_info.json").read_text())
+        assert info["network"] == ("model_int8.onnx" if precision == "int8" else "model.onnx")
+    fp32, int8 = outputs["fp32"], outputs["int8"]
+    assert fp32["path"].tolist() == int8["path"].tolist()
+    same = (fp32["pred_label"] == int8["pred_label"]).mean()
+    assert same >= 0.8, same
+    assert np.abs(fp32["top1_prob"].to_numpy(float) - int8["top1_prob"].to_numpy(float)).max() > 0  # not the float32 network
+
+
+def test_an_int8_export_is_byte_identical_twice(exported: Exported, int8_package: Path, tmp_path: Path) -> None:
+    again = tmp_path / "tiny-int8"
+    code, _, err = run("classifier/export.py", "--config", exported.config, "--checkpoint", "last", "--output", again,
+                       "--int8", "--calibration-crops", "16")
+    assert code == 0, err
+    assert file_sha256(again / "model_int8.onnx") == file_sha256(int8_package / "model_int8.onnx")
+    assert json.loads((again / SPEC_NAME).read_text())["int8"] == json.loads((int8_package / SPEC_NAME).read_text())["int8"]
+
+
+def test_int8_is_refused_where_there_is_none(exported: Exported, int8_package: Path, tmp_path: Path) -> None:
+    images = exported.data.crops_dir
+    code, _, err = run("classifier/predict.py", "--model", exported.package, "--images", images, "--output-dir", tmp_path / "a",
+                       "--precision", "int8")
+    assert code != 0 and "has no int8 network (export it with classifier/export.py --int8)" in err
+    assert len(err.strip().splitlines()) == 1, err
+    code, _, err = run("classifier/predict.py", "--config", exported.config, "--images", images, "--precision", "int8")
+    assert code != 0 and "--precision needs --model" in err and len(err.strip().splitlines()) == 1, err
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_package, tampered)
+    (tampered / "model_int8.onnx").write_bytes(b"replaced")
+    code, _, err = run("classifier/predict.py", "--model", tampered, "--images", images, "--output-dir", tmp_path / "b")
+    assert code != 0 and "model_int8.onnx: its SHA-256 differs from model.json" in err, err

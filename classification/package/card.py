@@ -41,6 +41,20 @@ def metrics_section(spec: PackageSpec) -> list[str]:
     return lines
 
 
+def int8_section(spec: PackageSpec) -> list[str]:
+    """The int8 network, when the package has one: how it was calibrated and what it costs on val."""
+    if spec.onnx_int8 is None:
+        return []
+    facts = spec.int8 or {}
+    check = facts.get("check") or {}
+    cost = (f" On {check.get('n_images')} {check.get('split')} crops: top-1 {figure(check.get('top1_int8'))} against "
+            f"{figure(check.get('top1_fp32'))} in float32, the same class for {figure(check.get('same_top1'))} of them."
+            if check else " What it costs was not measured (the val split was empty).")
+    return [f"`{spec.onnx_int8.name}`: the same network quantized to int8 ({facts.get('format')}, weights "
+            f"{facts.get('weights')}, activations {facts.get('activations')}), calibrated on {facts.get('calibration_crops')} "
+            f"{facts.get('calibration_split')} crops; run it with `--precision int8`." + cost, ""]
+
+
 def model_card(spec: PackageSpec) -> str:
     """The whole card."""
     facts = spec.provenance
@@ -59,6 +73,7 @@ def model_card(spec: PackageSpec) -> str:
         f"Training crops: `{spec.input.crop_strategy or 'unknown'}` strategy (utils/crop_detections.py).", "",
         f"Network: `{spec.onnx.name}` (ONNX opset {spec.onnx_opset}, input `{spec.onnx_input}`, output `{spec.onnx_output}`, "
         f"logits: apply a softmax), and `{spec.weights.name}` (a PyTorch state dict).", "",
+        *int8_section(spec),
         "## Classes", "", *class_table(spec), "",
         "## Held-out results", "", *metrics_section(spec), "",
         "## Training", "",

@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from classification.config import ExperimentConfig, load_config
@@ -34,6 +35,8 @@ from classification.evaluation.postprocess import load_fitted
 from classification.evaluation.predict import TrainedModel, load_trained_model
 from classification.io import read_json_object, read_string_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 from classification.package.card import model_card
+from classification.package.quantize import INT8_NAME, evenly_spaced, int8_agreement, pixels_of, quantize_int8
+from classification.package.runtime import load_session
 from classification.package.spec import (
     CARD_NAME,
     CLASSES_NAME,
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 18  # served by onnxruntime's CPU and CUDA providers alike
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
+DEFAULT_CALIBRATION_CROPS = 256
+INT8_CHECK_CROPS = 1000  # val crops on which int8's top-1 is compared with float32's
 VERSIONED = ("classification", "torch", "timm", "torchvision", "onnx", "onnxruntime")
 
 
@@ -237,8 +242,29 @@ def fitted_postprocess(run_dir: Path, checkpoint: Path) -> dict[str, Any] | None
     return fields
 
 
-def write_package_files(folder: Path, model: TrainedModel, config: ExperimentConfig, config_path: Path, name: str) -> PackageSpec:
-    """Every file of the package into ``folder``; returns its spec."""
+def int8_network(folder: Path, spec: PackageSpec, config: ExperimentConfig, calibration_crops: int) -> PackageSpec:
+    """Write ``model_int8.onnx`` calibrated on train crops; returns ``spec`` listing it, its calibration and its val figures."""
+    train = evenly_spaced(build_samples(config, config.train_split), calibration_crops)
+    if not train:
+        raise DataError(f"{config.data_root}: split {config.train_split!r} has no crops to calibrate the int8 network on")
+    log.info("quantizing to int8, calibrated on %d train crops", len(train))
+    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME, ONNX_INPUT, pixels_of(train, spec.input))
+    spec = spec.model_copy(update={"onnx_int8": packaged_file(folder, INT8_NAME)})
+    facts: dict[str, Any] = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8", "calibration": "minmax",
+                             "calibration_crops": len(train), "calibration_split": config.train_split}
+    val = evenly_spaced(build_samples(config, config.val_split), INT8_CHECK_CROPS)
+    if val:
+        labels = np.asarray([sample.label for sample in val], dtype=np.int64)
+        fp32, int8 = (load_session(folder, spec, precision=precision) for precision in ("fp32", "int8"))
+        facts["check"] = {"split": config.val_split, **int8_agreement(fp32, int8, pixels_of(val, spec.input), labels)}
+    else:
+        log.warning("int8: split %r is empty, so what int8 costs is not measured", config.val_split)
+    return spec.model_copy(update={"int8": facts})
+
+
+def write_package_files(folder: Path, model: TrainedModel, config: ExperimentConfig, config_path: Path, name: str,
+                        calibration_crops: int | None = None) -> PackageSpec:
+    """Every file of the package into ``folder``, with the int8 network when ``calibration_crops`` is given; returns its spec."""
     run_dir = Path(config_path).resolve().parent
     size = int(model.inputs["image_size"])
     log.info("exporting %s (%d classes, %d px) to ONNX", model.architecture, len(model.label_names), size)
@@ -258,6 +284,8 @@ def write_package_files(folder: Path, model: TrainedModel, config: ExperimentCon
         files=[packaged_file(folder, n) for n in (LABEL_INDEX_NAME, CLASSES_NAME, *copied)],
         postprocess=section, fitted_postprocess=fitted_postprocess(run_dir, model.checkpoint), provenance=facts,
         metrics=run_metrics(run_dir, model.checkpoint))
+    if calibration_crops is not None:
+        spec = int8_network(folder, spec, config, calibration_crops)
     write_json_atomic(folder / SPEC_NAME, spec.model_dump(mode="json"), indent=1)
     write_text_atomic(folder / CARD_NAME, model_card(spec))
     return spec
@@ -277,8 +305,12 @@ def move_into_place(built: Path, output_dir: Path, overwrite: bool) -> None:
 
 
 def export_package(config_path: str | Path, checkpoint: str | Path, output_dir: str | Path, overwrite: bool = False,
-                   name: str | None = None) -> ExportResult:
-    """Write the model package of ``checkpoint`` (``<epoch>.pt``, best, last or a path) to ``output_dir``."""
+                   name: str | None = None, int8: bool = False,
+                   calibration_crops: int = DEFAULT_CALIBRATION_CROPS) -> ExportResult:
+    """Write the model package of ``checkpoint`` (``<epoch>.pt``, best, last or a path) to ``output_dir``; with ``int8``
+    also its int8 network, calibrated on ``calibration_crops`` train crops."""
+    if calibration_crops < 1:
+        raise UserError(f"--calibration-crops must be at least 1, got {calibration_crops}")
     config_path, output_dir = Path(config_path), Path(output_dir)
     config = load_config(config_path)
     if output_dir.exists() and not overwrite:
@@ -291,7 +323,8 @@ def export_package(config_path: str | Path, checkpoint: str | Path, output_dir: 
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir()
     try:
-        spec = write_package_files(built, model, config, config_path, name or output_dir.name)
+        spec = write_package_files(built, model, config, config_path, name or output_dir.name,
+                                   calibration_crops if int8 else None)
         move_into_place(built, output_dir, overwrite)
     finally:
         shutil.rmtree(built, ignore_errors=True)

@@ -39,8 +39,8 @@ from classification.evaluation.prediction_files import (
     scores_from_probabilities,
     write_prediction_files,
 )
-from classification.package.runtime import DEFAULT_BATCH, load_session, score_files
-from classification.package.spec import ONNX_NAME, SPEC_NAME, PackageSpec, read_package
+from classification.package.runtime import DEFAULT_BATCH, load_session, network_file, score_files
+from classification.package.spec import SPEC_NAME, PackageSpec, read_package
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ def packaged_postprocess(folder: Path, spec: PackageSpec) -> tuple[PostprocessCo
 
 
 def prediction_info(source: PredictionInput, folder: Path, spec: PackageSpec, n_predicted: int, n_skipped: int,
-                    images_per_second: float, topk: int, providers: list[str]) -> dict[str, Any]:
+                    images_per_second: float, topk: int, providers: list[str], network: Path) -> dict[str, Any]:
     """``prediction_info.json`` of a package's prediction."""
     return {
         "input": source.name, "images_root": str(source.root), "model_package": str(folder), "package_name": spec.name,
         "checkpoint": (spec.provenance.get("checkpoint") or {}).get("name"), "architecture": spec.architecture,
-        "image_size": spec.input.size, "runtime": "onnxruntime", "providers": providers, "n_images": len(source.samples),
+        "image_size": spec.input.size, "runtime": "onnxruntime", "network": network.name, "providers": providers, "n_images": len(source.samples),
         "n_predicted": n_predicted, "n_skipped": n_skipped, "images_per_second": round(images_per_second, 2), "topk": topk,
         "label_names": spec.label_names,
     }
@@ -92,7 +92,8 @@ def prediction_info(source: PredictionInput, folder: Path, spec: PackageSpec, n_
 
 def run_package_prediction(model_dir: str | Path, images_dir: Path | None = None, cct: Path | None = None,
                            megadetector: Path | None = None, crops_dir: Path | None = None, output_dir: Path | None = None,
-                           batch_size: int | None = None, topk: int = 3, threads: int | None = None) -> PredictionResult:
+                           batch_size: int | None = None, topk: int = 3, threads: int | None = None,
+                           precision: str = "fp32") -> PredictionResult:
     """Predict one input with a model package and write the outputs (see the module docstring)."""
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
@@ -101,7 +102,8 @@ def run_package_prediction(model_dir: str | Path, images_dir: Path | None = None
     if output_dir is None:
         raise UserError("--model needs --output-dir (a package has no run folder to write into)")
     output_dir = Path(output_dir)
-    session = load_session(folder, spec, threads)
+    session = load_session(folder, spec, threads, precision=precision)
+    network = network_file(folder, spec, precision)
     source = package_input(spec, images_dir, cct, megadetector, crops_dir)
     scored = score_files(session, spec, [sample.path for sample in source.samples], batch_size or DEFAULT_BATCH, threads)
     labels = np.asarray([source.samples[i].label for i in scored.indices], dtype=np.int64)
@@ -110,9 +112,9 @@ def run_package_prediction(model_dir: str | Path, images_dir: Path | None = None
     log.info("predicted %d images (%.1f images/s, onnxruntime %s); %d skipped (see skipped.csv)", len(scores.indices),
              scores.images_per_second, ",".join(session.get_providers()), len(scores.skipped))
     info = prediction_info(source, folder, spec, len(scores.indices), len(scores.skipped), scores.images_per_second, topk,
-                           list(session.get_providers()))
+                           list(session.get_providers()), network)
     predictions, skipped, predictions_path, metrics = write_prediction_files(source, scores, spec.label_names, output_dir, info)
-    classifier = f"{spec.architecture} {spec.name} ({ONNX_NAME})"
+    classifier = f"{spec.architecture} {spec.name} ({network.name})"
     config, fitted = packaged_postprocess(folder, spec)
     md_output = None
     if source.megadetector is not None:
@@ -122,7 +124,7 @@ def run_package_prediction(model_dir: str | Path, images_dir: Path | None = None
                                            descriptions=megadetector_descriptions_for(config, spec.label_names))
     post: PostprocessResult | None = None
     if is_enabled(config):
-        where = PostprocessInput(folder, folder / ONNX_NAME, fit=False,
+        where = PostprocessInput(folder, network, fit=False,
                                  manifest=source.manifest if source.manifest is not None else source.root / MANIFEST_NAME,
                                  megadetector=source.megadetector, classifier=classifier, packaged=fitted)
         post = run_postprocess(config, spec.label_names, predictions, scored.probabilities, output_dir, where)

@@ -23,13 +23,14 @@ from PIL import Image
 
 from classification.data.images import ImageLoadError, read_rgb
 from classification.errors import DataError, UserError
-from classification.package.spec import ONNX_NAME, InputSpecModel, PackageSpec
+from classification.package.spec import SPEC_NAME, InputSpecModel, PackageSpec
 
 log = logging.getLogger(__name__)
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
 DEFAULT_BATCH = 32
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+PRECISIONS = ("fp32", "int8")  # model.onnx, or model_int8.onnx when the package was exported with --int8
 
 
 def default_threads() -> int:
@@ -68,8 +69,20 @@ class BatchScores:
     images_per_second: float
 
 
-def load_session(folder: Path, spec: PackageSpec, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
-    """An onnxruntime session on ``folder/model.onnx`` (CUDA when available, else CPU), checked against the spec."""
+def network_file(folder: Path, spec: PackageSpec, precision: str = "fp32") -> Path:
+    """The ONNX file of ``precision``: model.onnx, or the int8 network a package exported with ``--int8`` holds."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision[:40]!r}")
+    if precision == "fp32":
+        return Path(folder) / spec.onnx.name
+    if spec.onnx_int8 is None:
+        raise UserError(f"{Path(folder) / SPEC_NAME}: the package has no int8 network (export it with classifier/export.py --int8)")
+    return Path(folder) / spec.onnx_int8.name
+
+
+def load_session(folder: Path, spec: PackageSpec, threads: int | None = None, providers: Sequence[str] | None = None,
+                 precision: str = "fp32") -> Any:
+    """An onnxruntime session on the package's network of ``precision`` (CUDA when available, else CPU), checked against the spec."""
     import onnxruntime as ort  # noqa: PLC0415 - only where a package is run
 
     options = ort.SessionOptions()
@@ -78,7 +91,7 @@ def load_session(folder: Path, spec: PackageSpec, threads: int | None = None, pr
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     available = set(ort.get_available_providers())
     chosen = [p for p in (providers or PROVIDERS) if p in available] or ["CPUExecutionProvider"]
-    path = Path(folder) / ONNX_NAME
+    path = network_file(folder, spec, precision)
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad file

@@ -3,6 +3,7 @@
 A package is one folder (``classifier/export.py``)::
 
     model.onnx           the network, dynamic batch, float32 logits
+    model_int8.onnx      the same network quantized to int8 (static QDQ), with ``export.py --int8``
     model.safetensors    the same weights as a PyTorch state dict (for fine-tuning elsewhere)
     label_index.json     {"0": "agouti", ...}, the network's output order
     classes.csv          id,class: the class list in the same order, for tools that load ONNX + a class file
@@ -82,6 +83,8 @@ class PackageSpec(BaseModel):
     onnx_input: str
     onnx_output: str
     weights: PackagedFile
+    onnx_int8: PackagedFile | None = None  # the int8 network (export.py --int8), run with predict.py --precision int8
+    int8: dict[str, Any] | None = None  # its calibration and what it costs on val (top-1 of both, share of equal top-1)
     files: list[PackagedFile]  # the other files (label index, classes, taxonomy, ...)
     postprocess: dict[str, Any] | None = None  # the run's postprocess: section, paths relative to the package
     fitted_postprocess: dict[str, Any] | None = None  # temperature and thresholds, with the checkpoint hash they were fitted on
@@ -149,7 +152,7 @@ def read_package(folder: str | Path) -> PackageSpec:
     """Read and check a model package: its spec, every file's hash, the class lists."""
     folder = Path(folder)
     spec = read_spec(folder)
-    for entry in (spec.onnx, spec.weights, *spec.files):
+    for entry in (spec.onnx, spec.weights, *([spec.onnx_int8] if spec.onnx_int8 else []), *spec.files):
         check_file(folder, entry)
     if not any(entry.name == LABEL_INDEX_NAME for entry in spec.files):
         raise DataError(f"{folder / SPEC_NAME}: lists no {LABEL_INDEX_NAME}")
