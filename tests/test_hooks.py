@@ -5,38 +5,65 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
 from classification.config import load_config
 from classification.training.checkpoint import load_checkpoint
 from classification.training.engine import TrainingLoop, train
-from classification.training.hooks import EarlyStopping, EpochEnd, Hook
+from classification.training.hooks import EarlyStopping, EpochEnd, Hook, MetricsStore
 from tests.test_train import build_dataset, write_run
 
 
 def epoch_end(epoch: int, val_loss: float) -> EpochEnd:
-    return EpochEnd(epoch, {"val_loss": val_loss}, confusion=None, label_names=[], final=False)
+    return EpochEnd(epoch, {"val_loss": val_loss}, confusion=None, label_names=[], last_scheduled=False)
 
 
-def test_early_stopping_counts_epochs_without_improvement_and_ends_the_run() -> None:
-    hook = EarlyStopping("val_loss", patience=2)
-    ends = [epoch_end(epoch, loss) for epoch, loss in enumerate([1.0, 0.5, 0.7, float("nan")], start=1)]
-    for end in ends:
-        hook.after_epoch(None, end)  # type: ignore[arg-type]  # EarlyStopping reads nothing of the loop
-    assert [end.improved for end in ends] == [True, True, False, False]
-    assert [end.stop_early for end in ends] == [False, False, False, True]
-    assert [end.final for end in ends] == [False, False, False, True]
-    assert hook.state_dict() == {"best_metric": 0.5, "best_epoch": 2, "early_stopping_counter": 2}
-    restored = EarlyStopping("val_loss", patience=2)
+def test_early_stopping_counts_epochs_without_improvement_and_asks_the_loop_to_stop() -> None:
+    loop = SimpleNamespace(metrics=MetricsStore("val_loss"), should_stop=False)  # what EarlyStopping reads of the loop
+    hook = EarlyStopping(patience=2)
+    best, stops = [], []
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, float("nan")], start=1):
+        end = epoch_end(epoch, loss)
+        loop.metrics.record(epoch, end.metrics)  # the loop records an epoch before its hooks run
+        hook.after_epoch(loop, end)  # type: ignore[arg-type]
+        best.append(loop.metrics.latest_is_best)
+        stops.append(loop.should_stop)
+    assert best == [True, True, False, False]
+    assert stops == [False, False, False, True]
+    assert {**loop.metrics.state_dict(), **hook.state_dict()} == {"best_metric": 0.5, "best_epoch": 2, "early_stopping_counter": 2}
+    restored = EarlyStopping(patience=2)
     restored.load_state_dict(hook.state_dict())
-    assert restored.triggered() and restored.best_epoch == 2
+    assert restored.triggered()
+    assert not EarlyStopping(patience=3).triggered()
 
 
 def test_hook_state_missing_from_an_old_checkpoint_defaults() -> None:
-    hook = EarlyStopping("val_top1", patience=None)
-    hook.load_state_dict({"epoch": 3, "step": 12})  # written before the hook had state
-    assert (hook.best_metric, hook.best_epoch, hook.counter, hook.triggered()) == (None, None, 0, False)
+    hook, metrics = EarlyStopping(patience=None), MetricsStore("val_top1")
+    old = {"epoch": 3, "step": 12}  # written before the hook and the store had state
+    hook.load_state_dict(old)
+    metrics.load_state_dict(old)
+    assert (metrics.best_metric, metrics.best_epoch, hook.counter, hook.triggered()) == (None, None, 0, False)
+
+
+class StopAtEpoch(Hook):
+    """A user's stopping rule: asks the loop to end the run after ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+        loop.should_stop = loop.should_stop or end.epoch >= self.epoch
+
+
+def test_a_user_hook_stops_the_run_and_the_last_epoch_is_checkpointed(tmp_path: Path) -> None:
+    dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=2, frames=2)
+    config_path = write_run(tmp_path / "run", dataset, num_epochs=4, checkpoint_every=3)
+    result = train(load_config(config_path), config_path.parent, hooks=[StopAtEpoch(2)])
+    assert result.stopped_early and result.epochs_completed == 2
+    names = {p.name for p in (config_path.parent / "checkpoints").glob("*.pt")}
+    assert "2.pt" in names and "3.pt" not in names  # the run's last epoch is saved although 2 is not a multiple of 3
 
 
 class Recording(Hook):

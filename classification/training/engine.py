@@ -76,7 +76,7 @@ from classification.training.data import (
     check_images_exist,
     set_loader_epoch,
 )
-from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, SampleGrid, Tracking
+from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, MetricsStore, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
 from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder, recorded_world_size
@@ -162,28 +162,35 @@ def load_run_data(config: ExperimentConfig, context: DistributedContext, config_
 
 @dataclass
 class TrainingLoop:
-    """What the epochs run on: config, run folder, trainer, data, counters and the hooks, in calling order."""
+    """What the epochs run on: config, run folder, trainer, data, counters, the metrics the hooks share and
+    the hooks, in calling order; a hook sets ``should_stop`` to end the run after the epoch's hooks."""
 
     config: ExperimentConfig
     run_dir: Path
     trainer: Trainer
     data: RunData
     progress: Progress
-    early_stopping: EarlyStopping  # one of the hooks: the best metric a result reports
+    metrics: MetricsStore
     hooks: list[Hook]
-    stop: StopRequest = field(default_factory=StopRequest)
+    should_stop: bool = False
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGINT/SIGTERM, caught
     backbone_frozen: bool | None = None  # None until the first epoch of this process sets it
+    resumed_from: Path | None = None  # the checkpoint this process continued from
+
+    def ends_after(self, end: EpochEnd) -> bool:
+        """``end`` is the run's last epoch: the last scheduled, or a hook has asked to stop."""
+        return end.last_scheduled or self.should_stop
 
     def checkpoint(self, rank_rng: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict of the current state: trainer, counters, every hook, every rank's random states."""
-        states = {**self.trainer.state_dict(), **self.progress.state_dict()}
+        states = {**self.trainer.state_dict(), **self.progress.state_dict(), **self.metrics.state_dict()}
         for hook in self.hooks:
             states.update(hook.state_dict())
         return build_checkpoint(states, self.config, self.data.label_index, rank_rng)
 
     def result(self, metrics: dict[str, float], stopped_early: bool = False, stopped_by_signal: int | None = None) -> TrainResult:
         """A ``TrainResult`` for the state the loop is in."""
-        return TrainResult(self.run_dir, self.progress.epoch, self.early_stopping.best_metric, self.early_stopping.best_epoch,
+        return TrainResult(self.run_dir, self.progress.epoch, self.metrics.best_metric, self.metrics.best_epoch,
                            stopped_early=stopped_early, stopped_by_signal=stopped_by_signal, metrics=metrics)
 
 
@@ -192,13 +199,12 @@ def build_loop(config: ExperimentConfig, run_dir: Path, data: RunData, device: t
     """The trainer and the hooks the config asks for, then ``user_hooks``, in the order they run after an epoch;
     the checkpoint comes last, so that it holds every other hook's state."""
     trainer = build_trainer(config, len(data.label_index), data.train_labels, data.steps_per_epoch, device, context)
-    early_stopping = EarlyStopping(config.monitor, config.early_stopping_patience)
     tracking = Tracking(run_dir, config.comet, config.experiment_name or f"{run_dir.parent.name}/{run_dir.name}")
     hooks: list[Hook] = [
-        early_stopping, tracking, SampleGrid(tracking, config.log_sample_predictions), *user_hooks,
-        Checkpointer(checkpoints_dir(run_dir), config.checkpoint_every, config.checkpoint_keep_last),
+        EarlyStopping(config.early_stopping_patience), tracking, SampleGrid(tracking, config.log_sample_predictions),
+        *user_hooks, Checkpointer(checkpoints_dir(run_dir), config.checkpoint_every, config.checkpoint_keep_last),
     ]
-    return TrainingLoop(config, run_dir, trainer, data, Progress(), early_stopping, hooks)
+    return TrainingLoop(config, run_dir, trainer, data, Progress(), MetricsStore(config.monitor), hooks)
 
 
 def restore_loop(loop: TrainingLoop, checkpoint: Mapping[str, Any], path: Path, options: TrainOptions) -> None:
@@ -214,15 +220,18 @@ def restore_loop(loop: TrainingLoop, checkpoint: Mapping[str, Any], path: Path, 
     if other_world_size:  # another sharding: the unfinished epoch starts again, the schedule counts this run's steps
         loop.progress = Progress(epoch=loop.progress.epoch, step=loop.progress.epoch * loop.data.steps_per_epoch)
         loop.trainer.restart_schedule_at(loop.progress.step, loop.data.steps_per_epoch, loop.config)
+    loop.metrics.load_state_dict(checkpoint)
     for hook in loop.hooks:
         hook.load_state_dict(checkpoint)
+    # a run early stopping ended stays ended, unless a raised patience lets it go on
+    loop.should_stop = any(isinstance(hook, EarlyStopping) and hook.triggered() for hook in loop.hooks)
 
 
 def is_finished(loop: TrainingLoop) -> bool:
-    """All epochs done, or early stopping already triggered (raise num_epochs/patience to go on)."""
+    """All epochs done, or a hook has ended the run (raise num_epochs/patience to go on)."""
     progress = loop.progress
     done = progress.epoch >= loop.config.num_epochs and progress.batch_in_epoch == 0
-    return done or loop.early_stopping.triggered()
+    return done or loop.should_stop
 
 
 # ---------------------------------------------------------------- the run
@@ -242,14 +251,21 @@ def train(config: ExperimentConfig, run_dir: Path, resume: bool = True, overwrit
     device = select_device(config.device, context)
     init_distributed(context, device)
     try:
-        return run_training(config, run_dir, options, context, device)
+        loop, rng_state = set_up_run(config, run_dir, options, context, device)
+        if is_finished(loop):
+            log.info("%s: already trained %d epochs (num_epochs: %d%s); nothing to do", run_dir, loop.progress.epoch,
+                     loop.config.num_epochs, ", stopped early" if loop.progress.epoch < loop.config.num_epochs else "")
+            return loop.result({}, stopped_early=loop.progress.epoch < loop.config.num_epochs)
+        if context.is_main:
+            record_start(loop, options, device)
+        return run_epochs(loop, rng_state)
     finally:
         close_distributed(context)
 
 
-def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions, context: DistributedContext,
-                 device: torch.device) -> TrainResult:
-    """``train`` once the process group and the device are set up."""
+def set_up_run(config: ExperimentConfig, run_dir: Path, options: TrainOptions, context: DistributedContext,
+               device: torch.device) -> tuple[TrainingLoop, Mapping[str, Any] | None]:
+    """The loop, restored from the checkpoint to resume from, and this rank's random states to restore (None: a fresh run)."""
     resume_from = find_resume_checkpoint(run_dir, options.resume, options.overwrite)  # looks only: nothing moves yet
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     # input size and normalisation where the config leaves them unset: those the run was trained with
@@ -260,70 +276,59 @@ def run_training(config: ExperimentConfig, run_dir: Path, options: TrainOptions,
     loop = build_loop(config, run_dir, load_run_data(config, context, options.config_path), device, context, options.hooks)
     # the dataset, the config and the model are checked: only now is the run folder changed (an earlier run archived)
     prepare_run_folder(run_dir, options.resume, options.overwrite, context)
-    if checkpoint is not None and resume_from is not None:
-        restore_loop(loop, checkpoint, resume_from, options)
-    if is_finished(loop):
-        log.info("%s: already trained %d epochs (num_epochs: %d%s); nothing to do", run_dir, loop.progress.epoch,
-                 config.num_epochs, ", stopped early" if loop.progress.epoch < config.num_epochs else "")
-        return loop.result({}, stopped_early=loop.progress.epoch < config.num_epochs)
-    if context.is_main:
-        record_start(loop, options, resume_from, device)
-    rng_state = rank_rng_state(checkpoint, context.rank, context.world_size) if checkpoint else None
-    del checkpoint
-    return run_with_hooks(loop, rng_state)
+    loop.resumed_from = resume_from
+    if checkpoint is None or resume_from is None:
+        return loop, None
+    restore_loop(loop, checkpoint, resume_from, options)
+    return loop, rank_rng_state(checkpoint, context.rank, context.world_size)
 
 
-def record_start(loop: TrainingLoop, options: TrainOptions, resume_from: Path | None, device: torch.device) -> None:
+def record_start(loop: TrainingLoop, options: TrainOptions, device: torch.device) -> None:
     """Write the run files (resolved config, run_info.json) and log where the run starts."""
     progress, context, data = loop.progress, loop.trainer.context, loop.data
     start = f"epoch {progress.epoch + 1}" + (f", batch {progress.batch_in_epoch + 1}" if progress.batch_in_epoch else "")
     write_run_files(loop.run_dir, loop.config, options.argv, options.overrides, {
-        "resumed_from": str(resume_from) if resume_from else None, "starts_at": start,
+        "resumed_from": str(loop.resumed_from) if loop.resumed_from else None, "starts_at": start,
         "world_size": context.world_size, "device": str(device)})
     log.info("%s: %s, %d classes, %d train / %d val images, %s%s, starting at %s", loop.run_dir.name,
              loop.config.architecture, len(data.label_index), len(cast(CropDataset, data.train_loader.dataset)),
              len(cast(CropDataset, data.val_loader.dataset)), device, f" x {context.world_size}" if context.distributed else "", start)
 
 
-def run_with_hooks(loop: TrainingLoop, rng_state: Mapping[str, Any] | None) -> TrainResult:
-    """The hooks' ``before_train``, the epochs with SIGINT/SIGTERM caught, and ``after_train`` however they end."""
+def run_epochs(loop: TrainingLoop, rng_state: Mapping[str, Any] | None = None) -> TrainResult:
+    """The recipe: the hooks' ``before_train``; each epoch trains (a signal saves a mid-epoch state), validates,
+    records its metrics and calls the hooks; the run ends after the last epoch, when a hook sets ``should_stop``,
+    or after a signal; ``after_train`` however it ends."""
+    config, context = loop.config, loop.trainer.context
+    row: dict[str, float] = {}
     try:
         for hook in loop.hooks:
             hook.before_train(loop)
         with loop.stop.installed():
             if rng_state is not None:
                 restore_rng_state(rng_state)  # last: nothing between here and the first batch draws from them
-            return run_epochs(loop)
+            for epoch in range(loop.progress.epoch + 1, config.num_epochs + 1):
+                started = time.perf_counter()
+                train_metrics = start_epoch(loop, epoch)
+                outcome = train_one_epoch(loop, train_metrics, f"epoch {epoch}/{config.num_epochs}")
+                all_reduce_metrics(train_metrics, context)
+                if outcome.stopped_by:
+                    return stop_mid_epoch(loop, train_metrics, outcome, epoch, row)
+                end = finish_epoch(loop, epoch, train_metrics, outcome, started)
+                row = end.metrics
+                loop.metrics.record(epoch, row)
+                for hook in loop.hooks:
+                    hook.after_epoch(loop, end)
+                if loop.should_stop:
+                    return loop.result(row, stopped_early=True)
+                signum = agree(context, loop.stop.signum or 0)[0]
+                if signum:
+                    log.warning("stopped after epoch %d; %s resumes from here", epoch, checkpoints_dir(loop.run_dir) / LAST)
+                    return loop.result(row, stopped_by_signal=signum)
+            return loop.result(row)
     finally:
         for hook in loop.hooks:
             hook.after_train(loop)
-
-
-def run_epochs(loop: TrainingLoop) -> TrainResult:
-    """The recipe: each epoch trains (a signal saves a mid-epoch state), validates and calls the hooks;
-    the run ends after the last epoch, when early stopping asks, or after a signal."""
-    config, context = loop.config, loop.trainer.context
-    row: dict[str, float] = {}
-    for epoch in range(loop.progress.epoch + 1, config.num_epochs + 1):
-        started = time.perf_counter()
-        train_metrics = start_epoch(loop, epoch)
-        outcome = train_one_epoch(loop, train_metrics, f"epoch {epoch}/{config.num_epochs}")
-        all_reduce_metrics(train_metrics, context)
-        if outcome.stopped_by:
-            return stop_mid_epoch(loop, train_metrics, outcome, epoch, row)
-        end = finish_epoch(loop, epoch, train_metrics, outcome, started)
-        row = end.row
-        for hook in loop.hooks:
-            hook.after_epoch(loop, end)
-        if end.stop_early:
-            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %s)", config.monitor,
-                     loop.early_stopping.counter, loop.early_stopping.best_metric or math.nan, loop.early_stopping.best_epoch)
-            return loop.result(row, stopped_early=True)
-        signum = agree(context, loop.stop.signum or 0)[0]
-        if signum:
-            log.warning("stopped after epoch %d; %s resumes from here", epoch, checkpoints_dir(loop.run_dir) / LAST)
-            return loop.result(row, stopped_by_signal=signum)
-    return loop.result(row)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -409,7 +414,7 @@ def finish_epoch(loop: TrainingLoop, epoch: int, train_metrics: MetricAccumulato
     if trainer.context.is_main:
         log_epoch(epoch, row, loop.config)
     check_finite_loss(epoch, row, loop.config)
-    return EpochEnd(epoch, row, val["confusion"], label_names, final=epoch == loop.config.num_epochs)
+    return EpochEnd(epoch, row, val["confusion"], label_names, last_scheduled=epoch == loop.config.num_epochs)
 
 
 def evaluate(trainer: Trainer, loader: DataLoader, num_classes: int, skipped: SkippedImages,

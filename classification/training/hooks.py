@@ -4,21 +4,26 @@ In the spirit of detectron2's ``HookBase``: the loop (``engine.run_epochs``) tra
 validates; everything it decides or records around that is a hook, called in list order:
 ``before_train`` and ``after_train`` around the run, ``after_step`` after each training
 batch, ``after_epoch`` after validation, ``on_signal`` when SIGINT/SIGTERM stops an epoch
-part-way. A hook with state returns it from ``state_dict`` under its own checkpoint keys
-and reads them back with defaults in ``load_state_dict``, so a checkpoint written before
-the hook existed still resumes. A new policy is a new hook; it touches no loop code.
+part-way. Hooks share what an epoch measured through the loop, not through each other:
+``loop.metrics`` (a ``MetricsStore``, like detectron2's ``EventStorage``: the latest epoch's
+row and the monitored best) and ``loop.should_stop`` (like Lightning's: any hook may set it;
+the run ends after the epoch's hooks). A hook with state returns it from ``state_dict``
+under its own checkpoint keys and reads them back with defaults in ``load_state_dict``, so a
+checkpoint written before the hook existed still resumes. A new policy is a new hook; it
+touches no loop code.
 
-The hooks, in the order they run after an epoch: ``EarlyStopping`` (the monitored best;
-stops after ``patience`` epochs without improvement), ``Tracking`` (metrics.csv and Comet),
-``SampleGrid`` (a picture of predictions at the final epoch), ``Checkpointer`` (last, so
-the checkpoint holds what the others did).
+The built-in hooks, in the order they run after an epoch: ``EarlyStopping`` (sets
+``should_stop`` after ``patience`` epochs without improvement), ``Tracking`` (metrics.csv and
+Comet), ``SampleGrid`` (a picture of predictions at the run's last epoch), then the user's,
+then ``Checkpointer`` (last, so the checkpoint holds what the others did).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,21 +32,61 @@ from classification.training.checkpoint import LAST, capture_rng_state, checkpoi
 from classification.training.sample_grid import sample_prediction_grid
 from classification.training.tracking import ExperimentTracker, load_comet_settings
 
-if TYPE_CHECKING:  # the loop calls the hooks; the hooks only read it
+if TYPE_CHECKING:  # the loop calls the hooks; the hooks only read it (and may set should_stop)
     from classification.training.engine import TrainingLoop
+
+__all__ = ["Checkpointer", "EarlyStopping", "EpochEnd", "Hook", "MetricsStore", "SampleGrid", "Tracking", "is_improvement"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """One finished epoch as the hooks see it (read-only: hooks share decisions through the loop)."""
+
+    epoch: int
+    metrics: dict[str, float]  # the metrics.csv row
+    confusion: Any  # the validation confusion matrix (rows = true)
+    label_names: list[str]
+    last_scheduled: bool  # epoch == num_epochs; ``loop.ends_after(end)`` also counts a hook's should_stop
+
+
+def is_improvement(value: float, best: float | None, monitor: str) -> bool:
+    """True when ``value`` beats ``best`` (lower is better for val_loss; NaN never improves)."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
 
 
 @dataclass
-class EpochEnd:
-    """One finished epoch as the hooks see it; a hook may set what hooks after it read."""
+class MetricsStore:
+    """The run's metrics as every hook reads them: the latest epoch's row and the monitored metric's best.
+    The loop records each epoch before any hook runs. State: ``best_metric, best_epoch``."""
 
-    epoch: int
-    row: dict[str, float]  # the metrics.csv row
-    confusion: Any  # the validation confusion matrix (rows = true)
-    label_names: list[str]
-    final: bool  # the run's last epoch (early stopping makes an epoch final too)
-    improved: bool = False  # set by EarlyStopping: the monitored metric is the best so far
-    stop_early: bool = False  # set by EarlyStopping: end the run after this epoch
+    monitor: str
+    epoch: int = 0
+    latest: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+
+    def record(self, epoch: int, row: Mapping[str, float]) -> None:
+        """``row`` is epoch ``epoch``'s: the latest, and the best when the monitored metric improved."""
+        self.epoch, self.latest = epoch, dict(row)
+        if is_improvement(row[self.monitor], self.best_metric, self.monitor):
+            self.best_metric, self.best_epoch = row[self.monitor], epoch
+
+    @property
+    def latest_is_best(self) -> bool:
+        """The latest epoch holds the monitored metric's best value so far."""
+        return self.best_epoch is not None and self.best_epoch == self.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self.best_metric, self.best_epoch = checkpoint.get("best_metric"), checkpoint.get("best_epoch")
 
 
 class Hook:
@@ -70,43 +115,29 @@ class Hook:
         """Read this hook's state back from a checkpoint, with defaults for checkpoints without it."""
 
 
-def is_improvement(value: float, best: float | None, monitor: str) -> bool:
-    """True when ``value`` beats ``best`` (lower is better for val_loss; NaN never improves)."""
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value < best if monitor == "val_loss" else value > best
-
-
 class EarlyStopping(Hook):
-    """Keeps the monitored metric's best value and epoch; ends the run after ``patience`` epochs without
-    improvement (never when ``patience`` is None). State: ``best_metric, best_epoch, early_stopping_counter``."""
+    """Ends the run (``loop.should_stop``) once the monitored metric has not improved for ``patience`` epochs
+    (never when ``patience`` is None). State: ``early_stopping_counter``, the epochs since the best one."""
 
-    def __init__(self, monitor: str, patience: int | None) -> None:
-        self.monitor, self.patience = monitor, patience
-        self.best_metric: float | None = None
-        self.best_epoch: int | None = None
-        self.counter = 0  # epochs since the best one
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.counter = 0
 
     def triggered(self) -> bool:
         """True once the monitored metric has not improved for ``patience`` epochs."""
         return self.patience is not None and self.counter >= self.patience
 
     def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
-        end.improved = is_improvement(end.row[self.monitor], self.best_metric, self.monitor)
-        if end.improved:
-            self.best_metric, self.best_epoch, self.counter = end.row[self.monitor], end.epoch, 0
-        else:
-            self.counter += 1
-        end.stop_early = self.triggered()
-        end.final = end.final or end.stop_early
+        self.counter = 0 if loop.metrics.latest_is_best else self.counter + 1
+        if self.triggered():
+            loop.should_stop = True
+            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %s)", loop.metrics.monitor,
+                     self.counter, loop.metrics.best_metric or math.nan, loop.metrics.best_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "early_stopping_counter": self.counter}
+        return {"early_stopping_counter": self.counter}
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        self.best_metric, self.best_epoch = checkpoint.get("best_metric"), checkpoint.get("best_epoch")
         self.counter = int(checkpoint.get("early_stopping_counter", 0))
 
 
@@ -127,7 +158,7 @@ class Tracking(Hook):
 
     def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
         if loop.trainer.context.is_main and self.tracker is not None:
-            self.tracker.log_epoch(end.epoch, end.row)  # before the checkpoint: a resumed run rewrites this row, never loses it
+            self.tracker.log_epoch(end.epoch, end.metrics)  # before the checkpoint: a resumed run rewrites this row, never loses it
             self.tracker.log_confusion_matrix(end.confusion, end.label_names, end.epoch)
 
     def after_train(self, loop: TrainingLoop) -> None:
@@ -142,14 +173,14 @@ class Tracking(Hook):
 
 
 class SampleGrid(Hook):
-    """At the final epoch, logs ``count`` validation images with their predictions to the tracker (rank 0)."""
+    """At the run's last epoch, logs ``count`` validation images with their predictions to the tracker (rank 0)."""
 
     def __init__(self, tracking: Tracking, count: int) -> None:
         self.tracking, self.count = tracking, count
 
     def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
         tracker = self.tracking.tracker
-        if not (end.final and loop.trainer.context.is_main and tracker is not None):
+        if not (loop.ends_after(end) and loop.trainer.context.is_main and tracker is not None):
             return
         grid = sample_prediction_grid(loop.trainer, loop.data.val_loader, self.count, loop.data.label_index)
         if grid is not None:
@@ -157,15 +188,15 @@ class SampleGrid(Hook):
 
 
 class Checkpointer(Hook):
-    """Saves after every epoch (``<epoch>.pt`` every ``every`` epochs and at the final one, ``best.pt`` on
-    improvement, ``last.pt`` always) and ``last.pt`` when a signal stops an epoch. Rank 0 writes and prunes
+    """Saves after every epoch (``<epoch>.pt`` every ``every`` epochs and at the run's last, ``best.pt`` when
+    ``loop.metrics`` says the epoch is the best, ``last.pt`` always) and ``last.pt`` when a signal stops an epoch. Rank 0 writes and prunes
     old numbered files (``keep_last``; 0 keeps all); every rank waits for it."""
 
     def __init__(self, directory: Path, every: int, keep_last: int) -> None:
         self.directory, self.every, self.keep_last = directory, every, keep_last
 
     def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
-        self.save(loop, checkpoint_names(end.epoch, self.every, end.improved, end.final))
+        self.save(loop, checkpoint_names(end.epoch, self.every, loop.metrics.latest_is_best, loop.ends_after(end)))
 
     def on_signal(self, loop: TrainingLoop) -> None:
         self.save(loop, [LAST])
