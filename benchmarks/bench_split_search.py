@@ -19,14 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classification.data.splits import (
-    JITTER,
-    SplitProblem,
-    improve_locally,
-    random_search,
-    score_assignments,
-    target_fractions,
-)
+from classification.data.split_search import JITTER, improve_locally, random_search, score_assignments
+from classification.data.splits import SplitProblem, target_fractions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

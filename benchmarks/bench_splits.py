@@ -21,7 +21,8 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from classification.data.splits import SplitProblem, improve_locally, random_search, target_fractions
+from classification.data.split_search import improve_locally, random_search
+from classification.data.splits import SplitProblem, target_fractions
 
 T = TypeVar("T")
 

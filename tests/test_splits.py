@@ -12,25 +12,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classification.data import splits as splits_module
+from classification.data import _split_scoring as scoring
 from classification.data.crops import crop_file_name
+from classification.data.split_report import build_split_report, format_split_report
+from classification.data.split_search import improve_locally, random_search, score_assignments, smallest_first
 from classification.data.splits import (
-    FREE,
     SPLIT_NAMES,
     TEST,
     TRAIN,
+    UNPINNED,
     VAL,
     SplitProblem,
     SplitResult,
     assignment_from_splits,
-    build_split_report,
-    format_split_report,
-    improve_locally,
     open_splits,
     pin_test_locations,
-    random_search,
-    score_assignments,
-    smallest_first,
     splits_to_json,
     target_fractions,
 )
@@ -166,7 +162,7 @@ def test_improve_locally_never_raises_the_score_and_is_deterministic() -> None:
 
 def test_improve_locally_leaves_pinned_locations_alone() -> None:
     problem = make_problem(40, 5, 10)
-    fixed = np.full(problem.n_locations, FREE, dtype=np.int8)
+    fixed = np.full(problem.n_locations, UNPINNED, dtype=np.int8)
     fixed[:4] = TEST
     result = random_search(problem, FRACTIONS, n_candidates=500, fixed=fixed)
     better = improve_locally(problem, result, FRACTIONS, fixed=fixed)
@@ -189,7 +185,7 @@ def test_match_test_reuses_the_test_set_without_leaking_or_growing_it() -> None:
     for result in (searched, improve_locally(problem, searched, FRACTIONS, fixed=fixed), smallest_first(problem, FRACTIONS, fixed=fixed)):
         assert_partition(problem, result.assignment)
         assert np.array_equal(np.flatnonzero(result.assignment == TEST), pinned)
-    free_share = np.bincount(searched.assignment[fixed == FREE], minlength=3) / (fixed == FREE).sum()
+    free_share = np.bincount(searched.assignment[fixed == UNPINNED], minlength=3) / (fixed == UNPINNED).sum()
     assert free_share[VAL] == pytest.approx(0.2 / 0.9, abs=0.06)  # train/val renormalised over the free locations
 
 
@@ -333,7 +329,7 @@ def test_real_mct_splits_are_location_disjoint_and_reproducible(shared_data) -> 
 
 def test_pinning_every_split_leaves_free_locations_nowhere_to_go() -> None:
     problem = make_problem(6, 2, 15)
-    fixed = np.array([TRAIN, VAL, TEST, FREE, FREE, FREE], dtype=np.int8)
+    fixed = np.array([TRAIN, VAL, TEST, UNPINNED, UNPINNED, UNPINNED], dtype=np.int8)
     with pytest.raises(UserError, match="nowhere to go"):
         random_search(problem, FRACTIONS, n_candidates=10, fixed=fixed)
     everything = np.array([TRAIN, VAL, TEST, TRAIN, TRAIN, VAL], dtype=np.int8)
@@ -349,8 +345,8 @@ def test_move_deltas_equal_a_rescore(n_locations: int, n_labels: int, seed: int)
         assignment = rng.integers(0, 3 if fractions[TEST] else 2, size=n_locations).astype(np.int8)
         assignment[: n_locations // 3] = VAL  # one big val, and a location alone in its split below
         assignment[-1] = TEST if fractions[TEST] else TRAIN
-        terms = splits_module._ScoreTerms(problem, fractions)
-        scorer = splits_module._MoveScorer(splits_module._Stats(problem, terms), assignment)
+        terms = scoring.ScoreTerms(problem, fractions)
+        scorer = scoring.MoveScorer(scoring.SparseCounts(problem, terms), assignment)
         before = naive_score(problem, assignment, fractions)
         for target in (TRAIN, VAL, TEST):
             deltas = scorer.move_deltas(target)
@@ -368,13 +364,13 @@ def test_swap_changes_equal_a_rescore(fractions: np.ndarray) -> None:
     problem = make_problem(30, 6, 4)
     assignment = np.random.default_rng(4).integers(0, 2, size=30).astype(np.int8)
     assignment[:3] = TEST if fractions[TEST] else VAL
-    terms = splits_module._ScoreTerms(problem, fractions)
-    scorer = splits_module._MoveScorer(splits_module._Stats(problem, terms), assignment)
+    terms = scoring.ScoreTerms(problem, fractions)
+    scorer = scoring.MoveScorer(scoring.SparseCounts(problem, terms), assignment)
     deltas = {t: scorer.move_deltas(t) for t in (TRAIN, VAL, TEST)}
     before = naive_score(problem, assignment, fractions)
     for first, second in ((TRAIN, VAL), (TRAIN, TEST), (VAL, TEST)):
         left, right = np.flatnonzero(assignment == first), np.flatnonzero(assignment == second)
-        change = splits_module._swap_changes(problem, scorer, (first, left, deltas[second]), (second, right, deltas[first]))
+        change = scoring.swap_changes(problem, scorer, (first, left, deltas[second]), (second, right, deltas[first]))
         for a, k in enumerate(left):
             for b, j in enumerate(right):
                 swapped = assignment.copy()

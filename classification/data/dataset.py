@@ -23,19 +23,15 @@ import pandas as pd
 
 from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, name_key, resolve_missing_locations
 from classification.data.crops import MANIFEST_NAME, crop_file_name
+from classification.data.split_report import build_split_report, format_split_report
+from classification.data.split_search import improve_locally, random_search, score_assignments, smallest_first
 from classification.data.splits import (
     SPLIT_NAMES,
     SplitProblem,
     SplitResult,
     assignment_from_splits,
-    build_split_report,
-    format_split_report,
-    improve_locally,
     pin_test_locations,
-    random_search,
     read_splits,
-    score_assignments,
-    smallest_first,
     splits_to_json,
     target_fractions,
 )
