@@ -98,7 +98,7 @@ def select_device(name: str, context: DistributedContext) -> torch.device:
 
 def process_group_backend(device: torch.device) -> str:
     """The process group's backend per device type: on CUDA, NCCL for the model's tensors (gloo when ranks
-    share GPUs, ``SHARE_GPUS_ENV``) and gloo for the small CPU flags and metric counts (``agree``,
+    share GPUs, ``SHARE_GPUS_ENV``) and gloo for the small CPU flags and metric counts (``max_over_ranks``,
     ``all_reduce_metrics``); gloo alone elsewhere."""
     if device.type != "cuda":
         return "gloo"
@@ -125,7 +125,7 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def agree(context: DistributedContext, *flags: int) -> list[int]:
+def max_over_ranks(context: DistributedContext, *flags: int) -> list[int]:
     """The largest value of each flag over all ranks (ranks stop and skip batches together); a CPU
     tensor, reduced by the group's CPU backend (``process_group_backend``)."""
     if not context.distributed:

@@ -220,11 +220,11 @@ def run_shards(task: Callable[..., R], shards: Sequence[Shard[J]], args: tuple[A
     finish, so their shard files are kept for the re-run.
     """
     done = load_reusable(shards, reusable)
-    todo = [shard for shard in shards if shard.index not in done]
+    unfinished = [shard for shard in shards if shard.index not in done]
     total_jobs = sum(len(shard.jobs) for shard in shards)
     with tqdm(total=total_jobs, unit=unit, desc="shards", disable=not progress) as bar:
-        bar.update(total_jobs - sum(len(shard.jobs) for shard in todo))
-        errors = run_on_dask(task, todo, args, options, bar) if todo else []
+        bar.update(total_jobs - sum(len(shard.jobs) for shard in unfinished))
+        errors = run_on_dask(task, unfinished, args, options, bar) if unfinished else []
     if errors:
         raise shard_failure(errors, len(shards))
     results = []

@@ -95,7 +95,7 @@ def reduce_metrics_worker(rank: int, init_file: str, results: str) -> None:
     """Rank 0 validates two batches under inference mode, rank 1 none (an empty shard); both reduce."""
     import torch.distributed as dist
 
-    from classification.runtime import DistributedContext, agree
+    from classification.runtime import DistributedContext, max_over_ranks
     from classification.training.engine import all_reduce_metrics
     from classification.training.metrics import MetricAccumulator
 
@@ -107,7 +107,7 @@ def reduce_metrics_worker(rank: int, init_file: str, results: str) -> None:
             metrics.update(torch.tensor([[4.0, 0, 0], [0, 4.0, 0]]), torch.tensor([0, 2]), 1.5)
     all_reduce_metrics(metrics, context)
     reduced = {**metrics.compute(), "num_samples": metrics.num_samples}
-    flags = agree(context, rank, 1 - rank)
+    flags = max_over_ranks(context, rank, 1 - rank)
     metrics.reset()  # the next epoch writes the same counts outside inference mode
     metrics.update(torch.tensor([[0.0, 4.0, 0]]), torch.tensor([1]), 0.5)
     Path(results, f"{rank}.json").write_text(json.dumps({"samples": reduced["num_samples"], "top1": reduced["top1"],
@@ -127,7 +127,7 @@ def test_ranks_reduce_metrics_from_an_empty_shard_and_under_inference_mode(tmp_p
 def test_the_process_group_serves_cpu_flags_beside_nccl() -> None:
     from classification.runtime import process_group_backend
     backends = dict(part.split(":") for part in process_group_backend(torch.device("cuda", 0)).split(","))
-    assert backends == {"cpu": "gloo", "cuda": "nccl"}  # agree() and the metric counts are CPU tensors
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}  # max_over_ranks() and the metric counts are CPU tensors
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
@@ -180,23 +180,23 @@ def served_devices(backend: str) -> list[str]:
     return [part.split(":")[0] for part in backend.split(",")]
 
 
-def agree_worker(rank: int, init_file: str, results: str) -> None:
-    """A gloo group serving exactly the device types the CUDA run's backend serves; then ``agree``."""
+def max_over_ranks_worker(rank: int, init_file: str, results: str) -> None:
+    """A gloo group serving exactly the device types the CUDA run's backend serves; then ``max_over_ranks``."""
     import torch.distributed as dist
 
-    from classification.runtime import DistributedContext, agree, process_group_backend
+    from classification.runtime import DistributedContext, max_over_ranks, process_group_backend
 
     served = served_devices(process_group_backend(torch.device("cuda", 0)))
     dist.init_process_group(",".join(f"{device}:gloo" for device in served), init_method=f"file://{init_file}",
                             rank=rank, world_size=2)
     try:
-        Path(results, f"{rank}.json").write_text(json.dumps(agree(DistributedContext(rank, 2, rank), rank, 0)))
+        Path(results, f"{rank}.json").write_text(json.dumps(max_over_ranks(DistributedContext(rank, 2, rank), rank, 0)))
     finally:
         dist.destroy_process_group()
 
 
-def test_agree_runs_on_the_backends_a_cuda_run_has() -> None:
+def test_max_over_ranks_runs_on_the_backends_a_cuda_run_has() -> None:
     import tempfile
     with tempfile.TemporaryDirectory() as folder:  # the CPU flags crashed a group that served CUDA only (NCCL)
-        torch.multiprocessing.spawn(agree_worker, args=(str(Path(folder) / "init"), folder), nprocs=2)
+        torch.multiprocessing.spawn(max_over_ranks_worker, args=(str(Path(folder) / "init"), folder), nprocs=2)
         assert [json.loads(Path(folder, f"{rank}.json").read_text()) for rank in (0, 1)] == [[1, 0], [1, 0]]

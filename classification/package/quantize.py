@@ -22,7 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from classification.data.samples import Sample
 from classification.errors import DataError
-from classification.package.runtime import DEFAULT_BATCH, batches, preprocess, softmax
+from classification.package.runtime import DEFAULT_BATCH, batch_ranges, preprocess, softmax
 from classification.package.spec import InputSpecModel
 
 __all__ = ["INT8_NAME", "evenly_spaced", "int8_agreement", "pixels_of", "quantize_int8"]
@@ -58,7 +58,7 @@ class CalibrationBatches(CalibrationDataReader):
 
     def __init__(self, input_name: str, pixels: np.ndarray) -> None:
         self.input_name = input_name
-        self.batches: Iterator[range] = batches(len(pixels), DEFAULT_BATCH)
+        self.batches: Iterator[range] = batch_ranges(len(pixels), DEFAULT_BATCH)
         self.pixels = pixels
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -66,7 +66,7 @@ class CalibrationBatches(CalibrationDataReader):
         return None if rows is None else {self.input_name: self.pixels[rows.start:rows.stop]}
 
     def rewind(self) -> None:
-        self.batches = batches(len(self.pixels), DEFAULT_BATCH)
+        self.batches = batch_ranges(len(self.pixels), DEFAULT_BATCH)
 
 
 def quantize_int8(fp32: Path, output: Path, input_name: str, pixels: np.ndarray) -> None:
@@ -87,7 +87,7 @@ def top1(session: Any, pixels: np.ndarray) -> np.ndarray:
     """The class index each row of ``pixels`` is given by ``session``."""
     name = session.get_inputs()[0].name
     parts = [softmax(session.run(None, {name: pixels[rows.start:rows.stop]})[0]).argmax(axis=1)
-             for rows in batches(len(pixels), DEFAULT_BATCH)]
+             for rows in batch_ranges(len(pixels), DEFAULT_BATCH)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 

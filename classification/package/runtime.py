@@ -113,7 +113,7 @@ def check_session(session: object, spec: PackageSpec, path: Path) -> None:
         raise DataError(f"{path}: the network has {classes} outputs but the package lists {len(spec.label_names)} classes")
 
 
-def batches(n: int, size: int) -> Iterator[range]:
+def batch_ranges(n: int, size: int) -> Iterator[range]:
     """``range(0, n)`` cut into runs of ``size``."""
     for start in range(0, n, size):
         yield range(start, min(start + size, n))

@@ -44,7 +44,7 @@ from classification.data.samples import build_samples, load_label_index
 from classification.errors import DataError
 from classification.runtime import (
     DistributedContext,
-    agree,
+    max_over_ranks,
     all_reduce_sum,
     close_distributed,
     configure_determinism,
@@ -321,7 +321,7 @@ def run_epochs(loop: TrainingLoop, rng_state: Mapping[str, Any] | None = None) -
                     hook.after_epoch(loop, end)
                 if loop.should_stop:
                     return loop.result(row, stopped_early=True)
-                signum = agree(context, loop.stop.signum or 0)[0]
+                signum = max_over_ranks(context, loop.stop.signum or 0)[0]
                 if signum:
                     log.warning("stopped after epoch %d; %s resumes from here", epoch, checkpoints_dir(loop.run_dir) / LAST)
                     return loop.result(row, stopped_by_signal=signum)
@@ -371,7 +371,7 @@ def train_one_epoch(loop: TrainingLoop, metrics: MetricAccumulator, description:
     with progress_bar(done + len(loader), done, description, trainer.context) as bar:
         for batch in loader:
             loop.data.train_skipped.record(batch.skipped)
-            signum, empty = agree(trainer.context, loop.stop.signum or 0, int(len(batch) == 0))
+            signum, empty = max_over_ranks(trainer.context, loop.stop.signum or 0, int(len(batch) == 0))
             if signum:
                 return EpochOutcome(done, signum, time.perf_counter() - started, images_seen)
             if not empty:
@@ -384,7 +384,7 @@ def train_one_epoch(loop: TrainingLoop, metrics: MetricAccumulator, description:
                 hook.after_step(loop)
             bar.update(1)
             bar.set_postfix(img_per_s=f"{images_seen / max(time.perf_counter() - started, 1e-9):.1f}")
-    signum = agree(trainer.context, loop.stop.signum or 0)[0]
+    signum = max_over_ranks(trainer.context, loop.stop.signum or 0)[0]
     return EpochOutcome(done, signum or None, time.perf_counter() - started, images_seen)
 
 
