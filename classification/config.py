@@ -151,7 +151,7 @@ class PostprocessConfig(BaseModel):
         return value
 
 
-MAX_IMAGE_SIZE = 8192  # px: a typo'd 10**20 overflowed deep in the resize instead of failing here
+MAX_IMAGE_SIZE = 8192  # px: anything larger is a typo, refused here rather than overflowing deep in the resize
 
 
 class ExperimentConfig(BaseModel):

@@ -2,8 +2,8 @@
 
 Like torchvision's ``references/classification/utils.py`` beside its ``train.py``: training,
 prediction and embedding import these helpers; this module imports nothing of the stages
-(only ``config`` and ``errors``), so evaluation and active learning no longer borrow them
-from the training loop.
+(only ``config`` and ``errors``), so evaluation and active learning need nothing of the
+training loop for them.
 
 torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are read in one place
 (``distributed_context``); every collective helper is a no-op when not distributed.

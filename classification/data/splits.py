@@ -99,7 +99,7 @@ class SplitProblem:
         """Count crops per (dataset, location) and label; one row of ``frame`` is one crop.
 
         A null or empty dataset, location or label raises ``DataError``: the references drop
-        such rows silently, here the caller resolves missing locations first (issue 2 §1).
+        such rows silently, here the caller resolves missing locations first.
         """
         missing = [column for column in ("dataset", "location", "label") if column not in frame.columns]
         if missing:

@@ -1,4 +1,4 @@
-"""Splits held out in time (issue 11 §5): each location's later crops, or a calendar period, to val and test.
+"""Splits held out in time: each location's later crops, or a calendar period, to val and test.
 
 A location-held-out split asks "does the model work at a camera it has never seen"; a
 time-held-out split asks "does it still work next season at the cameras it was trained on".
