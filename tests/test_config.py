@@ -14,9 +14,9 @@ from classification.config import (
     config_changes,
     config_hash,
     load_config,
-    write_run_files,
 )
 from classification.errors import DataError, UserError
+from classification.training.run_folder import write_run_files
 from tests.conftest import run_entry_point
 
 # animl-ml's classification/runs/resnet-18/baseline/config.yml, verbatim but for data_root.

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from classification.config import ExperimentConfig, check_num_classes, with_legacy_defaults, write_run_files
+from classification.config import ExperimentConfig, check_num_classes, with_legacy_defaults
 from classification.data.samples import build_samples, load_label_index
 from classification.errors import DataError
 from classification.runtime import (
@@ -79,7 +79,7 @@ from classification.training.data import (
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, MetricsStore, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
-from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder, recorded_world_size
+from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder, recorded_world_size, write_run_files
 from classification.training.signals import StopRequest
 from classification.training.trainer import Trainer, build_trainer, set_frozen_backbone, train_step
 

@@ -1,4 +1,5 @@
-"""The run folder's rules: which checkpoint a run resumes from, and archiving an earlier run to start again.
+"""The run folder's rules: which checkpoint a run resumes from, archiving an earlier run to start again, and
+the run files each start writes (``resolved_config.yml``, ``run_info.json``: versions, command line, start time).
 
 ``--resume`` (the default) continues from the newest readable checkpoint (a fresh start when
 there is none); ``--no-resume`` refuses to start over a run that has checkpoints unless
@@ -11,10 +12,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import platform
 import shutil
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from classification.config import ExperimentConfig, config_hash
 from classification.errors import DataError, UserError
+from classification.io import write_json_atomic, write_text_atomic
+from classification.redaction import find_env_files, known_secrets, redact_secrets, warn_about_secrets
 from classification.runtime import DistributedContext, barrier
 from classification.training.checkpoint import (
     available_checkpoints,
@@ -28,6 +40,7 @@ log = logging.getLogger(__name__)
 METRICS_CSV = "metrics.csv"
 ARCHIVE_DIR = "archive"
 RUN_FILES = ("metrics.csv", "resolved_config.yml", "run_info.json")
+VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pydantic", "comet-ml")
 
 
 def recorded_world_size(run_dir: Path) -> int | None:
@@ -93,3 +106,40 @@ def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, context: Di
         remove_partial_writes(checkpoints_dir(run_dir))
         if not resume and overwrite and (checkpoints_dir(run_dir).exists() or (run_dir / METRICS_CSV).exists()):
             archive_run(run_dir)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide the results (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str], overrides: Sequence[str] = (),
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``resolved_config.yml`` and ``run_info.json`` (versions, command line, start time).
+
+    Nothing from the environment is recorded, and a value holding a known secret (``--set experiment_name=<key>``)
+    is written as ``***`` with a one-line warning naming the field.
+    """
+    secrets = known_secrets(*find_env_files(run_dir))
+    warn_about_secrets(config.to_dict(), secrets, "the run files, checkpoints and Comet")
+    header = "# written at the start of each run: the config as validated, defaults and --set overrides included\n"
+    resolved = redact_secrets(config.to_dict(), secrets)
+    write_text_atomic(run_dir / "resolved_config.yml", header + yaml.safe_dump(resolved, sort_keys=False))
+    info = {
+        "command": [sys.executable, *argv],
+        "overrides": list(overrides),
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "config_hash": config_hash(config),
+        **(extra or {}),
+    }
+    write_json_atomic(run_dir / "run_info.json", redact_secrets(info, secrets))
