@@ -26,7 +26,8 @@ import yaml
 from classification.active_learning.loop import open_experiment
 from classification.active_learning.simulation import settings_with, simulate
 from classification.data.clean import CleanOptions, clean_cct
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 
 REPO = Path(__file__).resolve().parents[1]

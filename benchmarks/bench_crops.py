@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from classification.data import jpeg_region
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from machine_load import describe_load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -35,7 +35,8 @@ from distributed import Client, LocalCluster
 from torch import nn
 
 from classification.config import ExperimentConfig
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.shards import DaskOptions
 from classification.data.samples import Sample
 from classification.training.data import build_loader
@@ -103,7 +104,7 @@ def start_cluster(stack: contextlib.ExitStack, workers: int) -> tuple[str, float
     cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                dashboard_address=":0", silence_logs=logging.ERROR))
     with Client(cluster) as client:
-        for module in ("classification.data.crops", "classification.training.inference_shards"):
+        for module in ("classification.data.crop_run", "classification.training.inference_shards"):
             client.run(importlib.import_module, module)  # each worker's imports, once
     return cluster.scheduler_address, time.perf_counter() - started
 

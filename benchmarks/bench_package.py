@@ -34,7 +34,8 @@ import yaml
 
 from classification.config import load_config
 from classification.data.clean import CleanOptions, clean_cct
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.evaluation.predict import load_trained_model
 from classification.evaluation.prediction_files import cct_input

@@ -36,7 +36,8 @@ from classification.active_learning.embeddings import embed_samples, embed_with_
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import ExperimentConfig, load_config
 from classification.data.clean import CleanOptions, clean_cct
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.training.checkpoint import resolve_checkpoint
 from classification.data.samples import Sample, build_samples, load_label_index

@@ -30,7 +30,8 @@ from torch import nn
 
 from classification.config import ExperimentConfig
 from classification.data.clean import CleanOptions, clean_cct
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.runtime import distributed_context
 from classification.training import trainer as trainer_module

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.demo import make_demo_dataset
 from classification.runtime import SHARE_GPUS_ENV

@@ -19,22 +19,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import classification.data.crops as crops_module
+import classification.data.crop_image as crop_image_module
+import classification.data.crop_run as crop_run_module
 import classification.data.images as images_module
-from classification.data.crops import (
-    MANIFEST_COLUMNS,
-    CropGeometry,
-    CropOptions,
-    CropReport,
-    clip_box,
-    crop_detections,
-    crop_file_name,
-    draft_factor,
-    extract_crop,
-    pad_geometry,
-    parse_crop_file_name,
-    square_geometry,
-)
+from classification.data.crop_geometry import CropGeometry, clip_box, draft_factor, extract_crop, pad_geometry, square_geometry
+from classification.data.crop_manifest import MANIFEST_COLUMNS, crop_file_name, parse_crop_file_name
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import CropReport, crop_detections
 from classification.data.detections import FileMatcher
 from classification.errors import DataError, UserError
 from tests.conftest import REPO_ROOT, run_entry_point
@@ -494,10 +485,10 @@ def test_crop_not_vouched_for_by_the_manifest_is_decoded_before_it_is_trusted(sh
 def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, Any]] = []
-    sync, manifest, save = crops_module.sync_files, crops_module.write_manifest, crops_module.save_jpeg
-    monkeypatch.setattr(crops_module, "sync_files", lambda paths: events.append(("sync", sorted(paths))) or sync([]))
-    monkeypatch.setattr(crops_module, "write_manifest", lambda *a: events.append(("manifest", None)) or manifest(*a))
-    monkeypatch.setattr(crops_module, "save_jpeg", lambda image, path, quality, durable: events.append(
+    sync, manifest, save = crop_run_module.sync_files, crop_run_module.write_manifest, crop_image_module.save_jpeg
+    monkeypatch.setattr(crop_run_module, "sync_files", lambda paths: events.append(("sync", sorted(paths))) or sync([]))
+    monkeypatch.setattr(crop_run_module, "write_manifest", lambda *a: events.append(("manifest", None)) or manifest(*a))
+    monkeypatch.setattr(crop_image_module, "save_jpeg", lambda image, path, quality, durable: events.append(
         ("save", (path.name, durable))) or save(image, path, quality, durable))
     cct_path, cct = mct_subset(shared_data, tmp_path, n_located=3, n_unlocated=0)
     crops_dir = tmp_path / "crops"

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 import classification.shards as shards_module
-from classification.data.crops import SHARDS_DIR, CropOptions, CropReport, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import CropReport, crop_detections
+from classification.shards import SHARDS_DIR
 from classification.errors import UserError
 from classification.shards import DaskOptions, cut_shards, read_shard, write_shard
 from tests.conftest import run_entry_point
@@ -97,15 +99,15 @@ def test_two_worker_local_cluster_writes_what_one_process_writes(shared_data: Pa
 
 def slow_down_saves(seconds: float) -> None:
     """Run in each worker (``Client.run``): every crop takes ``seconds`` longer to save."""
-    import classification.data.crops as crops  # noqa: PLC0415 - the worker's own copy of the module
+    import classification.data.crop_image as crop_image  # noqa: PLC0415 - the worker's own copy of the module
 
-    save = crops.save_jpeg
+    save = crop_image.save_jpeg
 
     def slow_save(*args: Any, **kwargs: Any) -> None:
         time.sleep(seconds)
         save(*args, **kwargs)
 
-    crops.save_jpeg = slow_save
+    crop_image.save_jpeg = slow_save
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from classification.data.crops import crop_file_name
+from classification.data.crop_manifest import crop_file_name
 from tests.conftest import run_entry_point
 
 LABELS = ["deer", "fox", "owl"]
@@ -232,7 +232,8 @@ def test_typo_flag(tmp_path: Path, flag: str) -> None:
     (lambda rows: rows[:2] + ["../../x.jpg" + rows[2][rows[2].index(","):]], "line 3: crop_path '../../x.jpg' is not a path inside"),
 ])
 def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path, edit: Any, message: str) -> None:
-    from classification.data.crops import CropOptions, crop_detections
+    from classification.data.crop_options import CropOptions
+    from classification.data.crop_run import crop_detections
     from classification.demo import make_demo_dataset
     cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
     crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))
@@ -247,7 +248,8 @@ def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path,
 
 
 def test_labels_that_differ_only_by_case_or_spaces_are_one_line(tmp_path: Path) -> None:
-    from classification.data.crops import CropOptions, crop_detections
+    from classification.data.crop_options import CropOptions
+    from classification.data.crop_run import crop_detections
     from classification.demo import make_demo_dataset
     cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
     crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))

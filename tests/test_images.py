@@ -11,7 +11,11 @@ import pytest
 from PIL import Image
 
 import classification.data.images as images_module
-from classification.data.crops import CropOptions, CropReport, Failure, crop_detections, crop_file_name, crop_geometry, encode_crop, extract_crop
+from classification.data.crop_geometry import crop_geometry, extract_crop
+from classification.data.crop_image import Failure, encode_crop
+from classification.data.crop_manifest import crop_file_name
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import CropReport, crop_detections
 from classification.data.images import ImageLoadError, decode_failure, decode_pixels, read_rgb, read_thumbnail
 from classification.training.data import load_image
 

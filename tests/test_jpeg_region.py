@@ -17,7 +17,9 @@ from PIL import Image
 
 import classification.data.images as images_module
 from classification.data import jpeg_region
-from classification.data.crops import CropOptions, CropReport, crop_detections, pad_geometry, render_crop, shifted
+from classification.data.crop_geometry import pad_geometry, render_crop, shifted
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import CropReport, crop_detections
 from classification.data.images import decode_pixels, decode_region_pixels
 
 needs_library = pytest.mark.skipif(not jpeg_region.available(), reason="no libturbojpeg 3 here: the full decode is used")

@@ -17,7 +17,8 @@ import yaml
 
 from classification.config import ExperimentConfig, PostprocessConfig, config_hash, load_config
 from classification.data.cct import load_cct
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import crops_frame_from_cct
 from classification.errors import DataError
 from classification.evaluation import calibration as cal

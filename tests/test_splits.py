@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from classification.data import _split_scoring as scoring
-from classification.data.crops import crop_file_name
+from classification.data.crop_manifest import crop_file_name
 from classification.data.split_report import build_split_report, format_split_report
 from classification.data.split_search import improve_locally, random_search, score_assignments, smallest_first
 from classification.data.splits import (

@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from classification.config import load_config
-from classification.data.crops import CropOptions, crop_detections
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
 from classification.demo import make_demo_dataset
 from classification.errors import DataError, UserError

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classification.cli import MAX_WORKERS, ArgumentParser, add_dask_arguments, bounded_int, dask_options, run_main
-from classification.data.crops import CROP_STRATEGIES, DEFAULT_MAX_CROP_SIDE, CropOptions, crop_detections
+from classification.data.crop_geometry import CROP_STRATEGIES
+from classification.data.crop_options import DEFAULT_MAX_CROP_SIDE, CropOptions
+from classification.data.crop_run import crop_detections
 from classification.data.detections import DEFAULT_DETECTOR_CATEGORIES, DEFAULT_THRESHOLD
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, name_key, resolve_missing_locations
-from classification.data.crops import MANIFEST_NAME, crop_file_name
+from classification.data.crop_manifest import MANIFEST_NAME, crop_file_name
 from classification.data.split_report import build_split_report, format_split_report
 from classification.data.split_search import improve_locally, random_search, score_assignments, smallest_first
 from classification.data.splits import (

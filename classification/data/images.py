@@ -152,7 +152,7 @@ def short_side_draft(image: Image.Image, side: int | None) -> tuple[int, int] | 
     ``(side, side)`` for a JPEG at least twice ``side`` on its short side, else None (a full decode).
 
     Cropping has its own rule (``(width // factor, height // factor)``, a factor that keeps every
-    crop's pixels: see ``classification.data.crops.draft_factor``).
+    crop's pixels: see ``classification.data.crop_geometry.draft_factor``).
     """
     if side and image.format == "JPEG" and min(image.size) >= 2 * side:
         return side, side

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from classification.config import ExperimentConfig, load_config, with_legacy_defaults, with_overrides
-from classification.data.crops import MANIFEST_NAME
+from classification.data.crop_manifest import MANIFEST_NAME
 from classification.data.samples import Sample, build_samples, is_dataset_folder, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications

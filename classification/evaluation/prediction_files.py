@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from classification.data.cct import category_names, load_cct
-from classification.data.crops import MANIFEST_NAME
+from classification.data.crop_manifest import MANIFEST_NAME
 from classification.data.dataset import read_crops_manifest
 from classification.data.detections import load_megadetector
 from classification.data.samples import Sample, image_files

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from classification.config import ExperimentConfig, load_config
-from classification.data.crops import MANIFEST_NAME
+from classification.data.crop_manifest import MANIFEST_NAME
 from classification.data.samples import build_samples
 from classification.errors import DataError, UserError
 from classification.evaluation.postprocess import load_fitted

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from classification.config import PostprocessConfig, describe_error
-from classification.data.crops import MANIFEST_NAME
+from classification.data.crop_manifest import MANIFEST_NAME
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
 from classification.evaluation.postprocess import (
