@@ -149,7 +149,7 @@ def test_deterministic_auto_is_exact_on_the_cpu_and_fast_on_cuda(tmp_path: Path)
 
 
 def test_each_rank_resumes_from_its_own_random_states() -> None:
-    from classification.training.checkpoint import rank_rng_state
+    from classification.training.rng_state import rank_rng_state
     checkpoint = {"rng": "rank 0", "rank_rng": ["rank 0", "rank 1"], "world_size": 2}
     assert [rank_rng_state(checkpoint, rank, 2) for rank in (0, 1)] == ["rank 0", "rank 1"]
     assert rank_rng_state(checkpoint, 2, 4) == "rank 0"  # another world size (forced): rank 0's for all
@@ -158,7 +158,7 @@ def test_each_rank_resumes_from_its_own_random_states() -> None:
 
 def test_a_checkpoint_without_a_world_size_is_checked_against_run_info(tmp_path: Path) -> None:
     from classification.errors import UserError
-    from classification.training.checkpoint import check_world_size
+    from classification.training.resume import check_world_size
     from classification.training.run_folder import recorded_world_size
     (tmp_path / "run_info.json").write_text(json.dumps({"world_size": 4}))
     assert recorded_world_size(tmp_path) == 4 and recorded_world_size(tmp_path / "none") is None

@@ -22,7 +22,8 @@ import torch
 
 from classification.config import load_config
 from classification.errors import UserError
-from classification.training.checkpoint import load_checkpoint, newest_checkpoint
+from classification.training.checkpoint import load_checkpoint
+from classification.training.resume import newest_checkpoint
 from classification.training.engine import train
 from tests.conftest import run_in_process
 from tests.test_train import (
@@ -205,7 +206,7 @@ def test_a_changed_setting_holding_a_secret_is_shown_redacted(tmp_path: Path, mo
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """``--set train_split=<key>`` on a resume: the refusal and the --force warning name the field, never the key."""
     from classification.config import config_hash
-    from classification.training.checkpoint import check_resumable
+    from classification.training.resume import check_resumable
 
     secret = "c0met-key-given-by-set-0123456789"
     monkeypatch.setenv("COMET_API_KEY", secret)

@@ -31,16 +31,14 @@ from classification.data.dataset import DatasetOptions, create_classification_da
 from classification.demo import make_demo_dataset
 from classification.errors import DataError, UserError
 from classification.training.checkpoint import (
-    capture_rng_state,
     checkpoint_names,
     load_checkpoint,
-    newest_checkpoint,
     prune_checkpoints,
-    repair_best,
     resolve_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
+from classification.training.resume import newest_checkpoint, repair_best
+from classification.training.rng_state import capture_rng_state, restore_rng_state
 from classification.data.samples import build_samples
 from classification.runtime import seed_everything
 from classification.training.engine import train

@@ -55,19 +55,9 @@ from classification.runtime import (
     select_device,
     share_rank0_weights,
 )
-from classification.training.checkpoint import (
-    BEST,
-    LAST,
-    Progress,
-    build_checkpoint,
-    check_resumable,
-    check_world_size,
-    checkpoints_dir,
-    load_checkpoint,
-    rank_rng_state,
-    repair_best,
-    restore_rng_state,
-)
+from classification.training.checkpoint import BEST, LAST, Progress, build_checkpoint, checkpoints_dir, load_checkpoint
+from classification.training.resume import check_resumable, check_world_size, repair_best
+from classification.training.rng_state import rank_rng_state, restore_rng_state
 from classification.training.data import (
     CropDataset,
     EpochSampler,

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from classification.runtime import barrier, gather_objects
-from classification.training.checkpoint import LAST, capture_rng_state, checkpoint_names, prune_checkpoints, save_checkpoint
+from classification.training.checkpoint import LAST, checkpoint_names, prune_checkpoints, save_checkpoint
+from classification.training.rng_state import capture_rng_state
 from classification.training.sample_grid import sample_prediction_grid
 from classification.training.tracking import ExperimentTracker, load_comet_settings
 

@@ -28,12 +28,8 @@ from classification.errors import DataError, UserError
 from classification.io import write_json_atomic, write_text_atomic
 from classification.redaction import find_env_files, known_secrets, redact_secrets, warn_about_secrets
 from classification.runtime import DistributedContext, barrier
-from classification.training.checkpoint import (
-    available_checkpoints,
-    checkpoints_dir,
-    find_newest_checkpoint,
-    remove_partial_writes,
-)
+from classification.training.checkpoint import available_checkpoints, checkpoints_dir, remove_partial_writes
+from classification.training.resume import find_newest_checkpoint
 
 log = logging.getLogger(__name__)
 
