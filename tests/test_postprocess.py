@@ -22,13 +22,12 @@ from classification.data.crop_run import crop_detections
 from classification.data.dataset import crops_frame_from_cct
 from classification.errors import DataError
 from classification.evaluation import calibration as cal
-from classification.evaluation.postprocess import (
-    PostprocessInput,
+from classification.evaluation.postprocess import PostprocessInput, run_postprocess
+from classification.evaluation.postprocess_steps import (
     group_mean,
     group_vote,
     prediction_context,
     probabilities_from_topk,
-    run_postprocess,
     sequence_keys,
     smooth_images,
 )

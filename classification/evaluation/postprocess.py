@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,126 +40,44 @@ from pydantic import TypeAdapter, ValidationError
 
 from classification.config import PostprocessConfig, describe_error
 from classification.data.dataset import read_crops_manifest
-from classification.data.time_splits import parse_datetimes
 from classification.errors import DataError
 from classification.evaluation import calibration as cal
 from classification.evaluation.megadetector import image_answers, write_megadetector_classifications
 from classification.evaluation.plots import save_figure
-from classification.evaluation.report import accumulate_scores, probability_matrix, topk_of
+from classification.evaluation.postprocess_scores import labelled, risk_coverage_figure, score
+from classification.evaluation.postprocess_steps import StageState, answers, prediction_context, transform
 from classification.evaluation.taxonomy import (
     SpeciesList,
     Taxonomy,
-    allowed_matrix,
-    answer_is_right,
     megadetector_descriptions,
-    rank_accuracy,
     read_species_list,
     read_taxonomy,
-    renormalise,
-    roll_up,
 )
 from classification.io import read_json_object, write_csv_atomic, write_json_atomic
+
+__all__ = [
+    "FITTED_DIR",
+    "FittedPostprocess",
+    "PostprocessInput",
+    "PostprocessResult",
+    "file_sha256",
+    "fit",
+    "fitted_for",
+    "fitted_path",
+    "is_enabled",
+    "level_table",
+    "load_fitted",
+    "log_summary",
+    "megadetector_descriptions_for",
+    "postprocessed_table",
+    "run_postprocess",
+    "stage_table",
+    "write_megadetector_answers",
+]
 
 log = logging.getLogger(__name__)
 
 FITTED_DIR = "postprocess"
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def probabilities_from_topk(predictions: pd.DataFrame, label_names: list[str]) -> np.ndarray:
-    """(N, C) probabilities from a predictions table's top-k columns; the rest of each row's mass spread evenly.
-
-    For a predictions table read back from disk: ``predict.py`` itself hands the stage every class's
-    probability. Exact when k equals the number of classes (``--topk C``). The true label's
-    probability is not used: fitting on it would leak the answer.
-    """
-    if topk_of(predictions) < len(label_names):
-        log.info("postprocess: from the top-%d of %d probabilities per crop (the rest spread evenly)",
-                 topk_of(predictions), len(label_names))
-    probabilities = probability_matrix(predictions, label_names, with_true_label=False)
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
-
-
-def prediction_context(predictions: pd.DataFrame, manifest: pd.DataFrame | Path | None) -> pd.DataFrame:
-    """Per prediction row: its image, sequence id, time and detector confidence (from the crops manifest when there is one)."""
-    context = pd.DataFrame({"image": predictions["path"].to_numpy(), "seq_id": "", "datetime": "", "detection_conf": np.nan})
-    if isinstance(manifest, Path):
-        manifest = read_crops_manifest(manifest) if manifest.exists() else None
-    if manifest is None or manifest.empty:
-        return context
-    table = manifest.drop_duplicates("crop_path").set_index("crop_path")
-    found = predictions["path"].isin(table.index).to_numpy()
-    rows = table.reindex(predictions["path"])
-    for column, source in (("image", "image_id"), ("seq_id", "seq_id"), ("datetime", "datetime")):
-        if source in rows:
-            values = rows[source].fillna("").astype(str).to_numpy()
-            context[column] = np.where(found & (values != ""), values, context[column].to_numpy())
-    if "confidence" in rows:
-        context["detection_conf"] = pd.to_numeric(rows["confidence"].replace("", np.nan), errors="coerce").to_numpy()
-    return context
-
-
-def sequence_keys(predictions: pd.DataFrame, context: pd.DataFrame, gap_s: float) -> np.ndarray:
-    """A group key per row: ``dataset/seq_id``; else one location's frames less than ``gap_s`` apart; else the row alone."""
-    datasets = predictions["dataset"].astype(str).to_numpy()
-    locations = predictions["location"].astype(str).to_numpy()
-    keys = np.array([f"row:{i}" for i in range(len(predictions))], dtype=object)
-    has_seq = context["seq_id"].to_numpy() != ""
-    keys[has_seq] = [f"seq:{d}/{s}" for d, s in zip(datasets[has_seq], context["seq_id"].to_numpy()[has_seq])]
-    times = parse_datetimes(context["datetime"])  # the time splits' reader: ISO or EXIF (2011:06:13 ...) text, else NaT
-    timed = ~has_seq & times.notna().to_numpy() & (locations != "")
-    if timed.any():
-        frame = pd.DataFrame({"dataset": datasets[timed], "location": locations[timed], "time": times[timed].to_numpy(),
-                              "row": np.flatnonzero(timed)}).sort_values(["dataset", "location", "time"])
-        new_place = (frame["dataset"] != frame["dataset"].shift()) | (frame["location"] != frame["location"].shift())
-        gap = frame["time"].diff().dt.total_seconds().fillna(np.inf) > gap_s
-        burst = (new_place | gap).cumsum()
-        keys[frame["row"].to_numpy()] = [f"time:{d}/{loc}/{b}" for d, loc, b in zip(frame["dataset"], frame["location"], burst)]
-    return keys
-
-
-# ---------------------------------------------------------------- smoothing
-
-
-def group_mean(probabilities: np.ndarray, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Each row replaced by the weighted mean probability of its group."""
-    codes, uniques = pd.factorize(keys)
-    sums = np.zeros((len(uniques), probabilities.shape[1]))
-    np.add.at(sums, codes, probabilities * weights[:, None])
-    totals = np.bincount(codes, weights=weights, minlength=len(uniques))
-    return sums[codes] / totals[codes, None]
-
-
-def group_vote(probabilities: np.ndarray, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Each row replaced by its group's (weighted) vote shares of the top-1 classes; ties go to the higher mean probability."""
-    votes = np.zeros_like(probabilities)
-    votes[np.arange(len(probabilities)), probabilities.argmax(axis=1)] = 1.0
-    shares = group_mean(votes, keys, weights) + 1e-6 * group_mean(probabilities, keys, weights)
-    return shares / shares.sum(axis=1, keepdims=True)
-
-
-def smooth_images(probabilities: np.ndarray, images: np.ndarray, confident: float) -> tuple[np.ndarray, int]:
-    """In each image with several detections, unconfident detections of a minority class take the dominant class.
-
-    The dominant class has the most top-1 detections (ties: the larger summed probability); a
-    changed detection gets the mean probabilities of the image's dominant detections. Returns the
-    new probabilities and how many detections changed.
-    """
-    smoothed = probabilities.copy()
-    top, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    changed = 0
-    for rows in pd.Series(np.arange(len(images))).groupby(images).indices.values():
-        if len(rows) < 2:
-            continue
-        counts = np.bincount(top[rows], minlength=probabilities.shape[1]) + 1e-6 * probabilities[rows].sum(axis=0)
-        dominant = int(counts.argmax())
-        switch = rows[(top[rows] != dominant) & (confidence[rows] < confident)]
-        if len(switch):
-            smoothed[switch] = probabilities[rows[top[rows] == dominant]].mean(axis=0)
-            changed += len(switch)
-    return smoothed, changed
 
 
 # ---------------------------------------------------------------- fitted state
@@ -209,169 +127,6 @@ def load_fitted(run_dir: Path, checkpoint: Path) -> tuple[FittedPostprocess | No
     if fitted.checkpoint_sha256 != file_sha256(Path(checkpoint)):
         return None, f"{path} was fitted for another {Path(checkpoint).name} (it changed since): predict the val split again"
     return fitted, ""
-
-
-# ---------------------------------------------------------------- the steps
-
-
-@dataclass
-class StageState:
-    """The probabilities as they go through the steps, with a record of each step."""
-
-    probabilities: np.ndarray
-    stages: dict[str, np.ndarray] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
-    species_flags: np.ndarray | None = None
-
-
-def apply_species_list(state: StageState, species_list: SpeciesList, locations: np.ndarray, action: str,
-                       label_names: list[str]) -> None:
-    """Renormalise over the allowed classes (or flag for roll-up) every row whose top class is not allowed here."""
-    allowed = allowed_matrix(species_list, list(locations), len(label_names))
-    top = state.probabilities.argmax(axis=1)
-    disallowed = ~allowed[np.arange(len(top)), top]
-    flags = np.full(len(top), "", dtype=object)
-    none_allowed = ~allowed.any(axis=1)
-    if action == "renormalise":
-        state.probabilities = renormalise(state.probabilities, allowed)
-        flags[disallowed] = "renormalised"
-    else:
-        flags[disallowed] = "rolled up"
-    flags[none_allowed] = "no allowed class"
-    state.species_flags = flags
-    moved = pd.DataFrame({"location": locations[disallowed], "from": np.asarray(label_names, dtype=object)[top[disallowed]]})
-    counts = [{"location": str(loc), "from": str(name), "n": int(n)} for (loc, name), n in moved.value_counts().items()]
-    state.notes["species_list"] = {"action": action, "n_disallowed": int(disallowed.sum()), "n_no_allowed_class": int(none_allowed.sum()),
-                                   "by_location_and_class": counts}
-    if disallowed.any():
-        log.warning("species list: %d predictions were of a class not allowed at their location (%s; see postprocess_metrics.json)",
-                    int(disallowed.sum()), "renormalised over the allowed classes" if action == "renormalise" else "rolled up")
-    state.stages["species_list"] = state.probabilities
-
-
-def transform(probabilities: np.ndarray, predictions: pd.DataFrame, context: pd.DataFrame, config: PostprocessConfig,
-              temperature: float | None, species_list: SpeciesList | None, label_names: list[str]) -> StageState:
-    """Steps 1-4 of the module docstring on the raw probabilities; every intermediate kept for scoring."""
-    state = StageState(probabilities, {"raw": probabilities})
-    if temperature is not None:
-        state.probabilities = cal.apply_temperature(probabilities, temperature)
-        state.stages["calibrated"] = state.probabilities
-    if species_list is not None:
-        apply_species_list(state, species_list, predictions["location"].astype(str).to_numpy(), config.species_list_action, label_names)
-    if config.image_smoothing:
-        state.probabilities, changed = smooth_images(state.probabilities, context["image"].to_numpy(), config.image_confident)
-        state.notes["image_smoothing"] = {"n_changed": changed, "n_images": int(context["image"].nunique())}
-        state.stages["image_smoothing"] = state.probabilities
-    if config.sequence != "off":
-        keys = sequence_keys(predictions, context, config.sequence_gap_s)
-        weights = np.ones(len(keys))
-        if config.sequence_weights == "detection":
-            weights = np.nan_to_num(context["detection_conf"].to_numpy(float), nan=1.0).clip(min=1e-3)
-        state.probabilities = (group_mean if config.sequence == "mean" else group_vote)(state.probabilities, keys, weights)
-        kinds = pd.Series(keys).str.split(":").str[0].value_counts().to_dict()
-        state.notes["sequence"] = {"method": config.sequence, "weights": config.sequence_weights,
-                                   "n_groups": int(len(set(keys))), "rows_by_key": {str(k): int(v) for k, v in kinds.items()}}
-        state.stages["sequence"] = state.probabilities
-    return state
-
-
-def answers(probabilities: np.ndarray, label_names: list[str], config: PostprocessConfig, thresholds: np.ndarray | None,
-            taxonomy: Taxonomy | None, species_flags: np.ndarray | None) -> pd.DataFrame:
-    """Step 5: the answer per row (a class, a taxon or unknown), its rank and confidence."""
-    top, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    if thresholds is not None:
-        cut = thresholds[top]
-    else:
-        cut = np.full(len(top), config.rollup_threshold if taxonomy is not None else 0.0)
-    blocked = species_flags == "rolled up" if species_flags is not None else np.zeros(len(top), dtype=bool)
-    confident = (confidence >= cut) & ~blocked
-    answer = np.asarray(label_names, dtype=object)[top]
-    rank = np.full(len(top), "species", dtype=object)
-    value = confidence.copy()
-    unsure = ~confident
-    if taxonomy is not None:
-        answer[unsure], rank[unsure], value[unsure] = roll_up(probabilities, taxonomy, unsure, config.rollup_threshold,
-                                                              config.unknown_label)
-    else:
-        answer[unsure], rank[unsure] = config.unknown_label, "none"
-    return pd.DataFrame({"answer": answer, "answer_rank": rank, "answer_confidence": value})
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def labelled(predictions: pd.DataFrame, label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The rows whose true label is a model class (a mask) and those labels' class numbers."""
-    scored = predictions["true_label"].isin(label_names).to_numpy()
-    index = {name: i for i, name in enumerate(label_names)}
-    return scored, np.array([index[name] for name in predictions["true_label"].to_numpy()[scored]], dtype=np.int64)
-
-
-def stage_summary(probabilities: np.ndarray, targets: np.ndarray, label_names: list[str]) -> dict[str, Any]:
-    """The headline figures of the training metrics for one stage's probabilities."""
-    result = accumulate_scores(probabilities, targets, len(label_names)).compute(list(label_names))
-    return {"n": int(len(targets)), **{key: float(result[key]) for key in ("top1", "top3", "macro_f1", "loss", "ece")}}
-
-
-def group_top1(probabilities: np.ndarray, targets: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
-    """Top-1 per group (image or sequence): the argmax of the group's mean probability against its one true label.
-
-    Groups whose labelled crops carry more than one true label are counted, not scored.
-    """
-    frame = pd.DataFrame({"key": keys, "target": targets})
-    unanimous = frame.groupby("key")["target"].transform("nunique") == 1
-    mean = group_mean(probabilities, keys, np.ones(len(keys)))
-    kept = frame[unanimous.to_numpy()].assign(hit=mean[unanimous.to_numpy()].argmax(axis=1) == targets[unanimous.to_numpy()])
-    per_group = kept.groupby("key")["hit"].first()
-    return {"n_groups": int(len(per_group)), "n_mixed": int(frame.loc[~unanimous.to_numpy(), "key"].nunique()),
-            "top1": float(per_group.mean()) if len(per_group) else None}
-
-
-def answer_summary(table: pd.DataFrame, true_labels: np.ndarray, taxonomy: Taxonomy | None) -> dict[str, Any]:
-    """Coverage and accuracy of the answers: species-level, any taxon, unknown."""
-    species = (table["answer_rank"] == "species").to_numpy()
-    right = np.array([answer_is_right(a, r, t, taxonomy) for a, r, t in zip(table["answer"], table["answer_rank"], true_labels)])
-    answered = (table["answer_rank"] != "none").to_numpy()
-    return {
-        "n": int(len(table)),
-        "species_coverage": float(species.mean()) if len(table) else 0.0,
-        "species_accuracy": float(right[species].mean()) if species.any() else None,
-        "answered_coverage": float(answered.mean()) if len(table) else 0.0,
-        "answered_accuracy": float(right[answered].mean()) if answered.any() else None,
-        "unknown_fraction": float((~answered).mean()) if len(table) else 0.0,
-        "answers_by_rank": {str(k): int(v) for k, v in table["answer_rank"].value_counts().items()},
-    }
-
-
-def score(state: StageState, table: pd.DataFrame, predictions: pd.DataFrame, context: pd.DataFrame,
-          label_names: list[str], taxonomy: Taxonomy | None, gap_s: float) -> dict[str, Any]:
-    """Every stage with the raw predictions' metrics; image and sequence top-1; the answers; ranks."""
-    scored, targets = labelled(predictions, label_names)
-    final = state.probabilities[scored]
-    metrics: dict[str, Any] = {"stages": {name: stage_summary(p[scored], targets, label_names) for name, p in state.stages.items()}}
-    metrics["levels"] = {
-        "detection": {"n": int(scored.sum()), "top1": float((final.argmax(axis=1) == targets).mean())},
-        "image": group_top1(final, targets, context["image"].to_numpy()[scored]),
-        "sequence": group_top1(final, targets, sequence_keys(predictions, context, gap_s)[scored]),
-    }
-    metrics["answers"] = answer_summary(table[scored].reset_index(drop=True), predictions.loc[scored, "true_label"].to_numpy(), taxonomy)
-    if taxonomy is not None:
-        metrics["ranks"] = {"raw": rank_accuracy(state.stages["raw"][scored].argmax(axis=1), targets, taxonomy),
-                            "final": rank_accuracy(final.argmax(axis=1), targets, taxonomy)}
-    return metrics
-
-
-def risk_coverage_figure(state: StageState, table: pd.DataFrame, predictions: pd.DataFrame, label_names: list[str]) -> Any:
-    """Risk-coverage curves of the raw and final probabilities, with the answers' operating point."""
-    scored, targets = labelled(predictions, label_names)
-    curves = {}
-    for name in dict.fromkeys(["raw", list(state.stages)[-1]]):
-        p = state.stages[name][scored]
-        curves[name] = cal.risk_coverage(p.max(axis=1), p.argmax(axis=1) == targets)
-    species = (table.loc[scored, "answer_rank"] == "species").to_numpy()
-    hits = (table.loc[scored, "answer"].to_numpy() == predictions.loc[scored, "true_label"].to_numpy())
-    points = {"answers": (float(species.mean()), float(hits[species].mean()))} if species.any() else {}
-    return cal.plot_risk_coverage(curves, points)
 
 
 # ---------------------------------------------------------------- the stage

@@ -29,13 +29,8 @@ from classification.data.crop_manifest import MANIFEST_NAME
 from classification.data.samples import Sample, build_samples, is_dataset_folder, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
-from classification.evaluation.postprocess import (
-    PostprocessInput,
-    is_enabled,
-    megadetector_descriptions_for,
-    probabilities_from_topk,
-    run_postprocess,
-)
+from classification.evaluation.postprocess import PostprocessInput, is_enabled, megadetector_descriptions_for, run_postprocess
+from classification.evaluation.postprocess_steps import probabilities_from_topk
 from classification.evaluation.prediction_files import (
     PredictionInput,
     PredictionResult,
