@@ -27,7 +27,7 @@ from classification.active_learning.label_studio import read_json_min
 from classification.cli import run_main
 from classification.config import load_config
 from classification.errors import DataError
-from classification.data.samples import read_split_keys
+from classification.data.dataset_folder import read_split_keys
 from classification.training.engine import train
 from classification.training.models import build_model
 from tests.conftest import REPO_ROOT

@@ -22,8 +22,8 @@ import pandas as pd
 
 from classification.active_learning.labels import normalize_path
 from classification.active_learning.timelapse import timelapse_row
-from classification.data.dataset import write_dataset_folder
-from classification.data.samples import DATASET_CSV, SPLITS_JSON, load_label_index, read_split_keys
+from classification.data.dataset_folder import DATASET_CSV, SPLITS_JSON, read_split_keys, write_dataset_folder
+from classification.data.samples import load_label_index
 from classification.errors import DataError, UserError
 from classification.io import copy_file_atomic, link_atomic, read_json, read_string_csv, write_csv_atomic
 

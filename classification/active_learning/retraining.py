@@ -33,8 +33,8 @@ from classification.active_learning.rounds import (
     uses_head,
 )
 from classification.config import ExperimentConfig, load_config
-from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
-from classification.data.samples import available_splits, build_samples, is_dataset_folder, load_label_index
+from classification.data.dataset_folder import DATASET_COLUMNS, is_dataset_folder, write_dataset_folder
+from classification.data.samples import available_splits, build_samples, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.predict import run_prediction, split_samples_input
 from classification.evaluation.prediction_files import scores_from_probabilities, write_prediction_files

@@ -47,7 +47,7 @@ from classification.active_learning.pool import stratified_mask
 from classification.active_learning.strategies import SelectionInputs
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import SimulationConfig, describe_error
-from classification.data.dataset import DATASET_COLUMNS, write_dataset_folder
+from classification.data.dataset_folder import DATASET_COLUMNS, write_dataset_folder
 from classification.data.samples import Sample, build_samples
 from classification.errors import DataError, UserError
 from classification.evaluation.plots import save_figure

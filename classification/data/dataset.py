@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +21,20 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, name_key, resolve_missing_locations
+from classification.data.cct import CCT, MissingLocationRule, category_names, load_cct, resolve_missing_locations
 from classification.data.crop_manifest import MANIFEST_NAME, crop_file_name
+from classification.data.dataset_folder import (
+    CROPS_CCT_JSON,
+    DATASET_CSV,
+    LABEL_INDEX_JSON,
+    SPLIT_REPORT_JSON,
+    SPLITS_JSON,
+    crops_cct,
+    label_index,
+    read_dataset_csv,
+    read_label_index,
+    write_split_ccts,
+)
 from classification.data.split_report import build_split_report, format_split_report
 from classification.data.split_search import improve_locally, random_search, score_assignments, smallest_first
 from classification.data.splits import (
@@ -47,9 +59,7 @@ from classification.errors import DataError, UserError
 from classification.io import (
     ensure_folder,
     read_json,
-    read_json_object,
     read_string_csv,
-    shown_json,
     shown_value,
     write_csv_atomic,
     write_json_atomic,
@@ -57,7 +67,21 @@ from classification.io import (
 
 log = logging.getLogger(__name__)
 
-DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
+__all__ = [
+    "MODES",
+    "SPLIT_BY",
+    "DatasetOptions",
+    "DatasetReport",
+    "SplitBy",
+    "SplitMethod",
+    "check_crop_paths",
+    "create_classification_dataset",
+    "crops_frame_from_cct",
+    "find_crops_manifest",
+    "read_crops_manifest",
+    "read_manifests",
+]
+
 MODES = ("csv", "cct", "splits")
 SplitMethod = Literal["random", "smallest_first"]
 SplitBy = Literal["location", "time", "location-time"]
@@ -275,59 +299,6 @@ def warn_split_sequences(frame: pd.DataFrame) -> None:
                     int((spans > 1).sum()), spans[spans > 1].index[0])
 
 
-def label_index(labels: Collection[str]) -> dict[str, str]:
-    """``{"0": name, ...}`` in sorted name order; two labels that differ only by case or spaces are refused
-    (one class twice: ``Deer`` and ``deer `` from a hand-made manifest or CSV)."""
-    names = sorted(set(labels))
-    first: dict[str, str] = {}
-    for name in names:
-        other = first.setdefault(name_key(name), name)
-        if other != name:
-            raise DataError(f"labels {shown_value(other)!r} and {shown_value(name)!r} differ only by case or spaces "
-                            "(one class twice: merge them with a category map or fix the labels)")
-    return {str(i): name for i, name in enumerate(names)}
-
-
-def class_number(key: str, path: Path) -> int:
-    """A ``label_index.json`` key: a class number written plainly (``"0"``, ``"12"``; not ``"01"``, ``"-1"``, ``"x"``)."""
-    if not (key.isascii() and key.isdigit() and str(int(key)) == key):
-        raise DataError(f'{path}: {shown_json(key)}: expected a class number "0", "1", ... as the key')
-    return int(key)
-
-
-def read_label_index(path: Path) -> dict[int, str]:
-    """``label_index.json`` (``{"0": "agouti", "1": "bird_spec", ...}``) as ``{0: "agouti", ...}``, checked: keys
-    ``"0".."n-1"`` without gaps, each a distinct class name; anything else is one line naming the file and the key."""
-    raw = read_json_object(path)
-    if not raw:
-        raise DataError(f'{path}: no classes (expected {{"0": "<class name>", "1": ...}})')
-    index: dict[int, str] = {}
-    key_of: dict[str, str] = {}
-    for key, name in raw.items():
-        number = class_number(key, path)
-        if not isinstance(name, str) or not name:
-            raise DataError(f"{path}: {shown_json(key)}: expected a class name (text), got {shown_json(name)}")
-        if name in key_of:
-            raise DataError(f"{path}: {shown_json(key)}: class name {shown_json(name)} is also class {shown_json(key_of[name])}")
-        index[number], key_of[name] = name, key
-    missing = next((i for i in range(len(index)) if i not in index), None)
-    if missing is not None:
-        raise DataError(f'{path}: class numbers must be 0..{len(index) - 1} without gaps: "{missing}" is missing')
-    return dict(sorted(index.items()))
-
-
-DATASET_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
-
-
-def write_dataset_folder(output_dir: Path, table: pd.DataFrame, label_names: Sequence[str],
-                         splits: Mapping[str, list]) -> None:
-    """The files training reads: ``classification_ds.csv`` (``DATASET_COLUMNS``), ``label_index.json``
-    (``label_names`` in class order) and ``splits.json``, each written atomically."""
-    write_csv_atomic(Path(output_dir) / "classification_ds.csv", table[DATASET_COLUMNS])
-    write_json_atomic(Path(output_dir) / "label_index.json", {str(i): name for i, name in enumerate(label_names)})
-    write_json_atomic(Path(output_dir) / "splits.json", dict(splits))
-
-
 def dataset_table(frame: pd.DataFrame) -> pd.DataFrame:
     """``classification_ds.csv``: path, dataset, location, dataset_class, confidence, label."""
     return pd.DataFrame(
@@ -359,11 +330,6 @@ def fixed_test_locations(problem: SplitProblem, match_test: tuple[Path, Path], f
     if missing:
         log.warning("--match-test: %d of the earlier test crops are not in this dataset (e.g. %s)", len(missing), sorted(missing)[0])
     return fixed
-
-
-def read_dataset_csv(path: Path) -> pd.DataFrame:
-    """A ``classification_ds.csv``."""
-    return read_string_csv(path, DATASET_COLUMNS)
 
 
 def choose_splits(problem: SplitProblem, frame: pd.DataFrame, options: DatasetOptions) -> SplitResult:
@@ -443,23 +409,6 @@ def score_of(problem: SplitProblem, assignment: np.ndarray, fractions: np.ndarra
     return float(score_assignments(problem, assignment[None, :], fractions)[0])
 
 
-def crops_cct(frame: pd.DataFrame, labels: dict[str, str]) -> CCT:
-    """``classification_cct.json``: a CCT whose images are the crops, one annotation each."""
-    ids = {name: int(i) for i, name in labels.items()}
-    images, annotations = [], []
-    for row in frame.itertuples(index=False):
-        image = {"id": row.crop_path, "file_name": row.crop_path, "dataset": row.dataset, "location": row.location}
-        for key in ("seq_id", "datetime"):
-            value = getattr(row, key, "")
-            if isinstance(value, str) and value:
-                image[key] = value
-        images.append(image)
-        annotations.append({"id": row.crop_path, "image_id": row.crop_path, "category_id": ids[row.label]})
-    categories = [{"id": int(i), "name": name} for i, name in labels.items()]
-    return {"info": {"description": "crops of the classification dataset"}, "images": images,
-            "annotations": annotations, "categories": categories}
-
-
 def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> DatasetReport:
     """Write the dataset files that ``options.modes`` ask for into ``output_dir``."""
     unknown = sorted(set(options.modes) - set(MODES))
@@ -476,8 +425,8 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     else:
         if options.cct_json is not None or options.crops_manifests:
             log.warning("--cct-json and --crops-manifest are read only with --mode csv;"
-                        " the input is %s", output_dir / "classification_ds.csv")
-        frame = load_dataset_rows(output_dir / "classification_ds.csv", options.crops_dir, report)
+                        " the input is %s", output_dir / DATASET_CSV)
+        frame = load_dataset_rows(output_dir / DATASET_CSV, options.crops_dir, report)
     frame, report.dropped_labels = drop_rare_labels(frame, options.min_locs)
     if frame.empty:
         raise DataError("no labelled crops left to build a dataset from (see the warnings above)")
@@ -491,10 +440,10 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
     ensure_folder(output_dir)
     labels = label_index(frame["label"]) if "csv" in options.modes else existing_label_index(output_dir, frame)
     if "csv" in options.modes:
-        write_csv_atomic(output_dir / "classification_ds.csv", dataset_table(frame))
-        write_json_atomic(output_dir / "label_index.json", labels)
+        write_csv_atomic(output_dir / DATASET_CSV, dataset_table(frame))
+        write_json_atomic(output_dir / LABEL_INDEX_JSON, labels)
     if "cct" in options.modes:
-        write_json_atomic(output_dir / "classification_cct.json", crops_cct(frame, labels))
+        write_json_atomic(output_dir / CROPS_CCT_JSON, crops_cct(frame, labels))
     if "splits" in options.modes:
         problem = SplitProblem.from_frame(frame[["dataset", "location", "label"]])
         fractions = target_fractions(options.val_frac, options.test_frac)
@@ -509,8 +458,8 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
             report.split_report["time"] = time_split.report
             report.split_report["warnings"] += time_warnings(time_split.report, options.split_by == "time")
         splits = splits_to_json(problem, result.assignment)
-        write_json_atomic(output_dir / "splits.json", splits)
-        write_json_atomic(output_dir / "split_report.json", report.split_report)
+        write_json_atomic(output_dir / SPLITS_JSON, splits)
+        write_json_atomic(output_dir / SPLIT_REPORT_JSON, report.split_report)
         if "cct" in options.modes:
             write_split_ccts(output_dir, frame, labels, splits)
         log.info("%s", format_split_report(report.split_report))
@@ -520,7 +469,7 @@ def create_classification_dataset(output_dir: Path, options: DatasetOptions) -> 
 def existing_label_index(output_dir: Path, frame: pd.DataFrame) -> dict[str, str]:
     """``label_index.json`` of a dataset being re-split: read when it exists (and checked to name every
     label of the CSV), else made from the CSV's labels and written (a user's own CSV becomes trainable)."""
-    path = output_dir / "label_index.json"
+    path = output_dir / LABEL_INDEX_JSON
     if not path.exists():
         labels = label_index(frame["label"])
         write_json_atomic(path, labels)
@@ -532,12 +481,3 @@ def existing_label_index(output_dir: Path, frame: pd.DataFrame) -> dict[str, str
         raise DataError(f"{path}: does not name labels of classification_ds.csv ({', '.join(unknown[:3])});"
                         " delete it to have it made from the CSV, or rebuild with --mode csv")
     return labels
-
-
-def write_split_ccts(output_dir: Path, frame: pd.DataFrame, labels: dict[str, str], splits: dict[str, list]) -> None:
-    """``{train,val,test}_cct.json``: the crops CCT cut by split (animl-ml's notebook, as a function)."""
-    keys = list(zip(frame["dataset"], frame["location"]))
-    for split in SPLIT_NAMES:
-        members = {tuple(pair) for pair in splits[split]}
-        rows = frame[[key in members for key in keys]]
-        write_json_atomic(output_dir / f"{split}_cct.json", crops_cct(rows, labels))

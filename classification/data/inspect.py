@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from classification.data.cct import CCT, Problem, normalize_location
-from classification.data.dataset import read_dataset_csv, read_label_index
+from classification.data.dataset_folder import read_dataset_csv, read_label_index
 from classification.data.figures import Thumbnail, plot_thumbnail_grid
 from classification.data.images import read_thumbnail as read_thumbnail  # re-exported: the notebooks' thumbnails
 from classification.data.splits import SPLIT_NAMES, SplitProblem, assignment_from_splits, read_splits

@@ -2,9 +2,9 @@
 
 Two kinds of ``data_root``:
 
-- a dataset folder written by ``utils/create_classification_dataset.py``:
-  ``classification_ds.csv`` (paths relative to ``crops_dir``), ``label_index.json`` and
-  ``splits.json``; a sample belongs to the split of its ``(dataset, location)``;
+- a dataset folder written by ``utils/create_classification_dataset.py`` (its files are
+  ``dataset_folder``'s): ``classification_ds.csv`` (paths relative to ``crops_dir``),
+  ``label_index.json`` and ``splits.json``; a sample belongs to the split of its ``(dataset, location)``;
 - an image folder with one sub-folder per class, either split into ``train/ val/ test/``
   sub-folders (``data_root/<split>/<class>/*.jpg``) or not split at all (the whole folder
   is the train split).
@@ -23,8 +23,16 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from classification.data.dataset import read_label_index
-from classification.data.splits import SPLIT_NAMES, read_splits
+from classification.data.dataset_folder import (
+    DATASET_CSV,
+    LABEL_INDEX_JSON,
+    SPLITS_JSON,
+    dataset_split_names,
+    is_dataset_folder,
+    read_label_index,
+    read_split_keys,
+)
+from classification.data.splits import SPLIT_NAMES
 from classification.errors import DataError, UserError
 from classification.io import read_string_csv
 
@@ -33,9 +41,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATASET_CSV = "classification_ds.csv"
-LABEL_INDEX_JSON = "label_index.json"
-SPLITS_JSON = "splits.json"
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Sample",
+    "available_splits",
+    "build_samples",
+    "class_folder_samples",
+    "class_folders",
+    "dataset_folder_samples",
+    "image_files",
+    "image_folder_root",
+    "image_folder_samples",
+    "load_label_index",
+    "split_folders",
+]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -50,15 +70,6 @@ class Sample:
 
 
 # ---------------------------------------------------------------- samples
-
-
-def is_dataset_folder(data_root: Path) -> bool:
-    """True for a folder made by ``create_classification_dataset.py``, False for an image folder.
-
-    Anything named ``classification_ds.csv`` counts (a folder, a broken link): reading it then says what is wrong
-    with it, where taking the dataset for an image folder would blame a split it lacks."""
-    csv_path = data_root / DATASET_CSV
-    return csv_path.exists() or csv_path.is_symlink()
 
 
 def split_folders(data_root: Path, train_split: str = "train") -> list[str]:
@@ -103,16 +114,8 @@ def available_splits(config: ExperimentConfig) -> list[str]:
     """The split names ``build_samples`` accepts for this ``data_root``."""
     data_root = Path(config.data_root)
     if is_dataset_folder(data_root):
-        return list(read_splits(data_root / SPLITS_JSON))
+        return dataset_split_names(data_root)
     return split_folders(data_root, config.train_split) or [config.train_split]
-
-
-def read_split_keys(path: Path, split: str) -> set[tuple[str, str]]:
-    """The ``(dataset, location)`` pairs of ``split`` in ``splits.json``."""
-    splits = read_splits(path)
-    if split not in splits:
-        raise UserError(f"{path}: no split {split!r} (available: {', '.join(splits) or 'none'})")
-    return set(splits[split])
 
 
 def dataset_folder_samples(data_root: Path, crops_dir: Path, split: str) -> list[Sample]:

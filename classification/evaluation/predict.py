@@ -26,7 +26,8 @@ from torch import nn
 
 from classification.config import ExperimentConfig, load_config, with_legacy_defaults, with_overrides
 from classification.data.crop_manifest import MANIFEST_NAME
-from classification.data.samples import Sample, build_samples, is_dataset_folder, load_label_index
+from classification.data.dataset_folder import is_dataset_folder
+from classification.data.samples import Sample, build_samples, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.megadetector import write_megadetector_classifications
 from classification.evaluation.postprocess import PostprocessInput, is_enabled, megadetector_descriptions_for, run_postprocess
