@@ -129,6 +129,9 @@ def test_amp_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
     assert fast.outputs[PROBABILITIES].dtype == np.float32
     np.testing.assert_allclose(fast.outputs[PROBABILITIES], plain.outputs[PROBABILITIES], atol=0.05)
     assert inference_options(tiny_config(tmp_path, amp="bf16", channels_last="on"), CPU) == InferenceOptions(CPU, None, True)
+    assert inference_options(tiny_config(tmp_path), CPU).channels_last  # auto: faster on the CPU too
+    assert not inference_options(tiny_config(tmp_path, channels_last="off"), CPU).channels_last
+    assert not inference_options(tiny_config(tmp_path), torch.device("mps")).channels_last
     model.train()(torch.zeros(2, 3, 32, 32)).sum().backward()  # converted outside inference_mode: still trainable
     assert convolution.grad is not None
 
