@@ -516,15 +516,16 @@ def test_head_trained_on_other_embeddings_is_not_used(loop: LoopRun) -> None:
     import torch
 
     from classification.active_learning import head_rounds
-    from classification.active_learning.rounds import head_context, round_model
+    from classification.active_learning.round_models import round_model_of
+    from classification.active_learning.rounds import head_context
     from classification.data.samples import build_samples
 
     experiment = open_experiment(loop.config, ["active_learning.retrain=head", "active_learning.embeddings=fine_tuned",
                                                "active_learning.head_epochs=5"])
-    head = round_model(experiment, 0)
+    head = round_model_of(experiment).model_file(0)
     saved = torch.load(head, weights_only=True)
     torch.save({**saved, "embeddings": "pretrained"}, head)  # as trained before the config switched to fine_tuned
-    assert torch.load(round_model(experiment, 0), weights_only=True)["embeddings"] == "fine_tuned"  # retrained
+    assert torch.load(round_model_of(experiment).model_file(0), weights_only=True)["embeddings"] == "fine_tuned"  # retrained
     stale = experiment.round(1).model / head_rounds.HEAD_FILE
     stale.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**saved, "embeddings": "pretrained"}, stale)
@@ -579,14 +580,15 @@ def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -
     import torch
 
     from classification.active_learning import head_rounds
-    from classification.active_learning.rounds import head_context, model_checkpoint, round_model
+    from classification.active_learning.round_models import round_model_of
+    from classification.active_learning.rounds import head_context, model_checkpoint
     from classification.data.samples import build_samples
 
     experiment = open_experiment(fine_tuned_heads(loop).config)
     context, classes = head_context(experiment), len(experiment.label_names)
     checkpoint = model_checkpoint(experiment, 0)
     torch.save(torch.load(checkpoint, map_location="cpu", weights_only=False), checkpoint)  # as torch.save writes it below
-    head = round_model(experiment, 0)
+    head = round_model_of(experiment).model_file(0)
     before = torch.load(head, weights_only=True)
     stale = experiment.round(1).model / head_rounds.HEAD_FILE
     stale.parent.mkdir(parents=True)
@@ -602,7 +604,7 @@ def test_a_changed_round_0_checkpoint_retrains_the_round_0_head(loop: LoopRun) -
     torch.save(saved, checkpoint)
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same time (and size): only the contents differ
     assert checkpoint.stat().st_size == stat.st_size
-    after = torch.load(round_model(experiment, 0), weights_only=True)
+    after = torch.load(round_model_of(experiment).model_file(0), weights_only=True)
     assert any(not torch.equal(after["state_dict"][k], before["state_dict"][k]) for k in before["state_dict"])  # trained again
     assert not np.allclose(head_rounds.cached_features(context, "train", train).embeddings, features)
     with pytest.raises(UserError, match="trained on features of another round-0 checkpoint .*; retrain the round"):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from classification import redaction
 from classification.active_learning.label_studio import load_label_studio_settings
-from classification.active_learning.retraining import write_derived_config
+from classification.active_learning.round_datasets import write_derived_config
 from classification.active_learning.rounds import open_experiment
 from classification.data.s3 import AwsOptions, S3Transport
 from classification.errors import DataError, UserError

@@ -25,8 +25,10 @@ With ``active_learning.retrain: head`` a round's model is an MLP on embeddings c
 ``classifier/train.py``.
 
 This module is the loop's public face, one function per command; the work is done at the seams:
-``rounds`` (the experiment, its rounds and their state), ``round_selection`` (select),
-``handoff`` (the label tools: hand-off and import) and ``retraining`` (retrain and evaluate).
+``rounds`` (the experiment and its rounds), ``round_models`` (what a round's model is and does: a CNN
+or a head, one interface), ``round_datasets`` (a round's dataset and config), ``round_status`` (the
+rounds' state, what to run next), ``round_selection`` (select), ``handoff`` (the label tools: hand-off
+and import) and ``retraining`` (retrain and evaluate).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from classification.active_learning.handoff import import_labels
 from classification.active_learning.retraining import evaluate_round, retrain_round
 from classification.active_learning.round_selection import select_round
-from classification.active_learning.rounds import Experiment, open_experiment, status_table
+from classification.active_learning.round_status import status_table
+from classification.active_learning.rounds import Experiment, open_experiment
 
 __all__ = ["Experiment", "evaluate_round", "import_labels", "open_experiment", "retrain_round", "select_round", "status_table"]

@@ -17,22 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from classification.active_learning import head_rounds, store
-from classification.active_learning.embeddings import PoolEmbeddings, embed_with_checkpoint
+from classification.active_learning import store
+from classification.active_learning.embeddings import PoolEmbeddings
 from classification.active_learning.handoff import handoff_to_label_tool
 from classification.active_learning.lightly import write_embeddings_csv, write_lightly_predictions
 from classification.active_learning.registry import get_strategy, select
-from classification.active_learning.rounds import (
-    Experiment,
-    head_context,
-    last_trained_round,
-    model_checkpoint,
-    pool_paths,
-    pool_samples,
-    round_model,
-    round_seed,
-    uses_head,
-)
+from classification.active_learning.round_models import round_model_of
+from classification.active_learning.round_status import last_trained_round
+from classification.active_learning.rounds import Experiment, pool_paths, pool_samples, round_seed
 from classification.active_learning.scores import uncertainty_scores
 from classification.active_learning.strategies import Selection, SelectionInputs
 from classification.data.samples import Sample, build_samples
@@ -69,11 +61,7 @@ class SelectResult:
 def embed_for_selection(experiment: Experiment, number: int, samples: list[Sample], name: str) -> PoolEmbeddings:
     """Embeddings and probabilities of ``samples`` with the model of round ``number - 1`` (cached per round;
     with ``retrain: head`` the features are cached once and only the head's probabilities are new)."""
-    if uses_head(experiment):
-        return head_rounds.scored_features(head_context(experiment), round_model(experiment, number - 1), name, samples,
-                                           len(experiment.label_names))
-    return embed_with_checkpoint(model_checkpoint(experiment, number - 1), samples, experiment.config,
-                                 experiment.round(number).embeddings / name)
+    return round_model_of(experiment).score_for_selection(number, samples, name)
 
 
 def check_finite(probabilities: np.ndarray, checkpoint: Path) -> None:
@@ -110,7 +98,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
     excluded = np.array([p in requested and p not in labels for p in kept_paths], dtype=bool)
     embeddings, probabilities = pool.embeddings, pool.probabilities
     assert probabilities is not None
-    check_finite(probabilities, round_model(experiment, number - 1))
+    check_finite(probabilities, round_model_of(experiment).model_file(number - 1))
     if strategy.uses_labelled:  # the train split is labelled too: distances start from it
         train = embed_for_selection(experiment, number, build_samples(experiment.config, experiment.config.train_split), "train")
         embeddings = np.concatenate([embeddings, train.embeddings])
@@ -124,7 +112,7 @@ def compute_selection(experiment: Experiment, number: int) -> tuple[pd.DataFrame
     table = selection_table(selection, kept_paths, probabilities, experiment.label_names)
     info = {
         "round": number, "strategy": al.strategy, "options": options, "seed": seed,
-        "batch_size": al.batch_size, "model": str(round_model(experiment, number - 1)), "pool": str(pool_dir),
+        "batch_size": al.batch_size, "model": str(round_model_of(experiment).model_file(number - 1)), "pool": str(pool_dir),
         "pool_images": len(paths), "unreadable": len(pool.skipped), "already_labelled": int(labelled[:len(kept_paths)].sum()),
         "requested_not_labelled": int(excluded.sum()), "selected": len(table), "created_utc": store.utc_now(),
     }

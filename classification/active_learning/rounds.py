@@ -1,5 +1,5 @@
-"""The rounds of an experiment's active learning and their state: the experiment handle, each round's files
-and model, and what to run next.
+"""The rounds of an experiment's active learning: the experiment handle, its pool, each round's files and seed,
+and round k's CNN checkpoint (what a round's model does is ``round_models.py``; the rounds' state, ``round_status.py``).
 
 The state lives in the files of ``runs/<model>/<experiment>/active_learning/`` (see ``store.py``):
 a round is selected once its ``selection.csv`` exists, trained once its ``done.json`` does, and
@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 
 from classification.active_learning import head_rounds, store
 from classification.active_learning.registry import check_config_strategies
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config
-from classification.data.samples import Sample, build_samples, image_files, load_label_index
+from classification.data.samples import Sample, image_files, load_label_index
 from classification.errors import DataError, UserError
 from classification.evaluation.prediction_files import labelled_samples
 from classification.training.checkpoint import resolve_checkpoint
@@ -27,22 +25,13 @@ __all__ = [
     "AL_DIR",
     "POOL_DATASET",
     "Experiment",
-    "RoundState",
     "head_context",
-    "is_trained",
-    "last_trained_round",
     "latest_selected_round",
     "model_checkpoint",
-    "next_step",
     "open_experiment",
     "pool_paths",
     "pool_samples",
-    "round_model",
     "round_seed",
-    "round_states",
-    "status_table",
-    "train_round_head",
-    "uses_head",
 ]
 
 
@@ -105,11 +94,6 @@ def open_experiment(config_path: str | Path, overrides: Sequence[str] = ()) -> E
     return Experiment(config, config_path.resolve().parent, config_path)
 
 
-def uses_head(experiment: Experiment) -> bool:
-    """True when each round's model is an MLP on cached embeddings (``retrain: head``)."""
-    return experiment.active_learning.retrain == "head"
-
-
 def head_context(experiment: Experiment) -> head_rounds.HeadContext:
     """What the head-only rounds read: the config, the features folder, the round-0 CNN checkpoint."""
     return head_rounds.HeadContext(experiment.config, experiment.root / "features", lambda: model_checkpoint(experiment, 0))
@@ -134,79 +118,11 @@ def pool_paths(pool_dir: Path) -> list[str]:
 # ---------------------------------------------------------------- the state of the rounds
 
 
-@dataclass
-class RoundState:
-    """What has happened in one round, read from its files."""
-
-    number: int
-    selected: int
-    labelled: int  # of this round's selection, images with a stored label
-    trained: bool
-    metrics: dict[str, Any] | None
-
-
 def model_checkpoint(experiment: Experiment, number: int) -> Path:
     """The checkpoint of round ``number``'s model (round 0: the experiment's ``initial_checkpoint``)."""
     if number == 0:
         return resolve_checkpoint(experiment.run_dir, experiment.active_learning.initial_checkpoint)
     return resolve_checkpoint(experiment.round(number).model, "best")
-
-
-def round_model(experiment: Experiment, number: int) -> Path:
-    """Round ``number``'s model file: its CNN checkpoint, or with ``retrain: head`` its head (round 0's trained
-    on the train split the first time it is asked for)."""
-    if not uses_head(experiment):
-        return model_checkpoint(experiment, number)
-    path = experiment.round(number).model / head_rounds.HEAD_FILE
-    if number == 0 and not head_rounds.head_fits(head_context(experiment), path, len(experiment.label_names)):
-        train_round_head(experiment, 0, [])  # first use, or the embeddings changed since
-    if not path.is_file():
-        raise UserError(f"round {number}: no trained head yet; run: python classifier/active_learning.py retrain "
-                        f"--config {experiment.config_path}")
-    return path
-
-
-def train_round_head(experiment: Experiment, number: int, pool: list[Sample]) -> dict[str, Any]:
-    """Train round ``number``'s head on the train split plus the labelled ``pool`` samples."""
-    config = experiment.config
-    return head_rounds.train_head(head_context(experiment), build_samples(config, config.train_split), pool,
-                                  len(experiment.label_names), experiment.round(number).model / head_rounds.HEAD_FILE,
-                                  seed=round_seed(experiment.active_learning.seed, number))
-
-
-def is_trained(experiment: Experiment, number: int) -> bool:
-    """Round 0: the experiment has its initial checkpoint (a head is trained when needed); round k: its retrain
-    finished."""
-    if number == 0 and uses_head(experiment) and experiment.active_learning.embeddings == "pretrained":
-        return True  # round 0's head is trained on the frozen backbone's features when first needed
-    if number == 0:
-        try:
-            model_checkpoint(experiment, 0)
-        except UserError:
-            return False
-        return True
-    return experiment.round(number).done.exists()  # a folder in its place: reading it says so
-
-
-def round_states(experiment: Experiment) -> list[RoundState]:
-    """Every round's state, in order."""
-    labels = store.effective_labels(store.read_labels(experiment.labels_file))
-    states = []
-    for number in store.round_numbers(experiment.root):
-        files = experiment.round(number)
-        selected = files.selected_paths()
-        states.append(RoundState(number, len(selected), sum(path in labels for path in selected),
-                                 is_trained(experiment, number), store.read_metrics(files)))
-    return states
-
-
-def last_trained_round(experiment: Experiment) -> int:
-    """The newest round with a model; an error when not even round 0 has one."""
-    trained = [state.number for state in round_states(experiment) if state.trained]
-    if not trained:
-        raise UserError(f"{experiment.run_dir}: no model yet (no checkpoint {experiment.active_learning.initial_checkpoint!r}); "
-                        f"train round 0 first: python classifier/train.py --config {experiment.config_path}")
-    return max(trained)
 
 
 def latest_selected_round(experiment: Experiment) -> int:
@@ -216,36 +132,3 @@ def latest_selected_round(experiment: Experiment) -> int:
         raise UserError(f"{experiment.root}: nothing selected yet; run: python classifier/active_learning.py select "
                         f"--config {experiment.config_path}")
     return max(selected)
-
-
-# ---------------------------------------------------------------- status
-
-
-def next_step(experiment: Experiment, states: list[RoundState]) -> str:
-    """What the person should run next."""
-    command = f"python classifier/active_learning.py {{}} --config {experiment.config_path}"
-    if not states[0].trained:
-        return f"train round 0: python classifier/train.py --config {experiment.config_path}"
-    last = states[-1]
-    if last.number > 0 and last.selected and not last.trained:
-        if last.labelled == 0:
-            tool = "Timelapse (timelapse_request.csv)" if experiment.active_learning.label_tool == "timelapse" else "Label Studio"
-            return f"label round {last.number}'s {last.selected} images in {tool}, then: " + command.format("import") + (
-                " --file <export>" if experiment.active_learning.label_tool == "timelapse" else "")
-        return command.format("retrain")
-    if last.metrics is None:
-        return command.format("evaluate")
-    return command.format("select")
-
-
-def status_table(experiment: Experiment) -> tuple[pd.DataFrame, str]:
-    """One row per round (selected, labelled, trained, held-out figures) and the next step."""
-    states = round_states(experiment)
-    rows = []
-    for state in states:
-        metrics = state.metrics or {}
-        rows.append({"round": state.number, "selected": state.selected, "labelled": state.labelled,
-                     "pool_labels": metrics.get("pool_labels", ""), "model": "yes" if state.trained else "no",
-                     f"{experiment.active_learning.eval_split}_top1": metrics.get("top1", ""),
-                     f"{experiment.active_learning.eval_split}_macro_f1": metrics.get("macro_f1", "")})
-    return pd.DataFrame(rows), next_step(experiment, states)
