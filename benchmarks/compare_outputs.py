@@ -11,8 +11,10 @@ files that hold a clock or a host by design (``run_info.json``, logs, the timing
 ``metrics.csv``, ``metrics.json`` and ``prediction_info.json``, the export date in ``model.json``
 and the card) are compared without those fields, and JSON fields that are null are left out (a
 new optional field, empty, is not a difference). Prints one line
-per differing file and exits 1 if any differ. ``--data demo`` is the generated demo set
-(seconds); ``--data mct`` is ../shared/data/mct (1,108 crops, a few minutes).
+per differing file and exits 1 if any differ. Then the old run's checkpoint is resumed for a
+third epoch once with each commit's code: the two ``3.pt`` must be identical too (an old
+checkpoint resumes, and the new code continues it exactly as the old would). ``--data demo`` is
+the generated demo set (seconds); ``--data mct`` is ../shared/data/mct (1,108 crops, a few minutes).
 """
 
 from __future__ import annotations
@@ -60,17 +62,26 @@ def inputs(data: str, folder: Path, code: Path, env: dict[str, str]) -> tuple[Pa
     return folder / "raw" / "demo_cct.json", folder / "raw" / "images"
 
 
+def code_env(code: Path) -> dict[str, str]:
+    """The environment that runs ``code``'s library: first on ``PYTHONPATH``, one thread, no Comet key."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("COMET_")}, "PYTHONPATH": str(code),
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def run_step(code: Path, folder: Path, script: str, *args: object) -> None:
+    """One entry point of ``code``, run in ``folder``; its error ends the comparison."""
+    result = subprocess.run([sys.executable, str(code / script), *map(str, args)], env=code_env(code), cwd=folder,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{code.name}: {script} failed:\n{result.stderr[-2000:]}")
+
+
 def run_pipeline(code: Path, folder: Path, data: str) -> None:
     """The pipeline with ``code``'s library and scripts, writing under ``folder``."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("COMET_")}, "PYTHONPATH": str(code),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cct, images = inputs(data, folder, code, env)
+    cct, images = inputs(data, folder, code, code_env(code))
 
     def step(script: str, *args: object) -> None:
-        result = subprocess.run([sys.executable, str(code / script), *map(str, args)], env=env, cwd=folder,
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{code.name}: {script} failed:\n{result.stderr[-2000:]}")
+        run_step(code, folder, script, *args)
 
     step("utils/clean_cct.py", cct, folder / "clean.json", "--missing-locations", "sequence", "--dataset", data)
     step("utils/crop_detections.py", folder / "clean.json", folder / "crops", "--images-dir", images, "--crop-strategy",
@@ -128,6 +139,16 @@ def output_files(folder: Path) -> dict[str, str]:
     return found
 
 
+def resumed_third_epoch(code: Path, outputs: Path, folder: Path) -> str:
+    """SHA-256 of ``3.pt`` after ``code`` resumes the two-epoch run in ``outputs`` (copied to ``folder``, its own path)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(outputs, folder)
+    run_step(code, folder, "classifier/train.py", "--config", folder / "runs" / "tiny" / "config.yml", "--set", "num_epochs=3")
+    digest = hashlib.sha256((folder / "runs" / "tiny" / "checkpoints" / "3.pt").read_bytes()).hexdigest()
+    shutil.rmtree(folder)
+    return digest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the commit to compare against, e.g. main's")
@@ -146,6 +167,8 @@ def main() -> int:
             run_pipeline(code, folder, args.data)
             runs[name] = output_files(folder)
             shutil.move(folder, workdir / f"out-{name}")
+        resumed = {name: resumed_third_epoch(workdir / f"code-{name}", workdir / "out-base", workdir / "run")
+                   for name in ("base", "head")}
     finally:
         for name in ("base", "head"):
             subprocess.run(["git", "worktree", "remove", "--force", str(workdir / f"code-{name}")], cwd=ROOT, capture_output=True)
@@ -157,7 +180,10 @@ def main() -> int:
     for name in differing:
         state = "only in base" if name not in head else "only in head" if name not in base else "different bytes"
         print(f"  {state:<16} {name}")
-    return 1 if differing else 0
+    same_resume = resumed["base"] == resumed["head"]
+    print(f"the base run's last.pt resumed to epoch 3: {'identical' if same_resume else 'DIFFERENT'} 3.pt with "
+          f"{args.base} and {args.head}")
+    return 1 if differing or not same_resume else 0
 
 
 if __name__ == "__main__":
