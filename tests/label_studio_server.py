@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers.processes import REPO_ROOT
 
 LABEL_STUDIO_BIN = Path(os.environ.get("LABEL_STUDIO_BIN") or REPO_ROOT / ".venv-labelstudio" / "bin" / "label-studio")
 START_TIMEOUT_S = float(os.environ.get("LABEL_STUDIO_START_TIMEOUT", "300"))
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def wait_until_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
     """Poll ``/health`` until the server answers; fail with the log's tail if it dies or takes too long."""
-    import httpx
+    import httpx  # noqa: PLC0415 - httpx is no declared dependency: only the real Label Studio tests need it
 
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -112,3 +112,22 @@ def label_studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
             process.wait(timeout=30)
 
 
+
+
+def annotate(server: LabelStudioServer, task_id: int, user_id: int, label: str | None) -> None:
+    """POST an annotation as a person would: a single choice, or a cancelled (skipped) task."""
+    import httpx  # noqa: PLC0415 - httpx is no declared dependency: only the real Label Studio tests need it
+
+    result = (
+        []
+        if label is None
+        else [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+    )
+    body = {"result": result, "was_cancelled": label is None, "completed_by": user_id}
+    response = httpx.post(
+        f"{server.url}/api/tasks/{task_id}/annotations/",
+        json=body,
+        headers={"Authorization": f"Token {server.token}"},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text

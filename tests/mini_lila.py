@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -175,7 +175,7 @@ class _Handler(SimpleHTTPRequestHandler):
         super().do_HEAD()
 
 
-def serve_mini_lila(shared_data: Path, root: Path) -> Iterator[MiniLila]:
+def serve_mini_lila(shared_data: Path, root: Path) -> Generator[MiniLila, None, None]:
     """Build and serve a mini-LILA on 127.0.0.1 until the generator is closed."""
     root.mkdir(parents=True, exist_ok=True)
     lila = MiniLila(root=root)

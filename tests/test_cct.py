@@ -16,7 +16,7 @@ from classification.data.cct import (
     validate_cct,
 )
 from classification.errors import DataError
-from tests.conftest import run_entry_point
+from tests.helpers.processes import run_entry_point
 
 
 def small_cct() -> dict:

@@ -15,7 +15,7 @@ from classification.data.clean import (
     filter_annotations,
 )
 from classification.errors import DataError
-from tests.conftest import run_entry_point
+from tests.helpers.processes import run_entry_point
 
 
 def cct(names: list[str], boxes: list[list[float] | None], image_ids: list[str] | None = None) -> dict:

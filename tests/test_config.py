@@ -17,31 +17,8 @@ from classification.config import (
 )
 from classification.errors import DataError, UserError
 from classification.training.run_folder import write_run_files
-from tests.conftest import run_entry_point
-
-# animl-ml's classification/runs/resnet-18/baseline/config.yml, verbatim but for data_root.
-ANIML_CONFIG = """\
-# Here's where you define experiment-specific hyperparameters.
-# You can also create lists and group parameters together into nested sub-parts.
-# In Python, this is all read as a dict.
-
-# environment/computational parameters
-seed: 32678456782 # random number generator seed (long integer value)
-device: 'cuda:3'
-num_workers: 20 # number of CPU cores that are allocated to support (load images) to the GPU
-
-# dataset parameters
-data_root: {data_root}
-crops_dir: crops
-num_classes: 9
-
-# training hyperparameters
-image_size: [224, 224]
-num_epochs: 200
-batch_size: 1024
-learning_rate: 0.001
-weight_decay: 0.001
-"""
+from tests.helpers.processes import run_entry_point
+from tests.helpers.training import ANIML_CONFIG
 
 
 def write_config(folder: Path, text: str) -> Path:

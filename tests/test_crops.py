@@ -28,7 +28,7 @@ from classification.data.crop_options import CropOptions
 from classification.data.crop_run import CropReport, crop_detections
 from classification.data.detections import FileMatcher
 from classification.errors import DataError, UserError
-from tests.conftest import REPO_ROOT, run_entry_point
+from tests.helpers.processes import REPO_ROOT, run_entry_point
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -485,10 +485,15 @@ def test_crop_not_vouched_for_by_the_manifest_is_decoded_before_it_is_trusted(sh
 def test_crops_are_synced_once_before_the_manifest_lists_them(shared_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, Any]] = []
+
+    def note(event: tuple[str, Any]) -> bool:
+        events.append(event)
+        return False
+
     sync, manifest, save = crop_run_module.sync_files, crop_run_module.write_manifest, crop_image_module.save_jpeg
-    monkeypatch.setattr(crop_run_module, "sync_files", lambda paths: events.append(("sync", sorted(paths))) or sync([]))
-    monkeypatch.setattr(crop_run_module, "write_manifest", lambda *a: events.append(("manifest", None)) or manifest(*a))
-    monkeypatch.setattr(crop_image_module, "save_jpeg", lambda image, path, quality, durable: events.append(
+    monkeypatch.setattr(crop_run_module, "sync_files", lambda paths: note(("sync", sorted(paths))) or sync([]))
+    monkeypatch.setattr(crop_run_module, "write_manifest", lambda *a: note(("manifest", None)) or manifest(*a))
+    monkeypatch.setattr(crop_image_module, "save_jpeg", lambda image, path, quality, durable: note(
         ("save", (path.name, durable))) or save(image, path, quality, durable))
     cct_path, cct = mct_subset(shared_data, tmp_path, n_located=3, n_unlocated=0)
     crops_dir = tmp_path / "crops"
@@ -637,7 +642,8 @@ def test_entry_point_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_entry_point("utils/crop_detections.py", malformed, tmp_path / "c", "--images-dir", images),
                           "bad.json", "not valid JSON")
     md = write_json(tmp_path / "md.json", {"detection_categories": {"1": "animal"},
-                                            "images": [{"file": "a.jpg", "detections": [{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, -0.2, 0.3]}]}]})
+                                            "images": [{"file": "a.jpg",
+                                                        "detections": [{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, -0.2, 0.3]}]}]})
     assert_one_line_error(run_entry_point("utils/crop_detections.py", md, tmp_path / "c", "--images-dir", images),
                           "images[0].detections[0].bbox")
     typo = run_entry_point("utils/crop_detections.py", md, tmp_path / "c", "--images-dir", images, "--thread", "4")

@@ -17,10 +17,9 @@ import pytest
 import classification.shards as shards_module
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import CropReport, crop_detections
-from classification.shards import SHARDS_DIR
 from classification.errors import UserError
-from classification.shards import DaskOptions, cut_shards, read_shard, write_shard
-from tests.conftest import run_entry_point
+from classification.shards import SHARDS_DIR, DaskOptions, cut_shards, read_shard, write_shard
+from tests.helpers.processes import run_entry_point
 
 dask = pytest.importorskip("dask", reason="the dask extra is not installed (pip install -e '.[dask]')")
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed (pip install -e '.[dask]')")
@@ -152,7 +151,7 @@ def test_killed_worker_costs_only_its_shard(shared_data: Path, tmp_path: Path, l
     watcher.join()
     n_failed = int(str(failure.value).split()[0])  # 2 when a shard waiting on the killed worker was failed with it
     before = crop_identities(crops_dir)
-    finished = [read_shard(p) for p in (crops_dir / SHARDS_DIR).glob("shard-*.pkl")]
+    finished: list[Any] = [read_shard(p) for p in (crops_dir / SHARDS_DIR).glob("shard-*.pkl")]
     in_finished_shards = {r.crop_path for outcomes in finished for o in outcomes for r in o.records}
     assert len(finished) == 6 - n_failed and not (crops_dir / "crops_manifest.csv").exists()
     assert set(before) - in_finished_shards, "the killed shard had made some of its crops"

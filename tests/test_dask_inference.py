@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from classification.active_learning.embeddings import embed_folder
+from classification.active_learning.embeddings import backbone_config, embed_folder
 from classification.config import load_config
 from classification.errors import UserError
 from classification.evaluation.predict import run_prediction
 from classification.shards import SHARDS_DIR, DaskOptions
-from tests.conftest import run_in_process
-from tests.test_predict import TrainedRun, run_predict, split_paths, trained  # noqa: F401 (fixture)
+from tests.helpers.demo import TrainedRun, run_predict, split_paths
+from tests.helpers.processes import run_in_process
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed (pip install -e '.[dask]')")
 pytestmark = pytest.mark.slow  # trains a tiny model once (~10 s); each cluster's workers import torch
@@ -46,7 +46,7 @@ def image_folder(run: TrainedRun, folder: Path) -> Path:
     return folder
 
 
-def test_split_predictions_on_two_workers_equal_one_process(trained: TrainedRun, tmp_path: Path) -> None:  # noqa: F811
+def test_split_predictions_on_two_workers_equal_one_process(trained: TrainedRun, tmp_path: Path) -> None:
     one = run_prediction(trained.config, "last", split="test", output_dir=tmp_path / "one", batch_size=4)
     result = run_predict("--config", trained.config, "--checkpoint", "last", "--split", "test", "--output-dir", tmp_path / "dask",
                          "--batch-size", "4", "--dask-workers", "2", "--shard-size", "6")
@@ -61,7 +61,7 @@ def test_split_predictions_on_two_workers_equal_one_process(trained: TrainedRun,
     assert info["device"] == "Dask workers (device: auto)"  # the client chose no device (on a GPU machine: took no GPU)
 
 
-def test_folder_and_megadetector_predictions_on_a_cluster_equal_one_process(trained: TrainedRun, shared_data: Path,  # noqa: F811
+def test_folder_and_megadetector_predictions_on_a_cluster_equal_one_process(trained: TrainedRun, shared_data: Path,
                                                                            tmp_path: Path, scheduler: str) -> None:
     folder = image_folder(trained, tmp_path / "images")
     dask = DaskOptions(scheduler=scheduler, shard_size=5)
@@ -80,7 +80,7 @@ def test_folder_and_megadetector_predictions_on_a_cluster_equal_one_process(trai
     same_files(tmp_path / "md_one", tmp_path / "md_dask", ["predictions.csv", "md_v5a_output_classified.json"])
 
 
-def test_embeddings_on_a_cluster_equal_one_process(trained: TrainedRun, tmp_path: Path, scheduler: str) -> None:  # noqa: F811
+def test_embeddings_on_a_cluster_equal_one_process(trained: TrainedRun, tmp_path: Path, scheduler: str) -> None:
     folder = image_folder(trained, tmp_path / "images")
     config = load_config(trained.config).model_copy(update={"batch_size": 4, "num_workers": 0, "device": "cpu"})
     outputs = ["embeddings.npy", "probabilities.npy", "files.csv", "embeddings.csv", "skipped.csv"]
@@ -103,11 +103,9 @@ def test_embeddings_on_a_cluster_equal_one_process(trained: TrainedRun, tmp_path
     same_files(tmp_path / "one", tmp_path / "dask", outputs)
 
 
-def test_a_random_backbone_on_dask_equals_one_process(trained: TrainedRun, tmp_path: Path, scheduler: str) -> None:  # noqa: F811
+def test_a_random_backbone_on_dask_equals_one_process(trained: TrainedRun, tmp_path: Path, scheduler: str) -> None:
     """Random weights are drawn from the config's seed, so every worker builds the same network (this was refused:
     each worker drew its own)."""
-    from classification.active_learning.embeddings import backbone_config  # noqa: PLC0415
-
     folder = image_folder(trained, tmp_path / "images")
     config = backbone_config("resnet18", 32, 4, 0, "cpu", pretrained=False)
     embed_folder(folder, tmp_path / "one", config, chunk_size=6)
@@ -120,8 +118,6 @@ def test_a_random_backbone_on_dask_equals_one_process(trained: TrainedRun, tmp_p
 def test_embedding_refuses_dask_flags_that_contradict(tmp_path: Path, dask: DaskOptions, message: str) -> None:
     """As predict.py and crop_detections.py do: --dask-workers 0, or a local cluster and a scheduler at once, is one line
     (embedding used to run in one process for the first and ignore --dask-workers for the second)."""
-    from classification.active_learning.embeddings import backbone_config  # noqa: PLC0415
-
     (tmp_path / "images").mkdir()
     Image.new("RGB", (40, 30), (90, 120, 60)).save(tmp_path / "images" / "a.jpg")
     config = backbone_config("resnet18", 32, 4, 0, "cpu", pretrained=False)

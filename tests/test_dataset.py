@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from classification.data.crop_manifest import crop_file_name
-from tests.conftest import run_entry_point
+from classification.data.crop_options import CropOptions
+from classification.data.crop_run import crop_detections
+from classification.demo import make_demo_dataset
+from tests.helpers.processes import run_entry_point
 
 LABELS = ["deer", "fox", "owl"]
 
@@ -20,7 +23,8 @@ LABELS = ["deer", "fox", "owl"]
 def make_cct_with_crops(root: Path, n_locations: int = 12, seed: int = 0, skip_crops: int = 0) -> Path:
     """A CCT file (with numeric-looking and missing locations) and a real JPEG per boxed annotation."""
     rng = np.random.default_rng(seed)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     crops_dir = root / "crops"
     for k in range(n_locations):
         location = None if k == 0 else ("001" if k == 1 else ("1" if k == 2 else f"Site {k}"))
@@ -45,7 +49,7 @@ def make_cct_with_crops(root: Path, n_locations: int = 12, seed: int = 0, skip_c
     return path
 
 
-def build(root: Path, out: str = "ds", *extra: str) -> tuple[int, str, Path]:
+def build(root: Path, out: str = "ds", *extra: object) -> tuple[int, str, Path]:
     result = run_entry_point(
         "utils/create_classification_dataset.py", root / out, "--mode", "csv", "cct", "splits",
         "--crops-dir", root / "crops", "--cct-json", root / "clean_cct.json", "--val-frac", "0.2",
@@ -232,9 +236,6 @@ def test_typo_flag(tmp_path: Path, flag: str) -> None:
     (lambda rows: rows[:2] + ["../../x.jpg" + rows[2][rows[2].index(","):]], "line 3: crop_path '../../x.jpg' is not a path inside"),
 ])
 def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path, edit: Any, message: str) -> None:
-    from classification.data.crop_options import CropOptions
-    from classification.data.crop_run import crop_detections
-    from classification.demo import make_demo_dataset
     cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
     crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))
     manifest = tmp_path / "crops" / "crops_manifest.csv"
@@ -248,9 +249,6 @@ def test_a_crops_manifest_lists_each_crop_once_inside_its_folder(tmp_path: Path,
 
 
 def test_labels_that_differ_only_by_case_or_spaces_are_one_line(tmp_path: Path) -> None:
-    from classification.data.crop_options import CropOptions
-    from classification.data.crop_run import crop_detections
-    from classification.demo import make_demo_dataset
     cct = make_demo_dataset(tmp_path / "raw", 4, 2, 2, seed=0)
     crop_detections(cct, tmp_path / "crops", tmp_path / "raw" / "images", CropOptions(crop_strategy="pad", max_size=32, progress=False))
     manifest = tmp_path / "crops" / "crops_manifest.csv"

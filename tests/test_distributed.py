@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from classification.config import ExperimentConfig, load_config
-from classification.training.checkpoint import load_checkpoint
 from classification.data.samples import build_samples
+from classification.errors import UserError
+from classification.runtime import SHARE_GPUS_ENV, DistributedContext, is_deterministic, process_group_backend, select_device
+from classification.training.checkpoint import load_checkpoint
 from classification.training.data import build_loader
 from classification.training.models import build_model, resolve_inputs
-from tests.conftest import REPO_ROOT
-from tests.test_train import build_dataset, read_metrics, train_command, train_env, write_run
+from classification.training.resume import check_world_size
+from classification.training.rng_state import rank_rng_state
+from classification.training.run_folder import recorded_world_size
+from tests.helpers.processes import REPO_ROOT
+from tests.helpers.training import build_dataset, read_metrics, train_command, train_env, write_run
 
 
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -93,11 +99,11 @@ def test_resuming_on_another_number_of_processes_needs_force_and_rebuilds_the_sc
 
 def reduce_metrics_worker(rank: int, init_file: str, results: str) -> None:
     """Rank 0 validates two batches under inference mode, rank 1 none (an empty shard); both reduce."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415 - runs in the spawned worker process
 
-    from classification.runtime import DistributedContext, max_over_ranks
-    from classification.training.engine import all_reduce_metrics
-    from classification.training.metrics import MetricAccumulator
+    from classification.runtime import DistributedContext, max_over_ranks  # noqa: PLC0415 - runs in the spawned worker process
+    from classification.training.engine import all_reduce_metrics  # noqa: PLC0415 - runs in the spawned worker process
+    from classification.training.metrics import MetricAccumulator  # noqa: PLC0415 - runs in the spawned worker process
 
     dist.init_process_group("cpu:gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     context = DistributedContext(rank, 2, rank)
@@ -125,21 +131,17 @@ def test_ranks_reduce_metrics_from_an_empty_shard_and_under_inference_mode(tmp_p
 
 
 def test_the_process_group_serves_cpu_flags_beside_nccl() -> None:
-    from classification.runtime import process_group_backend
     backends = dict(part.split(":") for part in process_group_backend(torch.device("cuda", 0)).split(","))
     assert backends == {"cpu": "gloo", "cuda": "nccl"}  # max_over_ranks() and the metric counts are CPU tensors
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
 def test_a_fixed_gpu_under_torchrun_is_one_line() -> None:
-    from classification.errors import UserError
-    from classification.runtime import DistributedContext, select_device
     with pytest.raises(UserError, match="device: cuda:1 under torchrun .*LOCAL_RANK"):
         select_device("cuda:1", DistributedContext(rank=1, world_size=2, local_rank=1))
 
 
 def test_deterministic_auto_is_exact_on_the_cpu_and_fast_on_cuda(tmp_path: Path) -> None:
-    from classification.runtime import is_deterministic
     assert is_deterministic("auto", torch.device("cpu")) and not is_deterministic("auto", torch.device("cuda", 0))
     assert is_deterministic(True, torch.device("cuda", 0)) and not is_deterministic(False, torch.device("cpu"))
     (tmp_path / "config.yml").write_text("data_root: .\ndeterministic: auto\n")
@@ -149,7 +151,6 @@ def test_deterministic_auto_is_exact_on_the_cpu_and_fast_on_cuda(tmp_path: Path)
 
 
 def test_each_rank_resumes_from_its_own_random_states() -> None:
-    from classification.training.rng_state import rank_rng_state
     checkpoint = {"rng": "rank 0", "rank_rng": ["rank 0", "rank 1"], "world_size": 2}
     assert [rank_rng_state(checkpoint, rank, 2) for rank in (0, 1)] == ["rank 0", "rank 1"]
     assert rank_rng_state(checkpoint, 2, 4) == "rank 0"  # another world size (forced): rank 0's for all
@@ -157,9 +158,6 @@ def test_each_rank_resumes_from_its_own_random_states() -> None:
 
 
 def test_a_checkpoint_without_a_world_size_is_checked_against_run_info(tmp_path: Path) -> None:
-    from classification.errors import UserError
-    from classification.training.resume import check_world_size
-    from classification.training.run_folder import recorded_world_size
     (tmp_path / "run_info.json").write_text(json.dumps({"world_size": 4}))
     assert recorded_world_size(tmp_path) == 4 and recorded_world_size(tmp_path / "none") is None
     with pytest.raises(UserError, match="saved by a run of 4 process"):
@@ -168,7 +166,6 @@ def test_a_checkpoint_without_a_world_size_is_checked_against_run_info(tmp_path:
 
 
 def test_ranks_may_share_one_gpu_over_gloo_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from classification.runtime import SHARE_GPUS_ENV, process_group_backend
     monkeypatch.setenv(SHARE_GPUS_ENV, "1")
     assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:gloo"  # NCCL refuses two ranks on one GPU
 
@@ -182,9 +179,9 @@ def served_devices(backend: str) -> list[str]:
 
 def max_over_ranks_worker(rank: int, init_file: str, results: str) -> None:
     """A gloo group serving exactly the device types the CUDA run's backend serves; then ``max_over_ranks``."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415 - runs in the spawned worker process
 
-    from classification.runtime import DistributedContext, max_over_ranks, process_group_backend
+    from classification.runtime import DistributedContext, max_over_ranks, process_group_backend  # noqa: PLC0415 - runs in the spawned worker process
 
     served = served_devices(process_group_backend(torch.device("cuda", 0)))
     dist.init_process_group(",".join(f"{device}:gloo" for device in served), init_method=f"file://{init_file}",
@@ -196,7 +193,6 @@ def max_over_ranks_worker(rank: int, init_file: str, results: str) -> None:
 
 
 def test_max_over_ranks_runs_on_the_backends_a_cuda_run_has() -> None:
-    import tempfile
     with tempfile.TemporaryDirectory() as folder:  # the CPU flags crashed a group that served CUDA only (NCCL)
         torch.multiprocessing.spawn(max_over_ranks_worker, args=(str(Path(folder) / "init"), folder), nprocs=2)
         assert [json.loads(Path(folder, f"{rank}.json").read_text()) for rank in (0, 1)] == [[1, 0], [1, 0]]

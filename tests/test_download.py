@@ -16,131 +16,18 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from urllib3 import HTTPResponse
 
 from classification.data.download import FAILURES_FILE, download_images
 from classification.data.http import Cancelled, image_url, retry_policy
 from classification.errors import DataError, UserError
-from tests.conftest import REPO_ROOT, run_entry_point
+from tests.helpers.downloads import FAST, FILE_NAMES, FaultServer
+from tests.helpers.processes import REPO_ROOT, run_entry_point
 
 SCRIPT = "utils/download_images.py"
-FILE_NAMES = ["loc1/a.jpg", "loc1/b.jpg", "loc 2/c d.jpg", "e.jpg"]
-FAST = {"backoff_seconds": 0.01, "timeout": 5.0, "progress": False}
-
-
-@dataclass
-class FaultServer:
-    """A running server: where it is, what it was asked, and the faults to inject."""
-
-    root: Path
-    base_url: str = ""
-    requests: list[tuple[str, str]] = field(default_factory=list)
-    # path -> actions consumed one per GET ("500", "429", "truncate")
-    faults: dict[str, list[str]] = field(default_factory=dict)
-    # path -> action on every GET ("500", "truncate", "stall"), or "*" for every path
-    always: dict[str, str] = field(default_factory=dict)
-    no_length: bool = False
-    stalled: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def gets(self, file_name: str | None = None) -> int:
-        return sum(
-            1 for method, path in self.requests if method == "GET" and (file_name is None or path == f"/images/{file_name}")
-        )
-
-    def next_action(self, path: str) -> str | None:
-        with self.lock:
-            if path in self.always or "*" in self.always:
-                return self.always.get(path, self.always.get("*"))
-            queue = self.faults.get(path)
-            return queue.pop(0) if queue else None
-
-
-class FaultyHandler(SimpleHTTPRequestHandler):
-    """SimpleHTTPRequestHandler that records requests and injects the server's faults."""
-
-    state: FaultServer
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base class)
-        pass
-
-    def _path(self) -> str:
-        return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-
-    def do_HEAD(self) -> None:
-        self.state.requests.append(("HEAD", self._path()))
-        if self.state.no_length:
-            return self._send_without_length(body=False)
-        super().do_HEAD()
-
-    def do_GET(self) -> None:
-        path = self._path()
-        self.state.requests.append(("GET", path))
-        action = self.state.next_action(path)
-        if action in ("500", "429"):
-            self.send_error(int(action))
-        elif action in ("truncate", "stall"):
-            data = (self.state.root / path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            if action == "stall":
-                self.state.stalled.set()
-                self.state.release.wait(10)
-            self.close_connection = True  # the body ends early: the client sees EOF
-        elif self.state.no_length:
-            self._send_without_length(body=True)
-        else:
-            super().do_GET()
-
-    def _send_without_length(self, body: bool) -> None:
-        file = self.state.root / self._path().lstrip("/")
-        if not file.is_file():
-            return self.send_error(404)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.end_headers()  # no Content-Length: the body ends when the connection closes
-        if body:
-            self.wfile.write(file.read_bytes())
-        self.close_connection = True
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[FaultServer]:
-    root = tmp_path / "server"
-    images = root / "images"
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(FILE_NAMES):
-        (images / name).parent.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, size=(24 + 8 * i, 32 + 4 * i, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / name, quality=90)
-    state = FaultServer(root=root)
-    handler = type("Handler", (FaultyHandler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/images"
-    try:
-        yield state
-    finally:
-        state.release.set()
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def write_cct(path: Path, file_names: list[str]) -> Path:
     images = [{"id": f"img{i}", "file_name": name, "width": 32, "height": 24} for i, name in enumerate(file_names)]
     path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
@@ -256,7 +143,8 @@ def test_retry_after_as_an_http_date_is_honoured_and_a_stop_ends_the_wait() -> N
     stop = threading.Event()
     retry = retry_policy(3, backoff_seconds=0.01, stop=stop).new()
     in_20_s = HTTPResponse(headers={"Retry-After": email.utils.formatdate(time.time() + 20, usegmt=True)}, status=503)
-    assert 15 < retry.get_retry_after(in_20_s) <= 20
+    after = retry.get_retry_after(in_20_s)
+    assert after is not None and 15 < after <= 20
     assert retry.get_retry_after(HTTPResponse(headers={"Retry-After": "7"}, status=429)) == 7
     stop.set()
     started = time.monotonic()

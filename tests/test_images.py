@@ -16,6 +16,7 @@ from classification.data.crop_image import Failure, encode_crop
 from classification.data.crop_manifest import crop_file_name
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import CropReport, crop_detections
+from classification.data.detections import Box
 from classification.data.images import ImageLoadError, decode_failure, decode_pixels, read_rgb, read_thumbnail
 from classification.training.data import load_image
 
@@ -33,7 +34,7 @@ def write_photo(path: Path, size: tuple[int, int], orientation: int = 1, seed: i
     return path
 
 
-def crop_one(images_dir: Path, name: str, displayed: tuple[int, int], box: list[float], crops_dir: Path) -> CropReport:
+def crop_one(images_dir: Path, name: str, displayed: tuple[int, int], box: Box, crops_dir: Path) -> CropReport:
     """Crop one box of one image with ``crop_detections`` (square, quality 95); the report."""
     cct = {
         "images": [{"id": 1, "file_name": name, "width": displayed[0], "height": displayed[1], "location": "a"}],
@@ -53,7 +54,7 @@ def test_an_exif_rotated_image_gives_the_same_pixels_through_cropping_and_traini
     assert upright.size == displayed and upright.mode == "RGB"
     with Image.open(path) as image:  # cropping's decoder, simplejpeg's array allowed
         assert np.array_equal(np.asarray(decode_pixels(image, as_array=True)), np.asarray(upright))
-    box = [5.0, 7.0, 30.0, 26.0]
+    box = (5.0, 7.0, 30.0, 26.0)
     report = crop_one(tmp_path / "images", "cam.jpg", displayed, box, tmp_path / "crops")
     assert report.failures == [] and report.new == 1
     expected = encode_crop(extract_crop(np.asarray(upright), crop_geometry(box, *displayed, "square")), 95)
@@ -94,7 +95,7 @@ def test_a_truncated_image_is_the_same_one_line_error_everywhere(tmp_path: Path)
     with pytest.raises(ImageLoadError) as thumbnail:
         read_thumbnail(path, 256)
     assert str(thumbnail.value) == message
-    report = crop_one(tmp_path / "images", "cut.jpg", (256, 192), [10.0, 10.0, 50.0, 40.0], tmp_path / "crops")
+    report = crop_one(tmp_path / "images", "cut.jpg", (256, 192), (10.0, 10.0, 50.0, 40.0), tmp_path / "crops")
     assert report.failures == [Failure("cut.jpg", message.removeprefix(f"{path}: "))]
 
 

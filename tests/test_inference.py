@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from classification.config import ExperimentConfig
-from classification.errors import UserError
 from classification.data.samples import Sample
+from classification.errors import UserError
 from classification.training.data import build_loader
 from classification.training.inference import (
     EMBEDDINGS,
@@ -185,7 +186,7 @@ def test_chunks_in_the_earlier_format_are_reused_and_incomplete_ones_made_again(
     cache = ChunkCache(tmp_path / "chunks", {"model": "tiny"})
     cache.directory.mkdir()
     (cache.directory / "cache.json").write_text('{"model": "tiny"}')
-    earlier = {"kept": np.array([1, 0]), "embeddings": np.full((2, 5), 7, np.float32),
+    earlier: dict[str, Any] = {"kept": np.array([1, 0]), "embeddings": np.full((2, 5), 7, np.float32),
                "probabilities": np.zeros((0, 0), np.float32), "skipped": np.zeros(0, np.int64)}
     np.savez(cache.chunk_path(0), **earlier)
     make_loader = lambda part: build_loader(config, part, train=False)  # noqa: E731

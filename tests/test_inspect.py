@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, replace
+from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from classification.data.cct import load_cct, normalize_location, validate_cct
-from classification.data.clean import CleanOptions, build_category_map, clean_cct
+from classification.data.clean import build_category_map
 from classification.data.inspect import (
     NO_LOCATION,
     category_summary,
@@ -32,36 +34,8 @@ from classification.data.inspect import (
     sample_crops,
 )
 from classification.data.splits import SPLIT_NAMES
-from classification.demo import make_demo_dataset
 from classification.errors import DataError, UserError
-from tests.conftest import run_entry_point
-
-
-@dataclass(frozen=True)
-class DemoData:
-    """Paths of a small dataset made by the pipeline's own entry points."""
-
-    raw_cct: Path
-    images_dir: Path
-    clean_cct: Path
-    crops_dir: Path
-    dataset_dir: Path
-
-
-def build_demo_dataset(root: Path, seed: int = 0) -> DemoData:
-    """Generate demo images, clean them, crop them and build the dataset, as a user would (~1.5 s)."""
-    raw_cct = make_demo_dataset(root / "raw", n_locations=6, sequences_per_location=2, frames_per_sequence=2, seed=seed)
-    data = DemoData(raw_cct, root / "raw" / "images", root / "interim" / "clean_cct.json",
-                    root / "interim" / "crops", root / "processed")
-    clean_cct(raw_cct, data.clean_cct, CleanOptions(dataset="demo"))
-    crop = run_entry_point("utils/crop_detections.py", data.clean_cct, data.crops_dir, "--images-dir",
-                           data.images_dir, "--crop-strategy", "pad", "--threads", "2")
-    assert crop.returncode == 0, crop.stderr
-    build = run_entry_point("utils/create_classification_dataset.py", data.dataset_dir, "--mode", "csv", "cct", "splits",
-                            "--crops-dir", data.crops_dir, "--cct-json", data.clean_cct, "--val-frac", "0.2",
-                            "--test-frac", "0.2", "--seed", "0", "--candidates", "300")
-    assert build.returncode == 0, build.stderr
-    return data
+from tests.helpers.demo import DemoData, build_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +71,7 @@ def test_every_crop_gets_exactly_one_split(demo: DemoData) -> None:
 
 def test_class_counts_equal_the_csv_and_the_split_report(demo: DemoData) -> None:
     view = load_dataset(demo.dataset_dir)
+    assert view.split_report is not None
     counts = class_counts_by_split(view)
     csv = raw_csv(demo.dataset_dir)
     split_of = split_of_location(demo.dataset_dir)
@@ -116,6 +91,7 @@ def test_class_counts_equal_the_csv_and_the_split_report(demo: DemoData) -> None
 
 def test_locations_and_crops_per_split(demo: DemoData) -> None:
     view = load_dataset(demo.dataset_dir)
+    assert view.split_report is not None
     table = locations_by_split(view)
     csv = raw_csv(demo.dataset_dir)
     split_of = split_of_location(demo.dataset_dir)
@@ -200,17 +176,23 @@ def test_sample_grid_marks_a_missing_crop_and_goes_on(demo: DemoData) -> None:
         plot_sample_grid(view, demo.crops_dir, classes=["unicorn"])
 
 
+def bars(axis: Axes) -> list[Rectangle]:
+    """The bars of a bar plot: its patches, every one a rectangle."""
+    found = [patch for patch in axis.patches if isinstance(patch, Rectangle)]
+    assert len(found) == len(axis.patches)
+    return found
+
 def test_bar_plots_draw_the_counts(demo: DemoData) -> None:
     view = load_dataset(demo.dataset_dir)
     counts = class_counts_by_split(view)
     ax = plot_class_counts(view)
     assert [tick.get_text() for tick in ax.get_yticklabels()] == view.labels
-    widths = Counter()
-    for patch in ax.patches:
+    widths: defaultdict[int, float] = defaultdict(float)
+    for patch in bars(ax):
         widths[round(patch.get_y() + patch.get_height() / 2)] += patch.get_width()
     assert [widths[i] for i in range(len(view.labels))] == counts["total"].tolist()
     figure = plot_locations_by_split(view)
-    heights = [[patch.get_height() for patch in axis.patches] for axis in figure.axes]
+    heights = [[patch.get_height() for patch in bars(axis)] for axis in figure.axes]
     table = locations_by_split(view)
     assert heights == [table["n_locations"].tolist(), table["n_crops"].tolist()]
 

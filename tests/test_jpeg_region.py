@@ -130,7 +130,7 @@ def test_a_downscaled_crop_does_not_depend_on_where_the_decoded_pixels_start() -
     # rounding: a crop resampled from the full image and from a rectangle around it differed by
     # up to 24 grey levels before crops were resampled from their own window only.
     picture = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
-    geometry = pad_geometry([518.12, 275.42, 121.88, 323.33], 640, 640)  # a crop at the right edge, 324 px -> 224
+    geometry = pad_geometry((518.12, 275.42, 121.88, 323.33), 640, 640)  # a crop at the right edge, 324 px -> 224
     from_full = render_crop(picture, geometry, 224, (1.0, 1.0))
     for origin in [(496, 253), (512, 256), (349, 0), (0, 253)]:
         part = picture[origin[1]:, origin[0]:]

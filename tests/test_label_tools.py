@@ -26,7 +26,7 @@ from classification.active_learning.labels import LabelImport, ReceivedLabel, re
 from classification.active_learning.lightly import read_embeddings_csv, write_embeddings_csv, write_lightly_predictions
 from classification.active_learning.timelapse import read_timelapse_export, write_request_csv
 from classification.errors import DataError, UserError
-from tests.label_studio_server import LabelStudioServer
+from tests.label_studio_server import LabelStudioServer, annotate
 
 LABELS = ["agouti", "bird & co", "deer"]
 LABEL_INDEX = {"0": "agouti", "1": "bird & co", "2": "deer"}
@@ -357,7 +357,7 @@ def test_lightly_embeddings_csv_round_trip(tmp_path: Path) -> None:
     loaded = read_embeddings_csv(path)
     assert loaded.labels == [2, 0, 1, 2]
     np.testing.assert_array_equal(loaded.embeddings, embeddings.astype(np.float64))
-    np.testing.assert_array_equal(loaded.al_scores, [0.5, 0.25, 1.0, 0.0])  # type: ignore[arg-type]
+    np.testing.assert_array_equal(loaded.al_scores, [0.5, 0.25, 1.0, 0.0])
 
     path.write_text("filenames,embedding_0,labels\nx.jpg,abc,0\n")
     with pytest.raises(DataError, match=r"line 2: embedding_0: not a number"):
@@ -394,28 +394,9 @@ IMAGE_PATHS = [
 EXTRA_PATH = "cam09/IMG_0009.JPG"  # imported into the project but not requested
 
 
-def annotate(server: LabelStudioServer, task_id: int, user_id: int, label: str | None) -> None:
-    """POST an annotation as a person would: a single choice, or a cancelled (skipped) task."""
-    import httpx
-
-    result = (
-        []
-        if label is None
-        else [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
-    )
-    body = {"result": result, "was_cancelled": label is None, "completed_by": user_id}
-    response = httpx.post(
-        f"{server.url}/api/tasks/{task_id}/annotations/",
-        json=body,
-        headers={"Authorization": f"Token {server.token}"},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-
-
 def create_user(server: LabelStudioServer, email: str) -> int:
     """Add a user (another annotator) to the organisation."""
-    import httpx
+    import httpx  # noqa: PLC0415 - httpx is no declared dependency: only the real Label Studio tests need it
 
     response = httpx.post(
         f"{server.url}/api/users/",
@@ -429,7 +410,7 @@ def create_user(server: LabelStudioServer, email: str) -> int:
 
 @pytest.mark.slow
 def test_label_studio_round_trip_with_a_real_server(label_studio_server: LabelStudioServer, tmp_path: Path) -> None:
-    import httpx
+    import httpx  # noqa: PLC0415 - httpx is no declared dependency: only the real Label Studio tests need it
 
     server = label_studio_server
     image_root = server.document_root / "images"

@@ -19,7 +19,7 @@ import yaml
 
 from classification.data.lila.index import ALL_IMAGES_FILE, DATASETS_FILE
 from classification.data.lila.table import PARQUET_FILE, is_converted
-from tests.conftest import REPO_ROOT, SHARED_DATA, run_entry_point
+from tests.helpers.processes import REPO_ROOT, SHARED_DATA, run_entry_point
 from tests.mini_lila import MiniLila, serve_mini_lila
 
 SUBSET = "utils/download_lila_subset.py"
@@ -172,7 +172,7 @@ def test_own_export_and_lila_subset_make_one_dataset_that_trains_and_predicts(li
          "--val-frac", "0.2", "--test-frac", "0.2", "--method", "random", "--seed", "0"),
     ]
     for step in steps:
-        done = run_entry_point(*step)
+        done = run_entry_point(str(step[0]), *step[1:])
         assert done.returncode == 0, f"{step[0]}: {done.stdout}\n{done.stderr}"
     table = pd.read_csv(dataset / "classification_ds.csv", dtype=str, keep_default_na=False)
     assert set(table["label"]) == {"rattus rattus", "odocoileus virginianus", "mouflon"} and len(table) >= 25

@@ -12,15 +12,16 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import nbformat
 import pytest
 
 from classification.data.lila.index import ALL_IMAGES_FILE
 from classification.data.lila.table import PARQUET_FILE
-from tests.conftest import SHARED_DATA, run_in_process
+from tests.helpers.notebooks import NOTEBOOKS, cell, outputs_text, png_outputs
+from tests.helpers.processes import SHARED_DATA, run_in_process
 from tests.mini_lila import DATASETS, MD_TEST, MiniLila, serve_mini_lila
-from tests.test_notebooks import NOTEBOOKS, cell, kernel_env, outputs_text, png_outputs  # noqa: F401 (fixture)
 
 NOTEBOOK = NOTEBOOKS / "lila_species_locations.ipynb"
 TARGET = "rattus rattus"  # what "rat", "Rattus rattus" and "black rat" all are, in the fixture's three datasets
@@ -100,7 +101,7 @@ def test_lila_notebook_is_stored_clean_with_lila_defaults() -> None:
     assert "run_notebook.py notebooks/lila_species_locations.ipynb" in notebook.cells[0].source
 
 
-def test_lila_notebook_shows_where_the_rats_live(mini_lila: MiniLila, kernel_env: None, tmp_path: Path,  # noqa: F811
+def test_lila_notebook_shows_where_the_rats_live(mini_lila: MiniLila, kernel_env: None, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLASSIFICATION_LILA_CACHE", str(tmp_path / "default_cache"))  # must stay untouched: METADATA_DIR wins
     metadata = tmp_path / "lila_metadata"
@@ -129,10 +130,10 @@ def test_lila_notebook_shows_where_the_rats_live(mini_lila: MiniLila, kernel_env
 
     (chart,) = png_outputs(cell(notebook, "top-locations-plot"))
     assert chart.width > 300 and chart.height > 150
-    assert chart.convert("L").getextrema()[0] < 100  # bars drawn, not a blank canvas
+    assert cast("tuple[int, int]", chart.convert("L").getextrema())[0] < 100  # bars drawn, not a blank canvas
 
 
-def test_lila_notebook_names_an_unknown_taxon_in_one_line(mini_lila: MiniLila, kernel_env: None, tmp_path: Path) -> None:  # noqa: F811
+def test_lila_notebook_names_an_unknown_taxon_in_one_line(mini_lila: MiniLila, kernel_env: None, tmp_path: Path) -> None:
     result = run_in_process("utils/run_notebook.py", NOTEBOOK, "--output", tmp_path / "out.ipynb", "--set", "TAXA=ratt",
                             "--set", f"INDEX_URL={mini_lila.url}", "--set", f"METADATA_DIR={tmp_path / 'lila_metadata'}")
     assert result.returncode != 0 and not (tmp_path / "out.ipynb").exists()

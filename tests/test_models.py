@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from classification.training.models import (
     pretrained_weights,
     resolve_architecture,
     set_backbone_trainable,
+    wanted_weights,
 )
+from tests.helpers.training import write_run
 
 X = torch.rand(2, 3, 64, 64)
 
@@ -75,11 +78,11 @@ def test_weights_file_round_trip_skips_a_different_head(tmp_path: Path, caplog: 
             model = build_model("resnet18", 3, pretrained=False, weights_file=tmp_path / name)
         backbone, expected = state_of(model, "fc."), state_of(source, "fc.")
         assert backbone.keys() == expected.keys() and all(torch.equal(backbone[k], expected[k]) for k in expected), name
-        assert model.fc.out_features == 3
+        assert isinstance(model.fc, torch.nn.Linear) and model.fc.out_features == 3
         assert "head weights not loaded" in caplog.text and "fc.bias, fc.weight" in caplog.text
         caplog.clear()
     same_head = build_model("resnet18", 5, pretrained=False, weights_file=tmp_path / "raw.pt")
-    assert torch.equal(same_head.fc.weight, source.fc.weight)
+    assert torch.equal(same_head.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
 
 
 def test_weights_file_for_another_model_is_one_line_error(tmp_path: Path) -> None:
@@ -107,10 +110,6 @@ def test_freezing_leaves_only_the_head_trainable(architecture: str) -> None:
 
 def test_wanted_weights_is_a_typed_library_function(tmp_path: Path) -> None:
     """What fetch_weights.py fetches: typed pairs from the configs and the names, each once; nothing is one line."""
-    import typing
-
-    from classification.training.models import wanted_weights
-    from tests.test_train import write_run
 
     hints = typing.get_type_hints(wanted_weights)
     assert hints["return"] == list[tuple[str, typing.Literal["library", "package"]]]

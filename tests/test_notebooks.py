@@ -2,70 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import sys
 from pathlib import Path
+from typing import cast
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
-from PIL import Image
 
 from classification.data.cct import load_cct
 from classification.demo import make_demo_dataset
-from tests.conftest import REPO_ROOT
-from tests.test_inspect import build_demo_dataset
+from tests.helpers.demo import build_demo_dataset
+from tests.helpers.notebooks import NOTEBOOKS, cell, outputs_text, png_outputs, run_notebook
+from tests.helpers.processes import REPO_ROOT
 
-NOTEBOOKS = REPO_ROOT / "notebooks"
 NAMES = ("clean_and_combine_datasets.ipynb", "inspect_dataset.ipynb")
-
-
-@pytest.fixture
-def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ``python3`` kernelspec that runs this interpreter, found first via JUPYTER_PATH; no user state touched."""
-    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (test)", "language": "python"}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # the library without an install, as the tests see it
-
-
-def run_notebook(name: str) -> nbformat.NotebookNode:
-    """Execute a notebook from notebooks/ as a user would (cwd notebooks/); check the kernel is this interpreter."""
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
-    NotebookClient(notebook, kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    assert outputs_text(notebook.cells[-1]).strip() == sys.prefix
-    return notebook
-
-
-def cell(notebook: nbformat.NotebookNode, tag: str) -> nbformat.NotebookNode:
-    """The code cell carrying ``tag``."""
-    (found,) = [c for c in notebook.cells if tag in c.get("metadata", {}).get("tags", [])]
-    return found
-
-
-def outputs_text(code_cell: nbformat.NotebookNode) -> str:
-    """Everything a cell printed or displayed as text or HTML."""
-    parts = []
-    for output in code_cell.get("outputs", []):
-        if output.output_type == "stream":
-            parts.append(output.text)
-        elif output.output_type in ("execute_result", "display_data"):
-            parts += [output.data.get("text/plain", ""), output.data.get("text/html", "")]
-    return "\n".join(parts)
-
-
-def png_outputs(code_cell: nbformat.NotebookNode) -> list[Image.Image]:
-    """The PNG images a cell displayed, decoded."""
-    return [Image.open(io.BytesIO(base64.b64decode(output.data["image/png"])))
-            for output in code_cell.get("outputs", []) if "image/png" in output.get("data", {})]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -103,7 +54,8 @@ def test_inspect_notebook_runs_headless(kernel_env: None, tmp_path: Path, monkey
         assert len(png_outputs(cell(notebook, tag))) == 1
     (grid,) = png_outputs(cell(notebook, "sample-grid"))
     assert grid.width > 300 and grid.height > 100 * len(labels) // 2
-    assert grid.convert("L").getextrema()[1] - grid.convert("L").getextrema()[0] > 100  # real pictures, not blank
+    low, high = cast("tuple[int, int]", grid.convert("L").getextrema())  # one band: (min, max)
+    assert high - low > 100  # real pictures, not blank
 
 
 def test_clean_notebook_combines_two_datasets_with_edits(kernel_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,9 +17,9 @@ import torch
 
 from classification.evaluation.report import read_predictions
 from classification.package.spec import ONNX_NAME, SPEC_NAME, file_sha256, read_package
-from tests.conftest import REPO_ROOT, run_in_process
-from tests.test_inspect import DemoData, build_demo_dataset
-from tests.test_train import train_env, write_run
+from tests.helpers.demo import DemoData, build_demo_dataset
+from tests.helpers.processes import REPO_ROOT, run_in_process
+from tests.helpers.training import train_env, write_run
 
 pytestmark = pytest.mark.slow  # trains a tiny model once and exports it (~30 s)
 
@@ -143,6 +143,7 @@ def break_package(package: Path, target: Path, how: str) -> None:
     elif how == "onnx from elsewhere":
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
         program = torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), dynamo=True, verbose=False, report=False)
+        assert program is not None
         (target / ONNX_NAME).write_bytes(program.model_proto.SerializeToString())
         spec["onnx"]["sha256"] = file_sha256(target / ONNX_NAME)
         (target / SPEC_NAME).write_text(json.dumps(spec))

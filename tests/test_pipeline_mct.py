@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import SHARED_DATA, run_entry_point
-from tests.test_notebooks import cell, kernel_env, outputs_text, png_outputs  # noqa: F401 (fixture)
+from tests.helpers.notebooks import cell, outputs_text, png_outputs
+from tests.helpers.processes import SHARED_DATA, run_entry_point
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def mct(tmp_path_factory: pytest.TempPathFactory) -> MctRun:
          "--cct-json", clean, "--val-frac", "0.2", "--test-frac", "0.1", "--method", "random", "--seed", "7"),
     ]
     for step in steps:
-        result = run_entry_point(*step)
+        result = run_entry_point(str(step[0]), *step[1:])
         assert result.returncode == 0, f"{step[0]}: {result.stderr}"
     return MctRun(json.loads((mct / "mct_cct.json").read_text()), clean, crops, out, steps)
 
@@ -114,7 +114,7 @@ def test_mct_package_predicts_the_test_crops_like_the_checkpoint(mct: MctRun, tm
          "--crops-dir", mct.crops, "--output-dir", tmp_path / "onnx"),
     ]
     for step in steps:
-        result = run_entry_point(*step)
+        result = run_entry_point(str(step[0]), *step[1:])
         assert result.returncode == 0, f"{step[0]}: {result.stderr}"
     reference, packaged = (pd.read_csv(tmp_path / name / "predictions.csv", keep_default_na=False) for name in ("torch", "onnx"))
     assert len(packaged) == len(reference) > 50

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import classification.evaluation.predict as predict_module
 from classification.config import ExperimentConfig, PostprocessConfig, config_hash, load_config
 from classification.data.cct import load_cct
 from classification.data.crop_options import CropOptions
@@ -40,9 +41,9 @@ from classification.evaluation.taxonomy import (
     read_taxonomy,
     roll_up,
 )
-from tests.conftest import REPO_ROOT, SHARED_DATA
-from tests.test_notebooks import cell, kernel_env, outputs_text, run_notebook  # noqa: F401 (fixture)
-from tests.test_predict import TrainedRun, predict_here, trained  # noqa: F401 (fixture)
+from tests.helpers.demo import TrainedRun, predict_here
+from tests.helpers.notebooks import cell, outputs_text, run_notebook
+from tests.helpers.processes import REPO_ROOT, SHARED_DATA
 
 MCT_TAXONOMY = REPO_ROOT / "runs" / "efficientnet-lite0" / "mct" / "taxonomy.csv"
 
@@ -230,8 +231,9 @@ def test_fit_on_val_then_apply_to_test_and_refuse_a_changed_checkpoint(shared_da
     probabilities = probabilities_from_topk(predictions, names)
     val = run_postprocess(config, names, predictions, probabilities, tmp_path / "val",
                           PostprocessInput(tmp_path / "run", checkpoint, fit=True, manifest=crops))
+    assert val is not None and val.metrics is not None
     saved = json.loads((tmp_path / "run" / "postprocess" / "best.json").read_text())
-    assert saved["temperature"] == pytest.approx(val.fitted.temperature) and saved["target_precision"] == 0.95
+    assert val.fitted is not None and saved["temperature"] == pytest.approx(val.fitted.temperature) and saved["target_precision"] == 0.95
     assert val.metrics["answers"]["species_accuracy"] >= 0.95 and val.metrics["answers"]["species_coverage"] < 1
     stages = val.metrics["stages"]
     assert list(stages) == ["raw", "calibrated", "sequence"]
@@ -242,10 +244,12 @@ def test_fit_on_val_then_apply_to_test_and_refuse_a_changed_checkpoint(shared_da
 
     again = run_postprocess(config, names, predictions, probabilities, tmp_path / "test",
                             PostprocessInput(tmp_path / "run", checkpoint, fit=False, manifest=crops))
+    assert again is not None and again.metrics is not None
     assert again.fitted is not None and again.metrics["skipped"] is None
     checkpoint.write_bytes(b"another best.pt")
     stale = run_postprocess(config, names, predictions, probabilities, tmp_path / "test2",
                             PostprocessInput(tmp_path / "run", checkpoint, fit=False, manifest=crops))
+    assert stale is not None and stale.metrics is not None
     assert stale.fitted is None and "fitted for another best.pt" in stale.metrics["skipped"]
     assert list(stale.metrics["stages"]) == ["raw", "sequence"]  # the unfitted steps are left out, and said so
 
@@ -311,6 +315,7 @@ def test_species_list_renormalises_or_rolls_up_and_reports_it(shared_data: Path,
     where = PostprocessInput(tmp_path / "run", fake_checkpoint(tmp_path / "run"), fit=False, manifest=crops)
     result = run_postprocess(PostprocessConfig(species_list=species), names, predictions,
                              probabilities_from_topk(predictions, names), tmp_path / "out", where)
+    assert result is not None and result.metrics is not None
     note = result.metrics["notes"]["species_list"]
     changed = result.table["species_list"] == "renormalised"
     assert note["n_disallowed"] == changed.sum() > 0
@@ -320,6 +325,7 @@ def test_species_list_renormalises_or_rolls_up_and_reports_it(shared_data: Path,
 
     rolled = run_postprocess(PostprocessConfig(species_list=species, species_list_action="rollup", taxonomy=MCT_TAXONOMY),
                              names, predictions, probabilities_from_topk(predictions, names), tmp_path / "out2", where)
+    assert rolled is not None
     flagged = rolled.table["species_list"] == "rolled up"
     assert flagged.sum() == note["n_disallowed"] and (rolled.table.loc[flagged, "answer_rank"] != "species").all()
 
@@ -352,6 +358,7 @@ def test_detector_and_classifier_blank_species_and_unknown_on_real_megadetector_
     where = PostprocessInput(tmp_path / "run", fake_checkpoint(tmp_path / "run"), fit=False, manifest=manifest,
                              megadetector=md_path, classifier="test")
     result = run_postprocess(config, names, table, probabilities_from_topk(table, names), tmp_path / "out", where)
+    assert result is not None
     assert result.metrics is None  # no labels: nothing to score, the answers are still written
 
     md = json.loads(md_path.read_text())
@@ -434,8 +441,6 @@ def test_predict_megadetector_input_with_taxonomy_writes_descriptions_and_image_
 def test_postprocess_reads_every_class_probability_whatever_topk(trained: TrainedRun, monkeypatch: pytest.MonkeyPatch) -> None:
     """predict.py keeps every class's probability for the post-prediction stage: the top-k approximation
     (``probabilities_from_topk``, for tables read back from disk) is not used, and --topk changes nothing in it."""
-    import classification.evaluation.predict as predict_module
-
     def approximation_used(*_args: object) -> None:
         raise AssertionError("post-processing read the top-k approximation")
 

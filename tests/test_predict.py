@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import runpy
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,53 +19,13 @@ from classification.errors import DataError
 from classification.evaluation.predict import run_prediction
 from classification.evaluation.report import prediction_columns, read_predictions
 from classification.training.checkpoint import load_checkpoint
-from tests.conftest import REPO_ROOT, run_in_process
-from tests.test_inspect import DemoData, build_demo_dataset
-from tests.test_notebooks import cell, kernel_env, outputs_text, png_outputs, run_notebook  # noqa: F401 (fixture)
-from tests.test_train import train_env, write_run
+from tests.helpers.demo import TrainedRun, predict_here, run_predict, split_paths
+from tests.helpers.notebooks import cell, outputs_text, png_outputs, run_notebook
+from tests.helpers.processes import REPO_ROOT, run_entry_point, run_in_process
+from tests.helpers.training import write_run
 
 pytestmark = pytest.mark.slow  # trains a model once (~10 s) and runs the entry point a few times
 PLOTS = ("confusion_matrix.png", "precision_recall.png", "reliability.png", "confident_mistakes.png")
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    """A two-epoch tiny model on a demo dataset."""
-
-    data: DemoData
-    config: Path
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.parent
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
-    root = tmp_path_factory.mktemp("predict")
-    data = build_demo_dataset(root / "demo")
-    config = write_run(root / "runs" / "tiny" / "demo", data.dataset_dir, crops_dir=str(data.crops_dir), num_epochs=2)
-    result = run_in_process("classifier/train.py", "--config", config, env=train_env(), cwd=config.parent)
-    assert result.returncode == 0, result.stderr
-    return TrainedRun(data, config)
-
-
-def run_predict(*args: object) -> subprocess.CompletedProcess[str]:
-    """classifier/predict.py as a user runs it."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / "classifier" / "predict.py"), *map(str, args)],
-                          capture_output=True, text=True, env=train_env(), timeout=600)
-
-
-def predict_here(*args: object) -> subprocess.CompletedProcess[str]:
-    """The same, in this process (``run_in_process``; test_split_test_scores_exactly_the_test_crops runs the real one)."""
-    return run_in_process("classifier/predict.py", *args, env=train_env())
-
-
-def split_paths(dataset_dir: Path, split: str) -> list[str]:
-    """Crop paths of ``split``, straight from classification_ds.csv and splits.json."""
-    frame = pd.read_csv(dataset_dir / "classification_ds.csv", dtype=str, keep_default_na=False)
-    keys = {tuple(pair) for pair in json.loads((dataset_dir / "splits.json").read_text())[split]}
-    return [path for path, *key in zip(frame["path"], frame["dataset"], frame["location"]) if tuple(key) in keys]
 
 
 def test_split_test_scores_exactly_the_test_crops(trained: TrainedRun) -> None:
@@ -171,6 +129,7 @@ def test_cct_input_equals_the_split(trained: TrainedRun, tmp_path: Path) -> None
     columns = ["path", "location", "true_label", "pred_label", "top1_prob", "top3_label"]
     pd.testing.assert_frame_equal(by_cct.predictions.sort_values("path")[columns].reset_index(drop=True),
                                   by_split.predictions.sort_values("path")[columns].reset_index(drop=True))
+    assert by_cct.metrics is not None and by_split.metrics is not None
     assert by_cct.metrics["top1"] == by_split.metrics["top1"]
 
 
@@ -261,8 +220,6 @@ def test_evaluate_notebook_runs_headless_on_the_run(trained: TrainedRun, kernel_
 
 
 def test_evaluate_notebook_is_stored_clean_with_demo_defaults() -> None:
-    import nbformat
-
     notebook = nbformat.read(REPO_ROOT / "notebooks" / "evaluate_results.ipynb", as_version=4)
     nbformat.validate(notebook)
     code = [c for c in notebook.cells if c.cell_type == "code"]
@@ -274,9 +231,6 @@ def test_evaluate_notebook_is_stored_clean_with_demo_defaults() -> None:
 
 def test_run_notebook_entry_point_saves_the_executed_evaluation(trained: TrainedRun, kernel_env: None,
                                                                  tmp_path: Path) -> None:
-    import nbformat
-
-    from tests.conftest import run_entry_point
 
     output = run_prediction(trained.config, "best", split="val").output_dir
     executed = tmp_path / "evaluate_results.ipynb"

@@ -20,21 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification.config import load_config
+from classification.config import config_hash, hashed_fields, load_config
 from classification.errors import UserError
 from classification.training.checkpoint import load_checkpoint
-from classification.training.resume import newest_checkpoint
 from classification.training.engine import train
-from tests.conftest import run_in_process
-from tests.test_train import (
-    assert_same_tensors,
-    build_dataset,
-    read_metrics,
-    run_train,
-    train_command,
-    train_env,
-    write_run,
-)
+from classification.training.resume import check_resumable, newest_checkpoint
+from tests.helpers.processes import run_in_process
+from tests.helpers.training import assert_same_tensors, build_dataset, read_metrics, run_train, train_command, train_env, write_run
 
 EPOCHS = 4
 OPTIONS = {  # enough batches per epoch to stop in one; dropout (draws from the torch RNG), EMA, warm-up, cosine, weighted sampler
@@ -181,8 +173,6 @@ def test_checkpoint_from_before_the_input_statistics_keys_resumes_with_what_it_w
     """A run saved before ``mean``/``std``/``interpolation``/``pretrained_source`` existed (ImageNet statistics,
     bilinear) resumes without --force, and keeps those statistics, though the weights' own (timm's: bicubic,
     160 px for this model) now differ."""
-    from classification.config import config_hash, hashed_fields
-
     dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=2, frames=1)
     config = write_run(tmp_path / "run", dataset, num_epochs=1)
     (config.parent / "config.yml").write_text(config.read_text().replace("image_size: 32\n", ""))
@@ -205,9 +195,6 @@ def test_checkpoint_from_before_the_input_statistics_keys_resumes_with_what_it_w
 def test_a_changed_setting_holding_a_secret_is_shown_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """``--set train_split=<key>`` on a resume: the refusal and the --force warning name the field, never the key."""
-    from classification.config import config_hash
-    from classification.training.resume import check_resumable
-
     secret = "c0met-key-given-by-set-0123456789"
     monkeypatch.setenv("COMET_API_KEY", secret)
     dataset = build_dataset(tmp_path / "data", n_locations=4, sequences=1, frames=1)

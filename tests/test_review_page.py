@@ -19,9 +19,9 @@ from PIL import Image
 from classification.data.cct import read_image_size
 from classification.evaluation.report import prediction_columns
 from classification.evaluation.review_page import PageOptions, embedded_thumbnail, write_review_page
-from tests.conftest import REPO_ROOT, run_entry_point, run_in_process
-from tests.test_predict import TrainedRun, trained  # noqa: F401 (the fixture: a tiny model trained once per module)
-from tests.test_train import train_env
+from tests.helpers.demo import TrainedRun
+from tests.helpers.processes import REPO_ROOT, run_entry_point, run_in_process
+from tests.helpers.training import train_env
 
 HOSTILE = '<script>alert("x")</script> & \'quotes\''  # a class name from the data that must stay text
 ODD_NAME = "odd name #1 ü.jpg"  # a crop whose file name needs percent-encoding in a URL

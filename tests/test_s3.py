@@ -26,7 +26,7 @@ from classification.data import s3
 from classification.data.http import CHUNK_SIZE, Cancelled, FetchError
 from classification.data.s3 import ANIML_SERVING_BUCKET, AwsOptions, S3Transport, s3_url, split_s3_url
 from classification.errors import UserError
-from tests.conftest import run_entry_point
+from tests.helpers.processes import run_entry_point
 
 ACCESS_KEY = "AKIATESTINGFAKEKEY01"
 SECRET_KEY = "fake-secret-Zq7vXw9-never-shown"

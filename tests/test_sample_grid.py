@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from classification.config import load_config
-from classification.runtime import DistributedContext
 from classification.data.samples import build_samples, load_label_index
+from classification.runtime import DistributedContext
 from classification.training.data import build_loader
 from classification.training.models import resolve_inputs
 from classification.training.sample_grid import TILE, sample_prediction_grid
 from classification.training.trainer import build_trainer
-from tests.test_train import build_dataset, write_run
+from tests.helpers.training import build_dataset, write_run
 
 
 def test_sample_grid_predicts_on_normalised_images_like_validation(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from classification.data.time_splits import (
     time_split_of_crops,
 )
 from classification.errors import DataError, UserError
-from tests.conftest import run_in_process
+from tests.helpers.processes import run_in_process
 
 FRACTIONS = np.array([0.7, 0.2, 0.1])
 

@@ -33,7 +33,7 @@ from classification.training.tracking import (
     load_comet_settings,
     public_parameters,
 )
-from tests.test_train import build_dataset, run_train, write_run
+from tests.helpers.training import build_dataset, run_train, write_run
 
 FAKE_KEY = "x" * 32
 CONFIG = {"learning_rate": 0.01, "data_root": Path("/data/demo"), "comet": "auto", "comet_project": None}

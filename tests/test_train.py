@@ -1,21 +1,18 @@
 """Training runs on a tiny real dataset (demo images -> crops -> dataset): outputs, options, checkpoints.
 
-The helpers here (``build_dataset``, ``write_run``, ``train_command``) are shared with
-test_resume.py and test_distributed.py.
+The dataset and run helpers (``build_dataset``, ``write_run``, ``train_command``) are in
+tests/helpers/training.py, shared with the other modules that train.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import zipfile
-from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +20,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from classification.config import load_config
-from classification.data.crop_options import CropOptions
-from classification.data.crop_run import crop_detections
-from classification.data.dataset import DatasetOptions, create_classification_dataset
-from classification.demo import make_demo_dataset
+from classification.config import ExperimentConfig, load_config
+from classification.data.samples import build_samples
 from classification.errors import DataError, UserError
+from classification.runtime import DistributedContext, seed_everything
 from classification.training.checkpoint import (
     checkpoint_names,
     load_checkpoint,
@@ -37,79 +33,17 @@ from classification.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from classification.training.resume import newest_checkpoint, repair_best
-from classification.training.rng_state import capture_rng_state, restore_rng_state
-from classification.data.samples import build_samples
-from classification.runtime import seed_everything
+from classification.training.ema import ExponentialMovingAverage
 from classification.training.engine import train
 from classification.training.hooks import is_improvement
-from classification.training.optim import lr_factor
+from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model, head_name
-from tests.conftest import REPO_ROOT, run_in_process
-from tests.test_config import ANIML_CONFIG
-
-TINY: dict[str, Any] = {
-    "architecture": "timm:test_efficientnet", "pretrained": False, "image_size": 32, "batch_size": 8,
-    "num_workers": 0, "comet": "off", "learning_rate": 0.05, "num_epochs": 2, "log_sample_predictions": 4,
-}
-
-
-def build_dataset(root: Path, n_locations: int = 6, sequences: int = 3, frames: int = 2) -> Path:
-    """Demo camera-trap images cropped and split by the library's own pipeline; crops in ``<dataset>/crops``."""
-    cct = make_demo_dataset(root / "raw", n_locations, sequences, frames, seed=0)
-    dataset = root / "dataset"
-    crop_detections(cct, dataset / "crops", root / "raw" / "images", CropOptions(crop_strategy="pad", max_size=64))
-    create_classification_dataset(dataset, DatasetOptions(crops_dir=dataset / "crops", cct_json=cct, val_frac=0.25,
-                                                          test_frac=0.2, candidates=500, seed=0))
-    return dataset
-
-
-def write_run(run_dir: Path, dataset: Path, **options: Any) -> Path:
-    """``run_dir/config.yml`` for a tiny model on ``dataset``; ``options`` override ``TINY``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"data_root": str(dataset), "crops_dir": "crops", **TINY, **options}
-    path = run_dir / "config.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def train_env(**extra: str) -> dict[str, str]:
-    """One thread per process (fast and reproducible on 2 cores), no Comet key unless given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
-
-
-def train_command(config: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "classifier" / "train.py"), "--config", str(config), *args]
-
-
-def run_train(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run classifier/train.py as a user would (from the run folder, so no .env of the repo is read)."""
-    return subprocess.run(train_command(config, *args), capture_output=True, text=True, cwd=config.parent,
-                          env=train_env(**env), timeout=600)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    """Bitwise equality of nested checkpoint structures (tensors with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, Mapping):
-        assert set(a) == set(b), where
-        for key in a:
-            assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+from classification.training.optim import lr_factor
+from classification.training.resume import newest_checkpoint, repair_best
+from classification.training.rng_state import capture_rng_state, restore_rng_state
+from classification.training.trainer import build_trainer, train_step
+from tests.helpers.processes import run_in_process
+from tests.helpers.training import ANIML_CONFIG, TINY, assert_same_tensors, build_dataset, read_metrics, run_train, train_env, write_run
 
 
 @pytest.fixture(scope="module")
@@ -349,18 +283,13 @@ def test_resume_picks_the_newest_checkpoint_after_a_cut_short_save(tmp_path: Pat
 
 
 def test_a_step_the_fp16_scaler_skips_moves_neither_the_schedule_nor_the_ema(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    from classification.config import ExperimentConfig
-    from classification.runtime import DistributedContext
-    from classification.training.metrics import MetricAccumulator
-    from classification.training.trainer import build_trainer, train_step
     config = ExperimentConfig(data_root=tmp_path, **{**TINY, "ema_decay": 0.9})
     trainer = build_trainer(config, 3, [0, 1, 2], 10, torch.device("cpu"), DistributedContext())
     trainer = replace(trainer, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))  # fp16's scaler, on the CPU
     labels = torch.tensor([0, 1, 2, 0])
     train_step(trainer, torch.rand(4, 3, 32, 32), labels, MetricAccumulator(3))
     weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    assert trainer.ema is not None
     steps, averaged = trainer.scheduler.last_epoch, int(trainer.ema.n_averaged)
     train_step(trainer, torch.full((4, 3, 32, 32), math.inf), labels, MetricAccumulator(3))  # inf gradients: skipped
     assert trainer.scaler.get_scale() == 2.0**15
@@ -371,9 +300,6 @@ def test_a_step_the_fp16_scaler_skips_moves_neither_the_schedule_nor_the_ema(tmp
 
 
 def test_the_ema_equals_torchs_averaged_model_and_keeps_its_counter_on_the_cpu() -> None:
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from classification.training.ema import ExponentialMovingAverage
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     model(torch.rand(2, 3, 8, 8))

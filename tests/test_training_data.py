@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,21 +12,23 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from classification.config import ExperimentConfig
 from classification.data.clean import CleanOptions, clean_cct
+from classification.data.samples import Sample, available_splits, build_samples, load_label_index
 from classification.demo import make_demo_dataset
 from classification.errors import DataError, UserError
-from classification.data.samples import Sample, available_splits, build_samples, load_label_index
 from classification.training.data import (
+    Augmentation,
+    BatchNormalize,
     CropDataset,
     EpochSampler,
-    check_images_exist,
     ImageLoadError,
     SkippedImages,
     build_loader,
-    BatchNormalize,
     build_transforms,
+    check_images_exist,
     class_weights_for_loss,
     collate_skip_none,
     label_weights,
@@ -35,7 +38,7 @@ from classification.training.data import (
 )
 from classification.training.models import resolve_inputs
 from classification.training.weights import InputSpec
-from tests.conftest import run_entry_point
+from tests.helpers.processes import run_entry_point
 
 
 def config_for(data_root: Path, **overrides: object) -> ExperimentConfig:
@@ -162,6 +165,7 @@ def test_real_problem_files(shared_data: Path) -> None:
     items = [dataset[i] for i in range(len(samples))]
     assert items[0][0] is None and items[3][0] is None
     assert dataset.describe(0) == str(folder / "african_elephants_truncated_file.jpg")
+    assert items[1][0] is not None and items[2][0] is not None
     assert items[1][0].shape == items[2][0].shape == (3, 32, 32)
     batch = collate_skip_none(items)
     assert batch.skipped == [0, 3] and batch.indices.tolist() == [1, 2] and batch.images.shape == (2, 3, 32, 32)
@@ -214,10 +218,11 @@ def test_batch_normalisation_equals_per_image_normalisation_bit_for_bit(tmp_path
     """The loader leaves ToDtype + Normalize to one op per batch (BatchNormalize): the same floats."""
     samples = [Sample(write_jpeg(tmp_path / f"{i}.jpg", (60 + 7 * i, 48), seed=i), 0, "", "") for i in range(5)]
     spec = InputSpec(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
-    for augmentation, train in (("light", True), ("none", False), ("light", False)):
+    cases: tuple[tuple[Augmentation, bool], ...] = (("light", True), ("none", False), ("light", False))
+    for augmentation, train in cases:
         whole = CropDataset(samples, build_transforms(32, augmentation, train, spec), seed=3)
         split = CropDataset(samples, build_transforms(32, augmentation, train, spec, normalize=False), seed=3)
-        assert split[0][0].dtype == torch.uint8
+        assert image_at(split, 0).dtype == torch.uint8
         finish = BatchNormalize(spec.mean, spec.std)
         expected = collate_skip_none([whole[i] for i in range(5)]).images
         assert torch.equal(collate_skip_none([split[i] for i in range(5)], finish=finish).images, expected)
@@ -225,21 +230,28 @@ def test_batch_normalisation_equals_per_image_normalisation_bit_for_bit(tmp_path
         build_transforms(32, "strong", True, spec, normalize=False)
 
 
+def image_at(dataset: CropDataset, index: int) -> torch.Tensor:
+    """The image of item ``index``, which must have been readable."""
+    image = dataset[index][0]
+    assert image is not None
+    return image
+
+
 def test_items_are_a_pure_function_of_epoch_and_index(tmp_path: Path) -> None:
     samples = [Sample(write_jpeg(tmp_path / f"{i}.jpg", (48, 48), seed=i), i % 2, "", "") for i in range(4)]
     dataset = CropDataset(samples, build_transforms(32, "strong", True), seed=7)
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    forward = [dataset[i][0] for i in range(4)]
-    backward = [dataset[i][0] for i in reversed(range(4))][::-1]
+    forward = [image_at(dataset, i) for i in range(4)]
+    backward = [image_at(dataset, i) for i in reversed(range(4))][::-1]
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     dataset.set_epoch(1)
-    assert not any(torch.equal(a, dataset[i][0]) for i, a in enumerate(forward))
+    assert not any(torch.equal(a, image_at(dataset, i)) for i, a in enumerate(forward))
     dataset.set_epoch(0)
-    assert torch.equal(dataset[2][0], forward[2])
+    assert torch.equal(image_at(dataset, 2), forward[2])
     other_seed = CropDataset(samples, build_transforms(32, "strong", True), seed=8)
-    assert not torch.equal(other_seed[0][0], forward[0])
+    assert not torch.equal(image_at(other_seed, 0), forward[0])
 
 
 def collect(loader: torch.utils.data.DataLoader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -283,7 +295,8 @@ def test_persistent_workers_follow_the_epoch(demo_dataset: tuple[Path, Path]) ->
         set_loader_epoch(persistent, epoch)
         set_loader_epoch(in_process, epoch)
         batches = collect(persistent)
-        pids.append(tuple(sorted(w.pid for w in persistent._iterator._workers)))
+        assert isinstance(persistent._iterator, _MultiProcessingDataLoaderIter)
+        pids.append(tuple(sorted(w.pid for w in persistent._iterator._workers if w.pid is not None)))  # all started
         for (a, la, ia), (b, lb, ib) in zip(batches, collect(in_process), strict=True):
             assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ia, ib)
     assert pids[0] == pids[1], "the same worker processes in both epochs"
@@ -295,10 +308,12 @@ def test_eval_loader_keeps_order_and_balancing_uses_weights(demo_dataset: tuple[
     samples = build_samples(config, "val")
     loader = build_loader(config, samples, train=False)
     assert torch.cat([b.indices for b in loader]).tolist() == list(range(len(samples)))
+    assert isinstance(loader.sampler, EpochSampler)
     assert loader.sampler.weights is None and not loader.pin_memory
     train = build_samples(config, "train")
     weighted = build_loader(config, train, train=True)
     expected = label_weights([s.label for s in train])
+    assert isinstance(weighted.sampler, EpochSampler) and weighted.sampler.weights is not None
     assert np.allclose(weighted.sampler.weights.numpy(), expected)
 
 
@@ -372,7 +387,8 @@ def test_the_loader_reads_inputs_that_resolve_inputs_decided(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="not resolved: pass it through training.models.resolve_inputs"):
         build_loader(unresolved, [], train=False)
     resolved = resolve_inputs(unresolved, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"})
-    assert build_loader(resolved, [], train=False).collate_fn.keywords["finish"].mean == (0.5, 0.5, 0.5)
+    collate = build_loader(resolved, [], train=False).collate_fn
+    assert isinstance(collate, functools.partial) and collate.keywords["finish"].mean == (0.5, 0.5, 0.5)
 
 
 @pytest.mark.parametrize(("count", "sizes"), [(7, [3, 3]), (8, [3, 3, 2]), (1, [1])])

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import ImageFile
 
 from classification.active_learning.simulation import CURVE_COLUMNS, read_curve
 from classification.config import load_config
-from classification.data.lila.md_results import json_stream
 from classification.data.images import ImageLoadError, is_valid_image, read_rgb
+from classification.data.lila.md_results import json_stream
 from classification.errors import DataError
 from classification.io import CONFIG_READ_LIMIT, read_bounded_text, read_json, read_json_object, read_string_csv, write_csv_atomic
 from classification.training.engine import train
-from tests.test_hostile_inputs import assert_one_line, jpeg, run
-from tests.test_train import build_dataset, write_run
+from tests.helpers.hostile import assert_one_line, jpeg, run
+from tests.helpers.training import build_dataset, write_run
 
 NOT_UTF8 = b"\xff\xfe\x00garbage \x81\x82\n"
 
@@ -284,7 +285,6 @@ def test_csv_and_lila_json_readers_refuse_a_fifo(tmp_path: Path) -> None:
 
 def test_a_truncated_jpeg_is_refused_even_when_another_package_turned_on_truncated_loading(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from PIL import ImageFile
     whole = jpeg(tmp_path / "whole.jpg", (64, 48))
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])

