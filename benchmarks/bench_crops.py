@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import os
@@ -101,7 +102,7 @@ def compare_with_megadetector(repeats: int, threads: list[int]) -> None:
     runners: dict[str, Callable[[], tuple[int, float]]] = {reference: lambda: time_megadetector(input_json, images_dir)}
     for n in threads:
         options = CropOptions(crop_strategy="square", threads=n, progress=False)
-        runners[f"crop_detections square, {n} worker(s)"] = lambda options=options: time_run(input_json, images_dir, options)
+        runners[f"crop_detections square, {n} worker(s)"] = functools.partial(time_run, input_json, images_dir, options)
     runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import importlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,16 +34,16 @@ import torch
 from distributed import Client, LocalCluster
 from torch import nn
 
+from bench_crops import time_run
 from classification.config import ExperimentConfig
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import crop_detections
-from classification.shards import DaskOptions
 from classification.data.samples import Sample
+from classification.shards import DaskOptions
 from classification.training.data import build_loader
 from classification.training.inference import PROBABILITIES, inference_options, probabilities, run_inference
 from classification.training.inference_shards import ModelSource, run_inference_shards
 from classification.training.models import build_model, resolve_inputs
-from bench_crops import time_run
 from machine_load import describe_load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

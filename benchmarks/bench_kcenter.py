@@ -38,11 +38,11 @@ def isotropic_pool(n: int, dim: int, seed: int) -> np.ndarray:
 def reference_k_center(x: np.ndarray, labelled: np.ndarray, budget: int, dtype: type, chunk: int = 2048) -> np.ndarray:
     """Textbook k-center greedy in ``dtype``: min distances to the labelled set, then one full update per pick."""
     pool = np.flatnonzero(~labelled)
-    xp = x[pool].astype(dtype)
+    xp: np.ndarray = x[pool].astype(dtype)
     sq = np.einsum("ij,ij->i", xp, xp)
     centres = x[labelled].astype(dtype)
     centre_sq = np.einsum("ij,ij->i", centres, centres)
-    nearest = np.full(pool.size, np.inf, dtype=dtype)
+    nearest: np.ndarray = np.full(pool.size, np.inf, dtype=dtype)
     for start in range(0, pool.size, chunk):
         rows = slice(start, start + chunk)
         for c in range(0, centres.shape[0], chunk):

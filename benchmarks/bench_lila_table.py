@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def _latin(rng: random.Random, used: set[str], syllables: int, suffix: str = "")
 
 def synthetic_taxa(seed: int = 0) -> list[dict[str, str]]:
     """Labels as LILA's taxonomy mapping has them: 600 species and 60 genus-level ones, most common first, then "empty"."""
-    rng, used = random.Random(seed), set()
+    rng, used = random.Random(seed), set[str]()
     orders = [(CLASSES[k % len(CLASSES)], _latin(rng, used, 2, "iformes" if k % 4 == 1 else "ia")) for k in range(24)]
     families = [(*orders[k % len(orders)], _latin(rng, used, 2, "idae")) for k in range(100)]
     genera = [(*families[k % len(families)], _latin(rng, used, 2)) for k in range(N_SPECIES // 2)]
@@ -319,7 +320,7 @@ def measure_pandas(csv_path: Path, rows: int, slice_rows: int, budget_gb: float,
             "scaled_from": part["rows"]}
 
 
-def print_table(rows: int, sizes: dict[str, float], setup: dict[str, float] | None, convert: dict[str, Any],
+def print_table(rows: int, sizes: Mapping[str, float], setup: dict[str, float] | None, convert: dict[str, Any],
                 queries: dict[str, dict[str, Any]], pandas: dict[str, Any]) -> None:
     import duckdb  # noqa: PLC0415
     import pandas as pd  # noqa: PLC0415

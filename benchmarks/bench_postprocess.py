@@ -25,9 +25,9 @@ import torch
 
 from bench_pretrained import backbone_features, fit_logistic_regression, labels_of, prepare_crops, prepare_split, scores
 from classification.config import ExperimentConfig, PostprocessConfig
+from classification.data.samples import Sample, build_samples, load_label_index
 from classification.evaluation.postprocess import PostprocessInput, run_postprocess
 from classification.evaluation.report import prediction_columns
-from classification.data.samples import Sample, build_samples, load_label_index
 
 REPO = Path(__file__).resolve().parents[1]
 TAXONOMY = REPO / "runs" / "efficientnet-lite0" / "mct" / "taxonomy.csv"

@@ -39,8 +39,8 @@ from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
-from classification.training.checkpoint import resolve_checkpoint
 from classification.data.samples import Sample, build_samples, load_label_index
+from classification.training.checkpoint import resolve_checkpoint
 from classification.training.engine import train
 from classification.training.metrics import accumulate_probabilities
 from classification.training.models import build_model

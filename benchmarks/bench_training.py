@@ -33,9 +33,9 @@ from classification.data.clean import CleanOptions, clean_cct
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import crop_detections
 from classification.data.dataset import DatasetOptions, create_classification_dataset
+from classification.data.samples import build_samples, load_label_index
 from classification.runtime import distributed_context
 from classification.training import trainer as trainer_module
-from classification.data.samples import build_samples, load_label_index
 from classification.training.data import Batch, build_loader, set_loader_epoch
 from classification.training.metrics import MetricAccumulator
 from classification.training.models import build_model, resolve_inputs

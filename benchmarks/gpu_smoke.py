@@ -120,7 +120,8 @@ def main() -> int:
     card = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "CPU"
     print(f"{card}, torch {torch.__version__}, in {workdir}", flush=True)
     dataset = build_dataset(workdir)
-    python, results = sys.executable, []
+    python = sys.executable
+    results: list[tuple[str, int, float, str]] = []
     config = write_config(workdir / "runs" / "one_gpu", dataset, args.architecture, args.epochs, args.device)
     train = [python, "classifier/train.py", "--config", str(config)]
     killed_ok = kill_after_first_checkpoint(train, config.parent, results)
