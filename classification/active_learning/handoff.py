@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from classification.active_learning import store
 from classification.active_learning.label_studio import (
     LabelStudioClient,

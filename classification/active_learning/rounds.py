@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from classification.active_learning import head_rounds, store
 from classification.active_learning.registry import check_config_strategies
 from classification.config import ActiveLearningConfig, ExperimentConfig, load_config

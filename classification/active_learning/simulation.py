@@ -40,10 +40,10 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from classification.active_learning.embeddings import embed_with_backbone, embed_with_checkpoint
+from classification.active_learning.pool import stratified_mask
 from classification.active_learning.registry import check_strategy_name, get_strategy, select
 from classification.active_learning.round_datasets import write_derived_config
 from classification.active_learning.rounds import Experiment, round_seed
-from classification.active_learning.pool import stratified_mask
 from classification.active_learning.strategies import SelectionInputs
 from classification.active_learning.triplet import predict_proba, train_mlp
 from classification.config import SimulationConfig, describe_error

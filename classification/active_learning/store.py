@@ -43,7 +43,7 @@ ROUND_NAME = re.compile(r"^round_(\d+)$")
 
 def utc_now() -> str:
     """The current UTC time, to the second, ISO 8601."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- labels

@@ -20,7 +20,7 @@ import bisect
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -216,7 +216,7 @@ def is_date(value: str) -> bool:
 
 def instant(moment: datetime) -> datetime:
     """A comparable instant: aware times in UTC; naive ones taken as UTC."""
-    return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # ---------------------------------------------------------------- events

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -218,7 +218,7 @@ def remove_stale_crop_temporaries(crops_dir: Path) -> None:
 
 def write_run_log(report: CropReport, logdir: Path, arguments: dict[str, object]) -> Path:
     """Write ``crop_detections_<UTC time>.json``: arguments, counts, every failure and skipped image."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S_%fZ")
     path = Path(logdir) / f"crop_detections_{stamp}.json"
     write_json_atomic(
         path,

@@ -34,7 +34,7 @@ import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +383,7 @@ def export_predictions(predictions_path: str | Path, package_path: str | Path, o
     remove_stale_staging(output_dir)  # first: a package an export killed mid-way moved aside is back before the checks
     check_output_folder(output_dir, overwrite, {name: path for name, path in inputs.items() if path is not None})
     classified_by = classified_by or default_classified_by(info)
-    timestamp = timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    timestamp = timestamp or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     manifest = read_crops_manifest(manifest_path) if manifest_path is not None else None
     files = local_media(package.media, package.root, package.paths["media"])  # no link out of the package, no FIFO
     sized = files if images_dir is None else local_media(package.media, Path(images_dir), package.paths["media"])

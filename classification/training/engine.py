@@ -44,20 +44,18 @@ from classification.data.samples import build_samples, load_label_index
 from classification.errors import DataError
 from classification.runtime import (
     DistributedContext,
-    max_over_ranks,
     all_reduce_sum,
     close_distributed,
     configure_determinism,
     distributed_context,
     init_distributed,
+    max_over_ranks,
     progress_bar,
     seed_everything,
     select_device,
     share_rank0_weights,
 )
 from classification.training.checkpoint import BEST, LAST, Progress, build_checkpoint, checkpoints_dir, load_checkpoint
-from classification.training.resume import check_resumable, check_world_size, repair_best
-from classification.training.rng_state import rank_rng_state, restore_rng_state
 from classification.training.data import (
     CropDataset,
     EpochSampler,
@@ -69,6 +67,8 @@ from classification.training.data import (
 from classification.training.hooks import Checkpointer, EarlyStopping, EpochEnd, Hook, MetricsStore, SampleGrid, Tracking
 from classification.training.metrics import MetricAccumulator, scalar_metrics
 from classification.training.models import resolve_inputs
+from classification.training.resume import check_resumable, check_world_size, repair_best
+from classification.training.rng_state import rank_rng_state, restore_rng_state
 from classification.training.run_folder import find_resume_checkpoint, prepare_run_folder, recorded_world_size, write_run_files
 from classification.training.signals import StopRequest
 from classification.training.trainer import Trainer, build_trainer, set_frozen_backbone, train_step

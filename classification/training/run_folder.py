@@ -51,7 +51,7 @@ def recorded_world_size(run_dir: Path) -> int | None:
 
 def archive_run(run_dir: Path) -> Path:
     """Move ``checkpoints/`` and the run's files to ``archive/<UTC time>/``; nothing is deleted."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = run_dir / ARCHIVE_DIR / stamp
     suffix = 1
     while target.exists():
@@ -130,7 +130,7 @@ def write_run_files(run_dir: Path, config: ExperimentConfig, argv: Sequence[str]
     info = {
         "command": [sys.executable, *argv],
         "overrides": list(overrides),
-        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
