@@ -9,7 +9,7 @@ test crops:
 - end to end, start-up, decoding and resizing counted: ``predict.py --config --checkpoint`` (PyTorch
   eager, today's path) against ``predict.py --model`` (onnxruntime float32), wall time of each command;
 - the network alone (batch 32, preprocessed tensors in memory): PyTorch eager, eager channels_last,
-  onnxruntime float32 and onnxruntime int8 (``export.py --int8``: static QDQ, per channel, calibrated on 256 train crops),
+  onnxruntime float32 and onnxruntime int8 (``export.py --int8``: static QDQ, per channel, calibrated on 512 train crops),
   with the int8 model's test top-1 beside float32's;
 - the machine's limit: the network's multiply-adds per image against the cores' fp32 FMA peak.
 

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 18  # served by onnxruntime's CPU and CUDA providers alike
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
-DEFAULT_CALIBRATION_CROPS = 256
+DEFAULT_CALIBRATION_CROPS = 512  # on MCT: 83% same top-1 as float32 with 256, 84% with 512, 85% with 1024 (2-epoch Lite0)
 INT8_CHECK_CROPS = 1000  # val crops on which int8's top-1 is compared with float32's
 VERSIONED = ("classification", "torch", "timm", "torchvision", "onnx", "onnxruntime")
 
