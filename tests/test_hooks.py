@@ -10,8 +10,8 @@ from typing import Any
 
 from classification.config import load_config
 from classification.training.checkpoint import load_checkpoint
-from classification.training.engine import TrainingLoop, train
-from classification.training.hooks import EarlyStopping, EpochEnd, Hook, MetricsStore
+from classification.training.engine import train
+from classification.training.hooks import EarlyStopping, EpochEnd, Hook, Loop, MetricsStore
 from tests.helpers.training import build_dataset, write_run
 
 
@@ -26,7 +26,7 @@ def test_early_stopping_counts_epochs_without_improvement_and_asks_the_loop_to_s
     for epoch, loss in enumerate([1.0, 0.5, 0.7, float("nan")], start=1):
         end = epoch_end(epoch, loss)
         loop.metrics.record(epoch, end.metrics)  # the loop records an epoch before its hooks run
-        hook.after_epoch(loop, end)  # type: ignore[arg-type]
+        hook.after_epoch(loop, end)
         best.append(loop.metrics.latest_is_best)
         stops.append(loop.should_stop)
     assert best == [True, True, False, False]
@@ -52,7 +52,7 @@ class StopAtEpoch(Hook):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         loop.should_stop = loop.should_stop or end.epoch >= self.epoch
 
 
@@ -71,16 +71,16 @@ class Recording(Hook):
     def __init__(self, calls: list[str]) -> None:
         self.calls, self.steps = calls, 0
 
-    def before_train(self, loop: TrainingLoop) -> None:
+    def before_train(self, loop: Loop) -> None:
         self.calls.append("before_train")
 
-    def after_step(self, loop: TrainingLoop) -> None:
+    def after_step(self, loop: Loop) -> None:
         self.steps += 1
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         self.calls.append(f"after_epoch {end.epoch}")
 
-    def after_train(self, loop: TrainingLoop) -> None:
+    def after_train(self, loop: Loop) -> None:
         self.calls.append("after_train")
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,7 +115,7 @@ class LearningRateLog(Hook):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         with open(self.path, "a") as handle:
             handle.write(f"{end.epoch},{loop.trainer.optimizer.param_groups[0]['lr']:.6g}\n")
 

@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
+from torch.utils.data import DataLoader
+
+from classification.config import ExperimentConfig
 from classification.runtime import barrier, gather_objects
-from classification.training.checkpoint import LAST, checkpoint_names, prune_checkpoints, save_checkpoint
+from classification.training.checkpoint import LAST, Progress, checkpoint_names, prune_checkpoints, save_checkpoint
 from classification.training.rng_state import capture_rng_state
 from classification.training.sample_grid import sample_prediction_grid
 from classification.training.tracking import ExperimentTracker, load_comet_settings
+from classification.training.trainer import Trainer
 
-if TYPE_CHECKING:  # the loop calls the hooks; the hooks only read it (and may set should_stop)
-    from classification.training.engine import TrainingLoop
-
-__all__ = ["Checkpointer", "EarlyStopping", "EpochEnd", "Hook", "MetricsStore", "SampleGrid", "Tracking", "is_improvement"]
+__all__ = ["Checkpointer", "EarlyStopping", "EpochEnd", "Hook", "Loop", "LoopData", "MetricsStore", "SampleGrid", "Tracking",
+           "is_improvement"]
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +92,62 @@ class MetricsStore:
         self.best_metric, self.best_epoch = checkpoint.get("best_metric"), checkpoint.get("best_epoch")
 
 
+class LoopData(Protocol):
+    """What a hook reads of the run's data."""
+
+    @property
+    def label_index(self) -> dict[int, str]: ...
+
+    @property
+    def val_loader(self) -> DataLoader: ...
+
+
+class Loop(Protocol):
+    """What a hook sees of the training loop: it reads the rest and may set ``should_stop``. The library's loop
+    (``engine.TrainingLoop``) is one; the hooks depend on this, not on the engine."""
+
+    should_stop: bool
+
+    @property
+    def config(self) -> ExperimentConfig: ...
+
+    @property
+    def trainer(self) -> Trainer: ...
+
+    @property
+    def data(self) -> LoopData: ...
+
+    @property
+    def progress(self) -> Progress: ...
+
+    @property
+    def metrics(self) -> MetricsStore: ...
+
+    def ends_after(self, end: EpochEnd) -> bool:
+        """``end`` is the run's last epoch: the last scheduled, or a hook has asked to stop."""
+        ...
+
+    def checkpoint(self, rank_rng: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The checkpoint dict of the current state."""
+        ...
+
+
 class Hook:
     """An epoch policy; override the points that apply (each default does nothing)."""
 
-    def before_train(self, loop: TrainingLoop) -> None:
+    def before_train(self, loop: Loop) -> None:
         """Once, before the first epoch of this process (after any resume)."""
 
-    def after_step(self, loop: TrainingLoop) -> None:
+    def after_step(self, loop: Loop) -> None:
         """After each training batch (``loop.progress`` already counts it)."""
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         """After an epoch's training and validation (``loop.progress.epoch`` is ``end.epoch``)."""
 
-    def on_signal(self, loop: TrainingLoop) -> None:
+    def on_signal(self, loop: Loop) -> None:
         """When a signal stopped an epoch part-way (``loop.progress`` says where)."""
 
-    def after_train(self, loop: TrainingLoop) -> None:
+    def after_train(self, loop: Loop) -> None:
         """Once, when the run ends for any reason (also after an error)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,7 +170,7 @@ class EarlyStopping(Hook):
         """True once the monitored metric has not improved for ``patience`` epochs."""
         return self.patience is not None and self.counter >= self.patience
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         self.counter = 0 if loop.metrics.latest_is_best else self.counter + 1
         if self.triggered():
             loop.should_stop = True
@@ -153,16 +195,16 @@ class Tracking(Hook):
         self.key: str | None = None  # the experiment to continue
         self.tracker: ExperimentTracker | None = None
 
-    def before_train(self, loop: TrainingLoop) -> None:
+    def before_train(self, loop: Loop) -> None:
         self.tracker = ExperimentTracker.create(self.run_dir, loop.config.to_dict(), self.mode, self.experiment_name,
                                                 self.key, enabled=loop.trainer.context.is_main)
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         if loop.trainer.context.is_main and self.tracker is not None:
             self.tracker.log_epoch(end.epoch, end.metrics)  # before the checkpoint: a resumed run rewrites this row, never loses it
             self.tracker.log_confusion_matrix(end.confusion, end.label_names, end.epoch)
 
-    def after_train(self, loop: TrainingLoop) -> None:
+    def after_train(self, loop: Loop) -> None:
         if self.tracker is not None:
             self.tracker.end()
 
@@ -179,7 +221,7 @@ class SampleGrid(Hook):
     def __init__(self, tracking: Tracking, count: int) -> None:
         self.tracking, self.count = tracking, count
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         tracker = self.tracking.tracker
         if not (loop.ends_after(end) and loop.trainer.context.is_main and tracker is not None):
             return
@@ -196,13 +238,13 @@ class Checkpointer(Hook):
     def __init__(self, directory: Path, every: int, keep_last: int) -> None:
         self.directory, self.every, self.keep_last = directory, every, keep_last
 
-    def after_epoch(self, loop: TrainingLoop, end: EpochEnd) -> None:
+    def after_epoch(self, loop: Loop, end: EpochEnd) -> None:
         self.save(loop, checkpoint_names(end.epoch, self.every, loop.metrics.latest_is_best, loop.ends_after(end)))
 
-    def on_signal(self, loop: TrainingLoop) -> None:
+    def on_signal(self, loop: Loop) -> None:
         self.save(loop, [LAST])
 
-    def save(self, loop: TrainingLoop, names: list[str]) -> None:
+    def save(self, loop: Loop, names: list[str]) -> None:
         """Write the loop's checkpoint under ``names`` (rank 0, with every rank's random states), then wait on every rank."""
         rank_rng = gather_objects(capture_rng_state(), loop.trainer.context)
         if loop.trainer.context.is_main:
