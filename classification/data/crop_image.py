@@ -21,7 +21,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -70,6 +70,7 @@ __all__ = [
     "Failure",
     "ImageError",
     "ImageOutcome",
+    "PendingCrop",
     "check_crop_sides",
     "crop_image",
     "crop_name_problem",
@@ -212,10 +213,18 @@ def decode_for_crops(image: Image.Image, geometries: list[CropGeometry], max_siz
     return pixels, [shifted(g, origin) for g in geometries], (1.0, 1.0), 1
 
 
-def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]], images_dir: Path,
+class PendingCrop(NamedTuple):
+    """A crop still to write: the request, its file, and whether the existing manifest lists that name."""
+
+    crop: CropRequest
+    path: Path
+    listed: bool
+
+
+def write_crops(request: ImageRequest, pending: list[PendingCrop], images_dir: Path,
                 options: CropOptions) -> tuple[tuple[int, int], bool]:
-    """Decode the image once and write each crop in ``todo`` (crop, path, listed in the manifest);
-    returns the displayed size and whether it was drafted.
+    """Decode the image once and write each crop in ``pending``; returns the displayed size and whether it was
+    drafted.
 
     A crop under a name the manifest lists is fsynced at once (the manifest vouches for it);
     the others are synced together at the end of the run (``sync_files``).
@@ -225,13 +234,13 @@ def write_crops(request: ImageRequest, todo: list[tuple[CropRequest, Path, bool]
             full_size = displayed_size(image)
             geometries = [
                 crop_geometry(pixel_box(crop.bbox, request, full_size), *full_size, options.crop_strategy)
-                for crop, _, _ in todo
+                for crop, _, _ in pending
             ]
             check_crop_sides(geometries, options.max_crop_side)
             decoded, geometries, scale, factor = decode_for_crops(image, geometries, options.max_size)
         except DECODE_ERRORS as error:
             raise ImageError(decode_failure(error)) from None
-        for geometry, (_, path, listed) in zip(geometries, todo):
+        for geometry, (_, path, listed) in zip(geometries, pending):
             crop = render_crop(decoded, geometry, stored_side(geometry.side, options.max_size), scale)
             save_jpeg(crop, path, options.quality, durable=listed)
     return full_size, factor > 1
@@ -296,13 +305,13 @@ def crop_image(request: ImageRequest, crops_dir: Path, images_dir: Path, options
     if problem is not None:
         return ImageOutcome(failure=Failure(request.file_name, problem), failed_crops=len(names))
     status = [crop_status(crops_dir / name, options.check_crops_valid, name in listed) for name in names]
-    todo = [(crop, crops_dir / name, name in listed)
-            for crop, name, s in zip(request.crops, names, status) if s != "valid"]
+    pending = [PendingCrop(crop, crops_dir / name, name in listed)
+               for crop, name, state in zip(request.crops, names, status) if state != "valid"]
     outcome = ImageOutcome()
     size = None
-    if todo:
+    if pending:
         try:
-            size, outcome.drafted = write_crops(request, todo, images_dir, options)
+            size, outcome.drafted = write_crops(request, pending, images_dir, options)
         except ImageError as error:
             outcome.failure = Failure(request.file_name, str(error))
     if size is None:
