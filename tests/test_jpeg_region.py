@@ -17,7 +17,7 @@ from PIL import Image
 
 import classification.data.images as images_module
 from classification.data import jpeg_region
-from classification.data.crop_geometry import pad_geometry, render_crop, shifted
+from classification.data.crop_geometry import in_decoded_region, pad_geometry, render_crop
 from classification.data.crop_options import CropOptions
 from classification.data.crop_run import CropReport, crop_detections
 from classification.data.images import decode_pixels, decode_region_pixels
@@ -134,7 +134,7 @@ def test_a_downscaled_crop_does_not_depend_on_where_the_decoded_pixels_start() -
     from_full = render_crop(picture, geometry, 224, (1.0, 1.0))
     for origin in [(496, 253), (512, 256), (349, 0), (0, 253)]:
         part = picture[origin[1]:, origin[0]:]
-        assert np.array_equal(np.asarray(render_crop(part, shifted(geometry, origin), 224, (1.0, 1.0))), np.asarray(from_full))
+        assert np.array_equal(np.asarray(render_crop(part, in_decoded_region(geometry, origin), 224, (1.0, 1.0))), np.asarray(from_full))
 
 
 def open_jpeg(data: bytes) -> Image.Image:

@@ -57,7 +57,7 @@ __all__ = [
     "plan_resampling",
     "render_crop",
     "round_half_up",
-    "shifted",
+    "in_decoded_region",
     "source_region",
     "square_geometry",
     "stored_side",
@@ -162,7 +162,7 @@ def union_region(regions: Sequence[tuple[int, int, int, int]]) -> tuple[int, int
             max(r[2] for r in regions), max(r[3] for r in regions))
 
 
-def shifted(geometry: CropGeometry, origin: tuple[int, int]) -> CropGeometry:
+def in_decoded_region(geometry: CropGeometry, origin: tuple[int, int]) -> CropGeometry:
     """``geometry`` in the pixels of a decoded rectangle that starts at ``origin`` of the image."""
     (x, y), (left, top, right, bottom) = origin, geometry.region
     return replace(geometry, region=(left - x, top - y, right - x, bottom - y))

@@ -36,11 +36,11 @@ from classification.data.crop_geometry import (
     CropGeometry,
     crop_geometry,
     draft_factor,
+    in_decoded_region,
     is_resized_copy,
     pixel_box,
     pixels_size,
     render_crop,
-    shifted,
     source_region,
     stored_side,
     union_region,
@@ -210,7 +210,7 @@ def decode_for_crops(image: Image.Image, geometries: list[CropGeometry], max_siz
         return decoded, geometries, (width / full_size[0], height / full_size[1]), factor
     needed = union_region([source_region(g, stored_side(g.side, max_size), full_size) for g in geometries])
     pixels, origin = decode_region_pixels(image, needed)
-    return pixels, [shifted(g, origin) for g in geometries], (1.0, 1.0), 1
+    return pixels, [in_decoded_region(g, origin) for g in geometries], (1.0, 1.0), 1
 
 
 class PendingCrop(NamedTuple):
