@@ -14,9 +14,13 @@ import onnx
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+from classification.data.samples import Sample
+from classification.errors import DataError
 from classification.evaluation.report import read_predictions
-from classification.package.spec import ONNX_NAME, SPEC_NAME, file_sha256, read_package
+from classification.package.quantize import pixels_of
+from classification.package.spec import ONNX_NAME, SPEC_NAME, InputSpecModel, file_sha256, read_package
 from tests.helpers.demo import DemoData, build_demo_dataset
 from tests.helpers.processes import REPO_ROOT, run_in_process
 from tests.helpers.training import train_env, write_run
@@ -252,3 +256,14 @@ def test_int8_is_refused_where_there_is_none(exported: Exported, int8_package: P
     (tampered / "model_int8.onnx").write_bytes(b"replaced")
     code, _, err = run("classifier/predict.py", "--model", tampered, "--images", images, "--output-dir", tmp_path / "b")
     assert code != 0 and "model_int8.onnx: its SHA-256 differs from model.json" in err, err
+
+
+def test_int8_skips_unreadable_crops_and_keeps_the_labels_of_the_readable_ones(tmp_path: Path) -> None:
+    spec = InputSpecModel(size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "good.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:40])
+    samples = [Sample(tmp_path / name, label, "loc", "ds") for name, label in (("cut.jpg", 0), ("good.jpg", 1), ("gone.jpg", 2))]
+    pixels, kept = pixels_of(samples, spec, "val crops")
+    assert pixels.shape == (1, 3, 16, 16) and kept.tolist() == [1]  # the label of row 0 is samples[1]'s
+    with pytest.raises(DataError, match="none of the 2 val crops could be read"):
+        pixels_of([samples[0], samples[2]], spec, "val crops")

@@ -248,15 +248,17 @@ def int8_network(folder: Path, spec: PackageSpec, config: ExperimentConfig, cali
     if not train:
         raise DataError(f"{config.data_root}: split {config.train_split!r} has no crops to calibrate the int8 network on")
     log.info("quantizing to int8, calibrated on %d train crops", len(train))
-    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME, ONNX_INPUT, pixels_of(train, spec.input))
+    calibration, _ = pixels_of(train, spec.input, f"{config.train_split} crops to calibrate on")
+    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME, ONNX_INPUT, calibration)
     spec = spec.model_copy(update={"onnx_int8": packaged_file(folder, INT8_NAME)})
     facts: dict[str, Any] = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8", "calibration": "minmax",
                              "calibration_crops": len(train), "calibration_split": config.train_split}
     val = evenly_spaced(build_samples(config, config.val_split), INT8_CHECK_CROPS)
     if val:
-        labels = np.asarray([sample.label for sample in val], dtype=np.int64)
+        pixels, kept = pixels_of(val, spec.input, f"{config.val_split} crops")
+        labels = np.asarray([val[i].label for i in kept], dtype=np.int64)  # the readable ones, in the same order
         fp32, int8 = (load_session(folder, spec, precision=precision) for precision in ("fp32", "int8"))
-        facts["check"] = {"split": config.val_split, **int8_agreement(fp32, int8, pixels_of(val, spec.input), labels)}
+        facts["check"] = {"split": config.val_split, **int8_agreement(fp32, int8, pixels, labels)}
     else:
         log.warning("int8: split %r is empty, so what int8 costs is not measured", config.val_split)
     return spec.model_copy(update={"int8": facts})

@@ -22,7 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from classification.data.samples import Sample
 from classification.errors import DataError
-from classification.package.runtime import DEFAULT_BATCH, batch_ranges, preprocess, softmax
+from classification.package.runtime import DEFAULT_BATCH, batch_ranges, decoded, default_threads, softmax
 from classification.package.spec import InputSpecModel
 
 __all__ = ["INT8_NAME", "evenly_spaced", "int8_agreement", "pixels_of", "quantize_int8"]
@@ -40,17 +40,14 @@ def evenly_spaced(samples: Sequence[Sample], n: int) -> list[Sample]:
     return [samples[i] for i in picks]
 
 
-def pixels_of(samples: Sequence[Sample], spec: InputSpecModel) -> np.ndarray:
-    """The network inputs of ``samples`` (N, 3, size, size), skipping unreadable files with a warning."""
-    decoded = []
-    for sample in samples:
-        try:
-            decoded.append(preprocess(sample.path, spec))
-        except OSError as error:  # ImageLoadError is an OSError
-            log.warning("calibration: skipped %s", str(error).splitlines()[0][:300])
-    if not decoded:
-        raise DataError("int8 calibration: none of the train crops could be read")
-    return np.stack(decoded)
+def pixels_of(samples: Sequence[Sample], spec: InputSpecModel, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The network inputs (N, 3, size, size) of the readable ``samples`` and their indices, decoded as prediction
+    decodes them (unreadable files skipped with a warning); a ``DataError`` naming ``what`` when none is readable."""
+    kept = [(index, pixels) for index, pixels in decoded([s.path for s in samples], spec, default_threads())
+            if pixels is not None]
+    if not kept:
+        raise DataError(f"int8: none of the {len(samples)} {what} could be read")
+    return np.stack([pixels for _, pixels in kept]), np.array([index for index, _ in kept], dtype=np.int64)
 
 
 class CalibrationBatches(CalibrationDataReader):
