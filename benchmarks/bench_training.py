@@ -12,7 +12,8 @@ memory. Training runs the training loop's own step (``training/trainer.train_ste
 backward, optimizer, schedule, metrics). Loader and memory runs alternate, best of
 ``--repeats`` each, so that load from other processes hits both alike. The ratio
 loader/in-memory says how close the input pipeline lets training get to compute-bound.
-``--num-workers`` takes several values to compare. On a GPU machine run it with
+``--num-workers`` takes several values to compare, or none for the network alone (the
+in-memory rows: what ``channels_last: auto`` is chosen from). On a GPU machine run it with
 ``--device cuda --amp bf16 --num-workers 8``.
 """
 
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, nargs="+", default=[2], help="loader workers (several to compare)")
+    parser.add_argument("--num-workers", type=int, nargs="*", default=[2],
+                        help="loader workers (several to compare; none: the in-memory batch alone, e.g. for channels_last)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per input; the fastest is kept")
     parser.add_argument("--tasks", nargs="+", choices=["train", "predict"], default=["train", "predict"])
     parser.add_argument("--channels-last", nargs="+", choices=["off", "on"], default=["off", "on"])

@@ -193,12 +193,12 @@ def configure_determinism(setting: bool | str, device: torch.device) -> None:
 # ---------------------------------------------------------------- mixed precision and memory format
 
 
-CHANNELS_LAST_DEVICES = ("cuda", "cpu")  # where convolutions run faster in it (CPU: benchmarks/bench_channels_last.py)
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")  # where convolutions run faster in it (CPU: benchmarks/bench_training.py --num-workers)
 
 
 def uses_channels_last(config: ExperimentConfig, device: torch.device) -> bool:
     """channels_last memory format: ``auto`` turns it on for CUDA and the CPU (oneDNN's convolutions prefer it:
-    1.2-2.2x for training and prediction on a 2-core CPU, docs/benchmarks.md), off elsewhere (MPS)."""
+    1.05-1.9x for training and prediction on a 2-core CPU, docs/benchmarks.md), off elsewhere (MPS)."""
     return config.channels_last == "on" or (config.channels_last == "auto" and device.type in CHANNELS_LAST_DEVICES)
 
 
